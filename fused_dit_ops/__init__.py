@@ -1,0 +1,19 @@
+"""fused-dit-ops: fused Triton/CUDA kernels for diffusion-transformer inference.
+
+Importing the package declares and registers every ``torch.ops.fused_dit.*`` op.
+"""
+from . import _schemas  # noqa: F401  (declares the schemas, once)
+from . import _extension  # noqa: F401  (loads the C++/CUDA kernels, if built)
+from . import ops  # noqa: F401  (registers CUDA / CPU / fake implementations)
+from ._validation import FusedDitInputError
+from .ops.modulation import gate_residual, gate_residual_norm_scale_shift, norm_scale_shift, scale_shift_gate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedDitInputError",
+    "scale_shift_gate",
+    "norm_scale_shift",
+    "gate_residual_norm_scale_shift",
+    "gate_residual",
+]

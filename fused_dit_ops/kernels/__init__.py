@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers (imported lazily: triton is only needed on CUDA)."""

@@ -1,0 +1,263 @@
+"""Triton kernels for the adaLN modulation ops and their launchers.
+
+Layout contract (checked by the op layer, not here): activations [B, L, C] with the last dim
+contiguous and free batch/token strides; parameters [B, C] or, with ``index``, [2B, C] with a
+free row stride (row views of ``mod.chunk(...)``); outputs are freshly allocated contiguous.
+
+Every grid has the batch on its last axis so that a program's rows share one batch: it loads
+the (one or two) parameter rows it needs once as [BLOCK_C] vectors and selects per token with
+``tl.where``, instead of gathering parameters per element. Math is fp32, one rounding on store.
+The launchers run unchanged under ``TRITON_INTERPRET=1`` on CPU tensors (the CPU test tier).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _select(sel, p0_ptr, p1_ptr, cols, cmask, HAS_INDEX: tl.constexpr):
+    """[BLOCK_M, BLOCK_C] fp32 parameter tile: row r takes p1 where sel[r] else p0."""
+    p0 = tl.load(p0_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_INDEX:
+        p1 = tl.load(p1_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        return tl.where(sel[:, None], p1[None, :], p0[None, :])
+    else:
+        return tl.broadcast_to(p0[None, :], (sel.shape[0], cols.shape[0]))
+
+
+@triton.jit
+def _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX: tl.constexpr):
+    if HAS_INDEX:
+        return tl.load(idx_ptr + b * stride_ib + l * stride_il, mask=rmask, other=0) != 0
+    else:
+        return l < 0  # all False, right shape
+
+
+@triton.jit
+def _scale_shift_gate_kernel(
+    x_ptr, shift_ptr, scale_ptr, gate_ptr, idx_ptr, y_ptr, g_ptr,
+    L, C, B,
+    stride_xb, stride_xl, stride_shift, stride_scale, stride_gate, stride_ib, stride_il,
+    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = l < L
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
+    shift = _select(sel, shift_ptr + b * stride_shift, shift_ptr + (b + B) * stride_shift, cols, cmask, HAS_INDEX)
+    scale = _select(sel, scale_ptr + b * stride_scale, scale_ptr + (b + B) * stride_scale, cols, cmask, HAS_INDEX)
+    gate = _select(sel, gate_ptr + b * stride_gate, gate_ptr + (b + B) * stride_gate, cols, cmask, HAS_INDEX)
+    x = tl.load(x_ptr + b * stride_xb + l[:, None].to(tl.int64) * stride_xl + cols[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    y = x * (1.0 + scale) + shift
+    out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
+    tl.store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(g_ptr + out_off, gate.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_rows(v, cmask, C, eps, IS_RMS: tl.constexpr):
+    """Normalise each row of fp32 tile v over its first C (masked) columns."""
+    if IS_RMS:
+        ms = tl.sum(v * v, axis=1) / C
+        return v * tl.rsqrt(ms + eps)[:, None]
+    else:
+        mean = tl.sum(v, axis=1) / C
+        d = tl.where(cmask[None, :], v - mean[:, None], 0.0)
+        var = tl.sum(d * d, axis=1) / C
+        return d * tl.rsqrt(var + eps)[:, None]
+
+
+@triton.jit
+def _norm_scale_shift_kernel(
+    x_ptr, shift_ptr, scale_ptr, idx_ptr, w_ptr, bias_ptr, y_ptr,
+    L, C, B, eps,
+    stride_xb, stride_xl, stride_shift, stride_scale, stride_ib, stride_il,
+    HAS_INDEX: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    rmask = l < L
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + b * stride_xb + l[:, None].to(tl.int64) * stride_xl + cols[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    n = _layer_norm_rows(x, cmask, C, eps, IS_RMS)
+    if HAS_WEIGHT:
+        n = n * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        n = n + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
+    shift = _select(sel, shift_ptr + b * stride_shift, shift_ptr + (b + B) * stride_shift, cols, cmask, HAS_INDEX)
+    scale = _select(sel, scale_ptr + b * stride_scale, scale_ptr + (b + B) * stride_scale, cols, cmask, HAS_INDEX)
+    y = n * (1.0 + scale) + shift
+    out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
+    tl.store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_residual_norm_scale_shift_kernel(
+    r_ptr, u_ptr, gate_ptr, shift_ptr, scale_ptr, idx_ptr, r_out_ptr, y_ptr,
+    L, C, B, eps,
+    stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_shift, stride_scale,
+    stride_ib, stride_il,
+    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    rmask = l < L
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    l64 = l[:, None].to(tl.int64)
+    r = tl.load(r_ptr + b * stride_rb + l64 * stride_rl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + b * stride_ub + l64 * stride_ul + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
+    gate = _select(sel, gate_ptr + b * stride_gate, gate_ptr + (b + B) * stride_gate, cols, cmask, HAS_INDEX)
+    # Normalise the residual as stored (rounded to the output dtype), as eager diffusers does.
+    r_out = (r + gate * u).to(r_out_ptr.dtype.element_ty)
+    out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
+    tl.store(r_out_ptr + out_off, r_out, mask=mask)
+    n = _layer_norm_rows(r_out.to(tl.float32), cmask, C, eps, False)
+    shift = _select(sel, shift_ptr + b * stride_shift, shift_ptr + (b + B) * stride_shift, cols, cmask, HAS_INDEX)
+    scale = _select(sel, scale_ptr + b * stride_scale, scale_ptr + (b + B) * stride_scale, cols, cmask, HAS_INDEX)
+    y = n * (1.0 + scale) + shift
+    tl.store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_residual_kernel(
+    r_ptr, u_ptr, gate_ptr, idx_ptr, out_ptr,
+    L, C, B,
+    stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_ib, stride_il,
+    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = l < L
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    l64 = l[:, None].to(tl.int64)
+    r = tl.load(r_ptr + b * stride_rb + l64 * stride_rl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + b * stride_ub + l64 * stride_ul + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
+    gate = _select(sel, gate_ptr + b * stride_gate, gate_ptr + (b + B) * stride_gate, cols, cmask, HAS_INDEX)
+    out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
+    tl.store(out_ptr + out_off, (r + gate * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --- launch configuration ---------------------------------------------------------------------
+# Picked by a sweep on an H100 (bench/results/*modulation*). Elementwise kernels use 2-D tiles;
+# the norm kernels hold whole rows (BLOCK_C = next_pow2(C)), a few rows per program.
+
+ELEMENTWISE_CONFIG = {"BLOCK_M": 8, "BLOCK_C": 512, "num_warps": 4}
+
+
+def _norm_config(C: int) -> dict:
+    block_c = triton.next_power_of_2(C)
+    block_m = max(1, min(4, 4096 // block_c))
+    num_warps = 8 if block_c >= 4096 else 4
+    return {"BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": num_warps}
+
+
+def _index_args(index):
+    if index is None:
+        return None, 0, 0
+    return index, index.stride(0), index.stride(1)
+
+
+def _device_guard(t: torch.Tensor):
+    # Triton launches on the current device; make it the tensor's (no-op when already so).
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def scale_shift_gate(x, shift, scale, gate, index=None, config=None):
+    B, L, C = x.shape
+    y = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
+    g = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y, g
+    cfg = dict(config or ELEMENTWISE_CONFIG)
+    bm, bc = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C")
+    idx, sib, sil = _index_args(index)
+    grid = (triton.cdiv(L, bm), triton.cdiv(C, bc), B)
+    with _device_guard(x):
+        _scale_shift_gate_kernel[grid](
+            x, shift, scale, gate, idx, y, g, L, C, B,
+            x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), gate.stride(0), sib, sil,
+            HAS_INDEX=index is not None, BLOCK_M=bm, BLOCK_C=bc, **cfg)
+    return y, g
+
+
+def norm_scale_shift(x, shift, scale, index=None, weight=None, bias=None, eps=1e-6, norm="layer",
+                     config=None):
+    B, L, C = x.shape
+    y = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    cfg = dict(config or _norm_config(C))
+    bm, bc = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C")
+    idx, sib, sil = _index_args(index)
+    grid = (triton.cdiv(L, bm), B)
+    with _device_guard(x):
+        _norm_scale_shift_kernel[grid](
+            x, shift, scale, idx, weight, bias, y, L, C, B, eps,
+            x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), sib, sil,
+            HAS_INDEX=index is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            IS_RMS=norm == "rms", BLOCK_M=bm, BLOCK_C=bc, **cfg)
+    return y
+
+
+def gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index=None, eps=1e-6,
+                                   config=None):
+    B, L, C = residual.shape
+    r_out = torch.empty((B, L, C), dtype=residual.dtype, device=residual.device)
+    y = torch.empty((B, L, C), dtype=residual.dtype, device=residual.device)
+    if y.numel() == 0:
+        return r_out, y
+    cfg = dict(config or _norm_config(C))
+    bm, bc = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C")
+    idx, sib, sil = _index_args(index)
+    grid = (triton.cdiv(L, bm), B)
+    with _device_guard(residual):
+        _gate_residual_norm_scale_shift_kernel[grid](
+            residual, update, gate, shift, scale, idx, r_out, y, L, C, B, eps,
+            residual.stride(0), residual.stride(1), update.stride(0), update.stride(1),
+            gate.stride(0), shift.stride(0), scale.stride(0), sib, sil,
+            HAS_INDEX=index is not None, BLOCK_M=bm, BLOCK_C=bc, **cfg)
+    return r_out, y
+
+
+def gate_residual(residual, update, gate, index=None, config=None):
+    B, L, C = residual.shape
+    out = torch.empty((B, L, C), dtype=residual.dtype, device=residual.device)
+    if out.numel() == 0:
+        return out
+    cfg = dict(config or ELEMENTWISE_CONFIG)
+    bm, bc = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C")
+    idx, sib, sil = _index_args(index)
+    grid = (triton.cdiv(L, bm), triton.cdiv(C, bc), B)
+    with _device_guard(residual):
+        _gate_residual_kernel[grid](
+            residual, update, gate, idx, out, L, C, B,
+            residual.stride(0), residual.stride(1), update.stride(0), update.stride(1),
+            gate.stride(0), sib, sil,
+            HAS_INDEX=index is not None, BLOCK_M=bm, BLOCK_C=bc, **cfg)
+    return out

@@ -1,0 +1,2 @@
+"""Op registrations. Importing a module here registers its CUDA, CPU and fake implementations."""
+from . import modulation  # noqa: F401

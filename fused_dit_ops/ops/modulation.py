@@ -1,0 +1,175 @@
+"""adaLN modulation ops: validation, CUDA (Triton / C++), CPU (reference) and fake impls.
+
+Schemas live in ``fused_dit_ops._schemas``. Every implementation runs the same metadata-only
+validator first, so a bad input gets the same message eagerly on CPU or CUDA, and while tracing
+under torch.compile (fake).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference as ref
+from .._extension import has_cuda_kernel
+from .._validation import (check_activation, check_index, check_param, check_same_activation,
+                           check_vector, fail)
+
+_NS = "fused_dit"
+
+
+# --- validators ---------------------------------------------------------------------------------
+
+def _check_scale_shift_gate(x, shift, scale, gate, index):
+    op = "scale_shift_gate"
+    B, L, C = check_activation(op, "x", x)
+    check_index(op, index, B, L, "x", x)
+    for name, p in (("shift", shift), ("scale", scale), ("gate", gate)):
+        check_param(op, name, p, B, C, index is not None, "x", x)
+
+
+def _check_norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm):
+    op = "norm_scale_shift"
+    B, L, C = check_activation(op, "x", x)
+    check_index(op, index, B, L, "x", x)
+    for name, p in (("shift", shift), ("scale", scale)):
+        check_param(op, name, p, B, C, index is not None, "x", x)
+    check_vector(op, "weight", weight, C, "x", x)
+    check_vector(op, "bias", bias, C, "x", x)
+    if norm not in ("layer", "rms"):
+        fail(op, f"'norm' must be 'layer' or 'rms', got {norm!r}")
+    if norm == "rms" and bias is not None:
+        fail(op, "'bias' is only defined for norm='layer', got a bias with norm='rms'")
+    if not eps > 0:
+        fail(op, f"'eps' must be > 0, got {eps}")
+
+
+def _check_gate_residual(residual, update, gate, index, op="gate_residual"):
+    B, L, C = check_activation(op, "residual", residual)
+    check_same_activation(op, "update", update, "residual", residual)
+    check_index(op, index, B, L, "residual", residual)
+    check_param(op, "gate", gate, B, C, index is not None, "residual", residual)
+    return B, L, C
+
+
+def _check_gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps):
+    op = "gate_residual_norm_scale_shift"
+    B, L, C = _check_gate_residual(residual, update, gate, index, op)
+    for name, p in (("shift", shift), ("scale", scale)):
+        check_param(op, name, p, B, C, index is not None, "residual", residual)
+    if not eps > 0:
+        fail(op, f"'eps' must be > 0, got {eps}")
+
+
+# --- CUDA: Triton launchers (gate_residual: C++ kernel when fused_dit_ops._C is built) ---------
+
+@torch.library.impl(f"{_NS}::scale_shift_gate", "CUDA")
+def _scale_shift_gate_cuda(x, shift, scale, gate, index=None):
+    from ..kernels import modulation as k
+    _check_scale_shift_gate(x, shift, scale, gate, index)
+    return k.scale_shift_gate(x, shift, scale, gate, index)
+
+
+@torch.library.impl(f"{_NS}::norm_scale_shift", "CUDA")
+def _norm_scale_shift_cuda(x, shift, scale, index=None, weight=None, bias=None, eps=1e-6, norm="layer"):
+    from ..kernels import modulation as k
+    _check_norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm)
+    return k.norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm)
+
+
+@torch.library.impl(f"{_NS}::gate_residual_norm_scale_shift", "CUDA")
+def _gate_residual_norm_scale_shift_cuda(residual, update, gate, shift, scale, index=None, eps=1e-6):
+    from ..kernels import modulation as k
+    _check_gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
+    return k.gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
+
+
+if not has_cuda_kernel("gate_residual"):
+    # fused_dit_ops._C is not built here: the Triton kernel serves CUDA (reported by `env`).
+    @torch.library.impl(f"{_NS}::gate_residual", "CUDA")
+    def _gate_residual_cuda(residual, update, gate, index=None):
+        from ..kernels import modulation as k
+        _check_gate_residual(residual, update, gate, index)
+        return k.gate_residual(residual, update, gate, index)
+
+
+# --- CPU: the reference (fp32 math) ---------------------------------------------------------------
+
+@torch.library.impl(f"{_NS}::scale_shift_gate", "CPU")
+def _scale_shift_gate_cpu(x, shift, scale, gate, index=None):
+    _check_scale_shift_gate(x, shift, scale, gate, index)
+    return ref.scale_shift_gate(x, shift, scale, gate, index)
+
+
+@torch.library.impl(f"{_NS}::norm_scale_shift", "CPU")
+def _norm_scale_shift_cpu(x, shift, scale, index=None, weight=None, bias=None, eps=1e-6, norm="layer"):
+    _check_norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm)
+    return ref.norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm)
+
+
+@torch.library.impl(f"{_NS}::gate_residual_norm_scale_shift", "CPU")
+def _gate_residual_norm_scale_shift_cpu(residual, update, gate, shift, scale, index=None, eps=1e-6):
+    _check_gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
+    return ref.gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
+
+
+@torch.library.impl(f"{_NS}::gate_residual", "CPU")
+def _gate_residual_cpu(residual, update, gate, index=None):
+    _check_gate_residual(residual, update, gate, index)
+    return ref.gate_residual(residual, update, gate, index)
+
+
+# --- fake (torch.compile / meta): shapes only, never data -------------------------------------------
+
+def _new(x):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake(f"{_NS}::scale_shift_gate")
+def _scale_shift_gate_fake(x, shift, scale, gate, index=None):
+    _check_scale_shift_gate(x, shift, scale, gate, index)
+    return _new(x), _new(x)
+
+
+@torch.library.register_fake(f"{_NS}::norm_scale_shift")
+def _norm_scale_shift_fake(x, shift, scale, index=None, weight=None, bias=None, eps=1e-6, norm="layer"):
+    _check_norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm)
+    return _new(x)
+
+
+@torch.library.register_fake(f"{_NS}::gate_residual_norm_scale_shift")
+def _gate_residual_norm_scale_shift_fake(residual, update, gate, shift, scale, index=None, eps=1e-6):
+    _check_gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
+    return _new(residual), _new(residual)
+
+
+@torch.library.register_fake(f"{_NS}::gate_residual")
+def _gate_residual_fake(residual, update, gate, index=None):
+    _check_gate_residual(residual, update, gate, index)
+    return _new(residual)
+
+
+# --- public Python API ------------------------------------------------------------------------------
+
+def scale_shift_gate(x, shift, scale, gate, index=None):
+    """(y, gate_out): y = x * (1 + scale_sel) + shift_sel; gate_out = gate_sel as [B, L, C].
+
+    Drop-in for diffusers ``QwenImageTransformerBlock._modulate(x, cat([shift, scale, gate], -1), index)``.
+    Parameters are [B, C], or [2B, C] with ``index`` [B, L] (token uses set ``index != 0``).
+    """
+    return torch.ops.fused_dit.scale_shift_gate.default(x, shift, scale, gate, index)
+
+
+def norm_scale_shift(x, shift, scale, index=None, weight=None, bias=None, eps=1e-6, norm="layer"):
+    """y = Norm(x) * (1 + scale_sel) + shift_sel with Norm LayerNorm ("layer") or RMSNorm ("rms")."""
+    return torch.ops.fused_dit.norm_scale_shift.default(x, shift, scale, index, weight, bias, eps, norm)
+
+
+def gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index=None, eps=1e-6):
+    """(residual_out, y): residual_out = residual + gate_sel * update;
+    y = LayerNorm(residual_out) * (1 + scale_sel) + shift_sel (LayerNorm of residual_out as stored)."""
+    return torch.ops.fused_dit.gate_residual_norm_scale_shift.default(
+        residual, update, gate, shift, scale, index, eps)
+
+
+def gate_residual(residual, update, gate, index=None):
+    """residual + gate_sel * update."""
+    return torch.ops.fused_dit.gate_residual.default(residual, update, gate, index)
