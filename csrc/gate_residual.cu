@@ -2,7 +2,7 @@
 // The Python layer validates inputs with argument-naming messages before dispatch; the
 // TORCH_CHECKs here guard direct torch.ops calls so no kernel ever reads out of bounds.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
@@ -92,7 +92,7 @@ at::Tensor gate_residual_cuda(const at::Tensor& residual, const at::Tensor& upda
   const bool vec_ok = aligned16(p.residual) && aligned16(p.update) && aligned16(p.gate) &&
                       p.res_sb % vec == 0 && p.res_sl % vec == 0 && p.upd_sb % vec == 0 &&
                       p.upd_sl % vec == 0 && p.gate_sr % vec == 0 && C % vec == 0;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool idx64 = has_index && index->scalar_type() == at::kLong;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, residual.scalar_type(), "gate_residual", [&] {
