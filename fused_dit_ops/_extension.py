@@ -18,11 +18,16 @@ C_ERROR: str | None = None
 if os.environ.get("FUSED_DIT_DISABLE_C", "0") not in ("", "0"):
     C_ERROR = "disabled by FUSED_DIT_DISABLE_C"
 else:
-    try:
-        from . import _C  # noqa: F401
-        C_LOADED = True
-    except ImportError as e:  # not built (CPU install) or built against another torch
-        C_ERROR = f"{type(e).__name__}: {e}"
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        C_ERROR = "not built (no CUDA toolkit or CUDA torch at install time; Triton serves CUDA ops)"
+    else:
+        try:
+            from . import _C  # noqa: F401
+            C_LOADED = True
+        except ImportError as e:  # e.g. built against another torch
+            C_ERROR = f"{type(e).__name__}: {e}"
 
 
 def has_cuda_kernel(op: str) -> bool:

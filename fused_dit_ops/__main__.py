@@ -1,0 +1,43 @@
+"""Command line: ``python -m fused_dit_ops {env,check,bench}``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _cmd_env(_args) -> int:
+    from .env import report
+    print(report())
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from .check import run_check
+    return run_check(device=args.device, small=args.small)
+
+
+def _cmd_bench(args) -> int:
+    from .bench import BENCHES
+    if args.name not in BENCHES:
+        print(f"unknown benchmark {args.name!r}; choose from: {', '.join(BENCHES)}", file=sys.stderr)
+        return 2
+    return importlib.import_module(BENCHES[args.name]).main(args.rest)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fused_dit_ops", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("env", help="versions, GPU, compiled extension, optional backends")
+    c = sub.add_parser("check", help="every op on the device against the reference: pass/fail table")
+    c.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    c.add_argument("--small", action="store_true", help="small shapes (default on CPU)")
+    b = sub.add_parser("bench", help="benchmarks (GPU); JSON written to bench/results/")
+    b.add_argument("name", help="which benchmark: modulation, ...")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for that benchmark (see its --help)")
+    args = p.parse_args(argv)
+    return {"env": _cmd_env, "check": _cmd_check, "bench": _cmd_bench}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

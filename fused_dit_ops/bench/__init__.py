@@ -1,0 +1,6 @@
+"""Benchmarks: ``python -m fused_dit_ops bench <name>``. Each module has ``main(argv) -> int``."""
+BENCHES = {
+    "modulation": "fused_dit_ops.bench.modulation",
+    # -- RoPE / joint QKV (issue 3) --
+    # -- attention (issue 4) --
+}

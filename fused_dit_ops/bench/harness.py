@@ -1,0 +1,115 @@
+"""Benchmark harness shared by every ``python -m fused_dit_ops bench <name>``.
+
+Timing: ``triton.testing.do_bench`` (CUDA events per iteration, median, L2 flushed between
+iterations by a 256 MB write outside the timed region) after a warm-up; inputs are additionally
+rotated across several sets so no set is reused back to back. Floors use the copy bandwidth
+measured in the same run. Results: a printed table and a JSON file with device and versions.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+RESULTS_DIR = Path(os.environ.get("FUSED_DIT_BENCH_DIR", "bench/results"))
+
+
+def require_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+def time_us(fn: Callable[[], object], *, warmup_ms: int = 25, rep_ms: int = 200) -> float:
+    """Median time of fn() in microseconds (fn is called once before timing: JIT warm-up)."""
+    import triton.testing
+    fn()
+    torch.cuda.synchronize()
+    return 1e3 * triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def rotating(make_args: Callable[[], tuple], fn: Callable, n_sets: int = 3) -> Callable[[], object]:
+    """fn over n_sets freshly made argument sets, a different one each call."""
+    sets = [make_args() for _ in range(n_sets)]
+    cyc = itertools.cycle(sets)
+    return lambda: fn(*next(cyc))
+
+
+_COPY_BW: float | None = None
+
+
+def copy_bandwidth_bytes_per_s() -> float:
+    """Device-to-device copy rate (bytes read + written per second), measured once per process."""
+    global _COPY_BW
+    if _COPY_BW is None:
+        n = 256 * 1024 * 1024
+        src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+        dst = torch.empty_like(src)
+        us = time_us(lambda: dst.copy_(src))
+        _COPY_BW = 2 * n / (us * 1e-6)
+        del src, dst
+    return _COPY_BW
+
+
+def git_commit() -> str:
+    env = os.environ.get("FUSED_DIT_GIT_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], stderr=subprocess.DEVNULL,
+                                       text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def env_info() -> dict:
+    import triton
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, sm_count=p.multi_processor_count,
+                    capability=f"{p.major}.{p.minor}", gpu_memory_gib=round(p.total_memory / 2**30, 1))
+    return info
+
+
+def write_results(name: str, rows: list[dict], extra: dict | None = None,
+                  out_dir: str | Path | None = None) -> Path:
+    info = env_info()
+    doc = {"benchmark": name, "env": info, **(extra or {}), "rows": rows}
+    out = Path(out_dir or RESULTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = info.get("gpu", "cpu").replace(" ", "-").replace("/", "-")
+    stamp = info["date"].replace(":", "").replace("-", "")[:15]
+    path = out / f"{name}-{gpu}-{stamp}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def format_table(rows: Sequence[dict], columns: Iterable[str]) -> str:
+    columns = list(columns)
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
+              for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
