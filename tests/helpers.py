@@ -1,0 +1,37 @@
+"""Shared test helpers: random inputs (never zeros), poisoned outputs, error metrics."""
+from __future__ import annotations
+
+import torch
+
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error; NaN/inf in out never passes (returns inf)."""
+    out64 = out.double()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    return ((out64 - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def max_ulp_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest |out - ref| in units of the last place of out's dtype at |ref| (elementwise)."""
+    ref64 = ref.double()
+    scale = torch.ldexp(torch.ones_like(ref64), torch.frexp(ref64.abs().clamp_min(1e-30))[1] - 1)
+    diff = (out.double() - ref64).abs() / (scale * ULP[out.dtype])
+    if not torch.isfinite(out.double()).all():
+        return float("inf")
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    return t.fill_(float("nan"))
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", std=1.0):
+    return torch.randn(*shape, dtype=torch.float32, device=device).mul_(std).to(dtype)
+
+
+def strided_rows(B, L, C, *, dtype, device="cpu", pad=8):
+    """[B, L, C] view with a row stride of C + pad (a slice of a wider buffer)."""
+    return randn(B, L, C + pad, dtype=dtype, device=device)[..., :C]
