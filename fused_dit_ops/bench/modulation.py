@@ -1,0 +1,149 @@
+"""``python -m fused_dit_ops bench modulation``: the four modulation ops vs eager and compiled torch.
+
+Providers per (shape, op): ``eager`` (the diffusers expression: torch.where selects from the 0/1
+index, bf16 arithmetic), ``compile`` (torch.compile of that same expression, default mode),
+``fused`` (torch.ops.fused_dit.*), and for gate_residual also ``fused-triton`` (the Triton kernel
+that serves CUDA when the C++ extension is not built). Parameters are row views of one
+[rows, 6C] modulation output, as diffusers' ``mod.chunk`` produces.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from ..shapes import STREAMS
+from . import harness
+
+OPS = ["scale_shift_gate", "norm_scale_shift", "gate_residual_norm_scale_shift", "gate_residual"]
+# activation-sized tensors moved per op (reads + writes), for GB/s and the floor
+TRAFFIC = {"scale_shift_gate": 3, "norm_scale_shift": 2, "gate_residual_norm_scale_shift": 4, "gate_residual": 3}
+
+
+def _sel(p, idx):
+    if idx is None:
+        return p.unsqueeze(1)
+    B = p.shape[0] // 2
+    return torch.where(idx.unsqueeze(-1) == 0, p[:B].unsqueeze(1), p[B:].unsqueeze(1))
+
+
+# The eager expressions, written as diffusers writes them (QwenImageTransformerBlock, 0.42).
+def eager_scale_shift_gate(x, shift, scale, gate, idx):
+    return x * (1 + _sel(scale, idx)) + _sel(shift, idx), _sel(gate, idx)
+
+
+def eager_norm_scale_shift(x, shift, scale, idx):
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + _sel(scale, idx)) + _sel(shift, idx)
+
+
+def eager_gate_residual_norm_scale_shift(r, u, gate, shift, scale, idx):
+    h = r + _sel(gate, idx) * u
+    return h, F.layer_norm(h, (h.shape[-1],), eps=1e-6) * (1 + _sel(scale, idx)) + _sel(shift, idx)
+
+
+def eager_gate_residual(r, u, gate, idx):
+    return r + _sel(gate, idx) * u
+
+
+EAGER = {"scale_shift_gate": eager_scale_shift_gate, "norm_scale_shift": eager_norm_scale_shift,
+         "gate_residual_norm_scale_shift": eager_gate_residual_norm_scale_shift,
+         "gate_residual": eager_gate_residual}
+
+
+def make_args(op, s, dtype):
+    rows = 2 * s.B if s.has_index else s.B
+    x = torch.randn(s.B, s.L, s.C, device="cuda", dtype=dtype)
+    mod = torch.randn(rows, 6 * s.C, device="cuda", dtype=dtype) * 0.3
+    shift, scale, gate, shift2, scale2, _ = mod.chunk(6, dim=-1)
+    idx = None
+    if s.has_index:
+        idx = (torch.arange(s.L, device="cuda") >= s.L - s.n_ref).to(torch.int32).repeat(s.B, 1)
+    if op == "scale_shift_gate":
+        return (x, shift, scale, gate, idx)
+    if op == "norm_scale_shift":
+        return (x, shift, scale, idx)
+    u = torch.randn_like(x)
+    if op == "gate_residual":
+        return (x, u, gate, idx)
+    return (x, u, gate, shift2, scale2, idx)
+
+
+def providers(op):
+    import fused_dit_ops as fdo
+    from .. import _extension
+    from ..kernels import modulation as k
+    out = {"eager": EAGER[op], "compile": torch.compile(EAGER[op], dynamic=False), "fused": getattr(fdo, op)}
+    if op == "gate_residual" and _extension.C_LOADED:
+        out["fused-triton"] = k.gate_residual
+    return out
+
+
+SWEEP = {
+    "scale_shift_gate": [dict(BLOCK_M=m, BLOCK_C=c, num_warps=w) for m, c, w in
+                         [(8, 512, 4), (4, 1024, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (2, 1024, 4), (4, 512, 4)]],
+    "norm_scale_shift": [dict(BLOCK_M=m, BLOCK_C=4096, num_warps=w) for m, w in [(1, 4), (1, 8), (2, 8), (4, 8), (2, 16), (4, 16)]],
+    "gate_residual_norm_scale_shift": [dict(BLOCK_M=m, BLOCK_C=4096, num_warps=w) for m, w in [(1, 4), (1, 8), (2, 8), (4, 8), (2, 16), (4, 16)]],
+    "gate_residual": [dict(BLOCK_M=m, BLOCK_C=c, num_warps=w) for m, c, w in
+                      [(8, 512, 4), (4, 1024, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (2, 1024, 4)]],
+}
+
+
+def run_sweep(dtype) -> list[dict]:
+    """Time each Triton launch configuration on the Qwen-Image-Edit image stream."""
+    from ..kernels import modulation as k
+    s = STREAMS["qwen-edit-img"]
+    bw = harness.copy_bandwidth_bytes_per_s()
+    rows = []
+    for op, cfgs in SWEEP.items():
+        fn = getattr(k, op)
+        for cfg in cfgs:
+            call = harness.rotating(lambda: make_args(op, s, dtype), lambda *a, cfg=cfg: fn(*a, config=cfg))
+            us = harness.time_us(call)
+            floor = TRAFFIC[op] * s.B * s.L * s.C * dtype.itemsize / bw * 1e6
+            rows.append({"op": op, "config": str(cfg), "us": us, "pct_floor": 100 * floor / us})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fused_dit_ops bench modulation", description=__doc__)
+    ap.add_argument("--shapes", default="qwen-edit-img,qwen-edit-txt,flux-img,wan14b,odd-L",
+                    help=f"comma list from: {', '.join(STREAMS)}")
+    ap.add_argument("--ops", default=",".join(OPS))
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    ap.add_argument("--sweep", action="store_true", help="also sweep Triton tile configs (Qwen image stream)")
+    ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
+    args = ap.parse_args(argv)
+    harness.require_cuda()
+    dtype = getattr(torch, args.dtype)
+    bw = harness.copy_bandwidth_bytes_per_s()
+    print(f"copy bandwidth (read+write): {bw / 1e12:.2f} TB/s on {torch.cuda.get_device_name()}")
+    rows = []
+    for sname in args.shapes.split(","):
+        s = STREAMS[sname]
+        for op in args.ops.split(","):
+            nbytes = TRAFFIC[op] * s.B * s.L * s.C * dtype.itemsize + (s.B * s.L * 4 if s.has_index else 0)
+            floor_us = nbytes / bw * 1e6
+            times = {}
+            for pname, fn in providers(op).items():
+                if pname == "compile" and args.no_compile:
+                    continue
+                call = harness.rotating(lambda: make_args(op, s, dtype), fn)
+                times[pname] = harness.time_us(call)
+            for pname, us in times.items():
+                rows.append({"shape": sname, "op": op, "provider": pname, "us": us,
+                             "GB/s": nbytes / us / 1e3, "floor_us": floor_us, "pct_floor": 100 * floor_us / us,
+                             "x_vs_eager": times["eager"] / us,
+                             "x_vs_compile": (times["compile"] / us) if "compile" in times else None})
+            torch.cuda.empty_cache()
+    cols = ["shape", "op", "provider", "us", "GB/s", "floor_us", "pct_floor", "x_vs_eager", "x_vs_compile"]
+    print(harness.format_table(rows, cols))
+    extra = {"copy_bandwidth_TBps": bw / 1e12, "dtype": args.dtype}
+    if args.sweep:
+        sweep = run_sweep(dtype)
+        print(harness.format_table(sweep, ["op", "config", "us", "pct_floor"]))
+        extra["sweep"] = sweep
+    path = harness.write_results("modulation", rows, extra, args.out)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,96 @@
+"""``python -m fused_dit_ops check``: every op on this device against the float64 reference.
+
+Prints a pass/fail table (relative Frobenius error, max elementwise error, time) and returns
+non-zero if any op fails. On a GPU it uses the Qwen-Image-Edit image-stream shape; on CPU (or
+with --small) a small one.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import reference as ref
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
+
+
+def _inputs(op, B, L, C, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    rnd = lambda *s, std=1.0: (torch.randn(*s, generator=g) * std).to(device=device, dtype=dtype)  # noqa: E731
+    x = rnd(B, L, C)
+    mod = rnd(2 * B, 6 * C, std=0.3)
+    shift, scale, gate, shift2, scale2, _ = mod.chunk(6, dim=-1)
+    idx = (torch.arange(L) >= L // 2).to(torch.int32).repeat(B, 1).to(device)
+    if op == "scale_shift_gate":
+        return (x, shift, scale, gate, idx)
+    if op == "norm_scale_shift":
+        return (x, shift, scale, idx)
+    u = rnd(B, L, C)
+    if op == "gate_residual":
+        return (x, u, gate, idx)
+    return (x, u, gate, shift2, scale2, idx)
+
+
+def _oracle(op, args):
+    a64 = tuple(a.double().cpu() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                else (a.cpu() if isinstance(a, torch.Tensor) else a) for a in args)
+    if op == "gate_residual_norm_scale_shift":
+        return ref.gate_residual_norm_scale_shift(*a64, residual_dtype=args[0].dtype)
+    return getattr(ref, op)(*a64)
+
+
+def _time_ms(fn, device) -> float:
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 20
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def cases(device: str, small: bool):
+    """(label, op, callable, args) for every op this package ships; later ops append here."""
+    import fused_dit_ops as fdo
+    B, L, C = (1, 8192, 3072) if (device == "cuda" and not small) else (1, 256, 512)
+    dtype = torch.bfloat16
+    for op in ("scale_shift_gate", "norm_scale_shift", "gate_residual_norm_scale_shift", "gate_residual"):
+        yield f"{op} [{B},{L},{C}] bf16 index", op, getattr(fdo, op), _inputs(op, B, L, C, dtype, device)
+
+
+def run_check(device: str | None = None, small: bool = False) -> int:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows, failed = [], 0
+    for label, op, fn, args in cases(device, small):
+        try:
+            out = fn(*args)
+            outs = out if isinstance(out, tuple) else (out,)
+            refs = _oracle(op, args)
+            refs = refs if isinstance(refs, tuple) else (refs,)
+            errs = []
+            for o, r in zip(outs, refs):
+                o64 = o.detach().double().cpu()
+                rel = ((o64 - r).norm() / r.norm()).item() if torch.isfinite(o64).all() else float("inf")
+                errs.append((rel, (o64 - r).abs().max().item()))
+            rel = max(e[0] for e in errs)
+            ok = rel < TOL[args[0].dtype]
+            ms = _time_ms(lambda: fn(*args), device)
+            rows.append((label, "PASS" if ok else "FAIL", f"{rel:.2e}", f"{max(e[1] for e in errs):.2e}", f"{ms:.3f}"))
+            failed += not ok
+        except Exception as e:  # noqa: BLE001  (a check reports every failure, it does not stop)
+            rows.append((label, "ERROR", type(e).__name__, str(e)[:60], "-"))
+            failed += 1
+    head = ("op", "result", "rel err", "max abs err", "ms")
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
+    print(f"fused_dit_ops check on {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
+    for r in [head, tuple("-" * w for w in widths)] + rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+    print(f"{len(rows) - failed} passed, {failed} failed")
+    return 1 if failed else 0

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One GPU-machine session: deps, build (setup.py + CMake + sdist), env, check, tests, sanitizer,
+# benchmarks. Logs and JSON go to $OUT. Usage (device tool, carry .devdeps):
+#   FUSED_DIT_GIT_COMMIT=<sha> bash tools/gpu_session.sh [steps...]
+# steps default: build test sanitize bench-modulation
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 FUSED_DIT_BENCH_DIR="$OUT"
+if [ -f .devdeps/deps.tar.xz ]; then
+  mkdir -p /tmp/site && tar -xJf .devdeps/deps.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site
+fi
+steps=${*:-build test sanitize bench-modulation}
+t0=$(date +%s)
+stamp() { echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
+for step in $steps; do
+  case $step in
+  build)
+    stamp build
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    pip install -e . --no-build-isolation --no-deps -q 2>&1 | tail -3
+    python -m fused_dit_ops env | tee "$OUT/env.txt"
+    # CMake build of the same sources, and the sdist route, in the background
+    ( cmake -S . -B /tmp/build-cmake -G Ninja -DCMAKE_PREFIX_PATH="$(python -c 'import torch;print(torch.utils.cmake_prefix_path)')" >/tmp/cmake.log 2>&1 \
+      && cmake --build /tmp/build-cmake >>/tmp/cmake.log 2>&1 && echo CMAKE_OK >>/tmp/cmake.log || echo CMAKE_FAIL >>/tmp/cmake.log ) &
+    ( python -m build --sdist --no-isolation -o /tmp/dist >/tmp/sdist.log 2>&1 \
+      && pip wheel --no-build-isolation --no-deps -w /tmp/wheel /tmp/dist/*.tar.gz >>/tmp/sdist.log 2>&1 \
+      && unzip -l /tmp/wheel/*.whl | grep -E "_C|\.py$" | head -40 >>/tmp/sdist.log && echo SDIST_OK >>/tmp/sdist.log || echo SDIST_FAIL >>/tmp/sdist.log ) &
+    ;;
+  check) stamp check; python -m fused_dit_ops check 2>&1 | tee "$OUT/check.txt" ;;
+  test)
+    stamp test
+    python -m pytest -q -x tests -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/pytest.txt"
+    TRITON_INTERPRET=1 python -m pytest -q -m interpret tests -p no:cacheprovider 2>&1 | tail -3
+    ;;
+  test-triton-only)
+    stamp "tests with FUSED_DIT_DISABLE_C=1"
+    FUSED_DIT_DISABLE_C=1 python -m pytest -q -x tests -k "gpu and gate_residual" -p no:cacheprovider 2>&1 | tail -3
+    ;;
+  sanitize)
+    stamp sanitize
+    compute-sanitizer --tool memcheck --print-limit 20 python tools/sanitize_kernels.py 2>&1 | tail -25 | tee "$OUT/sanitizer.txt"
+    ;;
+  bench-*)
+    stamp "$step"
+    python -m fused_dit_ops bench "${step#bench-}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$step.txt"
+    ;;
+  *) echo "unknown step $step" ;;
+  esac
+done
+wait
+stamp "cmake: $(tail -1 /tmp/cmake.log 2>/dev/null); sdist: $(tail -1 /tmp/sdist.log 2>/dev/null)"
+grep -E "error|Error" /tmp/cmake.log 2>/dev/null | head -5
+grep -E "_C|SDIST|rror" /tmp/sdist.log 2>/dev/null | head -8
+ls /tmp/build-cmake/*.so 2>/dev/null
