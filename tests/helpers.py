@@ -17,7 +17,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def max_ulp_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest |out - ref| in units of the last place of out's dtype at |ref| (elementwise)."""
     ref64 = ref.double()
-    scale = torch.ldexp(torch.ones_like(ref64), torch.frexp(ref64.abs().clamp_min(1e-30))[1] - 1)
+    # 2**floor(log2|ref|), floored at the smallest normal: subnormals have the fixed spacing there.
+    tiny = torch.finfo(out.dtype).tiny
+    scale = torch.ldexp(torch.ones_like(ref64), torch.frexp(ref64.abs().clamp_min(tiny))[1] - 1)
     diff = (out.double() - ref64).abs() / (scale * ULP[out.dtype])
     if not torch.isfinite(out.double()).all():
         return float("inf")
