@@ -563,3 +563,40 @@ def test_gpu_diffusers_processor_and_flash3():
     finally:
         da.disable_diffusers_flash3_with_fa3_fwd()
     assert rel_err(fa3, stock) < 2e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: runner wiring with stand-in FA modules (checks call signatures and return normalisation)
+# ----------------------------------------------------------------------------------------------
+
+def _fake_fa(returns_tuple):
+    calls = []
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, **kw):
+        calls.append(dict(scale=softmax_scale, causal=causal, kw=kw))
+        out = ref.attention(q, k, v, softmax_scale, causal)
+        return (out, None) if returns_tuple else out
+
+    return types.SimpleNamespace(flash_attn_func=flash_attn_func, __name__="fake"), calls
+
+
+@pytest.mark.parametrize("name", ["fa3", "fa4"])
+def test_fa_runner_wiring(monkeypatch, name):
+    mod, calls = _fake_fa(returns_tuple=(name == "fa4"))   # FA4 returns (out, lse)
+    monkeypatch.setattr(disp, f"_{name}_module", lambda: mod)
+    caps = H100_FA4 if name == "fa4" else H100_FA3FWD
+    monkeypatch.setattr(disp, "runtime_capabilities", lambda dev: caps)
+    monkeypatch.setattr(disp, "_misaligned", lambda *a: False)
+    q, k, v = qkv(1, 24, 4, 64, Hkv=2, dtype=BF16)
+    out = op(q, k, v, 0.25, True, name)
+    assert calls == [dict(scale=0.25, causal=True, kw={})]
+    assert out.is_contiguous() and rel_err(out, oracle(q, k, v, 0.25, True)) < 1e-2
+    assert disp.select(q, k, v, False) == name               # automatic choice on that machine
+
+
+def test_sdpa_check_api_on_cpu_tensors():
+    """torch's can_use_* run (and refuse CPU tensors with a message): the API call is right."""
+    q, k, v = qkv(1, 16, 4, 64, Hkv=2, dtype=BF16)
+    for name in ("cudnn", "fa2", "efficient"):
+        r = disp._sdpa_reason(name, q, k, v, False)
+        assert r is not None and r.text.startswith(f"{name}: torch SDPA refuses"), r
