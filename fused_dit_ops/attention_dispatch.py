@@ -351,8 +351,16 @@ def _run_fa4(q, k, v, scale, causal):
     return out[0] if isinstance(out, tuple) else out  # FA4 returns (out, lse)
 
 
+_FA2_VIA_SDPA: dict = {}
+
+
 def _run_fa2(q, k, v, scale, causal):
-    if _sdpa_reason("fa2", q, k, v, causal) is None:
+    key = (q.device, q.dtype, q.shape, k.shape, causal)
+    via_sdpa = _FA2_VIA_SDPA.get(key)
+    if via_sdpa is None:  # once per key: torch's check is too slow for every call
+        via_sdpa = _FA2_VIA_SDPA[key] = (_fa2_module() is None
+                                         or _sdpa_reason("fa2", q, k, v, causal) is None)
+    if via_sdpa:
         return _sdpa("FLASH_ATTENTION", q, k, v, scale, causal)
     return _fa2_module().flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal)
 
@@ -475,6 +483,7 @@ def clear_cache() -> None:
     """Forget cached selections and import probes (after installing a backend, in tests)."""
     _SELECTED.clear()
     _WARNED.clear()
+    _FA2_VIA_SDPA.clear()
     _runtime_caps.cache_clear()
     _import.cache_clear()
 
