@@ -7,6 +7,9 @@ from . import _extension  # noqa: F401  (loads the C++/CUDA kernels, if built)
 from . import ops  # noqa: F401  (registers CUDA / CPU / fake implementations)
 from ._validation import FusedDitInputError
 from .ops.modulation import gate_residual, gate_residual_norm_scale_shift, norm_scale_shift, scale_shift_gate
+from .ops.attention import attention
+from .attention_dispatch import (AttentionBackendError, AttentionFallbackWarning, attention_backend,
+                                 attention_backends, warmup_attention)
 
 __version__ = "0.1.0"
 
@@ -16,4 +19,10 @@ __all__ = [
     "norm_scale_shift",
     "gate_residual_norm_scale_shift",
     "gate_residual",
+    "attention",
+    "attention_backend",
+    "attention_backends",
+    "warmup_attention",
+    "AttentionBackendError",
+    "AttentionFallbackWarning",
 ]

@@ -19,6 +19,8 @@ SCHEMAS: dict[str, str] = {
     "gate_residual": "(Tensor residual, Tensor update, Tensor gate, Tensor? index=None) -> Tensor",
     # -- RoPE and the joint QKV path (issue 3) -------------------------------------------------
     # -- attention (issue 4) ---------------------------------------------------------------------
+    "attention": "(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False,"
+    " str? backend=None) -> Tensor",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")

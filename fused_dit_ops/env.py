@@ -46,7 +46,23 @@ def sections() -> list[tuple[str, list[tuple[str, str]]]]:
         has = torch._C._dispatch_has_kernel_for_dispatch_key(qualname(name), "CUDA")
         impls.append((name, f"CUDA: {cuda if has else 'none'}; CPU: reference"))
     opt = [(k, _probe(mod) + f"  [{why}]") for k, (mod, why) in OPTIONAL_PACKAGES.items()]
-    return [("versions", ver), ("compiled extension", ext), ("ops", impls), ("optional packages", opt)]
+    return [("versions", ver), ("compiled extension", ext), ("ops", impls), ("optional packages", opt),
+            *_attention_sections()]
+
+
+def _attention_sections() -> list[tuple[str, list[tuple[str, str]]]]:
+    """fused_dit.attention backends for the Qwen-Image head config (24 x 128), bf16 and fp16."""
+    from .attention_dispatch import attention_backends
+    out = []
+    for dtype in (torch.bfloat16, torch.float16):
+        try:
+            rows = [(b.name, f"yes  [{b.impl}]" if b.available else f"no: {b.reason}")
+                    for b in attention_backends(dtype=dtype)]
+        except Exception as e:  # noqa: BLE001  (the report must not crash on a broken backend)
+            rows = [("error", f"{type(e).__name__}: {e}")]
+        name = str(dtype).replace("torch.", "")
+        out.append((f"attention backends ({name}, 24 heads x 128, preference order)", rows))
+    return out
 
 
 def _is_cpp(op: str) -> bool:

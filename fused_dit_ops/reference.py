@@ -99,3 +99,28 @@ def diffusers_modulate(x, mod_params, index=None):
 def diffusers_layer_norm(x, eps=1e-6):
     """``nn.LayerNorm(C, elementwise_affine=False, eps)`` as the block's norm1/norm2."""
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+# --- attention ---
+
+def attention(q, k, v, softmax_scale=None, causal=False):
+    """softmax(q k^T * scale [+ causal mask]) v over [B, S, H, D] tensors, explicit math.
+
+    k/v may have fewer heads (GQA): query head h reads kv head h // (H // Hkv). ``causal`` masks
+    key j > query i (Sq == Sk). Math in float32 (float64 for float64 inputs), cast back once;
+    output contiguous [B, Sq, H, D].
+    """
+    ct = _compute_dtype(q.dtype)
+    H, Hkv, D = q.shape[2], k.shape[2], q.shape[3]
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    qh, kh, vh = (t.to(ct).transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+    if Hkv != H:
+        kh = kh.repeat_interleave(H // Hkv, dim=1)
+        vh = vh.repeat_interleave(H // Hkv, dim=1)
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    if causal:
+        Sq, Sk = s.shape[-2], s.shape[-1]
+        keep = torch.ones(Sq, Sk, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return (p @ vh).transpose(1, 2).to(q.dtype).contiguous()
