@@ -243,14 +243,27 @@ def test_triton_kernel_interpreted(op, dtype, layout, index):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("config", [{"BLOCK_M": 4, "BLOCK_C": 32, "num_warps": 1},
-                                    {"BLOCK_M": 16, "BLOCK_C": 128, "num_warps": 4}])
-def test_triton_tiles_cover_ragged_edges(config):
-    """Tiles that do not divide L or C still write every element (NaN-poisoned outputs)."""
+@pytest.mark.parametrize("config", [{"BLOCK_M": 4, "BLOCK_C": 32, "ITERS": 1, "num_warps": 1},
+                                    {"BLOCK_M": 2, "BLOCK_C": 64, "ITERS": 3, "num_warps": 2},
+                                    {"BLOCK_M": 16, "BLOCK_C": 128, "ITERS": 2, "num_warps": 4}])
+@pytest.mark.parametrize("op", ["scale_shift_gate", "gate_residual"])
+def test_triton_tiles_cover_ragged_edges(config, op):
+    """Tiles (and row loops) that do not divide L or C still write every element correctly."""
     from fused_dit_ops.kernels import modulation as k
-    args = make_inputs("scale_shift_gate", 2, 23, 72, dtype=torch.float32, layout="chunk")
-    y, g = k.scale_shift_gate(*args, config=config)
-    assert_close("scale_shift_gate", (y, g), oracle("scale_shift_gate", args), torch.float32)
+    args = make_inputs(op, 2, 23, 72, dtype=torch.float32, layout="chunk")
+    outs = as_tuple(getattr(k, op)(*args, config=config))
+    assert_close(op, outs, as_tuple(oracle(op, args)), torch.float32)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("config", [{"BLOCK_M": 1, "BLOCK_C": 128, "ITERS": 4, "num_warps": 2},
+                                    {"BLOCK_M": 2, "BLOCK_C": 128, "ITERS": 3, "num_warps": 4}])
+@pytest.mark.parametrize("op", ["norm_scale_shift", "gate_residual_norm_scale_shift"])
+def test_triton_norm_row_loops(config, op):
+    from fused_dit_ops.kernels import modulation as k
+    args = make_inputs(op, 2, 23, 72, dtype=torch.float32, layout="chunk")
+    outs = as_tuple(getattr(k, op)(*args, config=config))
+    assert_close(op, outs, as_tuple(oracle(op, args)), torch.float32)
 
 
 @pytest.mark.interpret

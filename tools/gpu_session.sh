@@ -7,7 +7,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FUSED_DIT_BENCH_DIR="$OUT"
 if [ -f .devdeps/deps.tar.xz ]; then
-  mkdir -p /tmp/site && tar -xJf .devdeps/deps.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site
+  mkdir -p /tmp/site && tar -xJf .devdeps/deps.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
 fi
 steps=${*:-build test sanitize bench-modulation}
 t0=$(date +%s)
@@ -17,14 +17,16 @@ for step in $steps; do
   build)
     stamp build
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    pip install -e . --no-build-isolation --no-deps -q 2>&1 | tail -3
+    echo "nvcc: $(which nvcc || echo missing) CUDA_HOME=${CUDA_HOME:-unset}"
+    [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda PATH=/usr/local/cuda/bin:$PATH
+    FUSED_DIT_BUILD_CUDA=1 MAX_JOBS=8 pip install -e . --no-build-isolation --no-deps -v 2>&1 | grep -E "fused-dit-ops|rror|Successfully|ninja:" | tail -15
     python -m fused_dit_ops env | tee "$OUT/env.txt"
     # CMake build of the same sources, and the sdist route, in the background
     ( cmake -S . -B /tmp/build-cmake -G Ninja -DCMAKE_PREFIX_PATH="$(python -c 'import torch;print(torch.utils.cmake_prefix_path)')" >/tmp/cmake.log 2>&1 \
       && cmake --build /tmp/build-cmake >>/tmp/cmake.log 2>&1 && echo CMAKE_OK >>/tmp/cmake.log || echo CMAKE_FAIL >>/tmp/cmake.log ) &
     ( python -m build --sdist --no-isolation -o /tmp/dist >/tmp/sdist.log 2>&1 \
       && pip wheel --no-build-isolation --no-deps -w /tmp/wheel /tmp/dist/*.tar.gz >>/tmp/sdist.log 2>&1 \
-      && unzip -l /tmp/wheel/*.whl | grep -E "_C|\.py$" | head -40 >>/tmp/sdist.log && echo SDIST_OK >>/tmp/sdist.log || echo SDIST_FAIL >>/tmp/sdist.log ) &
+      && python -m zipfile -l /tmp/wheel/*.whl | grep -E "_C|csrc" | head -20 >>/tmp/sdist.log && echo SDIST_OK >>/tmp/sdist.log || echo SDIST_FAIL >>/tmp/sdist.log ) &
     ;;
   check) stamp check; python -m fused_dit_ops check 2>&1 | tee "$OUT/check.txt" ;;
   test)
@@ -36,6 +38,7 @@ for step in $steps; do
     stamp "tests with FUSED_DIT_DISABLE_C=1"
     FUSED_DIT_DISABLE_C=1 python -m pytest -q -x tests -k "gpu and gate_residual" -p no:cacheprovider 2>&1 | tail -3
     ;;
+  overhead) stamp overhead; python tools/profile_overhead.py 2>&1 | tee "$OUT/overhead.txt" ;;
   sanitize)
     stamp sanitize
     compute-sanitizer --tool memcheck --print-limit 20 python tools/sanitize_kernels.py 2>&1 | tail -25 | tee "$OUT/sanitizer.txt"

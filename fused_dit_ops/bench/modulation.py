@@ -79,14 +79,16 @@ def providers(op):
     return out
 
 
-SWEEP = {
-    "scale_shift_gate": [dict(BLOCK_M=m, BLOCK_C=c, num_warps=w) for m, c, w in
-                         [(8, 512, 4), (4, 1024, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (2, 1024, 4), (4, 512, 4)]],
-    "norm_scale_shift": [dict(BLOCK_M=m, BLOCK_C=4096, num_warps=w) for m, w in [(1, 4), (1, 8), (2, 8), (4, 8), (2, 16), (4, 16)]],
-    "gate_residual_norm_scale_shift": [dict(BLOCK_M=m, BLOCK_C=4096, num_warps=w) for m, w in [(1, 4), (1, 8), (2, 8), (4, 8), (2, 16), (4, 16)]],
-    "gate_residual": [dict(BLOCK_M=m, BLOCK_C=c, num_warps=w) for m, c, w in
-                      [(8, 512, 4), (4, 1024, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (2, 1024, 4)]],
-}
+def _cfgs(spec):
+    return [dict(BLOCK_M=m, BLOCK_C=c, ITERS=i, num_warps=w) for m, c, i, w in spec]
+
+
+_ELEMENTWISE_SWEEP = [(4, 1024, 1, 4), (2, 1024, 1, 4), (4, 1024, 4, 4), (8, 1024, 2, 8), (1, 1024, 8, 4),
+                      (2, 2048, 2, 8), (8, 512, 4, 4), (16, 1024, 1, 8), (4, 1024, 16, 4)]
+_NORM_SWEEP = [(1, 4096, 1, 8), (2, 4096, 1, 8), (4, 4096, 1, 8), (4, 4096, 1, 16), (1, 4096, 4, 8),
+               (1, 4096, 16, 8), (2, 4096, 4, 8), (2, 4096, 8, 16), (1, 4096, 8, 4), (1, 4096, 1, 4)]
+SWEEP = {"scale_shift_gate": _cfgs(_ELEMENTWISE_SWEEP), "norm_scale_shift": _cfgs(_NORM_SWEEP),
+         "gate_residual_norm_scale_shift": _cfgs(_NORM_SWEEP), "gate_residual": _cfgs(_ELEMENTWISE_SWEEP)}
 
 
 def run_sweep(dtype) -> list[dict]:

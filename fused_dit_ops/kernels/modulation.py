@@ -11,20 +11,32 @@ The launchers run unchanged under ``TRITON_INTERPRET=1`` on CPU tensors (the CPU
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _select(sel, p0_ptr, p1_ptr, cols, cmask, HAS_INDEX: tl.constexpr):
-    """[BLOCK_M, BLOCK_C] fp32 parameter tile: row r takes p1 where sel[r] else p0."""
-    p0 = tl.load(p0_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+def _load_param(p_ptr, b, B, stride, cols, cmask, HAS_INDEX: tl.constexpr):
+    """The (one or two) parameter rows a batch needs, as fp32 [BLOCK_C] vectors (set 0, set 1)."""
+    p0 = tl.load(p_ptr + b * stride + cols, mask=cmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
     if HAS_INDEX:
-        p1 = tl.load(p1_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        p1 = tl.load(p_ptr + (b + B) * stride + cols, mask=cmask, other=0.0,
+                     eviction_policy="evict_last").to(tl.float32)
+    else:
+        p1 = p0
+    return p0, p1
+
+
+@triton.jit
+def _pick(sel, p0, p1, HAS_INDEX: tl.constexpr):
+    """[BLOCK_M, BLOCK_C] tile: row r takes p1 where sel[r] else p0."""
+    if HAS_INDEX:
         return tl.where(sel[:, None], p1[None, :], p0[None, :])
     else:
-        return tl.broadcast_to(p0[None, :], (sel.shape[0], cols.shape[0]))
+        return tl.broadcast_to(p0[None, :], (sel.shape[0], p0.shape[0]))
 
 
 @triton.jit
@@ -40,26 +52,30 @@ def _scale_shift_gate_kernel(
     x_ptr, shift_ptr, scale_ptr, gate_ptr, idx_ptr, y_ptr, g_ptr,
     L, C, B,
     stride_xb, stride_xl, stride_shift, stride_scale, stride_gate, stride_ib, stride_il,
-    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # grid (n_cblocks * n_mblocks, B), column block fastest: consecutive programs walk memory in order
+    n_c = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    pid_c = pid % n_c
+    pid_m = pid // n_c
+    b = tl.program_id(1).to(tl.int64)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = l < L
     cmask = cols < C
-    mask = rmask[:, None] & cmask[None, :]
-    sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
-    shift = _select(sel, shift_ptr + b * stride_shift, shift_ptr + (b + B) * stride_shift, cols, cmask, HAS_INDEX)
-    scale = _select(sel, scale_ptr + b * stride_scale, scale_ptr + (b + B) * stride_scale, cols, cmask, HAS_INDEX)
-    gate = _select(sel, gate_ptr + b * stride_gate, gate_ptr + (b + B) * stride_gate, cols, cmask, HAS_INDEX)
-    x = tl.load(x_ptr + b * stride_xb + l[:, None].to(tl.int64) * stride_xl + cols[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    y = x * (1.0 + scale) + shift
-    out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
-    tl.store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(g_ptr + out_off, gate.to(g_ptr.dtype.element_ty), mask=mask)
+    sh0, sh1 = _load_param(shift_ptr, b, B, stride_shift, cols, cmask, HAS_INDEX)
+    sc0, sc1 = _load_param(scale_ptr, b, B, stride_scale, cols, cmask, HAS_INDEX)
+    g0, g1 = _load_param(gate_ptr, b, B, stride_gate, cols, cmask, HAS_INDEX)
+    for it in tl.static_range(ITERS):
+        l = (pid_m * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = l < L
+        mask = rmask[:, None] & cmask[None, :]
+        sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
+        x = tl.load(x_ptr + b * stride_xb + l[:, None].to(tl.int64) * stride_xl + cols[None, :],
+                    mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        y = x * (1.0 + _pick(sel, sc0, sc1, HAS_INDEX)) + _pick(sel, sh0, sh1, HAS_INDEX)
+        out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
+        tl.store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(g_ptr + out_off, _pick(sel, g0, g1, HAS_INDEX).to(g_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -81,28 +97,29 @@ def _norm_scale_shift_kernel(
     L, C, B, eps,
     stride_xb, stride_xl, stride_shift, stride_scale, stride_ib, stride_il,
     HAS_INDEX: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
-    rmask = l < L
     cmask = cols < C
-    mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(x_ptr + b * stride_xb + l[:, None].to(tl.int64) * stride_xl + cols[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    n = _layer_norm_rows(x, cmask, C, eps, IS_RMS)
-    if HAS_WEIGHT:
-        n = n * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        n = n + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
-    shift = _select(sel, shift_ptr + b * stride_shift, shift_ptr + (b + B) * stride_shift, cols, cmask, HAS_INDEX)
-    scale = _select(sel, scale_ptr + b * stride_scale, scale_ptr + (b + B) * stride_scale, cols, cmask, HAS_INDEX)
-    y = n * (1.0 + scale) + shift
-    out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
-    tl.store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+    sh0, sh1 = _load_param(shift_ptr, b, B, stride_shift, cols, cmask, HAS_INDEX)
+    sc0, sc1 = _load_param(scale_ptr, b, B, stride_scale, cols, cmask, HAS_INDEX)
+    for it in tl.static_range(ITERS):
+        l = (pid_m * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = l < L
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + b * stride_xb + l[:, None].to(tl.int64) * stride_xl + cols[None, :],
+                    mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        n = _layer_norm_rows(x, cmask, C, eps, IS_RMS)
+        if HAS_WEIGHT:
+            n = n * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            n = n + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
+        y = n * (1.0 + _pick(sel, sc0, sc1, HAS_INDEX)) + _pick(sel, sh0, sh1, HAS_INDEX)
+        out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
+        tl.store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -111,29 +128,32 @@ def _gate_residual_norm_scale_shift_kernel(
     L, C, B, eps,
     stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_shift, stride_scale,
     stride_ib, stride_il,
-    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
-    rmask = l < L
     cmask = cols < C
-    mask = rmask[:, None] & cmask[None, :]
-    l64 = l[:, None].to(tl.int64)
-    r = tl.load(r_ptr + b * stride_rb + l64 * stride_rl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + b * stride_ub + l64 * stride_ul + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
-    gate = _select(sel, gate_ptr + b * stride_gate, gate_ptr + (b + B) * stride_gate, cols, cmask, HAS_INDEX)
-    # Normalise the residual as stored (rounded to the output dtype), as eager diffusers does.
-    r_out = (r + gate * u).to(r_out_ptr.dtype.element_ty)
-    out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
-    tl.store(r_out_ptr + out_off, r_out, mask=mask)
-    n = _layer_norm_rows(r_out.to(tl.float32), cmask, C, eps, False)
-    shift = _select(sel, shift_ptr + b * stride_shift, shift_ptr + (b + B) * stride_shift, cols, cmask, HAS_INDEX)
-    scale = _select(sel, scale_ptr + b * stride_scale, scale_ptr + (b + B) * stride_scale, cols, cmask, HAS_INDEX)
-    y = n * (1.0 + scale) + shift
-    tl.store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+    g0, g1 = _load_param(gate_ptr, b, B, stride_gate, cols, cmask, HAS_INDEX)
+    sh0, sh1 = _load_param(shift_ptr, b, B, stride_shift, cols, cmask, HAS_INDEX)
+    sc0, sc1 = _load_param(scale_ptr, b, B, stride_scale, cols, cmask, HAS_INDEX)
+    for it in tl.static_range(ITERS):
+        l = (pid_m * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = l < L
+        mask = rmask[:, None] & cmask[None, :]
+        l64 = l[:, None].to(tl.int64)
+        r = tl.load(r_ptr + b * stride_rb + l64 * stride_rl + cols[None, :], mask=mask, other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
+        u = tl.load(u_ptr + b * stride_ub + l64 * stride_ul + cols[None, :], mask=mask, other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
+        sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
+        # Normalise the residual as stored (rounded to the output dtype), as eager diffusers does.
+        r_out = (r + _pick(sel, g0, g1, HAS_INDEX) * u).to(r_out_ptr.dtype.element_ty)
+        out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
+        tl.store(r_out_ptr + out_off, r_out, mask=mask)
+        n = _layer_norm_rows(r_out.to(tl.float32), cmask, C, eps, False)
+        y = n * (1.0 + _pick(sel, sc0, sc1, HAS_INDEX)) + _pick(sel, sh0, sh1, HAS_INDEX)
+        tl.store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -141,42 +161,54 @@ def _gate_residual_kernel(
     r_ptr, u_ptr, gate_ptr, idx_ptr, out_ptr,
     L, C, B,
     stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_ib, stride_il,
-    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_c = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    pid_c = pid % n_c
+    pid_m = pid // n_c
+    b = tl.program_id(1).to(tl.int64)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = l < L
     cmask = cols < C
-    mask = rmask[:, None] & cmask[None, :]
-    l64 = l[:, None].to(tl.int64)
-    r = tl.load(r_ptr + b * stride_rb + l64 * stride_rl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + b * stride_ub + l64 * stride_ul + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
-    gate = _select(sel, gate_ptr + b * stride_gate, gate_ptr + (b + B) * stride_gate, cols, cmask, HAS_INDEX)
-    out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
-    tl.store(out_ptr + out_off, (r + gate * u).to(out_ptr.dtype.element_ty), mask=mask)
+    g0, g1 = _load_param(gate_ptr, b, B, stride_gate, cols, cmask, HAS_INDEX)
+    for it in tl.static_range(ITERS):
+        l = (pid_m * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = l < L
+        mask = rmask[:, None] & cmask[None, :]
+        l64 = l[:, None].to(tl.int64)
+        r = tl.load(r_ptr + b * stride_rb + l64 * stride_rl + cols[None, :], mask=mask, other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
+        u = tl.load(u_ptr + b * stride_ub + l64 * stride_ul + cols[None, :], mask=mask, other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
+        sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
+        out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
+        tl.store(out_ptr + out_off, (r + _pick(sel, g0, g1, HAS_INDEX) * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --- launch configuration ---------------------------------------------------------------------
-# Picked by a sweep on an H100 (bench/results/*modulation*). Elementwise kernels use 2-D tiles;
-# the norm kernels hold whole rows (BLOCK_C = next_pow2(C)), a few rows per program.
+# Chosen by `python -m fused_dit_ops bench modulation --sweep` on an H100 (bench/results/).
+# Elementwise kernels: 2-D tiles, a program covers ITERS x BLOCK_M rows of one column block and
+# loads its parameter rows once. Norm kernels hold whole rows (BLOCK_C = next_pow2(C)).
 
-ELEMENTWISE_CONFIG = {"BLOCK_M": 8, "BLOCK_C": 512, "num_warps": 4}
+ELEMENTWISE_CONFIG = {"BLOCK_M": 4, "BLOCK_C": 1024, "ITERS": 1, "num_warps": 4}
 
 
 def _norm_config(C: int) -> dict:
     block_c = triton.next_power_of_2(C)
     block_m = max(1, min(4, 4096 // block_c))
     num_warps = 8 if block_c >= 4096 else 4
-    return {"BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": num_warps}
+    return {"BLOCK_M": block_m, "BLOCK_C": block_c, "ITERS": 1, "num_warps": num_warps}
 
 
-def _index_args(index):
+def _split(cfg):
+    cfg = dict(cfg)
+    return cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C"), cfg.pop("ITERS", 1), cfg
+
+
+def _index_args(index, dummy):
+    # Absent optional tensors are passed as a dummy pointer (never read: HAS_* is constexpr).
     if index is None:
-        return None, 0, 0
+        return dummy, 0, 0
     return index, index.stride(0), index.stride(1)
 
 
@@ -184,7 +216,6 @@ def _device_guard(t: torch.Tensor):
     # Triton launches on the current device; make it the tensor's (no-op when already so).
     if t.is_cuda and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
-    import contextlib
     return contextlib.nullcontext()
 
 
@@ -194,15 +225,14 @@ def scale_shift_gate(x, shift, scale, gate, index=None, config=None):
     g = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y, g
-    cfg = dict(config or ELEMENTWISE_CONFIG)
-    bm, bc = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C")
-    idx, sib, sil = _index_args(index)
-    grid = (triton.cdiv(L, bm), triton.cdiv(C, bc), B)
+    bm, bc, iters, kw = _split(config or ELEMENTWISE_CONFIG)
+    idx, sib, sil = _index_args(index, x)
+    grid = (triton.cdiv(L, bm * iters) * triton.cdiv(C, bc), B)
     with _device_guard(x):
         _scale_shift_gate_kernel[grid](
             x, shift, scale, gate, idx, y, g, L, C, B,
             x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), gate.stride(0), sib, sil,
-            HAS_INDEX=index is not None, BLOCK_M=bm, BLOCK_C=bc, **cfg)
+            HAS_INDEX=index is not None, BLOCK_M=bm, BLOCK_C=bc, ITERS=iters, **kw)
     return y, g
 
 
@@ -212,16 +242,15 @@ def norm_scale_shift(x, shift, scale, index=None, weight=None, bias=None, eps=1e
     y = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    cfg = dict(config or _norm_config(C))
-    bm, bc = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C")
-    idx, sib, sil = _index_args(index)
-    grid = (triton.cdiv(L, bm), B)
+    bm, bc, iters, kw = _split(config or _norm_config(C))
+    idx, sib, sil = _index_args(index, x)
+    grid = (triton.cdiv(L, bm * iters), B)
     with _device_guard(x):
         _norm_scale_shift_kernel[grid](
-            x, shift, scale, idx, weight, bias, y, L, C, B, eps,
-            x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), sib, sil,
+            x, shift, scale, idx, x if weight is None else weight, x if bias is None else bias, y,
+            L, C, B, eps, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), sib, sil,
             HAS_INDEX=index is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            IS_RMS=norm == "rms", BLOCK_M=bm, BLOCK_C=bc, **cfg)
+            IS_RMS=norm == "rms", BLOCK_M=bm, BLOCK_C=bc, ITERS=iters, **kw)
     return y
 
 
@@ -232,16 +261,15 @@ def gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index=N
     y = torch.empty((B, L, C), dtype=residual.dtype, device=residual.device)
     if y.numel() == 0:
         return r_out, y
-    cfg = dict(config or _norm_config(C))
-    bm, bc = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C")
-    idx, sib, sil = _index_args(index)
-    grid = (triton.cdiv(L, bm), B)
+    bm, bc, iters, kw = _split(config or _norm_config(C))
+    idx, sib, sil = _index_args(index, residual)
+    grid = (triton.cdiv(L, bm * iters), B)
     with _device_guard(residual):
         _gate_residual_norm_scale_shift_kernel[grid](
             residual, update, gate, shift, scale, idx, r_out, y, L, C, B, eps,
             residual.stride(0), residual.stride(1), update.stride(0), update.stride(1),
             gate.stride(0), shift.stride(0), scale.stride(0), sib, sil,
-            HAS_INDEX=index is not None, BLOCK_M=bm, BLOCK_C=bc, **cfg)
+            HAS_INDEX=index is not None, BLOCK_M=bm, BLOCK_C=bc, ITERS=iters, **kw)
     return r_out, y
 
 
@@ -250,14 +278,13 @@ def gate_residual(residual, update, gate, index=None, config=None):
     out = torch.empty((B, L, C), dtype=residual.dtype, device=residual.device)
     if out.numel() == 0:
         return out
-    cfg = dict(config or ELEMENTWISE_CONFIG)
-    bm, bc = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C")
-    idx, sib, sil = _index_args(index)
-    grid = (triton.cdiv(L, bm), triton.cdiv(C, bc), B)
+    bm, bc, iters, kw = _split(config or ELEMENTWISE_CONFIG)
+    idx, sib, sil = _index_args(index, residual)
+    grid = (triton.cdiv(L, bm * iters) * triton.cdiv(C, bc), B)
     with _device_guard(residual):
         _gate_residual_kernel[grid](
             residual, update, gate, idx, out, L, C, B,
             residual.stride(0), residual.stride(1), update.stride(0), update.stride(1),
             gate.stride(0), sib, sil,
-            HAS_INDEX=index is not None, BLOCK_M=bm, BLOCK_C=bc, **cfg)
+            HAS_INDEX=index is not None, BLOCK_M=bm, BLOCK_C=bc, ITERS=iters, **kw)
     return out
