@@ -7,6 +7,8 @@ from . import _extension  # noqa: F401  (loads the C++/CUDA kernels, if built)
 from . import ops  # noqa: F401  (registers CUDA / CPU / fake implementations)
 from ._validation import FusedDitInputError
 from .ops.modulation import gate_residual, gate_residual_norm_scale_shift, norm_scale_shift, scale_shift_gate
+from .ops.rope import joint_qk_norm_rope_, joint_qkv_cat, qk_norm_rope_cat, rope, warmup_rope
+from .rope_tables import cos_sin_from_complex, flux_ids, flux_rope_table, qwen_image_rope_tables
 
 __version__ = "0.1.0"
 
@@ -16,4 +18,13 @@ __all__ = [
     "norm_scale_shift",
     "gate_residual_norm_scale_shift",
     "gate_residual",
+    "rope",
+    "joint_qkv_cat",
+    "qk_norm_rope_cat",
+    "joint_qk_norm_rope_",
+    "warmup_rope",
+    "qwen_image_rope_tables",
+    "cos_sin_from_complex",
+    "flux_rope_table",
+    "flux_ids",
 ]

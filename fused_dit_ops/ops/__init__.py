@@ -1,2 +1,3 @@
 """Op registrations. Importing a module here registers its CUDA, CPU and fake implementations."""
 from . import modulation  # noqa: F401
+from . import rope  # noqa: F401
