@@ -10,6 +10,8 @@ from .ops.modulation import gate_residual, gate_residual_norm_scale_shift, norm_
 from .ops.attention import attention
 from .attention_dispatch import (AttentionBackendError, AttentionFallbackWarning, attention_backend,
                                  attention_backends, warmup_attention)
+from .ops.rope import joint_qk_norm_rope_, joint_qkv_cat, qk_norm_rope_cat, rope, warmup_rope
+from .rope_tables import cos_sin_from_complex, flux_ids, flux_rope_table, qwen_image_rope_tables
 
 __version__ = "0.1.0"
 
@@ -25,4 +27,13 @@ __all__ = [
     "warmup_attention",
     "AttentionBackendError",
     "AttentionFallbackWarning",
+    "rope",
+    "joint_qkv_cat",
+    "qk_norm_rope_cat",
+    "joint_qk_norm_rope_",
+    "warmup_rope",
+    "qwen_image_rope_tables",
+    "cos_sin_from_complex",
+    "flux_rope_table",
+    "flux_ids",
 ]

@@ -18,6 +18,23 @@ SCHEMAS: dict[str, str] = {
     " Tensor scale, Tensor? index=None, float eps=1e-06) -> (Tensor, Tensor)",
     "gate_residual": "(Tensor residual, Tensor update, Tensor gate, Tensor? index=None) -> Tensor",
     # -- RoPE and the joint QKV path (issue 3) -------------------------------------------------
+    "rope": "(Tensor(a!) q, Tensor(b!) k, Tensor cos_sin_cache, Tensor? positions=None,"
+    " bool interleaved=True, str? backend=None) -> ()",
+    "joint_qkv_cat": "(Tensor txt_q, Tensor txt_k, Tensor txt_v, Tensor img_q, Tensor img_k,"
+    " Tensor img_v) -> (Tensor, Tensor, Tensor)",
+    "joint_qkv_cat_out": "(Tensor txt_q, Tensor txt_k, Tensor txt_v, Tensor img_q, Tensor img_k,"
+    " Tensor img_v, Tensor(a!) q_out, Tensor(b!) k_out, Tensor(c!) v_out) -> ()",
+    "qk_norm_rope_cat": "(Tensor txt_q, Tensor txt_k, Tensor txt_v, Tensor img_q, Tensor img_k,"
+    " Tensor img_v, Tensor txt_q_weight, Tensor txt_k_weight, Tensor img_q_weight, Tensor img_k_weight,"
+    " Tensor txt_cos_sin, Tensor img_cos_sin, float eps=1e-06, bool interleaved=True)"
+    " -> (Tensor, Tensor, Tensor)",
+    "qk_norm_rope_cat_out": "(Tensor txt_q, Tensor txt_k, Tensor txt_v, Tensor img_q, Tensor img_k,"
+    " Tensor img_v, Tensor txt_q_weight, Tensor txt_k_weight, Tensor img_q_weight, Tensor img_k_weight,"
+    " Tensor txt_cos_sin, Tensor img_cos_sin, Tensor(a!) q_out, Tensor(b!) k_out, Tensor(c!) v_out,"
+    " float eps=1e-06, bool interleaved=True) -> ()",
+    "joint_qk_norm_rope_": "(Tensor(a!) q, Tensor(b!) k, int txt_len, Tensor txt_q_weight,"
+    " Tensor txt_k_weight, Tensor img_q_weight, Tensor img_k_weight, Tensor txt_cos_sin,"
+    " Tensor img_cos_sin, float eps=1e-06, bool interleaved=True) -> ()",
     # -- attention (issue 4) ---------------------------------------------------------------------
     "attention": "(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False,"
     " str? backend=None) -> Tensor",

@@ -108,3 +108,84 @@ def check_vector(op: str, name: str, v, C: int, ref_name: str, ref: torch.Tensor
     if v.shape[0] != C:
         fail(op, f"'{name}' must have shape [C] = [{C}], got {_shape(v)}")
     check_last_dim_contiguous(op, name, v)
+
+
+# --- RoPE and the joint QKV path (issue 3) ---------------------------------------------------------
+
+def check_heads(op: str, name: str, t, *, ndim=(3, 4)) -> tuple[int, ...]:
+    """q/k/v head tensor: [B, L, H, D] (or [L, H, D] where allowed), float, last dim contiguous."""
+    check_tensor(op, name, t, ndim=ndim)
+    check_last_dim_contiguous(op, name, t)
+    return tuple(t.shape)
+
+
+def check_same_heads(op: str, name: str, t, ref_name: str, ref: torch.Tensor, *, seq_dim: int | None = 1) -> None:
+    """t has ref's dtype, device, dims and shape except (optionally) the token dim ``seq_dim``."""
+    check_heads(op, name, t, ndim=ref.dim())
+    check_like(op, name, t, ref_name, ref)
+    want = list(ref.shape)
+    got = list(t.shape)
+    if seq_dim is not None:
+        want[seq_dim] = got[seq_dim]
+    if got != want:
+        what = "batch, heads and head_dim" if seq_dim is not None else "shape"
+        fail(op, f"'{name}' must have the {what} of '{ref_name}' {_shape(ref)}, got {_shape(t)}")
+
+
+def check_cos_sin_cache(op: str, name: str, cache, D: int, ref: torch.Tensor, min_rows: int | None = None) -> int:
+    """fp32 [P, R] table, R even, 0 < R <= D, last dim contiguous, on ref's device. Returns R."""
+    if not isinstance(cache, torch.Tensor):
+        fail(op, f"'{name}' must be a torch.Tensor, got {type(cache).__name__}")
+    if cache.dtype != torch.float32:
+        fail(op, f"'{name}' must be float32 (cos of R/2 frequencies, then sin), got "
+                 f"{str(cache.dtype).replace('torch.', '')}; build it with fused_dit_ops.cos_sin_from_complex "
+                 f"or call .float() on it")
+    if cache.dim() != 2:
+        fail(op, f"'{name}' must be 2-D [P, R], got {cache.dim()}-D tensor of shape {_shape(cache)}")
+    if cache.device != ref.device:
+        fail(op, f"'{name}' is on {cache.device} but the activations are on {ref.device}")
+    R = cache.shape[1]
+    if R == 0 or R % 2 != 0:
+        fail(op, f"'{name}' width R (cos|sin of R/2 frequencies) must be even and > 0, got R={R}")
+    if R > D:
+        fail(op, f"'{name}' width R={R} must be <= head_dim D={D} (only the first R dims rotate)")
+    check_last_dim_contiguous(op, name, cache)
+    if min_rows is not None and cache.shape[0] < min_rows:
+        fail(op, f"'{name}' has {cache.shape[0]} rows but the stream has {min_rows} tokens; a per-token "
+                 f"table needs one row per token")
+    return R
+
+
+def check_positions(op: str, positions, B: int | None, L: int, n_rows: int, ref: torch.Tensor) -> None:
+    """int32/int64 [L] or [B, L] on ref's device. Values are checked against the table only for
+    CPU tensors (a device check would sync); kernels clamp device positions into the table."""
+    if positions is None:
+        if L > n_rows:
+            fail(op, f"'positions' default to arange(L) with L={L}, but 'cos_sin_cache' has only "
+                     f"{n_rows} rows")
+        return
+    check_tensor(op, "positions", positions, ndim=(1, 2), dtypes=INDEX_DTYPES)
+    if positions.device != ref.device:
+        fail(op, f"'positions' is on {positions.device} but 'q' is on {ref.device}")
+    ok = (positions.dim() == 1 and positions.shape[0] == L) or \
+         (positions.dim() == 2 and positions.shape[1] == L and positions.shape[0] == (B or 1))
+    if not ok:
+        fail(op, f"'positions' must be [L] = [{L}]" + (f" or [B, L] = [{B}, {L}]" if B else "")
+             + f", got {_shape(positions)}")
+    if positions.device.type == "cpu" and not isinstance(positions, torch._subclasses.FakeTensor) \
+            and positions.numel() > 0:
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= n_rows:
+            fail(op, f"'positions' must lie in [0, {n_rows}) (rows of 'cos_sin_cache'), got values in "
+                     f"[{lo}, {hi}]")
+
+
+def check_head_weight(op: str, name: str, w, D: int, ref: torch.Tensor) -> None:
+    """RMSNorm weight [D]: float dtype, on ref's device, contiguous."""
+    check_tensor(op, name, w, ndim=1)
+    if w.device != ref.device:
+        fail(op, f"'{name}' is on {w.device} but the activations are on {ref.device}")
+    if w.shape[0] != D:
+        fail(op, f"'{name}' must have shape [head_dim] = [{D}], got {_shape(w)}")
+    if w.stride(0) != 1 and D > 1:
+        fail(op, f"'{name}' must be contiguous, got stride {w.stride(0)}")

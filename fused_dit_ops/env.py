@@ -46,7 +46,9 @@ def sections() -> list[tuple[str, list[tuple[str, str]]]]:
         has = torch._C._dispatch_has_kernel_for_dispatch_key(qualname(name), "CUDA")
         impls.append((name, f"CUDA: {cuda if has else 'none'}; CPU: reference"))
     opt = [(k, _probe(mod) + f"  [{why}]") for k, (mod, why) in OPTIONAL_PACKAGES.items()]
-    return [("versions", ver), ("compiled extension", ext), ("ops", impls), ("optional packages", opt),
+    from .ops.rope import rope_backend_report
+    return [("versions", ver), ("compiled extension", ext), ("ops", impls),
+            ("RoPE / joint QKV backends", rope_backend_report()), ("optional packages", opt),
             *_attention_sections()]
 
 

@@ -80,6 +80,111 @@ def gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index=N
     return out.to(residual.dtype).contiguous(), y.to(residual.dtype).contiguous()
 
 
+# --- RoPE and the joint QKV path ---------------------------------------------------------------
+# cos_sin_cache: fp32 [P, R], cos of the R/2 frequencies then their sin; row positions[b, l] serves
+# token l of batch b (default: row l). Only the first R of D dims rotate. Interleaved pairs are
+# (2i, 2i+1) (Qwen, Flux); half-split ("neox") pairs are (i, i + R/2).
+
+def _rope_rows(x, cache, positions):
+    """cos, sin [B or 1, L, 1, R/2] in x's compute dtype, gathered from the table."""
+    B, L = x.shape[0], x.shape[1]
+    ct = _compute_dtype(x.dtype)
+    if positions is None:
+        pos = torch.arange(L, device=cache.device).unsqueeze(0)
+    else:
+        pos = (positions if positions.dim() == 2 else positions.unsqueeze(0)).to(cache.device).long()
+    rows = cache[pos].to(ct)  # [B|1, L, R]
+    half = cache.shape[1] // 2
+    return rows[..., :half].unsqueeze(2), rows[..., half:].unsqueeze(2)
+
+
+def apply_rope(x, cache, positions=None, interleaved=True):
+    """RoPE of x [B, L, H, D] (fp32/fp64 math, one rounding back to x.dtype); a new tensor."""
+    ct = _compute_dtype(x.dtype)
+    cos, sin = _rope_rows(x, cache, positions)
+    R = cache.shape[1]
+    xf = x.to(ct)
+    rot, rest = xf[..., :R], xf[..., R:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        y = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., : R // 2], rot[..., R // 2:]
+        y = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return torch.cat([y, rest], dim=-1).to(x.dtype)
+
+
+def rope(q, k, cache, positions=None, interleaved=True):
+    """(q_rot, k_rot) for q, k [B, L, H, D] or [L, H, D]; positions [L] or [B, L]."""
+    squeeze = q.dim() == 3
+    if squeeze:
+        q, k = q.unsqueeze(0), k.unsqueeze(0)
+        if positions is not None and positions.dim() == 1:
+            positions = positions.unsqueeze(0)
+    qo, ko = apply_rope(q, cache, positions, interleaved), apply_rope(k, cache, positions, interleaved)
+    return (qo[0], ko[0]) if squeeze else (qo, ko)
+
+
+def rms_norm_diffusers(x, weight, eps=1e-6):
+    """diffusers ``RMSNorm(D, eps, elementwise_affine=True)`` over the last dim, roundings included:
+    fp32 ``x * rsqrt(mean(x^2) + eps)``, cast to the weight dtype when it is 16-bit, times the weight
+    (rounded to that dtype). float64 inputs and weight: one exact pass (the oracle)."""
+    if x.dtype == torch.float64:
+        n = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+        return n * weight.to(torch.float64)
+    xf = x.float()
+    n = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        return (n.to(weight.dtype) * weight).float()
+    return n * weight.float()
+
+
+def qk_norm_rope(x, weight, cache, eps=1e-6, interleaved=True, positions=None):
+    """RMSNorm (diffusers roundings) then RoPE, one final rounding to x.dtype."""
+    ct = _compute_dtype(x.dtype)
+    n = rms_norm_diffusers(x, weight, eps).to(ct)
+    return apply_rope(n, cache, positions, interleaved).to(x.dtype)
+
+
+def joint_qkv_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v):
+    return (torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1),
+            torch.cat([txt_v, img_v], dim=1))
+
+
+def qk_norm_rope_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v, txt_q_weight, txt_k_weight,
+                     img_q_weight, img_k_weight, txt_cos_sin, img_cos_sin, eps=1e-6, interleaved=True):
+    """Joint (q, k, v) [B, Lt + Li, H, D]: per stream RMSNorm(q|k) -> RoPE (table row l for
+    token l), then cat([text, image], dim=1); v is copied."""
+    tq = qk_norm_rope(txt_q, txt_q_weight, txt_cos_sin, eps, interleaved)
+    tk = qk_norm_rope(txt_k, txt_k_weight, txt_cos_sin, eps, interleaved)
+    iq = qk_norm_rope(img_q, img_q_weight, img_cos_sin, eps, interleaved)
+    ik = qk_norm_rope(img_k, img_k_weight, img_cos_sin, eps, interleaved)
+    return joint_qkv_cat(tq, tk, txt_v, iq, ik, img_v)
+
+
+def diffusers_qk_norm_rope_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v, txt_q_weight, txt_k_weight,
+                               img_q_weight, img_k_weight, txt_freqs, img_freqs, eps=1e-6):
+    """The diffusers ``QwenDoubleStreamAttnProcessor2_0`` chain, as written upstream (eager):
+    RMSNorm x4 -> complex-multiply RoPE x4 (``apply_rotary_emb_qwen(use_real=False)``) -> 3 cats.
+    ``*_freqs`` are the complex [L, D/2] tables of ``QwenEmbedRope``."""
+    def norm(x, w):
+        var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        h = x * torch.rsqrt(var + eps)
+        if w.dtype in (torch.float16, torch.bfloat16):
+            h = h.to(w.dtype)
+        return h * w
+
+    def rot(x, freqs):
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * freqs.unsqueeze(1)).flatten(3).type_as(x)
+
+    tq = rot(norm(txt_q, txt_q_weight), txt_freqs)
+    tk = rot(norm(txt_k, txt_k_weight), txt_freqs)
+    iq = rot(norm(img_q, img_q_weight), img_freqs)
+    ik = rot(norm(img_k, img_k_weight), img_freqs)
+    return (torch.cat([tq, iq], dim=1), torch.cat([tk, ik], dim=1), torch.cat([txt_v, img_v], dim=1))
+
+
 # --- the eager diffusers expressions (bf16 arithmetic as written upstream), for benchmarks -----
 
 def diffusers_modulate(x, mod_params, index=None):

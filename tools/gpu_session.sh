@@ -19,13 +19,13 @@ for step in $steps; do
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     echo "nvcc: $(which nvcc || echo missing) CUDA_HOME=${CUDA_HOME:-unset}"
     [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda PATH=/usr/local/cuda/bin:$PATH
-    FUSED_DIT_BUILD_CUDA=1 MAX_JOBS=8 pip install -e . --no-build-isolation --no-deps -v 2>&1 | grep -E "fused-dit-ops|rror|Successfully|ninja:" | tail -15
+    FUSED_DIT_BUILD_CUDA=1 MAX_JOBS=8 python -m pip install -e . --no-build-isolation --no-deps -v 2>&1 | grep -E "fused-dit-ops|rror|Successfully|ninja:" | tail -15
     python -m fused_dit_ops env | tee "$OUT/env.txt"
     # CMake build of the same sources, and the sdist route, in the background
     ( cmake -S . -B /tmp/build-cmake -G Ninja -DCMAKE_PREFIX_PATH="$(python -c 'import torch;print(torch.utils.cmake_prefix_path)')" >/tmp/cmake.log 2>&1 \
       && cmake --build /tmp/build-cmake >>/tmp/cmake.log 2>&1 && echo CMAKE_OK >>/tmp/cmake.log || echo CMAKE_FAIL >>/tmp/cmake.log ) &
     ( python -m build --sdist --no-isolation -o /tmp/dist >/tmp/sdist.log 2>&1 \
-      && pip wheel --no-build-isolation --no-deps -w /tmp/wheel /tmp/dist/*.tar.gz >>/tmp/sdist.log 2>&1 \
+      && python -m pip wheel --no-build-isolation --no-deps -w /tmp/wheel /tmp/dist/*.tar.gz >>/tmp/sdist.log 2>&1 \
       && python -m zipfile -l /tmp/wheel/*.whl | grep -E "_C|csrc" | head -20 >>/tmp/sdist.log && echo SDIST_OK >>/tmp/sdist.log || echo SDIST_FAIL >>/tmp/sdist.log ) &
     ;;
   check) stamp check; python -m fused_dit_ops check 2>&1 | tee "$OUT/check.txt" ;;

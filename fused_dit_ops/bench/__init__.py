@@ -2,6 +2,8 @@
 BENCHES = {
     "modulation": "fused_dit_ops.bench.modulation",
     # -- RoPE / joint QKV (issue 3) --
+    "rope": "fused_dit_ops.bench.rope",
+    "qkv": "fused_dit_ops.bench.qkv",
     # -- attention (issue 4) --
     "attention": "fused_dit_ops.bench.attention",
 }

@@ -1,0 +1,471 @@
+"""RoPE and the joint QKV path: validation, CUDA (FlashInfer / Triton / C++), CPU (reference), fake.
+
+Ops (schemas in ``fused_dit_ops._schemas``):
+
+- ``rope(q!, k!, cos_sin_cache, positions=None, interleaved=True, backend=None) -> ()``: in place.
+  CUDA backend: FlashInfer ``apply_rope_with_cos_sin_cache_inplace`` (is_neox = not interleaved)
+  when importable and it can take the input, else our Triton kernel. Choice: ``backend`` argument,
+  else env ``FUSED_DIT_ROPE_BACKEND`` (auto | flashinfer | triton), else auto. A forced backend that
+  cannot take the input raises with the reason.
+- ``joint_qkv_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v) -> (q, k, v)`` and
+  ``joint_qkv_cat_out(..., q_out!, k_out!, v_out!)``: [B, Lt + Li, H, D] = cat([txt, img], 1) of each,
+  one launch (C++ kernel when ``fused_dit_ops._C`` is built, else the Triton kernel).
+- ``qk_norm_rope_cat(...)`` / ``qk_norm_rope_cat_out(...)``: per-stream RMSNorm of q and k over
+  head_dim (diffusers roundings) -> RoPE (table row l for token l) -> joint q/k/v, one launch.
+- ``joint_qk_norm_rope_(q!, k!, txt_len, ...)``: the same norm + RoPE in place on an already-joint
+  [B, N, H, D] buffer (rows < txt_len: text weights and table; the rest: image ones), one launch.
+
+Positions: CPU positions are range-checked against the table; device positions are not (that would
+sync): the Triton kernel clamps them into the table, FlashInfer reads them unchecked.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .. import reference as ref
+from .._extension import has_cuda_kernel
+from .._validation import (check_cos_sin_cache, check_head_weight, check_heads, check_positions,
+                           check_same_heads, fail)
+
+_NS = "fused_dit"
+ROPE_BACKENDS = ("auto", "flashinfer", "triton")
+ROPE_BACKEND_ENV = "FUSED_DIT_ROPE_BACKEND"
+FLASHINFER_HEAD_DIMS = (64, 128, 256, 512)
+
+
+# --- validators ---------------------------------------------------------------------------------
+
+def _check_rope(q, k, cache, positions, interleaved, backend):
+    op = "rope"
+    check_heads(op, "q", q)
+    check_heads(op, "k", k, ndim=q.dim())
+    from .._validation import check_like
+    check_like(op, "k", k, "q", q)
+    if k.shape[:-2] != q.shape[:-2] or k.shape[-2] != q.shape[-2] or k.shape[-1] != q.shape[-1]:
+        fail(op, f"'k' must have the shape of 'q' {list(q.shape)} (same tokens, heads and head_dim), "
+                 f"got {list(k.shape)}")
+    D = q.shape[-1]
+    if D % 2 != 0:
+        fail(op, f"head_dim (last dim of 'q') must be even, got {D}")
+    L = q.shape[-3]
+    B = q.shape[0] if q.dim() == 4 else None
+    check_cos_sin_cache(op, "cos_sin_cache", cache, D, q)
+    check_positions(op, positions, B, L, cache.shape[0], q)
+    if backend is not None and backend not in ROPE_BACKENDS:
+        fail(op, f"'backend' must be one of {ROPE_BACKENDS} or None, got {backend!r}")
+
+
+def _check_joint_inputs(op, txt_q, txt_k, txt_v, img_q, img_k, img_v):
+    check_heads(op, "txt_q", txt_q, ndim=4)
+    B, Lt, H, D = txt_q.shape
+    check_same_heads(op, "txt_k", txt_k, "txt_q", txt_q, seq_dim=None)
+    check_same_heads(op, "txt_v", txt_v, "txt_q", txt_q, seq_dim=None)
+    check_same_heads(op, "img_q", img_q, "txt_q", txt_q, seq_dim=1)
+    check_same_heads(op, "img_k", img_k, "img_q", img_q, seq_dim=None)
+    check_same_heads(op, "img_v", img_v, "img_q", img_q, seq_dim=None)
+    return B, Lt, img_q.shape[1], H, D
+
+
+def _check_outs(op, outs, B, N, H, D, ref_t):
+    for name, o in zip(("q_out", "k_out", "v_out"), outs):
+        check_heads(op, name, o, ndim=4)
+        if tuple(o.shape) != (B, N, H, D):
+            fail(op, f"'{name}' must have shape [B, Lt + Li, H, D] = [{B}, {N}, {H}, {D}], got "
+                     f"{list(o.shape)}")
+        from .._validation import check_like
+        check_like(op, name, o, "txt_q", ref_t)
+
+
+def _check_norm_rope_params(op, D, Lt, Li, ref_t, weights, txt_cos_sin, img_cos_sin, eps):
+    if D % 2 != 0:
+        fail(op, f"head_dim must be even, got {D}")
+    for name, w in zip(("txt_q_weight", "txt_k_weight", "img_q_weight", "img_k_weight"), weights):
+        check_head_weight(op, name, w, D, ref_t)
+    Rt = check_cos_sin_cache(op, "txt_cos_sin", txt_cos_sin, D, ref_t, min_rows=Lt)
+    Ri = check_cos_sin_cache(op, "img_cos_sin", img_cos_sin, D, ref_t, min_rows=Li)
+    if Rt != Ri:
+        fail(op, f"'txt_cos_sin' and 'img_cos_sin' must have the same width R, got {Rt} and {Ri}")
+    if not eps > 0:
+        fail(op, f"'eps' must be > 0, got {eps}")
+
+
+def _check_qk_norm_rope_cat(op, txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
+                            txt_cos_sin, img_cos_sin, eps, outs=None):
+    B, Lt, Li, H, D = _check_joint_inputs(op, txt_q, txt_k, txt_v, img_q, img_k, img_v)
+    _check_norm_rope_params(op, D, Lt, Li, txt_q, (wqt, wkt, wqi, wki), txt_cos_sin, img_cos_sin, eps)
+    if outs is not None:
+        _check_outs(op, outs, B, Lt + Li, H, D, txt_q)
+    return B, Lt, Li, H, D
+
+
+def _check_joint_qk_norm_rope(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, img_cos_sin, eps):
+    op = "joint_qk_norm_rope_"
+    check_heads(op, "q", q, ndim=4)
+    check_same_heads(op, "k", k, "q", q, seq_dim=None)
+    B, N, H, D = q.shape
+    if not 0 <= txt_len <= N:
+        fail(op, f"'txt_len' must be in [0, N] = [0, {N}], got {txt_len}")
+    _check_norm_rope_params(op, D, txt_len, N - txt_len, q, (wqt, wkt, wqi, wki), txt_cos_sin,
+                            img_cos_sin, eps)
+
+
+# --- RoPE backend choice -------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def flashinfer_status() -> tuple[bool, str]:
+    """(importable, why not / version)."""
+    try:
+        import flashinfer  # noqa: F401
+        from flashinfer.rope import apply_rope_with_cos_sin_cache_inplace  # noqa: F401
+        return True, getattr(flashinfer, "__version__", "version unknown")
+    except Exception as e:  # noqa: BLE001
+        return False, f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+
+
+def requested_rope_backend(backend: str | None = None) -> str:
+    b = backend if backend is not None else os.environ.get(ROPE_BACKEND_ENV, "auto") or "auto"
+    if b not in ROPE_BACKENDS:
+        fail("rope", f"backend {b!r} (from {'the argument' if backend else ROPE_BACKEND_ENV}) must be one "
+                     f"of {ROPE_BACKENDS}")
+    return b
+
+
+def _as_flat(t: torch.Tensor):
+    """[B, L, H, D] or [L, H, D] -> (nnz, H, D) view with free token/head strides, or None."""
+    if t.dim() == 3:
+        return t
+    B, L, H, D = t.shape
+    if B == 1:
+        return t[0]
+    if t.stride(0) == L * t.stride(1):
+        return t.view(B * L, H, D)
+    return None
+
+
+def flashinfer_unusable_reason(q, k, cache, interleaved=True) -> str | None:
+    ok, why = flashinfer_status()
+    if not ok:
+        return f"flashinfer is not importable ({why})"
+    if not q.is_cuda:
+        return "flashinfer needs CUDA tensors"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"flashinfer takes bf16/fp16 q/k only, got {str(q.dtype).replace('torch.', '')}"
+    if q.shape[-1] not in FLASHINFER_HEAD_DIMS:
+        return f"flashinfer takes head_dim in {FLASHINFER_HEAD_DIMS}, got {q.shape[-1]}"
+    if cache.stride(0) != cache.shape[1] or cache.stride(1) != 1:
+        return "flashinfer needs a contiguous cos_sin_cache"
+    for name, t in (("q", q), ("k", k)):
+        if _as_flat(t) is None:
+            return (f"'{name}' [B, L, H, D] has a batch stride that is not L * token stride; flashinfer "
+                    f"takes (nnz, H, D) rows only")
+    return None
+
+
+def choose_rope_backend(q, k, cache, interleaved=True, backend=None) -> tuple[str, str]:
+    """(backend actually used on CUDA: 'flashinfer' | 'triton', why)."""
+    req = requested_rope_backend(backend)
+    if req == "triton":
+        return "triton", "requested"
+    why = flashinfer_unusable_reason(q, k, cache, interleaved)
+    if req == "flashinfer":
+        if why is not None:
+            fail("rope", f"backend 'flashinfer' was requested but cannot take this input: {why}; use "
+                         f"backend='triton' or 'auto'")
+        return "flashinfer", "requested"
+    if why is None:
+        return "flashinfer", "auto: flashinfer available and takes the input"
+    return "triton", f"auto: {why}"
+
+
+_POS_CACHE: dict = {}
+
+
+def _flat_positions(positions, B, L, device):
+    if positions is None:
+        key = (device, B, L)
+        p = _POS_CACHE.get(key)
+        if p is None:
+            p = torch.arange(L, device=device, dtype=torch.int64).repeat(B)
+            if not torch.cuda.is_current_stream_capturing():
+                _POS_CACHE[key] = p
+        return p
+    if positions.dim() == 2:
+        return positions.reshape(-1)
+    return positions if B == 1 else positions.repeat(B)
+
+
+def _rope_flashinfer(q, k, cache, positions, interleaved):
+    from flashinfer.rope import apply_rope_with_cos_sin_cache_inplace
+    B = q.shape[0] if q.dim() == 4 else 1
+    L, H, D = q.shape[-3:]
+    qf, kf = _as_flat(q), _as_flat(k)
+    pos = _flat_positions(positions, B, L, q.device)
+    apply_rope_with_cos_sin_cache_inplace(positions=pos, query=qf, key=kf, head_size=D,
+                                          cos_sin_cache=cache, is_neox=not interleaved)
+
+
+def _rope_triton(q, k, cache, positions, interleaved):
+    from ..kernels import rope as kr
+    if q.dim() == 3:
+        q, k = q.unsqueeze(0), k.unsqueeze(0)
+    kr.rope_(q, k, cache, positions, interleaved)
+
+
+# --- CUDA ---------------------------------------------------------------------------------------
+
+@torch.library.impl(f"{_NS}::rope", "CUDA")
+def _rope_cuda(q, k, cos_sin_cache, positions=None, interleaved=True, backend=None):
+    _check_rope(q, k, cos_sin_cache, positions, interleaved, backend)
+    if q.numel() == 0:
+        return
+    name, _ = choose_rope_backend(q, k, cos_sin_cache, interleaved, backend)
+    if name == "flashinfer":
+        _rope_flashinfer(q, k, cos_sin_cache, positions, interleaved)
+    else:
+        _rope_triton(q, k, cos_sin_cache, positions, interleaved)
+
+
+def _alloc_joint(t, N):
+    B, _, H, D = t.shape
+    return t.new_empty((B, N, H, D))
+
+
+if not has_cuda_kernel("joint_qkv_cat"):
+    # fused_dit_ops._C is not built here: the Triton kernel serves CUDA (reported by `env`).
+    @torch.library.impl(f"{_NS}::joint_qkv_cat", "CUDA")
+    def _joint_qkv_cat_cuda(txt_q, txt_k, txt_v, img_q, img_k, img_v):
+        from ..kernels import rope as kr
+        B, Lt, Li, H, D = _check_joint_inputs("joint_qkv_cat", txt_q, txt_k, txt_v, img_q, img_k, img_v)
+        outs = tuple(_alloc_joint(t, Lt + Li) for t in (txt_q, txt_k, txt_v))
+        kr.joint_qkv_cat_out((txt_q, txt_k, txt_v), (img_q, img_k, img_v), outs)
+        return outs
+
+if not has_cuda_kernel("joint_qkv_cat_out"):
+    @torch.library.impl(f"{_NS}::joint_qkv_cat_out", "CUDA")
+    def _joint_qkv_cat_out_cuda(txt_q, txt_k, txt_v, img_q, img_k, img_v, q_out, k_out, v_out):
+        from ..kernels import rope as kr
+        B, Lt, Li, H, D = _check_joint_inputs("joint_qkv_cat_out", txt_q, txt_k, txt_v, img_q, img_k, img_v)
+        _check_outs("joint_qkv_cat_out", (q_out, k_out, v_out), B, Lt + Li, H, D, txt_q)
+        kr.joint_qkv_cat_out((txt_q, txt_k, txt_v), (img_q, img_k, img_v), (q_out, k_out, v_out))
+
+
+@torch.library.impl(f"{_NS}::qk_norm_rope_cat", "CUDA")
+def _qk_norm_rope_cat_cuda(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
+                           txt_cos_sin, img_cos_sin, eps=1e-6, interleaved=True):
+    from ..kernels import rope as kr
+    B, Lt, Li, H, D = _check_qk_norm_rope_cat("qk_norm_rope_cat", txt_q, txt_k, txt_v, img_q, img_k,
+                                              img_v, wqt, wkt, wqi, wki, txt_cos_sin, img_cos_sin, eps)
+    outs = tuple(_alloc_joint(t, Lt + Li) for t in (txt_q, txt_k, txt_v))
+    kr.qk_norm_rope_cat_out((txt_q, txt_k, txt_v), (img_q, img_k, img_v), outs, (wqt, wkt, wqi, wki),
+                            (txt_cos_sin, img_cos_sin), eps, interleaved)
+    return outs
+
+
+@torch.library.impl(f"{_NS}::qk_norm_rope_cat_out", "CUDA")
+def _qk_norm_rope_cat_out_cuda(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
+                               txt_cos_sin, img_cos_sin, q_out, k_out, v_out, eps=1e-6, interleaved=True):
+    from ..kernels import rope as kr
+    _check_qk_norm_rope_cat("qk_norm_rope_cat_out", txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt,
+                            wqi, wki, txt_cos_sin, img_cos_sin, eps, outs=(q_out, k_out, v_out))
+    kr.qk_norm_rope_cat_out((txt_q, txt_k, txt_v), (img_q, img_k, img_v), (q_out, k_out, v_out),
+                            (wqt, wkt, wqi, wki), (txt_cos_sin, img_cos_sin), eps, interleaved)
+
+
+@torch.library.impl(f"{_NS}::joint_qk_norm_rope_", "CUDA")
+def _joint_qk_norm_rope_cuda(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, img_cos_sin, eps=1e-6,
+                             interleaved=True):
+    from ..kernels import rope as kr
+    _check_joint_qk_norm_rope(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, img_cos_sin, eps)
+    kr.joint_qk_norm_rope_(q, k, txt_len, (wqt, wkt, wqi, wki), (txt_cos_sin, img_cos_sin), eps, interleaved)
+
+
+# --- CPU: the reference ---------------------------------------------------------------------------
+
+@torch.library.impl(f"{_NS}::rope", "CPU")
+def _rope_cpu(q, k, cos_sin_cache, positions=None, interleaved=True, backend=None):
+    _check_rope(q, k, cos_sin_cache, positions, interleaved, backend)
+    qo, ko = ref.rope(q, k, cos_sin_cache, positions, interleaved)
+    q.copy_(qo)
+    k.copy_(ko)
+
+
+@torch.library.impl(f"{_NS}::joint_qkv_cat", "CPU")
+def _joint_qkv_cat_cpu(txt_q, txt_k, txt_v, img_q, img_k, img_v):
+    _check_joint_inputs("joint_qkv_cat", txt_q, txt_k, txt_v, img_q, img_k, img_v)
+    return ref.joint_qkv_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v)
+
+
+@torch.library.impl(f"{_NS}::joint_qkv_cat_out", "CPU")
+def _joint_qkv_cat_out_cpu(txt_q, txt_k, txt_v, img_q, img_k, img_v, q_out, k_out, v_out):
+    B, Lt, Li, H, D = _check_joint_inputs("joint_qkv_cat_out", txt_q, txt_k, txt_v, img_q, img_k, img_v)
+    _check_outs("joint_qkv_cat_out", (q_out, k_out, v_out), B, Lt + Li, H, D, txt_q)
+    for o, t, i in ((q_out, txt_q, img_q), (k_out, txt_k, img_k), (v_out, txt_v, img_v)):
+        o[:, :Lt].copy_(t)
+        o[:, Lt:].copy_(i)
+
+
+@torch.library.impl(f"{_NS}::qk_norm_rope_cat", "CPU")
+def _qk_norm_rope_cat_cpu(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
+                          txt_cos_sin, img_cos_sin, eps=1e-6, interleaved=True):
+    _check_qk_norm_rope_cat("qk_norm_rope_cat", txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi,
+                            wki, txt_cos_sin, img_cos_sin, eps)
+    return ref.qk_norm_rope_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
+                                txt_cos_sin, img_cos_sin, eps, interleaved)
+
+
+@torch.library.impl(f"{_NS}::qk_norm_rope_cat_out", "CPU")
+def _qk_norm_rope_cat_out_cpu(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
+                              txt_cos_sin, img_cos_sin, q_out, k_out, v_out, eps=1e-6, interleaved=True):
+    _check_qk_norm_rope_cat("qk_norm_rope_cat_out", txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt,
+                            wqi, wki, txt_cos_sin, img_cos_sin, eps, outs=(q_out, k_out, v_out))
+    for o, r in zip((q_out, k_out, v_out),
+                    ref.qk_norm_rope_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
+                                         txt_cos_sin, img_cos_sin, eps, interleaved)):
+        o.copy_(r)
+
+
+@torch.library.impl(f"{_NS}::joint_qk_norm_rope_", "CPU")
+def _joint_qk_norm_rope_cpu(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, img_cos_sin, eps=1e-6,
+                            interleaved=True):
+    _check_joint_qk_norm_rope(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, img_cos_sin, eps)
+    for x, wt, wi in ((q, wqt, wqi), (k, wkt, wki)):
+        t = ref.qk_norm_rope(x[:, :txt_len], wt, txt_cos_sin, eps, interleaved)
+        i = ref.qk_norm_rope(x[:, txt_len:], wi, img_cos_sin, eps, interleaved)
+        x[:, :txt_len].copy_(t)
+        x[:, txt_len:].copy_(i)
+
+
+# --- fake: shapes only ------------------------------------------------------------------------------
+
+@torch.library.register_fake(f"{_NS}::rope")
+def _rope_fake(q, k, cos_sin_cache, positions=None, interleaved=True, backend=None):
+    _check_rope(q, k, cos_sin_cache, positions, interleaved, backend)
+
+
+@torch.library.register_fake(f"{_NS}::joint_qkv_cat")
+def _joint_qkv_cat_fake(txt_q, txt_k, txt_v, img_q, img_k, img_v):
+    B, Lt, Li, H, D = _check_joint_inputs("joint_qkv_cat", txt_q, txt_k, txt_v, img_q, img_k, img_v)
+    return tuple(_alloc_joint(t, Lt + Li) for t in (txt_q, txt_k, txt_v))
+
+
+@torch.library.register_fake(f"{_NS}::joint_qkv_cat_out")
+def _joint_qkv_cat_out_fake(txt_q, txt_k, txt_v, img_q, img_k, img_v, q_out, k_out, v_out):
+    B, Lt, Li, H, D = _check_joint_inputs("joint_qkv_cat_out", txt_q, txt_k, txt_v, img_q, img_k, img_v)
+    _check_outs("joint_qkv_cat_out", (q_out, k_out, v_out), B, Lt + Li, H, D, txt_q)
+
+
+@torch.library.register_fake(f"{_NS}::qk_norm_rope_cat")
+def _qk_norm_rope_cat_fake(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
+                           txt_cos_sin, img_cos_sin, eps=1e-6, interleaved=True):
+    B, Lt, Li, H, D = _check_qk_norm_rope_cat("qk_norm_rope_cat", txt_q, txt_k, txt_v, img_q, img_k, img_v,
+                                              wqt, wkt, wqi, wki, txt_cos_sin, img_cos_sin, eps)
+    return tuple(_alloc_joint(t, Lt + Li) for t in (txt_q, txt_k, txt_v))
+
+
+@torch.library.register_fake(f"{_NS}::qk_norm_rope_cat_out")
+def _qk_norm_rope_cat_out_fake(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
+                               txt_cos_sin, img_cos_sin, q_out, k_out, v_out, eps=1e-6, interleaved=True):
+    _check_qk_norm_rope_cat("qk_norm_rope_cat_out", txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt,
+                            wqi, wki, txt_cos_sin, img_cos_sin, eps, outs=(q_out, k_out, v_out))
+
+
+@torch.library.register_fake(f"{_NS}::joint_qk_norm_rope_")
+def _joint_qk_norm_rope_fake(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, img_cos_sin, eps=1e-6,
+                             interleaved=True):
+    _check_joint_qk_norm_rope(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, img_cos_sin, eps)
+
+
+# --- public Python API ------------------------------------------------------------------------------
+
+def rope(q, k, cos_sin_cache, positions=None, interleaved=True, backend=None):
+    """RoPE in place on q and k ([B, L, H, D] or [L, H, D], last dim contiguous, other strides free:
+    row slices of a larger buffer work). ``cos_sin_cache`` fp32 [P, R] (cos of R/2 frequencies, then
+    sin; the first R <= D dims rotate); ``positions`` [L] or [B, L] int32/int64 (default arange(L));
+    ``interleaved``: pairs (2i, 2i+1) (Qwen, Flux), else half-split (i, i + R/2). CUDA backend:
+    ``backend`` / env FUSED_DIT_ROPE_BACKEND (auto | flashinfer | triton). Returns (q, k)."""
+    torch.ops.fused_dit.rope.default(q, k, cos_sin_cache, positions, interleaved, backend)
+    return q, k
+
+
+def joint_qkv_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v, out=None):
+    """(q, k, v) joint [B, Lt + Li, H, D] = cat([txt, img], dim=1) of each, in one launch. Inputs
+    [B, L, H, D] with any batch/token/head strides (e.g. V a chunk of packed QKV). ``out``: a
+    (q_out, k_out, v_out) triple of caller-given buffers to write into (returned)."""
+    if out is None:
+        return torch.ops.fused_dit.joint_qkv_cat.default(txt_q, txt_k, txt_v, img_q, img_k, img_v)
+    torch.ops.fused_dit.joint_qkv_cat_out.default(txt_q, txt_k, txt_v, img_q, img_k, img_v, *out)
+    return tuple(out)
+
+
+def qk_norm_rope_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v, txt_q_weight, txt_k_weight,
+                     img_q_weight, img_k_weight, txt_cos_sin, img_cos_sin, eps=1e-6, interleaved=True,
+                     out=None):
+    """Joint (q, k, v) [B, Lt + Li, H, D] of the Qwen/Flux double-stream attention, in one launch:
+    for each stream, q and k get RMSNorm over head_dim (learned [D] weight, ``eps``; diffusers
+    ``RMSNorm`` roundings: fp32 normalise, round to the weight dtype when 16-bit, times weight,
+    round) then RoPE with the stream's per-token table (row l for token l; fp32 [>= L, R]);
+    q, k, v are written at their joint offsets (text rows first). Replaces RMSNorm x4, RoPE x4
+    and the three cats of diffusers' ``QwenDoubleStreamAttnProcessor2_0``. Inputs: any batch/token/
+    head strides, last dim contiguous. ``out``: caller-given (q_out, k_out, v_out) to write into."""
+    args = (txt_q, txt_k, txt_v, img_q, img_k, img_v, txt_q_weight, txt_k_weight, img_q_weight,
+            img_k_weight, txt_cos_sin, img_cos_sin)
+    if out is None:
+        return torch.ops.fused_dit.qk_norm_rope_cat.default(*args, eps, interleaved)
+    torch.ops.fused_dit.qk_norm_rope_cat_out.default(*args, *out, eps, interleaved)
+    return tuple(out)
+
+
+def joint_qk_norm_rope_(q, k, txt_len, txt_q_weight, txt_k_weight, img_q_weight, img_k_weight,
+                        txt_cos_sin, img_cos_sin, eps=1e-6, interleaved=True):
+    """In place on joint q, k [B, N, H, D] (e.g. filled by the Q/K projections writing straight into
+    row slices): rows < txt_len get the text RMSNorm weight and table (row t), rows >= txt_len the
+    image ones (row l - txt_len). One launch. Returns (q, k)."""
+    torch.ops.fused_dit.joint_qk_norm_rope_.default(q, k, int(txt_len), txt_q_weight, txt_k_weight,
+                                                    img_q_weight, img_k_weight, txt_cos_sin, img_cos_sin,
+                                                    eps, interleaved)
+    return q, k
+
+
+def warmup_rope(device=None, dtype=torch.bfloat16, head_dim=128, interleaved=True, backend=None) -> str:
+    """Compile the RoPE kernels of the chosen backend for ``device`` (FlashInfer JIT-compiles on its
+    first call, ~1 min; Triton compiles per specialisation) so that a later CUDA-graph capture does
+    not compile. Returns the backend chosen. No-op ('cpu') without CUDA."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    device = torch.device(device or "cuda")
+    q = torch.randn(2, 4, 2, head_dim, device=device, dtype=dtype)
+    k = torch.randn_like(q)
+    cache = torch.randn(4, head_dim, device=device, dtype=torch.float32)
+    name, _ = choose_rope_backend(q, k, cache, interleaved, backend)
+    rope(q, k, cache, interleaved=interleaved, backend=name)
+    if name != "triton":
+        rope(q, k, cache, interleaved=interleaved, backend="triton")
+    torch.cuda.synchronize(device)
+    return name
+
+
+def rope_backend_report() -> list[tuple[str, str]]:
+    """Rows for ``python -m fused_dit_ops env``."""
+    req = os.environ.get(ROPE_BACKEND_ENV, "auto") or "auto"
+    ok, why = flashinfer_status()
+    if req == "triton":
+        auto = "triton (forced)"
+    elif ok:
+        auto = ("flashinfer for bf16/fp16 CUDA q/k with head_dim in (64, 128, 256, 512) and (nnz, H, D)-"
+                "viewable rows; Triton otherwise")
+    else:
+        auto = f"triton (flashinfer not importable: {why})"
+    if req == "flashinfer" and not ok:
+        auto = f"flashinfer forced but not importable ({why}): rope on CUDA will raise"
+    cat = ("C++ (fused_dit_ops._C)" if has_cuda_kernel("joint_qkv_cat") and _is_cpp("joint_qkv_cat")
+           else "Triton (no _C)")
+    return [(f"{ROPE_BACKEND_ENV}", req), ("rope CUDA backend", auto), ("joint_qkv_cat CUDA", cat),
+            ("qk_norm_rope_cat CUDA", "Triton (one launch)")]
+
+
+def _is_cpp(op):
+    from ..env import _is_cpp as f
+    return f(op)
