@@ -28,18 +28,18 @@ LIGHT_DEPS=(
 )
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_VALUE" ]] \
-   && "$VENV/bin/python" -c "import sglang, torch, pytest" 2>/dev/null; then
+   && "$VENV/bin/python" -c "import importlib.metadata as m, torch, pytest; m.version('sglang')" 2>/dev/null; then
   echo "sglang_env: $VENV is ready ($STAMP_VALUE)"
 else
   echo "sglang_env: creating $VENV"
   [[ -x "$VENV/bin/python" ]] || "$PY_BASE" -m venv "$VENV"
   PIP=("$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check -q)
   # 1. torch first, alone: resolving the rest without it would pull CUDA torch + nvidia-* (~3 GB).
-  "${PIP[@]}" "torch==$TORCH_VERSION"
+  "${PIP[@]}" "torch==$TORCH_VERSION" 2> >(grep -v "is ignored: it is neither" >&2)
   # 2. sglang without its dependency list (pins torch==2.14.1).
-  "${PIP[@]}" --no-deps "sglang==$SGLANG_VERSION"
+  "${PIP[@]}" --no-deps "sglang==$SGLANG_VERSION" 2> >(grep -v "is ignored: it is neither" >&2)
   # 3. what `import sglang.multimodal_gen...qwen_image` actually needs; torch stays 2.13.0.
-  "${PIP[@]}" "${LIGHT_DEPS[@]}" "torch==$TORCH_VERSION"
+  "${PIP[@]}" "${LIGHT_DEPS[@]}" "torch==$TORCH_VERSION" 2> >(grep -v "is ignored: it is neither" >&2)
   echo "$STAMP_VALUE" > "$STAMP"
 fi
 
@@ -47,9 +47,10 @@ fi
 # venv's metadata. Re-run every time (cheap) so pyproject edits are picked up.
 FUSED_DIT_BUILD_CUDA=0 "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check -q \
   --no-build-isolation --no-deps -e "$ROOT"
+# (sglang itself is not imported here: it needs the test-only triton/torchvision stubs.)
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
-import sglang, torch
+import torch
 eps = [e.name for e in md.entry_points(group="sglang.multimodal_gen.plugins")]
-print(f"sglang_env: sglang {sglang.__version__}, torch {torch.__version__}, plugins {eps}")
+print(f"sglang_env: sglang {md.version('sglang')}, torch {torch.__version__}, plugins {eps}")
 PY
