@@ -14,3 +14,9 @@ test-interpret:
 
 check:
 	$(PY) -m fused_dit_ops check
+
+# Optional SGLang tier: run `bash tools/sglang_env.sh` first (creates .venv-sglang).
+SGLANG_PY ?= .venv-sglang/bin/python
+.PHONY: test-sglang
+test-sglang:
+	TORCH_COMPILE_DISABLE=1 PYTHONPATH=$(CURDIR) $(SGLANG_PY) -m pytest -q -p no:cacheprovider tests/sglang

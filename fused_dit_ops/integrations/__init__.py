@@ -1,0 +1,1 @@
+"""Integrations of fused-dit-ops into inference frameworks (SGLang diffusion, diffusers)."""
