@@ -555,8 +555,14 @@ def test_gpu_diffusers_processor_and_flash3():
         pytest.skip(f"fa3-fwd not importable: {e}")
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("fa3-fwd needs sm90")
+    from diffusers.models import attention_dispatch as ad
     try:
         da.enable_diffusers_flash3_with_fa3_fwd()
+        assert ad.flash_attn_3_func is not None, "enable left diffusers' flash_attn_3_func None"
+        init_fn = getattr(ad._wrapped_flash_attn_3, "_init_fn", None)
+        if init_fn is not None:
+            assert init_fn.__globals__ is vars(ad), "diffusers' FA3 wrapper reads another module's globals"
+            assert init_fn.__globals__["flash_attn_3_func"] is not None
         model2.set_attention_backend("_flash_3")
         with torch.no_grad():
             fa3 = model2(**kw)[0]

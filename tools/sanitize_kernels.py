@@ -31,11 +31,25 @@ def main():
             fn()
             torch.cuda.synchronize()
             print(f"launched {name} (index {idx.dtype})")
-    # extra kernels registered by later modules add themselves here
-    try:
-        from tools_sanitize_extra import run_extra  # noqa: F401
-    except ImportError:
-        pass
+    # RoPE / joint QKV kernels: ragged lengths, V as a strided chunk of packed QKV
+    H, D, Lt, Li = 3, 128, 13, 77
+    txt = torch.randn(1, Lt, 3 * H * D, device=dev, dtype=dt)
+    img = torch.randn(1, Li, 3 * H * D, device=dev, dtype=dt)
+    tq, tk, tv = (t.unflatten(-1, (H, D)) for t in txt.chunk(3, -1))
+    iq, ik, iv = (t.unflatten(-1, (H, D)) for t in img.chunk(3, -1))
+    tab_t = torch.randn(Lt, D, device=dev)
+    tab_i = torch.randn(Li, D, device=dev)
+    w = [torch.randn(D, device=dev, dtype=dt) for _ in range(4)]
+    runs = {
+        "joint_qkv_cat": lambda: fdo.joint_qkv_cat(tq, tk, tv, iq, ik, iv),
+        "qk_norm_rope_cat": lambda: fdo.qk_norm_rope_cat(tq, tk, tv, iq, ik, iv, *w, tab_t, tab_i),
+        "rope (triton)": lambda: fdo.rope(iq, ik, tab_i, backend="triton"),
+        "rope (auto)": lambda: fdo.rope(iq, ik, tab_i),
+    }
+    for name, fn in runs.items():
+        fn()
+        torch.cuda.synchronize()
+        print(f"launched {name}")
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def _run(part, name, provs, nbytes_fn, bw, rows, baselines, skip_compile):
             print(f"[{part} {name}] skip {prov}: {why}")
             continue
         try:
-            us = harness.time_us(fn)
+            us = harness.time_graph_us(lambda: (), fn)  # GPU time, no host launch cost
         except Exception as e:  # noqa: BLE001
             print(f"[{part} {name}] skip {prov}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
                 print(f"[{name}] skip {prov}: {why}")
                 continue
             try:
-                us = harness.time_us(fn)
+                us = harness.time_graph_us(lambda: (), fn)  # GPU time, no host launch cost
             except Exception as e:  # noqa: BLE001  (a provider failing must not stop the others)
                 print(f"[{name}] skip {prov}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                 continue
