@@ -31,6 +31,9 @@ def _cmd_demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    _argv = list(sys.argv[1:] if argv is None else argv)
+    if _argv[:1] == ["demo"]:  # argparse REMAINDER cannot start with an option (--device ...)
+        return _cmd_demo(argparse.Namespace(rest=_argv[1:]))
     p = argparse.ArgumentParser(prog="python -m fused_dit_ops", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("env", help="versions, GPU, compiled extension, optional backends")
