@@ -1,0 +1,176 @@
+"""Builders for Qwen-Image(-Edit) transformers with random weights, and their inputs (no download).
+
+Shared by the diffusers-patch tests, the ``demo`` command and the block/model benchmarks.
+
+- :func:`build_qwen_image_transformer`: a diffusers ``QwenImageTransformer2DModel`` from a named
+  config ("edit-2511", "edit-2509", "edit", "qwen-image": real dims; "tiny": a ~0.3M-parameter
+  model that runs in milliseconds on CPU) with weights drawn like a trained model's
+  (Linear weights and biases ~ N(0, init_std), norm weights 1 + N(0, 0.1)).
+- :func:`make_qwen_inputs`: the keyword arguments of ``model(**kwargs)`` for diffusers 0.42
+  (``hidden_states``, ``encoder_hidden_states``, ``encoder_hidden_states_mask`` (None: no
+  padding), ``timestep``, ``img_shapes``, ``return_dict=False`` so ``model(**kw)[0]`` is the output).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+
+# Real Qwen-Image transformer dims (diffusers defaults; the checkpoints' config.json files agree).
+_REAL = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+             axes_dims_rope=(16, 56, 56))
+
+CONFIGS: dict[str, dict] = {
+    # Qwen-Image-Edit-2511: zero_cond_t (reference tokens modulated with t = 0).
+    "edit-2511": dict(_REAL, zero_cond_t=True),
+    # Qwen-Image-Edit-2509 and Qwen-Image-Edit: same transformer, no zero_cond_t.
+    "edit-2509": dict(_REAL, zero_cond_t=False),
+    "edit": dict(_REAL, zero_cond_t=False),
+    # Qwen-Image (text-to-image).
+    "qwen-image": dict(_REAL, zero_cond_t=False),
+    # Tiny: 2 heads x 32 (axes 8+12+12 = 32), D = 64, 2 layers; ~0.3M parameters.
+    "tiny": dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=32,
+                 num_attention_heads=2, joint_attention_dim=32, guidance_embeds=False,
+                 axes_dims_rope=(8, 12, 12), zero_cond_t=True),
+}
+
+
+TINY_INIT_STD = 0.2
+
+
+def config_dict(config: str = "edit-2511", num_layers: int | None = None, **overrides) -> dict:
+    if config not in CONFIGS:
+        raise ValueError(f"unknown config {config!r}; choose from {sorted(CONFIGS)}")
+    cfg = dict(CONFIGS[config])
+    if num_layers is not None:
+        cfg["num_layers"] = int(num_layers)
+    cfg.update(overrides)
+    return cfg
+
+
+def is_tiny(model) -> bool:
+    """True for small (CPU-sized) models: inner dim below 1024."""
+    c = model.config
+    return c.num_attention_heads * c.attention_head_dim < 1024
+
+
+@contextmanager
+def _default_dtype(dtype):
+    old = torch.get_default_dtype()
+    if dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@torch.no_grad()
+def init_like_trained(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
+    """Re-draw every parameter: Linear / Embedding weights and biases ~ N(0, std); norm weights
+    ~ 1 + N(0, 0.1) (so QK-norm weights are exercised), norm biases ~ N(0, std). Deterministic in
+    ``seed`` (drawn in fp32 on the parameter's device, one generator per parameter, then cast)."""
+    for i, (name, p) in enumerate(sorted(model.named_parameters(), key=lambda kv: kv[0])):
+        g = torch.Generator(device=p.device).manual_seed(seed * 100_003 + i)
+        t = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+        leaf = name.rsplit(".", 1)[-1]
+        is_norm = "norm" in name and leaf == "weight" and p.dim() == 1
+        if is_norm:
+            t.normal_(0.0, 0.1, generator=g).add_(1.0)
+        else:
+            t.normal_(0.0, std, generator=g)
+        p.copy_(t.to(p.dtype))
+    return model
+
+
+def build_qwen_image_transformer(config: str = "edit-2511", num_layers: int | None = None, device="cpu",
+                                 dtype: torch.dtype = torch.float32, seed: int = 0, init_std: float | None = None,
+                                 **overrides):
+    """A diffusers ``QwenImageTransformer2DModel`` with random weights (see module doc), in eval mode.
+
+    ``config``: "edit-2511" (zero_cond_t), "edit-2509", "edit", "qwen-image", or "tiny" (zero_cond_t
+    on; pass ``zero_cond_t=False`` to turn it off). ``num_layers`` overrides the layer count (real
+    configs have 60). Extra keyword arguments override config entries. Built directly on ``device``
+    in ``dtype`` (60 real layers are ~20B parameters: ~41 GB in bf16). ``init_std`` default: 0.02
+    for real configs; ``TINY_INIT_STD`` for "tiny", whose narrow layers would otherwise make the
+    modulation nearly independent of the timestep (and zero_cond_t's index invisible in tests).
+    """
+    from diffusers import QwenImageTransformer2DModel
+    cfg = config_dict(config, num_layers, **overrides)
+    device = torch.device(device)
+    with torch.device(device), _default_dtype(dtype):
+        model = QwenImageTransformer2DModel(**cfg)
+    if init_std is None:
+        init_std = TINY_INIT_STD if config == "tiny" else 0.02
+    init_like_trained(model, init_std, seed)
+    return model.eval().requires_grad_(False)
+
+
+def _grid(n: int) -> tuple[int, int]:
+    """(h, w) with h * w == n, as square as possible (h <= w)."""
+    h = int(math.isqrt(n))
+    while n % h:
+        h -= 1
+    return h, n // h
+
+
+def _as_shape(s) -> tuple[int, int, int]:
+    if isinstance(s, int):
+        h, w = _grid(s)
+        return (1, h, w)
+    s = tuple(int(v) for v in s)
+    if len(s) != 3:
+        raise ValueError(f"an image shape is a token count or (frames, h, w), got {s}")
+    return s
+
+
+def make_qwen_inputs(model, img_tokens: Sequence | None = None, txt_len: int | None = None, batch: int = 1,
+                     device=None, dtype: torch.dtype | None = None, seed: int = 0, timestep: float = 0.7,
+                     text_mask: bool = False) -> dict:
+    """Keyword arguments for ``model(**kw)`` (diffusers 0.42 ``QwenImageTransformer2DModel.forward``).
+
+    ``img_tokens``: the images of one sample, target first then references, each a token count
+    (laid out as a near-square (1, h, w) grid of packed latents) or a (frames, h, w) shape. Default:
+    (4096, 4096) (a 1024x1024 edit: target + one reference) for real models, (16, 16) for tiny
+    ones. With a zero_cond_t model the first image gets index 0 and the others index 1.
+    ``txt_len``: text tokens (default 208 real, 7 tiny). ``timestep``: the value in [0, 1] the
+    pipelines pass (sigma). ``text_mask``: also pass an all-ones ``encoder_hidden_states_mask``.
+    Returns ``return_dict=False``, so ``model(**kw)[0]`` is the [B, L_img, patch^2 * out] output.
+    """
+    cfg = model.config
+    p = next(model.parameters())
+    device = torch.device(device) if device is not None else p.device
+    dtype = dtype or p.dtype
+    tiny = is_tiny(model)
+    if img_tokens is None:
+        img_tokens = (16, 16) if tiny else (4096, 4096)
+    if isinstance(img_tokens, int):
+        img_tokens = (img_tokens,)
+    if txt_len is None:
+        txt_len = 7 if tiny else 208
+    shapes = [_as_shape(s) for s in img_tokens]
+    L_img = sum(f * h * w for f, h, w in shapes)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(batch, L_img, cfg.in_channels, generator=g)
+    enc = torch.randn(batch, txt_len, cfg.joint_attention_dim, generator=g)
+    kw = dict(
+        hidden_states=hidden.to(device=device, dtype=dtype),
+        encoder_hidden_states=enc.to(device=device, dtype=dtype),
+        encoder_hidden_states_mask=(torch.ones(batch, txt_len, dtype=torch.bool, device=device)
+                                    if text_mask else None),
+        timestep=torch.full((batch,), float(timestep), device=device, dtype=dtype),
+        img_shapes=[list(shapes) for _ in range(batch)],
+        return_dict=False,
+    )
+    return kw
+
+
+def image_token_count(kwargs: dict) -> int:
+    return kwargs["hidden_states"].shape[1]
+
+
+def text_token_count(kwargs: dict) -> int:
+    return kwargs["encoder_hidden_states"].shape[1]
