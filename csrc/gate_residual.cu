@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "gate_residual_kernel.cuh"
 
 namespace fused_dit {
@@ -21,10 +23,10 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 template <typename T, int VEC, typename IndexT>
 void launch(const GateResidualParams& p, cudaStream_t stream) {
   const int64_t nvec = p.C / VEC;
-  // Enough threads for a row's vectors in one or two sweeps; the rest of the block takes more rows.
-  int threads_x = 32;
-  while (threads_x < 256 && threads_x * 2 <= nvec) threads_x *= 2;
-  const int rows_per_block = 256 / threads_x;
+  // One sweep of kUnroll vectors per thread covers the row; whole warps; ~256 threads a block.
+  const int64_t per_thread = (nvec + kUnroll - 1) / kUnroll;
+  int threads_x = static_cast<int>(std::min<int64_t>(1024, ((per_thread + 31) / 32) * 32));
+  const int rows_per_block = std::max(1, 256 / threads_x);
   const int64_t rows = p.B * p.L;
   const dim3 block(threads_x, rows_per_block);
   const dim3 grid(static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block));

@@ -6,6 +6,7 @@
 - ``@pytest.mark.gpu``: need CUDA; skipped cleanly without it.
 """
 import os
+import zlib
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # A different seed per test (stable across runs, so a failure reproduces).
-    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+    # A different seed per test, stable across runs and processes (str hash() is salted per
+    # process; crc32 is not), so a failure reproduces.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield

@@ -389,7 +389,17 @@ def test_diffusers_processor_mask_falls_back():
     assert rel_err(ours, stock) < 1e-5
 
 
-def test_diffusers_flash3_wiring(monkeypatch):
+@pytest.fixture
+def restore_diffusers_backend():
+    """set_attention_backend("_flash_3") also moves diffusers' process-wide active backend: put it back."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    old = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(old)
+
+
+def test_diffusers_flash3_wiring(monkeypatch, restore_diffusers_backend):
     pytest.importorskip("diffusers")
     from diffusers.models import attention_dispatch as ad
     from fused_dit_ops.integrations import diffusers_attention as da
@@ -538,7 +548,7 @@ def test_gpu_cuda_graph_capture(dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_diffusers_processor_and_flash3():
+def test_gpu_diffusers_processor_and_flash3(restore_diffusers_backend):
     import copy
     model = _tiny_qwen().to("cuda", BF16)
     model2 = copy.deepcopy(model)

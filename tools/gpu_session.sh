@@ -28,10 +28,15 @@ for step in $steps; do
       && python -m pip wheel --no-build-isolation --no-deps -w /tmp/wheel /tmp/dist/*.tar.gz >>/tmp/sdist.log 2>&1 \
       && python -m zipfile -l /tmp/wheel/*.whl | grep -E "_C|csrc" | head -20 >>/tmp/sdist.log && echo SDIST_OK >>/tmp/sdist.log || echo SDIST_FAIL >>/tmp/sdist.log ) &
     ;;
+  test-patch)
+    stamp "diffusers patch GPU tests (measured errors)"
+    python -m pytest -q -s -m gpu tests/test_diffusers_patch.py -p no:cacheprovider 2>&1 | grep -v "^\s*$" | tail -40 | tee "$OUT/test-patch.txt"
+    ;;
+  demo) stamp demo; python -m fused_dit_ops demo --out "$OUT" ${DEMO_ARGS:-} 2>&1 | tee "$OUT/demo.txt" ;;
   check) stamp check; python -m fused_dit_ops check 2>&1 | tee "$OUT/check.txt" ;;
   test)
     stamp test
-    python -m pytest -q -x tests -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/pytest.txt"
+    python -m pytest -q tests -p no:cacheprovider -rfE 2>&1 > "$OUT/pytest.txt"; tail -30 "$OUT/pytest.txt"
     TRITON_INTERPRET=1 python -m pytest -q -m interpret tests -p no:cacheprovider 2>&1 | tail -3
     ;;
   test-triton-only)

@@ -105,12 +105,20 @@ def _norm_scale_shift_kernel(
     cmask = cols < C
     sh0, sh1 = _load_param(shift_ptr, b, B, stride_shift, cols, cmask, HAS_INDEX)
     sc0, sc1 = _load_param(scale_ptr, b, B, stride_scale, cols, cmask, HAS_INDEX)
+    # Rows are processed ITERS x BLOCK_M at a time; the next tile's load is issued before this
+    # tile's reductions (their barriers would otherwise serialise load -> reduce -> store).
+    l_nxt = pid_m * (ITERS * BLOCK_M) + tl.arange(0, BLOCK_M)
+    x_nxt = tl.load(x_ptr + b * stride_xb + l_nxt[:, None].to(tl.int64) * stride_xl + cols[None, :],
+                    mask=(l_nxt < L)[:, None] & cmask[None, :], other=0.0, eviction_policy="evict_first")
     for it in tl.static_range(ITERS):
-        l = (pid_m * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
+        l = l_nxt
+        x = x_nxt.to(tl.float32)
+        if it + 1 < ITERS:
+            l_nxt = l + BLOCK_M
+            x_nxt = tl.load(x_ptr + b * stride_xb + l_nxt[:, None].to(tl.int64) * stride_xl + cols[None, :],
+                            mask=(l_nxt < L)[:, None] & cmask[None, :], other=0.0, eviction_policy="evict_first")
         rmask = l < L
         mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + b * stride_xb + l[:, None].to(tl.int64) * stride_xl + cols[None, :],
-                    mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         n = _layer_norm_rows(x, cmask, C, eps, IS_RMS)
         if HAS_WEIGHT:
             n = n * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -137,15 +145,26 @@ def _gate_residual_norm_scale_shift_kernel(
     g0, g1 = _load_param(gate_ptr, b, B, stride_gate, cols, cmask, HAS_INDEX)
     sh0, sh1 = _load_param(shift_ptr, b, B, stride_shift, cols, cmask, HAS_INDEX)
     sc0, sc1 = _load_param(scale_ptr, b, B, stride_scale, cols, cmask, HAS_INDEX)
+    # Next tile's loads are issued before this tile's reductions (see _norm_scale_shift_kernel).
+    l_nxt = pid_m * (ITERS * BLOCK_M) + tl.arange(0, BLOCK_M)
+    m_nxt = (l_nxt < L)[:, None] & cmask[None, :]
+    r_nxt = tl.load(r_ptr + b * stride_rb + l_nxt[:, None].to(tl.int64) * stride_rl + cols[None, :], mask=m_nxt,
+                    other=0.0, eviction_policy="evict_first")
+    u_nxt = tl.load(u_ptr + b * stride_ub + l_nxt[:, None].to(tl.int64) * stride_ul + cols[None, :], mask=m_nxt,
+                    other=0.0, eviction_policy="evict_first")
     for it in tl.static_range(ITERS):
-        l = (pid_m * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
+        l = l_nxt
+        r = r_nxt.to(tl.float32)
+        u = u_nxt.to(tl.float32)
+        if it + 1 < ITERS:
+            l_nxt = l + BLOCK_M
+            m_nxt = (l_nxt < L)[:, None] & cmask[None, :]
+            r_nxt = tl.load(r_ptr + b * stride_rb + l_nxt[:, None].to(tl.int64) * stride_rl + cols[None, :],
+                            mask=m_nxt, other=0.0, eviction_policy="evict_first")
+            u_nxt = tl.load(u_ptr + b * stride_ub + l_nxt[:, None].to(tl.int64) * stride_ul + cols[None, :],
+                            mask=m_nxt, other=0.0, eviction_policy="evict_first")
         rmask = l < L
         mask = rmask[:, None] & cmask[None, :]
-        l64 = l[:, None].to(tl.int64)
-        r = tl.load(r_ptr + b * stride_rb + l64 * stride_rl + cols[None, :], mask=mask, other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)
-        u = tl.load(u_ptr + b * stride_ub + l64 * stride_ul + cols[None, :], mask=mask, other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)
         sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
         # Normalise the residual as stored (rounded to the output dtype), as eager diffusers does.
         r_out = (r + _pick(sel, g0, g1, HAS_INDEX) * u).to(r_out_ptr.dtype.element_ty)
