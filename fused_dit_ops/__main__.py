@@ -25,7 +25,16 @@ def _cmd_bench(args) -> int:
     return importlib.import_module(BENCHES[args.name]).main(args.rest)
 
 
+def _cmd_profile(rest) -> int:
+    from .profiler import main as profile_main
+    return profile_main(rest)
+
+
 def main(argv=None) -> int:
+    # `profile` takes its own options (--a, --b, ...): hand them over before argparse sees them
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["profile"]:
+        return _cmd_profile(argv[1:])
     p = argparse.ArgumentParser(prog="python -m fused_dit_ops", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("env", help="versions, GPU, compiled extension, optional backends")
@@ -35,6 +44,8 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="benchmarks (GPU); JSON written to bench/results/")
     b.add_argument("name", help="which benchmark: modulation, ...")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for that benchmark (see its --help)")
+    sub.add_parser("profile", help="one block of one forward, two configurations, kernel by kernel "
+                   "(see profile --help)")
     args = p.parse_args(argv)
     return {"env": _cmd_env, "check": _cmd_check, "bench": _cmd_bench}[args.cmd](args)
 
