@@ -102,3 +102,30 @@ def parse_tokens(spec) -> tuple:
     if isinstance(spec, (tuple, list)):
         return tuple(int(v) for v in spec)
     return tuple(int(v) for v in str(spec).split(",") if v.strip())
+
+
+def resolve_device(device: str | None, tiny: bool, prog: str) -> str | None:
+    """The device a benchmark runs on, or None (after printing why) when it cannot run: real
+    shapes need CUDA; ``--tiny`` runs the tiny config anywhere (a smoke run, not a measurement)."""
+    import sys
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        print(f"{prog}: needs a CUDA GPU (torch.cuda.is_available() is False); "
+              "for a CPU smoke run use --device cpu --tiny", file=sys.stderr)
+        return None
+    if torch.device(device).type != "cuda" and not tiny:
+        print(f"{prog}: real shapes need a CUDA GPU; for a CPU smoke run use --device cpu --tiny",
+              file=sys.stderr)
+        return None
+    return device
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| (fp32)."""
+    out, ref = out.float(), ref.float()
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
