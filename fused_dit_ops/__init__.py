@@ -12,6 +12,7 @@ from .attention_dispatch import (AttentionBackendError, AttentionFallbackWarning
                                  attention_backends, warmup_attention)
 from .ops.rope import joint_qk_norm_rope_, joint_qkv_cat, qk_norm_rope_cat, rope, warmup_rope
 from .rope_tables import cos_sin_from_complex, flux_ids, flux_rope_table, qwen_image_rope_tables
+from .integrations.diffusers_qwen import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -36,4 +37,7 @@ __all__ = [
     "cos_sin_from_complex",
     "flux_rope_table",
     "flux_ids",
+    "patch",
+    "unpatch",
+    "PatchReport",
 ]

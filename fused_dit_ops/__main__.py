@@ -30,11 +30,18 @@ def _cmd_profile(rest) -> int:
     return profile_main(rest)
 
 
+def _cmd_demo(args) -> int:
+    from .demo import main as demo_main
+    return demo_main(args.rest)
+
+
 def main(argv=None) -> int:
+    _argv = list(sys.argv[1:] if argv is None else argv)
+    if _argv[:1] == ["demo"]:  # argparse REMAINDER cannot start with an option (--device ...)
+        return _cmd_demo(argparse.Namespace(rest=_argv[1:]))
     # `profile` takes its own options (--a, --b, ...): hand them over before argparse sees them
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["profile"]:
-        return _cmd_profile(argv[1:])
+    if _argv[:1] == ["profile"]:
+        return _cmd_profile(_argv[1:])
     p = argparse.ArgumentParser(prog="python -m fused_dit_ops", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("env", help="versions, GPU, compiled extension, optional backends")
@@ -46,8 +53,12 @@ def main(argv=None) -> int:
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for that benchmark (see its --help)")
     sub.add_parser("profile", help="one block of one forward, two configurations, kernel by kernel "
                    "(see profile --help)")
+    d = sub.add_parser("demo", help="stock vs fused diffusers Qwen-Image-Edit transformer: ms/layer, speedup, error",
+                       add_help=False)
+    d.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the demo (see demo --help)")
     args = p.parse_args(argv)
-    return {"env": _cmd_env, "check": _cmd_check, "bench": _cmd_bench}[args.cmd](args)
+    return {"env": _cmd_env, "check": _cmd_check, "bench": _cmd_bench,
+            "demo": _cmd_demo}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,203 @@
+"""``python -m fused_dit_ops demo``: stock vs fused diffusers Qwen-Image-Edit transformer, end to end.
+
+Builds a Qwen-Image-Edit-2511 transformer from its config with random weights (std 0.02, no
+download) and times four variants of the same forward: stock eager, stock + torch.compile
+(``compile_repeated_blocks(fullgraph=True)``), patched eager (``fused_dit_ops.patch``), patched +
+compile. Prints ms per forward and per layer, speedups and the output error against stock eager.
+
+GPU default: 4 real layers (``--layers 60`` for the whole model), bf16, L_img 8192 (4096 target +
+4096 reference tokens, the zero_cond_t 0/1 index) + L_txt 208, CUDA-event timing (median of
+``--iters`` forwards after warm-up). CPU (or ``--device cpu``): the tiny config, fp32, wall-clock
+timing with torch.compile's ``aot_eager`` backend (checks the wiring; CPU times mean little).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+
+def _progress(total, desc):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+    except Exception:  # noqa: BLE001
+        class _Simple:
+            def __init__(self):
+                self.n = 0
+
+            def update(self, k=1):
+                self.n += k
+                print(f"  {desc}: {self.n}/{total}", file=sys.stderr, flush=True)
+
+            def set_description(self, d):
+                pass
+
+            def close(self):
+                pass
+        return _Simple()
+
+
+def compile_blocks(model, **kw):
+    """``model.compile_repeated_blocks(**kw)`` (diffusers) or the same by hand."""
+    if hasattr(model, "compile_repeated_blocks"):
+        model.compile_repeated_blocks(**kw)
+    else:
+        for b in model.transformer_blocks:
+            b.compile(**kw)
+
+
+def uncompile_blocks(model):
+    """Drop what ``nn.Module.compile`` installed on the blocks (eager again)."""
+    for b in model.transformer_blocks:
+        if getattr(b, "_compiled_call_impl", None) is not None:
+            b._compiled_call_impl = None
+
+
+def _time_forward(fn, device, warmup, iters, bar):
+    for _ in range(warmup):
+        fn()
+        bar.update(1)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(iters):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+            bar.update(1)
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+            bar.update(1)
+    return statistics.median(times)
+
+
+def _err(out, ref):
+    d = out.double() - ref.double()
+    return (d.norm() / ref.double().norm().clamp_min(1e-30)).item(), d.abs().max().item()
+
+
+def run_demo(device=None, layers=None, config="edit-2511", img_tokens=None, txt_len=None, iters=None,
+             warmup=None, compile_=True, compile_backend=None, attention_backend=None, dtype=None,
+             out_dir=None, quiet=False) -> list[dict]:
+    from . import patch, unpatch
+    from .bench.harness import format_table
+    from .models import build_qwen_image_transformer, make_qwen_inputs
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    if not gpu:
+        config = "tiny"
+    dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
+    layers = layers or (4 if gpu else None)
+    iters = iters or (10 if gpu else 3)
+    warmup = warmup if warmup is not None else (3 if gpu else 1)
+    compile_backend = compile_backend or ("inductor" if gpu else "aot_eager")
+
+    if gpu:
+        from . import warmup_attention, warmup_rope
+        warmup_rope(device, dtype)
+    model = build_qwen_image_transformer(config, num_layers=layers, device=device, dtype=dtype)
+    n_layers = len(model.transformer_blocks)
+    kw = make_qwen_inputs(model, img_tokens=img_tokens, txt_len=txt_len, device=device, dtype=dtype)
+    L_img, L_txt = kw["hidden_states"].shape[1], kw["encoder_hidden_states"].shape[1]
+    if gpu:
+        H, hd = model.config.num_attention_heads, model.config.attention_head_dim
+        warmup_attention(seq_lens=(L_img + L_txt,), heads=H, head_dim=hd, dtype=dtype, device=device)
+    if not quiet:
+        print(f"demo: {config} transformer, {n_layers} layers, {str(dtype).replace('torch.', '')}, {device}; "
+              f"L_img {L_img} (images {kw['img_shapes'][0]}), L_txt {L_txt}; "
+              f"{iters} timed forwards after {warmup} warm-up, compile backend {compile_backend}")
+
+    variants = [("stock eager", False, False)]
+    if compile_:
+        variants.append(("stock compile", False, True))
+    variants.append(("patched eager", True, False))
+    if compile_:
+        variants.append(("patched compile", True, True))
+
+    bar = _progress(len(variants) * (warmup + iters), "demo")
+    rows, ref, report = [], None, None
+    try:
+        for name, patched, compiled in variants:
+            bar.set_description(name)
+            torch._dynamo.reset()
+            uncompile_blocks(model)
+            if patched and report is None:
+                report = patch(model, attention_backend=attention_backend)
+            if compiled:
+                compile_blocks(model, fullgraph=True, backend=compile_backend)
+
+            def fwd():
+                with torch.no_grad():
+                    return model(**kw)[0]
+
+            ms = _time_forward(fwd, device, warmup, iters, bar)
+            out = fwd()
+            if ref is None:
+                ref = out.clone()
+            rel, mx = _err(out, ref)
+            rows.append(dict(variant=name, ms_forward=ms, ms_per_layer=ms / n_layers, rel_err=rel, max_abs_err=mx))
+    finally:
+        bar.close()
+        uncompile_blocks(model)
+        unpatch(model)
+    base = rows[0]["ms_forward"]
+    comp = next((r["ms_forward"] for r in rows if r["variant"] == "stock compile"), None)
+    for r in rows:
+        r["speedup_vs_eager"] = base / r["ms_forward"]
+        r["speedup_vs_compile"] = comp / r["ms_forward"] if comp else None
+    if not quiet:
+        print(format_table(rows, ["variant", "ms_forward", "ms_per_layer", "speedup_vs_eager",
+                                  "speedup_vs_compile", "rel_err", "max_abs_err"]))
+        print("ms_per_layer = forward time / layers (embeddings and the output head included); "
+              "rel_err = Frobenius relative error of the output vs stock eager")
+        if report is not None:
+            print(report)
+    if out_dir:
+        from .bench.harness import write_results
+        extra = dict(config=config, layers=n_layers, dtype=str(dtype), L_img=L_img, L_txt=L_txt, iters=iters,
+                     compile_backend=compile_backend, attention_backend=attention_backend or "auto",
+                     patch_report=str(report))
+        path = write_results("demo", rows, extra, out_dir)
+        if not quiet:
+            print(f"wrote {path}")
+    return rows
+
+
+def _tokens(s):
+    return tuple(int(v) for v in s.split(",") if v.strip())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fused_dit_ops demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda or cpu (cpu: tiny config)")
+    p.add_argument("--layers", type=int, default=None, help="transformer layers (GPU default 4; 60 = whole model)")
+    p.add_argument("--config", default="edit-2511", help="edit-2511 | edit-2509 | edit | qwen-image (GPU)")
+    p.add_argument("--img-tokens", type=_tokens, default=None, help="image token counts, e.g. 4096,4096")
+    p.add_argument("--txt-len", type=int, default=None, help="text tokens (default 208)")
+    p.add_argument("--iters", type=int, default=None, help="timed forwards per variant")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up forwards per variant")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (GPU inductor, CPU aot_eager)")
+    p.add_argument("--attention-backend", default=None, help="fused_dit.attention backend (default auto)")
+    p.add_argument("--out", default=None, help="write JSON results into this directory")
+    a = p.parse_args(argv)
+    run_demo(device=a.device, layers=a.layers, config=a.config, img_tokens=a.img_tokens, txt_len=a.txt_len,
+             iters=a.iters, warmup=a.warmup, compile_=not a.no_compile, compile_backend=a.compile_backend,
+             attention_backend=a.attention_backend, out_dir=a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,561 @@
+"""Put a diffusers Qwen-Image(-Edit) transformer on fused ops: :func:`patch` / :func:`unpatch`.
+
+What a patched ``QwenImageTransformer2DModel`` runs per block (both streams, diffusers 0.42 math):
+
+1. ``img_mod`` / ``txt_mod`` Linears (stock modules), chunked into six [rows, D] *views* (no copies);
+2. norm1 + modulation: ``fused_dit.norm_scale_shift`` (image with the zero_cond_t index, text without);
+   the gate is never materialised, the later ops select it from the index;
+3. attention (processor :class:`FusedQwenBlockAttnProcessor`, set per ``Attention`` module):
+   - ``qk_path="joint"`` (eager default): the six Q/K/V projections write straight into row slices
+     of joint [B, N, D] buffers (``torch.addmm(..., out=rows)``), then ``joint_qk_norm_rope_`` does
+     QK-RMSNorm + RoPE in place: 3 writes + 2 reads + 2 writes of an [N, D] activation, V never
+     touched again, no cat;
+   - ``qk_path="cat"`` (default while torch.compile traces: out= writes into views of a buffer are
+     functionalised into extra copies there, and in-place ops on buffers cost clones): projections
+     as modules, then ``qk_norm_rope_cat`` writes the joint q/k/v in one launch (3 + 3 reads + 3 writes);
+   - ``fused_dit.attention`` on the joint [B, N, H, D] q/k/v (backend: ``attention_backend``), output
+     split per stream as row views, ``to_out[0]`` / ``to_add_out``;
+4. ``gate_residual_norm_scale_shift``: h + gate1 * attn_out, LayerNorm, modulation, one op per stream;
+5. MLP (stock ``FeedForward``, GELU-tanh), then ``gate_residual`` (h + gate2 * mlp_out);
+6. fp16: the block clips both streams to +-65504 at the end, as diffusers does.
+
+Per-forward state: RoPE tables. ``pos_embed`` (called once per model forward) is wrapped to return
+fp32 cos|sin tables (``cos_sin_from_complex`` of its complex freqs), cached per
+(img_shapes, text length, device); every block receives them as ``image_rotary_emb``, so nothing is
+recomputed per block and compiled blocks see plain tensor inputs. The zero_cond_t index is built by
+the stock model forward once per forward. Joint q/k/v buffers are allocated inside the block: the
+caching allocator makes that free, while buffers passed into a compiled block would be mutated graph
+inputs (copied back by AOTAutograd and excluded from CUDA graphs).
+
+Falls back to stock (counted in ``report.runtime``) for a call with a padded text mask; an all-ones
+mask is dropped (identical math). Patch-time fallbacks (in ``report.stock``): unsupported dtype,
+a block whose processor is not diffusers' ``QwenDoubleStreamAttnProcessor2_0``, QK norms without
+weights, or a probe of the fused block that raised ``FusedDitInputError``.
+
+Patching is per instance: ``block.forward``, ``model.forward`` and ``model.pos_embed.forward`` become
+instance attributes (the classes are untouched, so ``compile_repeated_blocks`` still finds the
+blocks by class name) and each ``Attention`` gets a new processor; :func:`unpatch` deletes the
+attributes and puts the original processor objects back.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference as _ref
+from .._validation import FusedDitInputError
+from ..rope_tables import cos_sin_from_complex
+from .diffusers_attention import FusedQwenDoubleStreamAttnProcessor
+
+log = logging.getLogger(__name__)
+
+OPS = ("modulation", "qk_norm_rope", "attention")
+QK_PATHS = ("auto", "joint", "cat")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ATTR = "_fused_dit_state"
+
+
+# --- report ------------------------------------------------------------------------------------
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` did. ``swapped``: names of the pieces now on fused ops; ``stock``: name ->
+    why it stays stock; ``verify``: {max_abs, rel_fro, ...} after the first call in verify mode;
+    ``runtime``: calls that fell back to stock and why (updated live)."""
+    model: str = ""
+    options: dict = field(default_factory=dict)
+    swapped: list = field(default_factory=list)
+    stock: dict = field(default_factory=dict)
+    verify: dict | None = None
+    runtime: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"fused_dit_ops.patch: {self.model}",
+                 "  options: " + ", ".join(f"{k}={v}" for k, v in self.options.items())]
+        lines.append(f"  swapped ({len(self.swapped)}):")
+        lines += [f"    {s}" for s in _summarise(self.swapped)]
+        lines.append(f"  stock ({len(self.stock)}):" + ("" if self.stock else " none"))
+        lines += [f"    {k}: {v}" for k, v in self.stock.items()]
+        if self.verify is not None:
+            lines.append("  verify: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.verify.items()))
+        elif self.options.get("verify"):
+            lines.append("  verify: pending (runs on the first forward)")
+        if self.runtime:
+            lines.append("  runtime fallbacks: " + ", ".join(f"{k}: {v}" for k, v in self.runtime.items()))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _fmt(v):
+    return f"{v:.3e}" if isinstance(v, float) else str(v)
+
+
+def _summarise(names):
+    """'transformer_blocks.0 ... transformer_blocks.59' collapsed into one line per kind."""
+    blocks = [n for n in names if n.startswith("transformer_blocks.")]
+    other = [n for n in names if not n.startswith("transformer_blocks.")]
+    out = list(other)
+    if blocks:
+        idx = sorted(int(n.split(".")[1]) for n in blocks if n.split(".")[1].isdigit())
+        out.append(f"transformer_blocks[{_ranges(idx)}] (block forward + attention processor)")
+    return out
+
+
+def _ranges(idx):
+    parts, start = [], None
+    for i, v in enumerate(idx):
+        if start is None:
+            start = v
+        if i + 1 == len(idx) or idx[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(parts)
+
+
+# --- shared state --------------------------------------------------------------------------------
+
+class _State:
+    """One per patched model; blocks, processors and wrappers hold a reference."""
+
+    def __init__(self, ops, qk_path, report, verify):
+        self.modulation = "modulation" in ops
+        self.qk = "qk_norm_rope" in ops
+        self.attention = "attention" in ops
+        self.qk_path = qk_path
+        self.report = report
+        self.verify_pending = verify
+        self.mode_stock = False
+        self.tables: dict = {}
+        self.orig_model_forward = None
+        self.orig_pos_forward = None
+        self.patched_blocks: list = []
+        self.procs: list = []  # (attn module, original processor)
+
+    @contextlib.contextmanager
+    def stock(self):
+        old, self.mode_stock = self.mode_stock, True
+        try:
+            yield
+        finally:
+            self.mode_stock = old
+
+    def count(self, why):
+        self.report.runtime[why] = self.report.runtime.get(why, 0) + 1
+
+
+# --- attention processor ---------------------------------------------------------------------------
+
+def _is_tables(rot) -> bool:
+    return rot is not None and not torch.is_complex(rot[0])
+
+
+def as_rope_tables(image_rotary_emb):
+    """(img_table, txt_table) fp32 cos|sin from diffusers' complex (img_freqs, txt_freqs); tables
+    pass through."""
+    if _is_tables(image_rotary_emb):
+        return image_rotary_emb
+    return tuple(cos_sin_from_complex(f) for f in image_rotary_emb)
+
+
+class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
+    """The processor a patched block uses. With real RoPE tables (what a patched model's ``pos_embed``
+    returns) and no text mask it runs the fused path (module doc, step 3); otherwise — stock mode,
+    a mask, complex freqs — it calls the original processor it replaced, unchanged."""
+
+    def __init__(self, state: _State, stock, backend=None):
+        super().__init__(backend)
+        self.state = state
+        self.stock = stock
+        self._attention_backend = getattr(stock, "_attention_backend", None)
+        self._parallel_config = getattr(stock, "_parallel_config", None)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        st = self.state
+        if (st.mode_stock or encoder_hidden_states_mask is not None or attention_mask is not None
+                or not _is_tables(image_rotary_emb) or self._parallel_config is not None):
+            return self.stock(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                              attention_mask, image_rotary_emb)
+        return self.fused(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+
+    def fused(self, attn, img, txt, tables):
+        st = self.state
+        img_tab, txt_tab = tables
+        B, Li, _ = img.shape
+        Lt = txt.shape[1]
+        hd = attn.inner_dim // attn.heads
+        eps = attn.norm_q.eps
+        weights = (attn.norm_added_q.weight, attn.norm_added_k.weight, attn.norm_q.weight, attn.norm_k.weight)
+        projs = ((attn.add_q_proj, attn.to_q), (attn.add_k_proj, attn.to_k), (attn.add_v_proj, attn.to_v))
+        qk_path = st.qk_path
+        if qk_path == "auto":
+            qk_path = "cat" if torch.compiler.is_compiling() else "joint"
+        if st.qk and qk_path == "joint":
+            N = Lt + Li
+            bufs = []
+            for lin_t, lin_i in projs:
+                buf = img.new_empty((B, N, lin_i.out_features))
+                for b in range(B):
+                    _linear_into(txt[b], lin_t, buf[b, :Lt])
+                    _linear_into(img[b], lin_i, buf[b, Lt:])
+                bufs.append(buf.unflatten(-1, (-1, hd)))
+            q, k, v = bufs
+            torch.ops.fused_dit.joint_qk_norm_rope_.default(q, k, Lt, *weights, txt_tab, img_tab, eps, True)
+        elif st.qk:
+            t = [p[0](txt).unflatten(-1, (-1, hd)) for p in projs]
+            i = [p[1](img).unflatten(-1, (-1, hd)) for p in projs]
+            q, k, v = torch.ops.fused_dit.qk_norm_rope_cat.default(*t, *i, *weights, txt_tab, img_tab, eps, True)
+        else:  # stock RMSNorm modules, RoPE from the tables in torch (fp32 math), torch.cat
+            t = [p[0](txt).unflatten(-1, (-1, hd)) for p in projs]
+            i = [p[1](img).unflatten(-1, (-1, hd)) for p in projs]
+            tq = _ref.apply_rope(attn.norm_added_q(t[0]), txt_tab).to(t[0].dtype)
+            tk = _ref.apply_rope(attn.norm_added_k(t[1]), txt_tab).to(t[1].dtype)
+            iq = _ref.apply_rope(attn.norm_q(i[0]), img_tab).to(i[0].dtype)
+            ik = _ref.apply_rope(attn.norm_k(i[1]), img_tab).to(i[1].dtype)
+            q, k, v = torch.cat([tq, iq], 1), torch.cat([tk, ik], 1), torch.cat([t[2], i[2]], 1)
+        if st.attention:
+            out = torch.ops.fused_dit.attention.default(q, k, v, None, False, self.backend)
+        else:
+            from diffusers.models.attention_dispatch import dispatch_attention_fn
+            out = dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                        backend=self._attention_backend, parallel_config=None)
+        out = out.flatten(2, 3).to(q.dtype)
+        # Row views (contiguous when B == 1): no split copies.
+        img_out = attn.to_out[0](out[:, Lt:])
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        txt_out = attn.to_add_out(out[:, :Lt])
+        return img_out, txt_out
+
+
+def _linear_into(x2d, lin, out2d):
+    if lin.bias is not None:
+        torch.addmm(lin.bias, x2d, lin.weight.t(), out=out2d)
+    else:
+        torch.mm(x2d, lin.weight.t(), out=out2d)
+
+
+# --- block forward ---------------------------------------------------------------------------------
+
+def _stock_block_forward():
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+    return QwenImageTransformerBlock.forward
+
+
+def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask=None,
+                        temb=None, image_rotary_emb=None, joint_attention_kwargs=None, modulate_index=None):
+    """``QwenImageTransformerBlock.forward`` (same signature and return: (encoder_hidden_states,
+    hidden_states)) on fused ops. Bound per instance by :func:`patch`."""
+    st: _State = getattr(self, _ATTR)
+    if (st.mode_stock or encoder_hidden_states_mask is not None or image_rotary_emb is None
+            or joint_attention_kwargs):
+        return _stock_block_forward()(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                                      temb, image_rotary_emb, joint_attention_kwargs, modulate_index)
+    tables = as_rope_tables(image_rotary_emb)
+    img_mod = self.img_mod(temb)  # [B or 2B, 6D]
+    if self.zero_cond_t:
+        temb = torch.chunk(temb, 2, dim=0)[0]
+    txt_mod = self.txt_mod(temb)
+    index = modulate_index
+    eps_i1, eps_t1 = self.img_norm1.eps, self.txt_norm1.eps
+
+    if st.modulation:
+        i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = img_mod.chunk(6, dim=-1)
+        t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = txt_mod.chunk(6, dim=-1)
+        img_m = torch.ops.fused_dit.norm_scale_shift.default(hidden_states, i_sh1, i_sc1, index, None, None,
+                                                             eps_i1, "layer")
+        txt_m = torch.ops.fused_dit.norm_scale_shift.default(encoder_hidden_states, t_sh1, t_sc1, None, None,
+                                                             None, eps_t1, "layer")
+        img_attn, txt_attn = self.attn(hidden_states=img_m, encoder_hidden_states=txt_m,
+                                       image_rotary_emb=tables)
+        hidden_states, img_m2 = torch.ops.fused_dit.gate_residual_norm_scale_shift.default(
+            hidden_states, img_attn, i_g1, i_sh2, i_sc2, index, self.img_norm2.eps)
+        encoder_hidden_states, txt_m2 = torch.ops.fused_dit.gate_residual_norm_scale_shift.default(
+            encoder_hidden_states, txt_attn, t_g1, t_sh2, t_sc2, None, self.txt_norm2.eps)
+        hidden_states = torch.ops.fused_dit.gate_residual.default(hidden_states, self.img_mlp(img_m2), i_g2, index)
+        encoder_hidden_states = torch.ops.fused_dit.gate_residual.default(
+            encoder_hidden_states, self.txt_mlp(txt_m2), t_g2, None)
+    else:  # the stock modulation code, fused attention only
+        img_mod1, img_mod2 = img_mod.chunk(2, dim=-1)
+        txt_mod1, txt_mod2 = txt_mod.chunk(2, dim=-1)
+        img_m, img_g1 = self._modulate(self.img_norm1(hidden_states), img_mod1, index)
+        txt_m, txt_g1 = self._modulate(self.txt_norm1(encoder_hidden_states), txt_mod1)
+        img_attn, txt_attn = self.attn(hidden_states=img_m, encoder_hidden_states=txt_m,
+                                       image_rotary_emb=tables)
+        hidden_states = hidden_states + img_g1 * img_attn
+        encoder_hidden_states = encoder_hidden_states + txt_g1 * txt_attn
+        img_m2, img_g2 = self._modulate(self.img_norm2(hidden_states), img_mod2, index)
+        hidden_states = hidden_states + img_g2 * self.img_mlp(img_m2)
+        txt_m2, txt_g2 = self._modulate(self.txt_norm2(encoder_hidden_states), txt_mod2)
+        encoder_hidden_states = encoder_hidden_states + txt_g2 * self.txt_mlp(txt_m2)
+
+    if encoder_hidden_states.dtype == torch.float16:
+        encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+    if hidden_states.dtype == torch.float16:
+        hidden_states = hidden_states.clip(-65504, 65504)
+    return encoder_hidden_states, hidden_states
+
+
+# --- model-level wrappers --------------------------------------------------------------------------
+
+def _pos_embed_forward(self, video_fhw, device=None, max_txt_seq_len=None):
+    """Stock mode: the original complex (img_freqs, txt_freqs). Fused: fp32 cos|sin tables, cached per
+    (img_shapes, text length, device) outside torch.compile."""
+    st: _State = getattr(self, _ATTR)
+    if st.mode_stock:
+        return st.orig_pos_forward(video_fhw, device=device, max_txt_seq_len=max_txt_seq_len)
+    if torch.compiler.is_compiling():
+        return as_rope_tables(st.orig_pos_forward(video_fhw, device=device, max_txt_seq_len=max_txt_seq_len))
+    key = (repr(video_fhw), int(max_txt_seq_len), str(device))
+    hit = st.tables.get(key)
+    if hit is None:
+        hit = as_rope_tables(st.orig_pos_forward(video_fhw, device=device, max_txt_seq_len=max_txt_seq_len))
+        if len(st.tables) >= 16:
+            st.tables.clear()
+        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            st.tables[key] = hit
+    return hit
+
+
+_MASK_POS = 2  # encoder_hidden_states_mask is forward's third positional parameter
+
+
+def _get_mask(args, kwargs):
+    if "encoder_hidden_states_mask" in kwargs:
+        return kwargs["encoder_hidden_states_mask"]
+    return args[_MASK_POS] if len(args) > _MASK_POS else None
+
+
+def _drop_mask(args, kwargs):
+    if "encoder_hidden_states_mask" in kwargs:
+        kwargs = dict(kwargs, encoder_hidden_states_mask=None)
+    else:
+        args = args[:_MASK_POS] + (None,) + args[_MASK_POS + 1:]
+    return args, kwargs
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.sample
+
+
+def _model_forward(self, *args, **kwargs):
+    st: _State = getattr(self, _ATTR)
+    mask = _get_mask(args, kwargs)
+    if mask is not None and not st.mode_stock:
+        if not torch.compiler.is_compiling() and bool(mask.all()):
+            args, kwargs = _drop_mask(args, kwargs)  # no padding: same math without the mask
+        else:
+            st.count("text mask with padding (stock forward)")
+            with st.stock():
+                return st.orig_model_forward(*args, **kwargs)
+    if st.verify_pending and not st.mode_stock and not torch.compiler.is_compiling():
+        st.verify_pending = False
+        with torch.no_grad():
+            with st.stock():
+                ref = _first_tensor(st.orig_model_forward(*args, **kwargs))
+            out = st.orig_model_forward(*args, **kwargs)
+        st.report.verify = verify_stats(_first_tensor(out), ref)
+        log.warning("fused_dit_ops.patch verify: %s", st.report.verify)
+        return out
+    return st.orig_model_forward(*args, **kwargs)
+
+
+def verify_stats(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    o, r = out.double(), ref.double()
+    d = o - r
+    return {"max_abs": d.abs().max().item(), "rel_fro": (d.norm() / r.norm().clamp_min(1e-30)).item(),
+            "ref_max_abs": r.abs().max().item(), "finite": bool(torch.isfinite(o).all().item()),
+            "dtype": str(out.dtype).replace("torch.", "")}
+
+
+# --- patch / unpatch -------------------------------------------------------------------------------
+
+def _resolve(model_or_pipeline):
+    from diffusers import QwenImageTransformer2DModel
+    m = model_or_pipeline
+    if not isinstance(m, QwenImageTransformer2DModel) and hasattr(m, "transformer"):
+        m = m.transformer
+    if not isinstance(m, QwenImageTransformer2DModel):
+        raise TypeError(f"fused_dit_ops.patch takes a diffusers QwenImageTransformer2DModel or a pipeline with "
+                        f"one as .transformer, got {type(model_or_pipeline).__name__}")
+    return m
+
+
+def _parse_ops(ops):
+    if ops in (None, "all"):
+        return set(OPS)
+    if isinstance(ops, str):
+        ops = [o.strip() for o in ops.split(",") if o.strip()]
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        raise ValueError(f"unknown ops {bad}; choose from {OPS} or 'all'")
+    return set(ops)
+
+
+def _block_reason(block):
+    """Why this block cannot be patched (None: it can)."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+    attn = block.attn
+    proc = attn.processor
+    if type(proc) is not QwenDoubleStreamAttnProcessor2_0:
+        return f"attention processor is {type(proc).__name__}, not QwenDoubleStreamAttnProcessor2_0"
+    for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+        nm = getattr(attn, n, None)
+        if nm is None or getattr(nm, "weight", None) is None:
+            return f"attn.{n} is missing or has no weight (fused QK-norm needs RMSNorm weights)"
+    for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+        if getattr(attn, n, None) is None:
+            return f"attn.{n} is missing"
+    if attn.inner_dim % attn.heads or (attn.inner_dim // attn.heads) % 2:
+        return f"head_dim {attn.inner_dim}/{attn.heads} is not an even integer"
+    return None
+
+
+def _plain_linears(block) -> bool:
+    a = block.attn
+    return all(type(getattr(a, n)) is torch.nn.Linear
+               for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"))
+
+
+def is_patched(model_or_pipeline) -> bool:
+    try:
+        return hasattr(_resolve(model_or_pipeline), _ATTR)
+    except TypeError:
+        return False
+
+
+def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, verify: bool = False,
+          qk_path: str = "auto", probe: bool = True) -> PatchReport:
+    """Put every block of a diffusers ``QwenImageTransformer2DModel`` (or ``pipeline.transformer``) on
+    fused ops, in place, per instance. Returns a :class:`PatchReport`.
+
+    ``ops``: "all" or a subset of ("modulation", "qk_norm_rope", "attention") (list or comma string);
+    pieces left out run the stock code. ``attention_backend``: None (automatic) or a
+    ``fused_dit.attention`` backend name (fa3, fa4, cudnn, fa2, efficient, math). ``verify``: the first
+    forward runs stock and fused on the same inputs and fills ``report.verify`` (max_abs, rel_fro).
+    ``qk_path``: "auto" (joint buffers in eager, ``qk_norm_rope_cat`` under torch.compile), "joint" or
+    "cat". ``probe``: run the fused block once on a tiny input at patch time; a ``FusedDitInputError``
+    leaves the model stock with the reason. Patching twice re-patches with the new options.
+    """
+    model = _resolve(model_or_pipeline)
+    if hasattr(model, _ATTR):
+        unpatch(model)
+    ops_set = _parse_ops(ops)
+    if qk_path not in QK_PATHS:
+        raise ValueError(f"qk_path must be one of {QK_PATHS}, got {qk_path!r}")
+    p = next(model.parameters())
+    report = PatchReport(model=f"{type(model).__name__}(layers={len(model.transformer_blocks)}, "
+                               f"zero_cond_t={bool(model.zero_cond_t)}, dtype={str(p.dtype).replace('torch.', '')}, "
+                               f"device={p.device})",
+                         options=dict(ops=",".join(o for o in OPS if o in ops_set) or "none",
+                                      attention_backend=attention_backend or "auto", qk_path=qk_path,
+                                      verify=verify))
+    if p.dtype not in _DTYPES:
+        report.stock["model"] = f"dtype {p.dtype} not supported (fp32, bf16, fp16)"
+        return report
+    if not ops_set:
+        report.stock["model"] = "ops=[] selects no fused op"
+        return report
+    ok_blocks = []
+    for i, block in enumerate(model.transformer_blocks):
+        why = _block_reason(block)
+        if why:
+            report.stock[f"transformer_blocks.{i}"] = why
+        else:
+            ok_blocks.append((i, block))
+    if not ok_blocks:
+        return report
+    if qk_path == "joint" and not all(_plain_linears(b) for _, b in ok_blocks):
+        qk_path = "cat"
+        report.stock["qk_path=joint"] = "projections are not plain nn.Linear (e.g. LoRA): using qk_path='cat'"
+
+    st = _State(ops_set, qk_path, report, verify)
+    for i, block in ok_blocks:
+        setattr(block, _ATTR, st)
+        block.forward = types.MethodType(fused_block_forward, block)
+        old = block.attn.processor
+        block.attn.set_processor(FusedQwenBlockAttnProcessor(st, old, attention_backend))
+        st.procs.append((block.attn, old))
+        st.patched_blocks.append(block)
+        report.swapped.append(f"transformer_blocks.{i}")
+    st.orig_pos_forward = model.pos_embed.forward
+    setattr(model.pos_embed, _ATTR, st)
+    model.pos_embed.forward = types.MethodType(_pos_embed_forward, model.pos_embed)
+    st.orig_model_forward = model.forward
+    setattr(model, _ATTR, st)
+    model.forward = types.MethodType(_model_forward, model)
+    report.swapped.insert(0, "pos_embed (RoPE tables once per forward, cached per shape)")
+    report.swapped.insert(0, "forward (text-mask check, verify)")
+    if "modulation" not in ops_set:
+        report.stock["modulation"] = "not selected in ops (stock LayerNorm + _modulate + residual)"
+    if "qk_norm_rope" not in ops_set:
+        report.stock["qk_norm_rope"] = "not selected in ops (stock RMSNorm, torch RoPE, torch.cat)"
+    if "attention" not in ops_set:
+        report.stock["attention"] = "not selected in ops (diffusers dispatch_attention_fn)"
+    if len(model.transformer_blocks) != len(ok_blocks):
+        pass  # reasons already listed per block
+
+    if probe:
+        why = _probe(model, ok_blocks[0][1])
+        if why:
+            unpatch(model)
+            report.swapped.clear()
+            report.stock["model"] = f"probe of the fused block failed: {why}"
+    return report
+
+
+@torch.no_grad()
+def _probe(model, block):
+    """Run the fused block on a tiny input of the model's dtype/device; the error text or None."""
+    p = next(model.parameters())
+    D = model.inner_dim
+    hd = block.attn.inner_dim // block.attn.heads
+    B, Li, Lt = 1, 4, 2
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.randn(B, Li, D, generator=g).to(p.device, p.dtype)
+    e = torch.randn(B, Lt, D, generator=g).to(p.device, p.dtype)
+    rows = 2 * B if block.zero_cond_t else B
+    temb = torch.randn(rows, D, generator=g).to(p.device, p.dtype)
+    idx = torch.tensor([[0, 0, 1, 1]], dtype=torch.int32, device=p.device) if block.zero_cond_t else None
+    tab = (torch.randn(Li, hd, generator=g).to(p.device), torch.randn(Lt, hd, generator=g).to(p.device))
+    try:
+        e2, h2 = block(h, e, None, temb, tab, None, idx)
+    except FusedDitInputError as ex:
+        return f"FusedDitInputError: {ex}"
+    if not (torch.isfinite(h2).all() and torch.isfinite(e2).all()):
+        return "non-finite output on a random probe input"
+    return None
+
+
+def unpatch(model_or_pipeline) -> bool:
+    """Undo :func:`patch` on this instance exactly (instance attributes removed, original processor
+    objects restored). Returns False when the model was not patched."""
+    model = _resolve(model_or_pipeline)
+    st = getattr(model, _ATTR, None) or getattr(model.pos_embed, _ATTR, None)
+    if st is None:
+        for b in model.transformer_blocks:
+            st = getattr(b, _ATTR, None)
+            if st is not None:
+                break
+    if st is None:
+        return False
+    for attn, old in st.procs:
+        attn.set_processor(old)
+    for block in st.patched_blocks:
+        block.__dict__.pop("forward", None)
+        block.__dict__.pop(_ATTR, None)
+    for m in (model, model.pos_embed):
+        m.__dict__.pop("forward", None)
+        m.__dict__.pop(_ATTR, None)
+    st.tables.clear()
+    return True

@@ -1,0 +1,280 @@
+"""fused_dit_ops.patch / unpatch on a diffusers QwenImageTransformer2DModel: stock vs patched.
+
+CPU (always): tiny random model, fp32. GPU (@pytest.mark.gpu): real dims (D 3072, 24 x 128), bf16,
+weights ~ N(0, 0.02); errors are measured against an fp32 copy of the same model, so the bound
+is "fused no worse than stock bf16 (x1.5), and within an absolute ceiling".
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import fused_dit_ops as fdo  # noqa: E402
+from fused_dit_ops.integrations import diffusers_qwen as dq  # noqa: E402
+from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs  # noqa: E402
+
+from helpers import rel_err  # noqa: E402
+
+# Measured on CPU fp32 (tiny model): rel_fro ~2.5e-7, max_abs ~7e-6 at |out| ~15.
+CPU_FP32_REL = 2e-6
+
+
+def _run(model, kw):
+    with torch.no_grad():
+        return model(**kw)[0]
+
+
+@pytest.fixture
+def tiny():
+    return build_qwen_image_transformer("tiny", seed=3)
+
+
+@pytest.mark.parametrize("zero_cond_t", [True, False])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("qk_path", ["joint", "cat"])
+def test_tiny_patched_matches_stock(zero_cond_t, batch, qk_path):
+    m = build_qwen_image_transformer("tiny", zero_cond_t=zero_cond_t, seed=1)
+    kw = make_qwen_inputs(m, batch=batch, seed=2)
+    ref = _run(m, kw)
+    report = fdo.patch(m, qk_path=qk_path)
+    assert not report.stock, report
+    out = _run(m, kw)
+    assert rel_err(out, ref) < CPU_FP32_REL
+    # the index is really exercised: another timestep changes the output a lot
+    kw2 = make_qwen_inputs(m, batch=batch, seed=2, timestep=0.1)
+    assert rel_err(_run(m, kw2), out) > 1e-2
+
+
+@pytest.mark.parametrize("ops", ["modulation", "qk_norm_rope", "attention", ["modulation", "attention"]])
+def test_op_subsets(tiny, ops):
+    kw = make_qwen_inputs(tiny, seed=5)
+    ref = _run(tiny, kw)
+    report = fdo.patch(tiny, ops=ops)
+    assert rel_err(_run(tiny, kw), ref) < CPU_FP32_REL
+    left = set(dq.OPS) - ({ops} if isinstance(ops, str) else set(ops))
+    assert left <= set(report.stock)
+
+
+def test_fused_ops_are_called(tiny):
+    kw = make_qwen_inputs(tiny)
+    fdo.patch(tiny)
+    with torch.profiler.profile() as prof:
+        _run(tiny, kw)
+    names = {e.name for e in prof.events()}
+    for op in ("norm_scale_shift", "gate_residual_norm_scale_shift", "gate_residual", "joint_qk_norm_rope_",
+               "attention"):
+        assert f"fused_dit::{op}" in names, op
+
+
+def test_unpatch_restores_bit_exact(tiny):
+    kw = make_qwen_inputs(tiny)
+    ref = _run(tiny, kw)
+    procs = [b.attn.processor for b in tiny.transformer_blocks]
+    fdo.patch(tiny)
+    assert fdo.unpatch(tiny)
+    assert torch.equal(_run(tiny, kw), ref)
+    assert [b.attn.processor for b in tiny.transformer_blocks] == procs
+    for mod in [tiny, tiny.pos_embed, *tiny.transformer_blocks]:
+        assert "forward" not in mod.__dict__ and dq._ATTR not in mod.__dict__
+    assert not fdo.unpatch(tiny)
+
+
+def test_patch_twice_and_per_instance():
+    a = build_qwen_image_transformer("tiny", seed=1)
+    b = build_qwen_image_transformer("tiny", seed=1)
+    kw = make_qwen_inputs(a)
+    fdo.patch(a)
+    fdo.patch(a, ops="attention")  # re-patch with other options
+    assert "forward" not in b.transformer_blocks[0].__dict__  # b untouched
+    assert rel_err(_run(a, kw), _run(b, kw)) < CPU_FP32_REL
+    fdo.unpatch(a)
+    assert torch.equal(_run(a, kw), _run(b, kw))
+
+
+def test_pipeline_like_object(tiny):
+    class Pipe:
+        transformer = tiny
+    report = fdo.patch(Pipe())
+    assert dq.is_patched(tiny) and report.swapped
+    fdo.unpatch(Pipe())
+    assert not dq.is_patched(tiny)
+    with pytest.raises(TypeError):
+        fdo.patch(torch.nn.Linear(2, 2))
+
+
+def test_report_and_verify(tiny):
+    kw = make_qwen_inputs(tiny)
+    report = fdo.patch(tiny, verify=True)
+    assert isinstance(report, fdo.PatchReport)
+    assert any(s.startswith("transformer_blocks.") for s in report.swapped)
+    assert "pending" in str(report)
+    assert report.verify is None
+    _run(tiny, kw)
+    v = report.verify
+    assert v is not None and v["finite"] and v["rel_fro"] < CPU_FP32_REL and v["max_abs"] < 1e-4
+    assert "verify: max_abs" in str(report)
+
+
+def test_text_mask(tiny):
+    kw = make_qwen_inputs(tiny, text_mask=True)
+    ref_none = _run(tiny, dict(kw, encoder_hidden_states_mask=None))
+    padded = kw["encoder_hidden_states_mask"].clone()
+    padded[:, -2:] = False
+    ref_pad = _run(tiny, dict(kw, encoder_hidden_states_mask=padded))
+    report = fdo.patch(tiny)
+    # all-ones mask: dropped, fused path
+    assert rel_err(_run(tiny, kw), ref_none) < CPU_FP32_REL
+    assert not report.runtime
+    # padded mask: the whole forward runs stock, bit-exact, and is counted
+    assert torch.equal(_run(tiny, dict(kw, encoder_hidden_states_mask=padded)), ref_pad)
+    assert sum(report.runtime.values()) == 1
+
+
+def test_unsupported_dtype_stays_stock():
+    m = build_qwen_image_transformer("tiny", dtype=torch.float64)
+    report = fdo.patch(m)
+    assert "model" in report.stock and "dtype" in report.stock["model"]
+    assert not dq.is_patched(m)
+
+
+def test_custom_processor_block_stays_stock(tiny):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    tiny.transformer_blocks[1].attn.set_processor(AttnProcessor2_0())
+    report = fdo.patch(tiny)
+    assert "transformer_blocks.1" in report.stock
+    assert "forward" not in tiny.transformer_blocks[1].__dict__
+
+
+def test_block_accepts_complex_freqs(tiny):
+    """A patched block called alone with diffusers' complex freqs (block benchmarks) converts them."""
+    kw = make_qwen_inputs(tiny)
+    block = tiny.transformer_blocks[0]
+    D = tiny.inner_dim
+    L_img, L_txt = kw["hidden_states"].shape[1], kw["encoder_hidden_states"].shape[1]
+    h, e = torch.randn(1, L_img, D), torch.randn(1, L_txt, D)
+    temb = torch.randn(2, D)
+    idx = torch.tensor([[0] * (L_img // 2) + [1] * (L_img // 2)], dtype=torch.int32)
+    freqs = tiny.pos_embed(kw["img_shapes"], max_txt_seq_len=L_txt, device=h.device)
+    with torch.no_grad():
+        ref = block(h, e, None, temb, freqs, None, idx)
+        fdo.patch(tiny)
+        out = block(h, e, None, temb, freqs, None, idx)
+        tabs = dq.as_rope_tables(freqs)
+        out2 = block(h, e, None, temb, tabs, None, idx)
+    for o, r in zip(out + out2, ref + ref):
+        assert rel_err(o, r) < CPU_FP32_REL
+
+
+def test_compile_block_fullgraph_no_recompile(tiny):
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+    kw = make_qwen_inputs(tiny)
+    fdo.patch(tiny)
+    eager = _run(tiny, kw)
+    dynamo.reset()
+    counters.clear()
+    for b in tiny.transformer_blocks:
+        b.compile(fullgraph=True, backend="aot_eager")
+    try:
+        with dynamo.config.patch(error_on_recompile=True):
+            out = _run(tiny, kw)
+            kw2 = make_qwen_inputs(tiny, timestep=0.3, seed=9)  # next "step"
+            out2 = _run(tiny, kw2)
+        assert rel_err(out, eager) < CPU_FP32_REL
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] == 1
+        fdo.unpatch(tiny)
+        from fused_dit_ops.demo import uncompile_blocks
+        uncompile_blocks(tiny)
+        assert rel_err(out2, _run(tiny, kw2)) < CPU_FP32_REL
+    finally:
+        dynamo.reset()
+
+
+def test_demo_cpu(capsys):
+    from fused_dit_ops.__main__ import main
+    assert main(["demo", "--device", "cpu", "--iters", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    for v in ("stock eager", "stock compile", "patched eager", "patched compile", "ms_per_layer", "rel_err"):
+        assert v in out
+
+
+# --- GPU: real dims ---------------------------------------------------------------------------------
+
+def _gpu_pair(layers, img_tokens=(4096, 4096)):
+    """(bf16 model, fp32 model with the same weights, bf16 inputs, fp32 inputs)."""
+    m = build_qwen_image_transformer("edit-2511", num_layers=layers, device="cuda", dtype=torch.bfloat16)
+    m32 = build_qwen_image_transformer("edit-2511", num_layers=layers, device="cuda", dtype=torch.float32)
+    m32.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+    kw = make_qwen_inputs(m, img_tokens=img_tokens, txt_len=208)
+    kw32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+    return m, m32, kw, kw32
+
+
+def _check_vs_fp32(m, m32, kw, kw32, ceiling, label):
+    ref32 = _run(m32, kw32)
+    stock = _run(m, kw)
+    report = fdo.patch(m)
+    assert not report.stock, report
+    fused = _run(m, kw)
+    e_stock, e_fused, e_pair = rel_err(stock, ref32), rel_err(fused, ref32), rel_err(fused, stock)
+    print(f"\n{label}: rel_fro vs fp32: stock bf16 {e_stock:.3e}, fused bf16 {e_fused:.3e}; fused vs stock "
+          f"{e_pair:.3e}, max_abs {(fused.float() - stock.float()).abs().max().item():.3e}")
+    assert e_fused < max(1.5 * e_stock, 1e-3), (e_fused, e_stock)
+    assert e_pair < ceiling
+    return fused
+
+
+@pytest.mark.gpu
+def test_gpu_one_block_real_dims():
+    torch.manual_seed(0)
+    fdo.warmup_rope()
+    m, m32, kw, kw32 = _gpu_pair(1)
+    _check_vs_fp32(m, m32, kw, kw32, ceiling=2e-2, label="1 block, L_img 8192 + L_txt 208")
+
+
+@pytest.mark.gpu
+def test_gpu_four_layers_real_dims():
+    m, m32, kw, kw32 = _gpu_pair(4)
+    _check_vs_fp32(m, m32, kw, kw32, ceiling=3e-2, label="4 layers, L_img 8192 + L_txt 208")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_gpu_compile_matches_eager(mode):
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+    from fused_dit_ops.demo import compile_blocks, uncompile_blocks
+    fdo.warmup_rope()
+    m = build_qwen_image_transformer("edit-2511", num_layers=2, device="cuda", dtype=torch.bfloat16)
+    kw = make_qwen_inputs(m, img_tokens=(1024, 1024), txt_len=208)
+    fdo.warmup_attention(seq_lens=(2048 + 208,), dtype=torch.bfloat16)
+    fdo.patch(m)
+    eager = _run(m, kw)
+    kw2 = make_qwen_inputs(m, img_tokens=(1024, 1024), txt_len=208, timestep=0.3, seed=4)
+    eager2 = _run(m, kw2)
+    dynamo.reset()
+    counters.clear()
+    compile_blocks(m, fullgraph=True, mode=mode)
+    try:
+        with dynamo.config.patch(error_on_recompile=True):
+            outs = [_run(m, kw).clone(), _run(m, kw2).clone(), _run(m, kw).clone(), _run(m, kw2).clone()]
+        torch.cuda.synchronize()
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        for o, r in zip(outs, [eager, eager2, eager, eager2]):
+            e = rel_err(o, r)
+            print(f"\ncompile mode={mode}: rel vs eager {e:.3e}")
+            assert e < 1e-2
+    finally:
+        uncompile_blocks(m)
+        dynamo.reset()
+        fdo.unpatch(m)
+
+
+@pytest.mark.gpu
+def test_gpu_demo_runs(capsys):
+    from fused_dit_ops.demo import run_demo
+    rows = run_demo(layers=1, img_tokens=(1024, 1024), iters=2, warmup=1)
+    assert len(rows) == 4 and all(r["rel_err"] < 3e-2 for r in rows)
