@@ -234,11 +234,56 @@ class LayerProfile:
 
 # -- marking one block --------------------------------------------------------------------------------
 
+class _MarkedBlock(torch.nn.Module):
+    """Stands in for a block inside its parent while profiling: the block's call, in a named range."""
+
+    def __init__(self, inner: torch.nn.Module, label: str, sync: bool):
+        super().__init__()
+        self.inner = inner
+        self._label, self._sync = label, sync
+
+    def forward(self, *args, **kwargs):
+        if self._sync:
+            torch.cuda.synchronize()
+        with torch.profiler.record_function(self._label):
+            out = self.inner(*args, **kwargs)
+            if self._sync:
+                torch.cuda.synchronize()
+        return out
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+def find_parent(root: torch.nn.Module, block: torch.nn.Module):
+    """(parent, attribute name) of ``block`` among ``root``'s modules, or None."""
+    for mod in root.modules():
+        for name, child in mod._modules.items():
+            if child is block:
+                return mod, name
+    return None
+
+
 @contextlib.contextmanager
-def mark_block(block: torch.nn.Module, label: str = MARK, sync: bool = False):
+def mark_block(block: torch.nn.Module, label: str = MARK, sync: bool = False, root: torch.nn.Module | None = None):
     """While active, every call of ``block`` runs inside ``record_function(label)`` (and, with
-    ``sync``, between two ``torch.cuda.synchronize()``). Works with compiled blocks: the marker
-    wraps ``__call__``, outside the compiled ``_call_impl``."""
+    ``sync``, between two ``torch.cuda.synchronize()``). The range is opened outside the block's
+    own (possibly compiled) call. With ``root`` (the model), the block is replaced in its parent by
+    a wrapper for the duration (the block object itself is untouched: no dynamo recompilation);
+    without, the block's class is swapped for a subclass with a wrapping ``__call__`` (a compiled
+    block then recompiles once, on the type guard)."""
+    where = find_parent(root, block) if root is not None else None
+    if where is not None:
+        parent, name = where
+        parent._modules[name] = _MarkedBlock(block, label, sync)
+        try:
+            yield block
+        finally:
+            parent._modules[name] = block
+        return
     cls = block.__class__
 
     def __call__(self, *args, **kwargs):
@@ -337,14 +382,17 @@ def extract_block(events: Sequence, label: str = MARK, occurrence: int = 0, devi
                         range_us=t1 - t0, span_us=span)
 
 
-def profile_layer(run: Callable[[], object], block: torch.nn.Module, *, warmup: int = 2, label: str | None = None,
-                  occurrence: int = 0, trace: str | Path | None = None, device: str | None = None,
-                  sync: bool | None = None) -> LayerProfile:
+def profile_layer(run: Callable[[], object], block: torch.nn.Module, *, model: torch.nn.Module | None = None,
+                  warmup: int = 2, label: str | None = None, occurrence: int = 0, trace: str | Path | None = None,
+                  device: str | None = None, sync: bool | None = None) -> LayerProfile:
     """Profile ``run()`` (e.g. ``lambda: model(**inputs)``) and return the kernels of ``block``.
 
-    ``warmup`` unprofiled runs first (compilation, autotuning, allocator), plus one with the marker
-    in place; then one profiled run. ``occurrence``: which call of the block to cut out when
-    ``run`` calls it several times. ``trace``: write the chrome trace (one whole forward) there.
+    ``model``: the module that contains ``block`` (recommended: the block is then marked through
+    its parent, see :func:`mark_block`). ``warmup`` unprofiled runs first (compilation,
+    autotuning, allocator), plus one with the marker in place; then one profiled run.
+    ``occurrence``: which call of the block to cut out when ``run`` calls it several times.
+    ``trace``: write the chrome trace (the whole profiled run) there. ``sync`` (default: on CUDA)
+    brackets the block with ``torch.cuda.synchronize()`` so its kernels run inside its range.
     """
     if device is None:
         p = next(block.parameters(), None)
@@ -364,7 +412,7 @@ def profile_layer(run: Callable[[], object], block: torch.nn.Module, *, warmup: 
         acts = [torch.profiler.ProfilerActivity.CPU]
         if cuda:
             acts.append(torch.profiler.ProfilerActivity.CUDA)
-        with mark_block(block, label, sync=sync):
+        with mark_block(block, label, sync=sync, root=model):
             run()  # a swapped class may cost a dynamo recompile: keep it out of the profile
             _sync()
             with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
@@ -509,7 +557,8 @@ def run_profile(a: str = "stock", b: str = "patched", *, config: str | None = No
         try:
             block = model.transformer_blocks[layer]
             path = Path(trace) / f"profile-{i}-{name}.json" if trace else None
-            prof = profile_layer(lambda: model(**inputs), block, warmup=warmup, trace=path, device=device)
+            prof = profile_layer(lambda: model(**inputs), block, model=model, warmup=warmup, trace=path,
+                                 device=device)
             prof.meta.update(info)
             if path:
                 prof.meta["trace"] = str(path)
