@@ -512,7 +512,7 @@ def write_png(profiles: Sequence[LayerProfile], names: Sequence[str], path: str 
     h = 0.8 / max(1, len(profiles))
     fig, ax = plt.subplots(figsize=(11, 0.35 * len(keys) + 1.5))
     for j, (s, n, p) in enumerate(zip(sums, names, profiles)):
-        ys = [i + j * h for i in range(len(keys))]
+        ys = [i + (len(profiles) - 1 - j) * h for i in range(len(keys))]  # first configuration on top
         ax.barh(ys, [s.get(k, {}).get("us", 0.0) for k in keys], height=h,
                 label=f"{n} (total {p.total_us:.0f} us)")
     ax.set_yticks([i + 0.4 - h / 2 for i in range(len(keys))])
