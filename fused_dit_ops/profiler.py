@@ -336,9 +336,11 @@ def extract_block(events: Sequence, label: str = MARK, occurrence: int = 0, devi
         cpu = [e for e in events if not _is_device_event(e)]
         frontend = {e.id: e for e in cpu if getattr(e, "linked_correlation_id", 0) == 0}
         runtime = {e.id: e for e in cpu if getattr(e, "linked_correlation_id", 0) > 0}
+        # GPU-side copies of record_function ranges carry the range's name: never kernels
+        annotation_names = {e.name for e in cpu if getattr(e, "is_user_annotation", False)}
         picked = []
         for k in events:
-            if not _is_device_event(k) or _is_annotation(k, label):
+            if not _is_device_event(k) or _is_annotation(k, label) or k.name in annotation_names:
                 continue
             rt = runtime.get(k.id)
             if rt is not None:

@@ -15,6 +15,25 @@ from fused_dit_ops.bench import BENCHES, _configs
 from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs
 
 
+@pytest.fixture(autouse=True)
+def _diffusers_default_attention_backend():
+    """diffusers keeps a process-wide active attention backend that ``set_attention_backend``
+    changes and ``reset_attention_backend`` does not restore; earlier tests may leave it on a
+    GPU-only backend. These tests run the models as built: put the default back around each."""
+    try:
+        from diffusers.models.attention_dispatch import DIFFUSERS_ATTN_BACKEND, AttentionBackendName
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry as reg
+    except ImportError:
+        yield
+        return
+    old = reg._active_backend
+    reg._active_backend = AttentionBackendName(DIFFUSERS_ATTN_BACKEND)
+    try:
+        yield
+    finally:
+        reg._active_backend = old
+
+
 def _check_profiles(profiles, names):
     assert len(profiles) == 2
     for p in profiles:
@@ -144,7 +163,10 @@ def test_extract_block_cuda_like_events():
         ev("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16> >()",
            190, 199, dev="CUDA", id=902, linked=4),  # runs inside the range but launched after it: excluded
         ev(profiler.MARK, 150, 195, dev="CUDA", id=903),  # GPU copy of the range: not a kernel
+        ev("my_range", 140, 199, id=5),
+        ev("my_range", 150, 199, dev="CUDA", id=904),  # GPU copy of a nested range: not a kernel
     ]
+    events[-2].is_user_annotation = True
     p = profiler.extract_block(events)
     assert p.device == "cuda"
     assert [k.short for k in p.kernels] == ["vectorized_elementwise_kernel<CUDAFunctor_add>", "sm90_xmma_gemm_bf16"]
