@@ -26,6 +26,17 @@ def _run(model, kw):
         return model(**kw)[0]
 
 
+@pytest.fixture(autouse=True)
+def _native_diffusers_backend():
+    """``model.set_attention_backend`` sets a process-wide active backend in diffusers (a test in
+    test_attention.py leaves "_flash_3" active); the stock reference must run diffusers' default."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    old = _AttentionBackendRegistry._active_backend
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+    yield
+    _AttentionBackendRegistry.set_active_backend(old)
+
+
 @pytest.fixture
 def tiny():
     return build_qwen_image_transformer("tiny", seed=3)
