@@ -25,6 +25,11 @@ def _cmd_bench(args) -> int:
     return importlib.import_module(BENCHES[args.name]).main(args.rest)
 
 
+def _cmd_profile(rest) -> int:
+    from .profiler import main as profile_main
+    return profile_main(rest)
+
+
 def _cmd_demo(args) -> int:
     from .demo import main as demo_main
     return demo_main(args.rest)
@@ -34,6 +39,9 @@ def main(argv=None) -> int:
     _argv = list(sys.argv[1:] if argv is None else argv)
     if _argv[:1] == ["demo"]:  # argparse REMAINDER cannot start with an option (--device ...)
         return _cmd_demo(argparse.Namespace(rest=_argv[1:]))
+    # `profile` takes its own options (--a, --b, ...): hand them over before argparse sees them
+    if _argv[:1] == ["profile"]:
+        return _cmd_profile(_argv[1:])
     p = argparse.ArgumentParser(prog="python -m fused_dit_ops", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("env", help="versions, GPU, compiled extension, optional backends")
@@ -43,6 +51,8 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="benchmarks (GPU); JSON written to bench/results/")
     b.add_argument("name", help="which benchmark: modulation, ...")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for that benchmark (see its --help)")
+    sub.add_parser("profile", help="one block of one forward, two configurations, kernel by kernel "
+                   "(see profile --help)")
     d = sub.add_parser("demo", help="stock vs fused diffusers Qwen-Image-Edit transformer: ms/layer, speedup, error",
                        add_help=False)
     d.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the demo (see demo --help)")

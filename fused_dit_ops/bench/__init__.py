@@ -6,4 +6,7 @@ BENCHES = {
     "qkv": "fused_dit_ops.bench.qkv",
     # -- attention (issue 4) --
     "attention": "fused_dit_ops.bench.attention",
+    # -- end to end (issue 7): one block, the whole transformer --
+    "block": "fused_dit_ops.bench.block",
+    "model": "fused_dit_ops.bench.model",
 }

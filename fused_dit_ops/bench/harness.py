@@ -170,3 +170,44 @@ def format_table(rows: Sequence[dict], columns: Iterable[str]) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def time_us_on(device, fn: Callable[[], object], *, warmup_ms: int = 25, rep_ms: int = 200,
+               cpu_reps: int = 5) -> float:
+    """Median time of fn() in microseconds on ``device``: :func:`time_us` on CUDA; on CPU the
+    median of ``cpu_reps`` wall-clock calls after one warm-up call (smoke runs, not numbers)."""
+    import time
+    if torch.device(device).type == "cuda":
+        return time_us(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    fn()
+    ts = []
+    for _ in range(max(1, cpu_reps)):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return 1e6 * ts[len(ts) // 2]
+
+
+_CPU_COPY_BW: float | None = None
+
+
+def device_copy_bandwidth_bytes_per_s(device) -> float:
+    """Copy rate (bytes read + written per second) of ``device``: :func:`copy_bandwidth_bytes_per_s`
+    on CUDA; on CPU a 64 MiB tensor copy timed with the wall clock (best of 5), once per process."""
+    global _CPU_COPY_BW
+    if torch.device(device).type == "cuda":
+        return copy_bandwidth_bytes_per_s()
+    if _CPU_COPY_BW is None:
+        import time
+        n = 64 * 1024 * 1024
+        src = torch.empty(n, dtype=torch.uint8).random_(0, 255)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - t0)
+        _CPU_COPY_BW = 2 * n / best
+    return _CPU_COPY_BW

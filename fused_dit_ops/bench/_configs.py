@@ -1,0 +1,131 @@
+"""Model configurations shared by ``profile``, ``bench block`` and ``bench model``.
+
+A configuration is applied to a model in place and undone afterwards, so one copy of the weights
+serves every configuration (the 60-layer bf16 model is ~41 GB):
+
+- ``stock``: the diffusers model as built;
+- ``patched``: ``fused_dit_ops.patch(model)``;
+- ``stock-compile`` / ``patched-compile``: the same, then regional compilation of the transformer
+  blocks (diffusers' ``compile_repeated_blocks``: one block compiled once, reused by every layer).
+
+``X-eager`` is accepted as a synonym of ``X``.
+"""
+from __future__ import annotations
+
+import torch
+
+CONFIGS = ("stock", "patched", "stock-compile", "patched-compile")
+
+
+def normalize(name: str) -> str:
+    n = name.strip().lower().replace("_", "-")
+    if n.endswith("-eager"):
+        n = n[: -len("-eager")]
+    if n == "compile":
+        n = "stock-compile"
+    if n not in CONFIGS:
+        raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)} "
+                         "(or stock-eager / patched-eager)")
+    return n
+
+
+def is_patched(name: str) -> bool:
+    return normalize(name).startswith("patched")
+
+
+def is_compiled(name: str) -> bool:
+    return normalize(name).endswith("compile")
+
+
+def _patch_api():
+    import fused_dit_ops
+    patch, unpatch = getattr(fused_dit_ops, "patch", None), getattr(fused_dit_ops, "unpatch", None)
+    if patch is None or unpatch is None:
+        raise RuntimeError("fused_dit_ops.patch()/unpatch() are not available in this checkout; "
+                           "use the stock configurations")
+    return patch, unpatch
+
+
+def patch_available() -> bool:
+    try:
+        _patch_api()
+        return True
+    except RuntimeError:
+        return False
+
+
+def compile_blocks(model, fullgraph: bool = True) -> str:
+    """Regional compilation of the repeated blocks; returns how it was done."""
+    if getattr(model, "_repeated_blocks", None) and hasattr(model, "compile_repeated_blocks"):
+        model.compile_repeated_blocks(fullgraph=fullgraph)
+        return "compile_repeated_blocks"
+    for block in model.transformer_blocks:
+        block.compile(fullgraph=fullgraph)
+    return "block.compile"
+
+
+def uncompile(model) -> None:
+    """Undo ``nn.Module.compile`` on every submodule and drop dynamo's caches."""
+    for m in model.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def apply(model, name: str, *, fullgraph: bool = True) -> dict:
+    """Put ``model`` into configuration ``name`` (in place). Returns a small info dict."""
+    name = normalize(name)
+    info: dict = {"config": name}
+    if is_patched(name):
+        patch, _ = _patch_api()
+        report = patch(model)
+        info["patch"] = str(report)
+    if is_compiled(name):
+        info["compile"] = compile_blocks(model, fullgraph=fullgraph)
+    return info
+
+
+def reset(model, name: str) -> None:
+    """Undo :func:`apply` (uncompile, then unpatch)."""
+    name = normalize(name)
+    if is_compiled(name):
+        uncompile(model)
+    if is_patched(name):
+        _, unpatch = _patch_api()
+        unpatch(model)
+
+
+def parse_tokens(spec) -> tuple:
+    """"4096,4096" -> (4096, 4096); ints pass through."""
+    if spec is None:
+        return None
+    if isinstance(spec, (tuple, list)):
+        return tuple(int(v) for v in spec)
+    return tuple(int(v) for v in str(spec).split(",") if v.strip())
+
+
+def resolve_device(device: str | None, tiny: bool, prog: str) -> str | None:
+    """The device a benchmark runs on, or None (after printing why) when it cannot run: real
+    shapes need CUDA; ``--tiny`` runs the tiny config anywhere (a smoke run, not a measurement)."""
+    import sys
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        print(f"{prog}: needs a CUDA GPU (torch.cuda.is_available() is False); "
+              "for a CPU smoke run use --device cpu --tiny", file=sys.stderr)
+        return None
+    if torch.device(device).type != "cuda" and not tiny:
+        print(f"{prog}: real shapes need a CUDA GPU; for a CPU smoke run use --device cpu --tiny",
+              file=sys.stderr)
+        return None
+    return device
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| (fp32)."""
+    out, ref = out.float(), ref.float()
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))

@@ -1,0 +1,194 @@
+"""``python -m fused_dit_ops bench model``: the whole Qwen-Image-Edit-2511 transformer forward.
+
+The model (60 layers by default, random bf16 weights, ~41 GB: fits an 80 GB H100) is built once;
+each provider is applied to it in place and undone afterwards (no second copy of the weights):
+
+- ``stock-eager``: diffusers as built;
+- ``stock-compile``: ``model.compile_repeated_blocks(fullgraph=True)`` (one block compiled once,
+  reused by all layers);
+- ``patched-eager``: ``fused_dit_ops.patch(model)``;
+- ``patched-compile``: patched, then ``compile_repeated_blocks(fullgraph=True)``.
+
+A CFG step is two forwards, as the Edit pipeline runs them: the conditional one (text length
+225 by default) and the unconditional one (208), each at the Edit image shape (target + reference,
+4096 + 4096 tokens, zero_cond_t). Each provider: ``--warmup`` steps (compilation happens here;
+with two text lengths the compiled block is specialised once per length unless ``--dynamic``),
+then ``--steps`` timed steps (CUDA events). Reported: ms per forward (cond, uncond, mean), s per
+CFG step, speedup over stock eager, warm-up seconds, and the output's max relative difference
+from stock eager. Targets on an H100: forward <= 265 ms, i.e. <= 0.53 s per CFG step (published
+best 0.63 s). ``--providers`` picks a subset (each compile provider costs a few minutes of
+compilation); ``--device cpu --tiny`` is a smoke run of the same code.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+
+import torch
+
+from . import _configs, harness
+
+PROVIDERS = ("stock-eager", "stock-compile", "patched-eager", "patched-compile")
+TARGET_FORWARD_MS = 265.0
+TARGET_STEP_S = 0.53
+REFERENCE_STEP_S = {"published best": 0.63}
+
+
+class _Timer:
+    """Elapsed milliseconds between marks: CUDA events on CUDA, the wall clock elsewhere."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def ms(self, a, b) -> float:
+        if self.cuda:
+            return a.elapsed_time(b)
+        return 1e3 * (b - a)
+
+
+def run_provider(model, cond: dict, uncond: dict, provider: str, device: str, *, warmup: int, steps: int,
+                 dynamic: bool) -> tuple[dict, torch.Tensor]:
+    name = _configs.normalize(provider)
+    timer = _Timer(device)
+    ctx = contextlib.nullcontext()
+    if _configs.is_compiled(name) and not dynamic:
+        ctx = torch._dynamo.config.patch(automatic_dynamic_shapes=False)
+    info = _configs.apply(model, name)
+    try:
+        with ctx, torch.no_grad():
+            t0 = time.perf_counter()
+            for _ in range(warmup):
+                model(**cond)
+                model(**uncond)
+            _configs.synchronize(device)
+            warm_s = time.perf_counter() - t0
+            marks = []
+            for _ in range(steps):
+                a = timer.mark()
+                model(**cond)
+                b = timer.mark()
+                model(**uncond)
+                c = timer.mark()
+                marks.append((a, b, c))
+            _configs.synchronize(device)
+            cond_ms = [timer.ms(a, b) for a, b, _ in marks]
+            uncond_ms = [timer.ms(b, c) for _, b, c in marks]
+            step_ms = [timer.ms(a, c) for a, _, c in marks]
+            out = model(**cond)[0].detach()
+            _configs.synchronize(device)
+    finally:
+        _configs.reset(model, name)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    med = statistics.median
+    row = {"provider": provider, "ms_cond": med(cond_ms), "ms_uncond": med(uncond_ms),
+           "ms_forward": 0.5 * (med(cond_ms) + med(uncond_ms)), "s_per_step": med(step_ms) / 1e3,
+           "warmup_s": warm_s, "compile": info.get("compile", "")}
+    return row, out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fused_dit_ops bench model", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list from {', '.join(PROVIDERS)}")
+    ap.add_argument("--layers", type=int, default=None, help="model depth (default 60; --tiny: 2)")
+    ap.add_argument("--config", default="edit-2511", help="model config (default edit-2511)")
+    ap.add_argument("--tokens", default=None, help="image tokens, target first (default 4096,4096)")
+    ap.add_argument("--txt-len", default=None, help="text tokens of the cond,uncond forwards (default 225,208; "
+                                                    "--tiny: 9,7)")
+    ap.add_argument("--steps", type=int, default=5, help="timed CFG steps per provider (default 5)")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up CFG steps per provider (default 2)")
+    ap.add_argument("--dynamic", action="store_true",
+                    help="let dynamo mark the text length dynamic (default: one static graph per length)")
+    ap.add_argument("--dtype", default="bf16", help="bf16 (default), fp16; fp32 with --tiny on CPU")
+    ap.add_argument("--device", default=None, help="cuda (default) or cpu with --tiny")
+    ap.add_argument("--tiny", action="store_true", help="tiny config: a smoke run (CPU ok), not a measurement")
+    ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
+    args = ap.parse_args(argv)
+    device = _configs.resolve_device(args.device, args.tiny, "bench model")
+    if device is None:
+        return 2
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    for p in providers:
+        _configs.normalize(p)
+    if any(_configs.is_patched(p) for p in providers) and not _configs.patch_available():
+        print("bench model: fused_dit_ops.patch() is not available; dropping the patched providers", file=sys.stderr)
+        providers = [p for p in providers if not _configs.is_patched(p)]
+
+    from ..models import build_qwen_image_transformer, make_qwen_inputs
+    from ..profiler import _dtype
+    config = "tiny" if args.tiny else args.config
+    layers = args.layers or (2 if args.tiny else 60)
+    dtype = torch.float32 if (args.tiny and torch.device(device).type == "cpu") else _dtype(args.dtype)
+    txt = _configs.parse_tokens(args.txt_len) or ((9, 7) if args.tiny else (225, 208))
+    if len(txt) != 2:
+        raise SystemExit("--txt-len takes two lengths: cond,uncond")
+    t0 = time.perf_counter()
+    model = build_qwen_image_transformer(config, num_layers=layers, device=device, dtype=dtype)
+    _configs.synchronize(device)
+    build_s = time.perf_counter() - t0
+    tokens = _configs.parse_tokens(args.tokens)
+    cond = make_qwen_inputs(model, img_tokens=tokens, txt_len=txt[0], seed=1)
+    uncond = make_qwen_inputs(model, img_tokens=tokens, txt_len=txt[1], seed=2)
+    uncond["hidden_states"] = cond["hidden_states"]  # CFG: same latents, two prompts
+    n_params = sum(p.numel() for p in model.parameters())
+    shape = {"config": config, "layers": layers, "dtype": str(dtype), "params": n_params,
+             "weights_gb": round(n_params * dtype.itemsize / 1e9, 2),
+             "img_tokens": cond["hidden_states"].shape[1], "img_shapes": [list(s) for s in cond["img_shapes"][0]],
+             "txt_len_cond": txt[0], "txt_len_uncond": txt[1], "zero_cond_t": bool(model.config.zero_cond_t)}
+    print(f"bench model: {shape}, device {device}, built in {build_s:.1f} s")
+
+    rows, ref = [], None
+    for p in providers:
+        try:
+            row, out = run_provider(model, cond, uncond, p, device, warmup=args.warmup, steps=args.steps,
+                                    dynamic=args.dynamic)
+        except Exception as e:  # keep the other providers' numbers
+            print(f"  {p}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            rows.append({"provider": p, "error": f"{type(e).__name__}: {e}"[:500]})
+            _configs.uncompile(model)
+            continue
+        if ref is None and _configs.normalize(p) == "stock":
+            ref = out
+        row["max_rel_diff_vs_stock"] = _configs.rel_err(out, ref) if ref is not None else None
+        rows.append(row)
+        print(f"  {p}: {row['ms_forward']:.1f} ms/forward, {row['s_per_step']:.3f} s/step "
+              f"(warm-up {row['warmup_s']:.1f} s)", flush=True)
+    base = next((r["ms_forward"] for r in rows if r.get("provider") == "stock-eager" and "ms_forward" in r), None)
+    for r in rows:
+        if "ms_forward" in r:
+            r["speedup_vs_stock_eager"] = base / r["ms_forward"] if base else None
+    print(harness.format_table(rows, ["provider", "ms_cond", "ms_uncond", "ms_forward", "s_per_step",
+                                      "speedup_vs_stock_eager", "warmup_s", "max_rel_diff_vs_stock", "error"]))
+    verdict = None
+    best = [r for r in rows if _configs.is_patched(r["provider"]) and "ms_forward" in r]
+    if best and not args.tiny and layers == 60:
+        b = min(best, key=lambda r: r["ms_forward"])
+        verdict = b["ms_forward"] <= TARGET_FORWARD_MS
+        print(f"target: forward <= {TARGET_FORWARD_MS:.0f} ms (<= {TARGET_STEP_S} s per CFG step): "
+              f"{'met' if verdict else 'NOT met'} by {b['provider']} ({b['ms_forward']:.1f} ms, "
+              f"{b['s_per_step']:.3f} s/step)")
+    if torch.device(device).type == "cuda":
+        shape["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    path = harness.write_results("model" + ("-tiny" if args.tiny else ""), rows,
+                                 extra={"shape": shape, "device": device, "build_s": build_s,
+                                        "steps": args.steps, "warmup": args.warmup, "dynamic": args.dynamic,
+                                        "target_forward_ms": TARGET_FORWARD_MS, "target_step_s": TARGET_STEP_S,
+                                        "target_met": verdict, "reference_step_s": REFERENCE_STEP_S},
+                                 out_dir=args.out)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,618 @@
+"""Layer profiler: fix one step and one layer, compare two configurations kernel by kernel.
+
+``python -m fused_dit_ops profile`` builds the demo model (a Qwen-Image-Edit-2511 transformer with
+random weights; the tiny config on CPU), runs it in two configurations (``--a`` / ``--b``: stock,
+patched, stock-compile, patched-compile), captures one forward of each with ``torch.profiler``,
+cuts out the kernels of one transformer block (``--layer``) and prints them side by side: name,
+count, time, share of the block, the totals, and for memory-bound kernels the bandwidth-floor
+ratio (minimum bytes moved / (measured copy bandwidth x time); 100% = as fast as a copy).
+
+How one block is cut out: the block's class is swapped, for the profiled forward only, for a
+subclass whose ``__call__`` wraps the call in ``torch.profiler.record_function`` (outside any
+compiled region, so it works with ``compile_repeated_blocks`` too). On CUDA the call is also
+bracketed by ``torch.cuda.synchronize()``, so the block's kernels run inside its time range; a
+kernel is assigned to the block when the CPU launch that produced it (matched by correlation id)
+lies inside the range, or, for a kernel without a matched launch, when its midpoint does. On CPU
+the "kernels" are the CPU ops of the range, each counted with its self time.
+
+The same functions work on any model: see ``docs/profiler.md`` (:func:`profile_layer`,
+:func:`format_comparison`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sys
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+MARK = "fused_dit.profile_block"
+
+# -- what counts as memory-bound, and how many bytes an op must move at least -----------------------
+
+# aten ops whose minimum traffic is "read every input, write one output as large as the largest input"
+_ELEMENTWISE = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "where", "neg", "exp", "tanh", "sigmoid",
+    "silu", "silu_", "gelu", "gelu_", "relu", "relu_", "pow", "rsqrt", "sqrt", "addcmul", "addcmul_",
+    "clamp", "clamp_", "clip", "masked_fill", "masked_fill_", "eq", "ne", "lt", "gt", "le", "ge",
+    "native_layer_norm", "layer_norm", "rms_norm", "_fused_rms_norm", "native_group_norm", "softmax",
+    "_softmax", "view_as_real", "view_as_complex", "sum", "mean", "fill_", "zero_",
+    "_to_copy", "clone", "contiguous", "copy_", "cat", "stack", "index_select", "gather",
+}
+# fused_dit ops: number of activation-sized outputs written (in-place / out= variants: 0, their
+# outputs are already among the inputs); attention is compute-bound (absent here).
+_FUSED_WRITES = {
+    "scale_shift_gate": 1, "norm_scale_shift": 1, "gate_residual_norm_scale_shift": 2, "gate_residual": 1,
+    "rope": None, "joint_qkv_cat": "sum", "joint_qkv_cat_out": 0, "qk_norm_rope_cat": "sum",
+    "qk_norm_rope_cat_out": 0, "joint_qk_norm_rope_": None,
+}
+# kernel-name hints for GPU kernels whose launching op is unknown or opaque (e.g. inductor's)
+_MEMBOUND_KERNEL = re.compile(r"elementwise|reduce_kernel|layer_norm|rms_norm|norm_kernel|cat_|CatArray|"
+                              r"copy|Memcpy|Memset|triton_poi|triton_per|triton_red|_scale_shift|"
+                              r"_gate_residual|_norm_scale_shift|_joint_qk|rope|qkv_cat", re.I)
+_COMPUTE_KERNEL = re.compile(r"gemm|cutlass|xmma|flash|fmha|attention|sm90_|sm80_|cublas|triton_tem|mm_",
+                             re.I)
+
+_ITEMSIZE = {
+    "c10::BFloat16": 2, "c10::Half": 2, "float": 4, "double": 8, "int": 4, "long int": 8, "bool": 1,
+    "unsigned char": 1, "signed char": 1, "short int": 2, "c10::Float8_e4m3fn": 1, "c10::Float8_e5m2": 1,
+    "c10::complex<float>": 8, "c10::complex<double>": 16,
+}
+
+
+def _op_base(op: str) -> tuple[str, str]:
+    """"aten::add_" -> ("aten", "add_"); "fused_dit::rope" -> ("fused_dit", "rope")."""
+    if "::" in op:
+        ns, base = op.split("::", 1)
+        return ns, base
+    return "", op
+
+
+def op_is_memory_bound(op: str) -> bool | None:
+    """True / False for ops we know; None for unknown ones."""
+    ns, base = _op_base(op)
+    if ns == "fused_dit":
+        return base in _FUSED_WRITES
+    if ns == "aten":
+        if base in _ELEMENTWISE:
+            return True
+        if any(s in base for s in ("mm", "linear", "conv", "attention", "flash", "efficient", "cudnn")):
+            return False
+    return None
+
+
+def kernel_is_memory_bound(kernel_name: str, op: str = "") -> bool:
+    by_op = op_is_memory_bound(op) if op else None
+    if by_op is not None:
+        return by_op
+    if _COMPUTE_KERNEL.search(kernel_name):
+        return False
+    return bool(_MEMBOUND_KERNEL.search(kernel_name))
+
+
+def _flatten_shapes(shapes, dtypes):
+    out = []
+    for s, d in zip(shapes or [], dtypes or []):
+        if isinstance(s, (list, tuple)) and s and all(isinstance(v, int) for v in s):
+            size = _ITEMSIZE.get(d)
+            if size is None:
+                return None  # a tensor of unknown dtype: give up rather than guess
+            n = 1
+            for v in s:
+                n *= v
+            out.append(n * size)
+    return out
+
+
+def op_min_bytes(op: str, shapes, dtypes) -> int | None:
+    """Minimum bytes an op moves (reads of every tensor input + the writes it must do), from the
+    input shapes the profiler recorded; None where that is not inferable (unknown op, tensor lists)."""
+    if not op_is_memory_bound(op):
+        return None
+    if dtypes and any(d in ("TensorList", "GenericList") for d in dtypes):
+        return None
+    sizes = _flatten_shapes(shapes, dtypes)
+    if not sizes:
+        return None
+    reads, largest = sum(sizes), max(sizes)
+    ns, base = _op_base(op)
+    if ns == "fused_dit":
+        w = _FUSED_WRITES[base]
+        if w is None:  # in place on the first two tensors (q, k): read + write them
+            return reads + sum(sizes[:2])
+        if w == "sum":  # the six activations are written once more (cat outputs)
+            return reads + sum(sizes[:6])
+        return reads + w * largest
+    if base in ("copy_",):
+        return reads  # dst is an input: its bytes are the write
+    if base in ("fill_", "zero_"):
+        return largest
+    if base in ("sum", "mean"):
+        return reads
+    return reads + largest
+
+
+# -- kernel names -----------------------------------------------------------------------------------
+
+_GENERIC_FUNCTORS = {"BinaryFunctor", "UnaryFunctor", "AUnaryFunctor", "BUnaryFunctor", "OpaqueType"}
+
+
+def short_name(name: str, width: int = 64) -> str:
+    """A readable kernel name: no ``void``, no argument list, namespaces dropped, template
+    arguments reduced to the most telling functor (``vectorized_elementwise_kernel<MulFunctor>``)."""
+    n = name.strip()
+    if n.startswith("void "):
+        n = n[5:]
+    n = n.replace("(anonymous namespace)::", "")
+    depth = 0
+    for i, c in enumerate(n):
+        if c == "<":
+            depth += 1
+        elif c == ">":
+            depth -= 1
+        elif c == "(" and depth == 0 and i > 0:
+            n = n[:i]
+            break
+    if "<" in n:
+        head, rest = n.split("<", 1)
+        head = head.rsplit("::", 1)[-1]
+        idents = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", rest)
+        functors = [i for i in idents if re.search(r"Functor|Op$|_kernel|_impl|func", i)]
+        specific = [i for i in functors if i not in _GENERIC_FUNCTORS]
+        pick = (specific or functors or [None])[-1 if specific else 0]
+        n = head + (f"<{pick}>" if pick else "")
+    else:
+        n = n.rsplit("::", 1)[-1] if "::" in n and " " not in n else n
+    n = n.strip()
+    if len(n) > width:
+        n = n[: width - 3] + "..."
+    return n
+
+
+def cpu_op_name(name: str, width: int = 64) -> str:
+    """CPU op / range names as shown: inductor's graph hashes dropped."""
+    n = re.sub(r"CompiledFxGraph [0-9a-z]{8,}", "CompiledFxGraph", name.strip())
+    return n if len(n) <= width else n[: width - 3] + "..."
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+@dataclass
+class KernelRecord:
+    name: str  # full name
+    short: str  # display / grouping name
+    op: str  # the op that launched it ("" if unknown); on CPU the op itself
+    us: float
+    bytes: int | None = None
+    memory_bound: bool = False
+
+
+@dataclass
+class LayerProfile:
+    label: str
+    device: str
+    kernels: list[KernelRecord]
+    range_us: float  # the block's CPU-side range (on CUDA: includes the closing synchronize)
+    span_us: float | None = None  # first kernel start to last kernel end (CUDA)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def total_us(self) -> float:
+        return sum(k.us for k in self.kernels)
+
+    def summary(self) -> "OrderedDict[str, dict]":
+        """Per short name: count, us, share (%), op, floor bytes/us where known, sorted by time."""
+        groups: dict[str, dict] = {}
+        total = self.total_us or 1.0
+        for k in self.kernels:
+            g = groups.setdefault(k.short, {"count": 0, "us": 0.0, "ops": Counter(), "bytes": 0, "bytes_us": 0.0,
+                                            "memory_bound": k.memory_bound})
+            g["count"] += 1
+            g["us"] += k.us
+            if k.op:
+                g["ops"][k.op] += 1
+            if k.bytes is not None:
+                g["bytes"] += k.bytes
+                g["bytes_us"] += k.us
+        for g in groups.values():
+            g["share"] = 100.0 * g["us"] / total
+            g["op"] = g["ops"].most_common(1)[0][0] if g["ops"] else ""
+            del g["ops"]
+        return OrderedDict(sorted(groups.items(), key=lambda kv: -kv[1]["us"]))
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "device": self.device, "range_us": self.range_us, "span_us": self.span_us,
+                "total_us": self.total_us, "meta": self.meta,
+                "kernels": [k.__dict__ for k in self.kernels]}
+
+
+# -- marking one block --------------------------------------------------------------------------------
+
+class _MarkedBlock(torch.nn.Module):
+    """Stands in for a block inside its parent while profiling: the block's call, in a named range."""
+
+    def __init__(self, inner: torch.nn.Module, label: str, sync: bool):
+        super().__init__()
+        self.inner = inner
+        self._label, self._sync = label, sync
+
+    def forward(self, *args, **kwargs):
+        if self._sync:
+            torch.cuda.synchronize()
+        with torch.profiler.record_function(self._label):
+            out = self.inner(*args, **kwargs)
+            if self._sync:
+                torch.cuda.synchronize()
+        return out
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+def find_parent(root: torch.nn.Module, block: torch.nn.Module):
+    """(parent, attribute name) of ``block`` among ``root``'s modules, or None."""
+    for mod in root.modules():
+        for name, child in mod._modules.items():
+            if child is block:
+                return mod, name
+    return None
+
+
+@contextlib.contextmanager
+def mark_block(block: torch.nn.Module, label: str = MARK, sync: bool = False, root: torch.nn.Module | None = None):
+    """While active, every call of ``block`` runs inside ``record_function(label)`` (and, with
+    ``sync``, between two ``torch.cuda.synchronize()``). The range is opened outside the block's
+    own (possibly compiled) call. With ``root`` (the model), the block is replaced in its parent by
+    a wrapper for the duration (the block object itself is untouched: no dynamo recompilation);
+    without, the block's class is swapped for a subclass with a wrapping ``__call__`` (a compiled
+    block then recompiles once, on the type guard)."""
+    where = find_parent(root, block) if root is not None else None
+    if where is not None:
+        parent, name = where
+        parent._modules[name] = _MarkedBlock(block, label, sync)
+        try:
+            yield block
+        finally:
+            parent._modules[name] = block
+        return
+    cls = block.__class__
+
+    def __call__(self, *args, **kwargs):
+        if sync:
+            torch.cuda.synchronize()
+        with torch.profiler.record_function(label):
+            out = cls.__call__(self, *args, **kwargs)
+            if sync:
+                torch.cuda.synchronize()
+        return out
+
+    marked = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                         "__qualname__": cls.__qualname__})
+    block.__class__ = marked
+    try:
+        yield block
+    finally:
+        block.__class__ = cls
+
+
+# -- extraction ---------------------------------------------------------------------------------------
+
+def _is_device_event(e) -> bool:
+    dt = getattr(e, "device_type", None)
+    return dt is not None and dt.name in ("CUDA", "PrivateUse1", "XPU", "HIP")
+
+
+def _is_annotation(e, label) -> bool:
+    """A GPU-side copy of a record_function range (not a kernel)."""
+    if e.name == label or getattr(e, "is_user_annotation", False):
+        return True
+    act = str(getattr(e, "activity_type", "") or "")
+    return "annotation" in act
+
+
+def extract_block(events: Sequence, label: str = MARK, occurrence: int = 0, device: str = "cpu",
+                  item_bytes_default: int | None = None) -> LayerProfile:
+    """Cut the kernels of the ``occurrence``-th ``label`` range out of a profiler's events."""
+    marks = sorted((e for e in events if e.name == label and not _is_device_event(e)),
+                   key=lambda e: e.time_range.start)
+    if len(marks) <= occurrence:
+        raise RuntimeError(f"profiler range {label!r} not found ({len(marks)} occurrence(s)); "
+                           "was the marked block called in the profiled run?")
+    mark = marks[occurrence]
+    t0, t1, thread = mark.time_range.start, mark.time_range.end, mark.thread
+    cuda = any(_is_device_event(e) for e in events)
+    kernels: list[KernelRecord] = []
+    span = None
+    if cuda:
+        cpu = [e for e in events if not _is_device_event(e)]
+        frontend = {e.id: e for e in cpu if getattr(e, "linked_correlation_id", 0) == 0}
+        runtime = {e.id: e for e in cpu if getattr(e, "linked_correlation_id", 0) > 0}
+        # GPU-side copies of record_function ranges carry the range's name: never kernels
+        annotation_names = {e.name for e in cpu if getattr(e, "is_user_annotation", False)}
+        picked = []
+        for k in events:
+            if not _is_device_event(k) or _is_annotation(k, label) or k.name in annotation_names:
+                continue
+            rt = runtime.get(k.id)
+            if rt is not None:
+                inside = t0 <= rt.time_range.start <= t1
+            else:
+                mid = 0.5 * (k.time_range.start + k.time_range.end)
+                inside = t0 <= mid <= t1
+            if inside:
+                picked.append(k)
+        per_op = Counter(getattr(k, "linked_correlation_id", 0) for k in picked)
+        for k in picked:
+            lid = getattr(k, "linked_correlation_id", 0)
+            op_ev = frontend.get(lid) if lid else None
+            op = op_ev.name if op_ev is not None else ""
+            mb = kernel_is_memory_bound(k.name, op)
+            nbytes = None
+            if mb and op_ev is not None and per_op[lid] == 1:
+                nbytes = op_min_bytes(op, op_ev.input_shapes, getattr(op_ev, "input_dtypes", None))
+            us = k.time_range.end - k.time_range.start
+            kernels.append(KernelRecord(k.name, short_name(k.name), op, us, nbytes, mb))
+        if picked:
+            span = max(k.time_range.end for k in picked) - min(k.time_range.start for k in picked)
+    else:
+        for e in events:
+            if e is mark or e.name == label or e.thread != thread or _is_device_event(e):
+                continue
+            if getattr(e, "is_python_function", False):
+                continue
+            if not (t0 <= e.time_range.start and e.time_range.end <= t1):
+                continue
+            us = e.self_cpu_time_total
+            if us <= 0:
+                continue
+            mb = bool(op_is_memory_bound(e.name))
+            nbytes = None
+            # bytes where the op itself moves the data (no memory-bound child op doing it)
+            if mb and not any(op_is_memory_bound(c.name) for c in e.cpu_children):
+                nbytes = op_min_bytes(e.name, e.input_shapes, getattr(e, "input_dtypes", None))
+            kernels.append(KernelRecord(e.name, cpu_op_name(e.name), e.name, us, nbytes, mb))
+    return LayerProfile(label=label, device="cuda" if cuda else device, kernels=kernels,
+                        range_us=t1 - t0, span_us=span)
+
+
+def profile_layer(run: Callable[[], object], block: torch.nn.Module, *, model: torch.nn.Module | None = None,
+                  warmup: int = 2, label: str | None = None, occurrence: int = 0, trace: str | Path | None = None,
+                  device: str | None = None, sync: bool | None = None) -> LayerProfile:
+    """Profile ``run()`` (e.g. ``lambda: model(**inputs)``) and return the kernels of ``block``.
+
+    ``model``: the module that contains ``block`` (recommended: the block is then marked through
+    its parent, see :func:`mark_block`). ``warmup`` unprofiled runs first (compilation,
+    autotuning, allocator), plus one with the marker in place; then one profiled run.
+    ``occurrence``: which call of the block to cut out when ``run`` calls it several times.
+    ``trace``: write the chrome trace (the whole profiled run) there. ``sync`` (default: on CUDA)
+    brackets the block with ``torch.cuda.synchronize()`` so its kernels run inside its range.
+    """
+    if device is None:
+        p = next(block.parameters(), None)
+        device = p.device.type if p is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.device(device).type == "cuda"
+    sync = cuda if sync is None else sync
+    label = label or MARK
+
+    def _sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            run()
+        _sync()
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if cuda:
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        with mark_block(block, label, sync=sync, root=model):
+            run()  # a swapped class may cost a dynamo recompile: keep it out of the profile
+            _sync()
+            with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+                run()
+                _sync()
+    if trace:
+        Path(trace).parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+    return extract_block(prof.events(), label, occurrence, device=torch.device(device).type)
+
+
+# -- comparison table -----------------------------------------------------------------------------------
+
+def comparison_rows(profiles: Sequence[LayerProfile], names: Sequence[str], bandwidth: float | None = None,
+                    top: int = 30) -> list[dict]:
+    """Rows of the side-by-side table: one per kernel name (the ``top`` slowest, the rest folded into
+    one row), then the totals. Keys: kernel, op, and per config ``{name} n``, ``{name} us``,
+    ``{name} %``, ``{name} floor%``."""
+    sums = [p.summary() for p in profiles]
+    keys = list(OrderedDict.fromkeys(k for s in sums for k in s))
+    keys.sort(key=lambda k: -max(s.get(k, {}).get("us", 0.0) for s in sums))
+    rows = []
+
+    def cells(g, name):
+        if not g:
+            return {f"{name} n": None, f"{name} us": None, f"{name} %": None, f"{name} floor%": None}
+        floor = None
+        if bandwidth and g.get("bytes_us", 0) > 0 and g.get("bytes", 0) > 0:
+            floor = 100.0 * g["bytes"] / bandwidth / (g["bytes_us"] * 1e-6)
+        return {f"{name} n": g["count"], f"{name} us": g["us"], f"{name} %": g["share"], f"{name} floor%": floor}
+
+    for k in keys[:top]:
+        op = next((s[k]["op"] for s in sums if k in s and s[k]["op"]), "")
+        op = "" if op == k or cpu_op_name(op) == k else op
+        row = {"kernel": k, "op": op if len(op) <= 40 else op[:37] + "..."}
+        for s, name in zip(sums, names):
+            row.update(cells(s.get(k), name))
+        rows.append(row)
+    rest = keys[top:]
+    if rest:
+        row = {"kernel": f"({len(rest)} more kernel names)", "op": ""}
+        for s, name in zip(sums, names):
+            gs = [s[k] for k in rest if k in s]
+            row.update({f"{name} n": sum(g["count"] for g in gs) or None,
+                        f"{name} us": sum(g["us"] for g in gs) or None,
+                        f"{name} %": sum(g["share"] for g in gs) or None, f"{name} floor%": None})
+        rows.append(row)
+    total = {"kernel": "TOTAL (kernel time)", "op": ""}
+    for p, s, name in zip(profiles, sums, names):
+        total.update({f"{name} n": len(p.kernels), f"{name} us": p.total_us, f"{name} %": 100.0 if p.kernels else 0.0,
+                      f"{name} floor%": None})
+    rows.append(total)
+    return rows
+
+
+def format_comparison(profiles: Sequence[LayerProfile], names: Sequence[str], bandwidth: float | None = None,
+                      top: int = 30, title: str | None = None) -> str:
+    """The side-by-side table as text (kernel, op, count / us / share / floor% per configuration),
+    then the block's time lines and the speedup of each configuration over the first."""
+    from .bench.harness import format_table
+    rows = comparison_rows(profiles, names, bandwidth, top)
+    cols = ["kernel", "op"] + [f"{n} {c}" for n in names for c in ("n", "us", "%", "floor%")]
+    lines = [title] if title else []
+    lines.append(format_table(rows, cols))
+    lines.append("")
+    unit = "kernel" if profiles and profiles[0].device == "cuda" else "CPU-op self"
+    for p, n in zip(profiles, names):
+        span = f", GPU span {p.span_us:.1f} us" if p.span_us is not None else ""
+        lines.append(f"{n}: {len(p.kernels)} kernels, {unit} time {p.total_us:.1f} us{span}, "
+                     f"block range {p.range_us:.1f} us")
+    if len(profiles) >= 2 and profiles[0].total_us > 0:
+        for p, n in zip(profiles[1:], names[1:]):
+            if p.total_us > 0:
+                lines.append(f"{n} vs {names[0]}: {profiles[0].total_us / p.total_us:.2f}x "
+                             f"({unit} time of the block)")
+    if bandwidth:
+        lines.append(f"floor% = minimum bytes / ({bandwidth / 1e9:.0f} GB/s measured copy bandwidth x time); "
+                     "blank: compute-bound or bytes not inferable")
+    return "\n".join(lines)
+
+
+def write_png(profiles: Sequence[LayerProfile], names: Sequence[str], path: str | Path, top: int = 20,
+              title: str = "") -> bool:
+    """Horizontal bar chart of the ``top`` slowest kernel names (one bar per configuration).
+    Returns False (and prints why) when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--png: matplotlib is not installed; skipping the chart (pip install matplotlib)", file=sys.stderr)
+        return False
+    sums = [p.summary() for p in profiles]
+    keys = list(OrderedDict.fromkeys(k for s in sums for k in s))
+    keys.sort(key=lambda k: -max(s.get(k, {}).get("us", 0.0) for s in sums))
+    keys = keys[:top][::-1]
+    h = 0.8 / max(1, len(profiles))
+    fig, ax = plt.subplots(figsize=(11, 0.35 * len(keys) + 1.5))
+    for j, (s, n, p) in enumerate(zip(sums, names, profiles)):
+        ys = [i + (len(profiles) - 1 - j) * h for i in range(len(keys))]  # first configuration on top
+        ax.barh(ys, [s.get(k, {}).get("us", 0.0) for k in keys], height=h,
+                label=f"{n} (total {p.total_us:.0f} us)")
+    ax.set_yticks([i + 0.4 - h / 2 for i in range(len(keys))])
+    ax.set_yticklabels([k[:60] for k in keys], fontsize=7)
+    ax.set_xlabel("time in the block (us)")
+    ax.set_title(title or "one block, kernel by kernel")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(path), dpi=120)
+    plt.close(fig)
+    return True
+
+
+# -- command line ---------------------------------------------------------------------------------------
+
+def _dtype(s: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+            "fp32": torch.float32, "float32": torch.float32}[s]
+
+
+def run_profile(a: str = "stock", b: str = "patched", *, config: str | None = None, layers: int = 3, layer: int = 1,
+                device: str | None = None, dtype: str | None = None, tokens=None, txt_len: int | None = None,
+                warmup: int = 2, trace: str | None = None) -> tuple[list[LayerProfile], list[str], dict]:
+    """Build the demo model once and profile block ``layer`` of one forward in configurations a and b."""
+    from .bench import _configs
+    from .models import build_qwen_image_transformer, make_qwen_inputs
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.device(device).type == "cuda"
+    config = config or ("edit-2511" if cuda else "tiny")
+    dt = _dtype(dtype) if dtype else (torch.bfloat16 if cuda else torch.float32)
+    names = [_configs.normalize(a), _configs.normalize(b)]
+    if not 0 <= layer < layers:
+        raise SystemExit(f"--layer {layer} is outside the model's {layers} layers")
+    model = build_qwen_image_transformer(config, num_layers=layers, device=device, dtype=dt)
+    inputs = make_qwen_inputs(model, img_tokens=_configs.parse_tokens(tokens), txt_len=txt_len)
+    meta = {"config": config, "layers": layers, "layer": layer, "device": device, "dtype": str(dt),
+            "img_tokens": inputs["hidden_states"].shape[1], "txt_len": inputs["encoder_hidden_states"].shape[1]}
+    profiles = []
+    for i, name in enumerate(names):
+        info = _configs.apply(model, name)
+        try:
+            block = model.transformer_blocks[layer]
+            path = Path(trace) / f"profile-{i}-{name}.json" if trace else None
+            prof = profile_layer(lambda: model(**inputs), block, model=model, warmup=warmup, trace=path,
+                                 device=device)
+            prof.meta.update(info)
+            if path:
+                prof.meta["trace"] = str(path)
+            profiles.append(prof)
+        finally:
+            _configs.reset(model, name)
+    return profiles, names, meta
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fused_dit_ops profile", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--a", default="stock", help="first configuration: stock, patched, stock-compile, "
+                                                  "patched-compile (default stock)")
+    ap.add_argument("--b", default="patched", help="second configuration (default patched)")
+    ap.add_argument("--config", default=None, help="model config (default edit-2511 on CUDA, tiny on CPU)")
+    ap.add_argument("--layers", type=int, default=3, help="model depth (default 3)")
+    ap.add_argument("--layer", type=int, default=1, help="which block to cut out (default 1)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--dtype", default=None, help="bf16 (CUDA default), fp16, fp32 (CPU default)")
+    ap.add_argument("--tokens", default=None, help="image tokens per image, target first: e.g. 4096,4096 "
+                                                   "(default 4096,4096; tiny: 16,16)")
+    ap.add_argument("--txt-len", type=int, default=None, help="text tokens (default 208; tiny: 7)")
+    ap.add_argument("--warmup", type=int, default=2, help="unprofiled forwards before the profiled one")
+    ap.add_argument("--top", type=int, default=30, help="kernel names shown (the rest folded into one row)")
+    ap.add_argument("--trace", default=None, help="directory for the chrome traces (one per configuration)")
+    ap.add_argument("--png", default=None, help="write a bar chart there (needs matplotlib)")
+    ap.add_argument("--json", default=None, help="write the kernels and the table there as JSON")
+    args = ap.parse_args(argv)
+
+    profiles, names, meta = run_profile(args.a, args.b, config=args.config, layers=args.layers, layer=args.layer,
+                                        device=args.device, dtype=args.dtype, tokens=args.tokens,
+                                        txt_len=args.txt_len, warmup=args.warmup, trace=args.trace)
+    from .bench import harness
+    bw = harness.device_copy_bandwidth_bytes_per_s(meta["device"])
+    title = (f"block {meta['layer']} of {meta['layers']} ({meta['config']}, {meta['device']}, {meta['dtype']}, "
+             f"L_img {meta['img_tokens']}, L_txt {meta['txt_len']}): {names[0]} vs {names[1]}")
+    print(format_comparison(profiles, names, bw, top=args.top, title=title))
+    if args.trace:
+        for p in profiles:
+            print(f"chrome trace: {p.meta.get('trace')}")
+    if args.png and write_png(profiles, names, args.png, title=title):
+        print(f"chart: {args.png}")
+    if args.json:
+        doc = {"meta": meta, "bandwidth_bytes_per_s": bw, "names": names,
+               "rows": comparison_rows(profiles, names, bw, args.top),
+               "profiles": [p.to_dict() for p in profiles]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
+        print(f"json: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Layer profiler and end-to-end benchmarks (block / model): CPU runs on the tiny model.
+
+The same code paths run on the GPU; here the "kernels" are CPU ops and the benchmarks run in
+their ``--device cpu --tiny`` smoke mode. GPU-marked tests exercise the CUDA event path.
+"""
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fused_dit_ops import profiler
+from fused_dit_ops.bench import BENCHES, _configs
+from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs
+
+
+@pytest.fixture(autouse=True)
+def _diffusers_default_attention_backend():
+    """diffusers keeps a process-wide active attention backend that ``set_attention_backend``
+    changes and ``reset_attention_backend`` does not restore; earlier tests may leave it on a
+    GPU-only backend. These tests run the models as built: put the default back around each."""
+    try:
+        from diffusers.models.attention_dispatch import DIFFUSERS_ATTN_BACKEND, AttentionBackendName
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry as reg
+    except ImportError:
+        yield
+        return
+    old = reg._active_backend
+    reg._active_backend = AttentionBackendName(DIFFUSERS_ATTN_BACKEND)
+    try:
+        yield
+    finally:
+        reg._active_backend = old
+
+
+def _check_profiles(profiles, names):
+    assert len(profiles) == 2
+    for p in profiles:
+        assert p.kernels, "no kernels cut out of the block"
+        assert p.total_us > 0 and p.range_us > 0
+        assert p.total_us <= p.range_us * 1.05
+        summary = p.summary()
+        assert math.isclose(sum(g["share"] for g in summary.values()), 100.0, rel_tol=1e-6)
+        assert all(g["us"] > 0 and g["count"] > 0 for g in summary.values())
+    rows = profiler.comparison_rows(profiles, names, bandwidth=1e10, top=10)
+    total = rows[-1]
+    assert total["kernel"].startswith("TOTAL")
+    for n, p in zip(names, profiles):
+        assert total[f"{n} us"] == pytest.approx(p.total_us)
+        shown = sum(r[f"{n} %"] or 0 for r in rows[:-1])
+        assert shown == pytest.approx(100.0, rel=1e-6)  # top rows + the folded row cover everything
+    return rows
+
+
+def test_profile_stock_vs_patched_cli(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    rc = profiler.main(["--a", "stock", "--b", "patched", "--layers", "2", "--layer", "1", "--warmup", "1",
+                        "--trace", str(tmp_path / "tr"), "--json", str(out), "--png", str(tmp_path / "p.png")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "stock" in text and "patched" in text and "TOTAL" in text
+    doc = json.loads(out.read_text())
+    assert doc["names"] == ["stock", "patched"]
+    for p in doc["profiles"]:
+        assert p["kernels"] and p["total_us"] > 0
+        shares = sum(k["us"] for k in p["kernels"]) / p["total_us"]
+        assert shares == pytest.approx(1.0)
+    # the patched block runs the fused ops, the stock one does not
+    ops = [{k["op"] for k in p["kernels"]} for p in doc["profiles"]]
+    assert not any(o.startswith("fused_dit::") for o in ops[0])
+    assert any(o.startswith("fused_dit::") for o in ops[1])
+    traces = sorted((tmp_path / "tr").glob("*.json"))
+    assert len(traces) == 2 and all(t.stat().st_size > 0 for t in traces)
+
+
+def test_profile_one_block_only_and_model_restored():
+    model = build_qwen_image_transformer("tiny", num_layers=3)
+    kw = make_qwen_inputs(model)
+    blocks = list(model.transformer_blocks)
+    p1 = profiler.profile_layer(lambda: model(**kw), model.transformer_blocks[1], model=model, warmup=1)
+    assert list(model.transformer_blocks) == blocks  # wrapper removed
+    # without the model: class-swap marking, restored afterwards
+    cls = type(blocks[2])
+    p2 = profiler.profile_layer(lambda: model(**kw), blocks[2], warmup=1)
+    assert type(blocks[2]) is cls
+    for p in (p1, p2):
+        # one block: 7 Linear layers x 2 streams of addmm, one attention, no model-level ops
+        names = {k.op for k in p.kernels}
+        assert "aten::addmm" in names
+        assert sum(1 for k in p.kernels if k.op == "aten::addmm") == 14
+        whole = sum(1 for k in p.kernels if "scaled_dot_product" in k.op and "flash" not in k.op)
+        assert whole <= 1
+
+
+def test_profile_compiled_configs():
+    profiles, names, meta = profiler.run_profile("stock", "stock-compile", layers=2, layer=0, warmup=1)
+    assert names == ["stock", "stock-compile"]
+    _check_profiles(profiles, names)
+    # the compiled block calls inductor's code, the eager one does not
+    assert any("Compiled" in k.op or "Torch-Compiled" in k.op for k in profiles[1].kernels)
+
+
+def test_format_comparison_and_png(tmp_path):
+    model = build_qwen_image_transformer("tiny", num_layers=1)
+    kw = make_qwen_inputs(model)
+    a = profiler.profile_layer(lambda: model(**kw), model.transformer_blocks[0], model=model, warmup=1)
+    b = profiler.profile_layer(lambda: model(**kw), model.transformer_blocks[0], model=model, warmup=1)
+    rows = _check_profiles([a, b], ["x", "y"])
+    text = profiler.format_comparison([a, b], ["x", "y"], bandwidth=1e10, top=5)
+    assert "TOTAL" in text and "y vs x" in text
+    assert len([r for r in rows if r["kernel"].startswith("(")]) == 1  # folded rest
+    ok = profiler.write_png([a, b], ["x", "y"], tmp_path / "c.png")
+    assert ok == (tmp_path / "c.png").exists()
+
+
+def test_short_names_and_bytes():
+    s = profiler.short_name
+    assert s("void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<c10::BFloat16, "
+             "c10::BFloat16, c10::BFloat16, at::native::binary_internal::MulFunctor<float> >, "
+             "std::array<char*, 3ul> >(int, at::native::BinaryFunctor<c10::BFloat16, c10::BFloat16, "
+             "c10::BFloat16, at::native::binary_internal::MulFunctor<float> >, std::array<char*, 3ul>)"
+             ) == "vectorized_elementwise_kernel<MulFunctor>"
+    assert s("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float, "
+             "false>(int, float, c10::BFloat16 const*)") == "vectorized_layer_norm_kernel"
+    assert s("triton_poi_fused_add_mul_0") == "triton_poi_fused_add_mul_0"
+    assert len(s("sm90_xmma_gemm_" + "x" * 200)) <= 64
+    assert profiler.kernel_is_memory_bound("triton_poi_fused_add_mul_0")
+    assert not profiler.kernel_is_memory_bound("sm90_xmma_gemm_bf16bf16_bf16f32")
+    assert not profiler.kernel_is_memory_bound("vectorized_elementwise_kernel", "aten::addmm")
+    bf = "c10::BFloat16"
+    # add: read two [8,4] bf16, write one
+    assert profiler.op_min_bytes("aten::add", [[8, 4], [8, 4], []], [bf, bf, "Scalar"]) == 3 * 64
+    assert profiler.op_min_bytes("aten::addmm", [[4], [8, 4], [4, 4]], [bf, bf, bf]) is None
+    assert profiler.op_min_bytes("aten::cat", [[], []], ["TensorList", "Scalar"]) is None
+    # fused gate_residual_norm_scale_shift: reads r, u (+ params), writes two activations
+    n = profiler.op_min_bytes("fused_dit::gate_residual_norm_scale_shift", [[1, 8, 4], [1, 8, 4], [2, 4], [2, 4],
+                              [2, 4], [1, 8], []], [bf, bf, bf, bf, bf, "int", "double"])
+    assert n == (64 + 64 + 3 * 16 + 32) + 2 * 64
+
+
+def test_extract_block_cuda_like_events():
+    """The CUDA path on synthetic events: kernels whose launch lies in the range are picked."""
+    from torch.autograd import DeviceType
+
+    def ev(name, start, end, dev="CPU", id=0, linked=0, shapes=None, dtypes=None, thread=1):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
+                               device_type=getattr(DeviceType, dev), id=id, linked_correlation_id=linked,
+                               input_shapes=shapes or [], input_dtypes=dtypes or [], thread=thread,
+                               is_user_annotation=False, activity_type="", cpu_children=[])
+    bf = "c10::BFloat16"
+    events = [
+        ev(profiler.MARK, 100, 200, id=1),
+        ev("aten::add", 110, 120, id=2, shapes=[[1024], [1024], []], dtypes=[bf, bf, "Scalar"]),
+        ev("cudaLaunchKernel", 112, 118, id=900, linked=2),
+        ev("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16> >()",
+           150, 160, dev="CUDA", id=900, linked=2),
+        ev("aten::mm", 130, 140, id=3, shapes=[[8, 8], [8, 8]], dtypes=[bf, bf]),
+        ev("cudaLaunchKernel", 131, 139, id=901, linked=3),
+        ev("sm90_xmma_gemm_bf16", 160, 190, dev="CUDA", id=901, linked=3),
+        ev("aten::add", 210, 220, id=4),
+        ev("cudaLaunchKernel", 211, 219, id=902, linked=4),
+        ev("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16> >()",
+           190, 199, dev="CUDA", id=902, linked=4),  # runs inside the range but launched after it: excluded
+        ev(profiler.MARK, 150, 195, dev="CUDA", id=903),  # GPU copy of the range: not a kernel
+        ev("my_range", 140, 199, id=5),
+        ev("my_range", 150, 199, dev="CUDA", id=904),  # GPU copy of a nested range: not a kernel
+    ]
+    events[-2].is_user_annotation = True
+    p = profiler.extract_block(events)
+    assert p.device == "cuda"
+    assert [k.short for k in p.kernels] == ["vectorized_elementwise_kernel<CUDAFunctor_add>", "sm90_xmma_gemm_bf16"]
+    assert p.total_us == pytest.approx(40.0)
+    assert p.span_us == pytest.approx(40.0)
+    add, mm = p.kernels
+    assert add.op == "aten::add" and add.memory_bound and add.bytes == 3 * 2048
+    assert mm.op == "aten::mm" and not mm.memory_bound and mm.bytes is None
+    rows = profiler.comparison_rows([p, p], ["a", "b"], bandwidth=2048 * 3 / 5e-6)  # floor 5 us of 10 us
+    assert rows[0]["kernel"] == "sm90_xmma_gemm_bf16" and rows[0]["a floor%"] is None
+    assert rows[1]["a floor%"] == pytest.approx(50.0)
+
+
+def test_configs_normalize():
+    assert _configs.normalize("stock-eager") == "stock"
+    assert _configs.normalize("Patched_Compile") == "patched-compile"
+    with pytest.raises(ValueError):
+        _configs.normalize("fast")
+
+
+def test_bench_registered():
+    assert BENCHES["block"] == "fused_dit_ops.bench.block"
+    assert BENCHES["model"] == "fused_dit_ops.bench.model"
+
+
+def test_bench_block_and_model_refuse_without_cuda_or_tiny(capsys):
+    from fused_dit_ops.bench import block, model
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert block.main([]) == 2
+    assert model.main(["--layers", "1"]) == 2
+    assert block.main(["--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--tiny" in err
+
+
+def test_bench_block_tiny_cpu(tmp_path):
+    from fused_dit_ops.bench import block
+    rc = block.main(["--device", "cpu", "--tiny", "--providers", "stock-eager,patched-eager,patched-compile",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    (path,) = tmp_path.glob("block-tiny-*.json")
+    doc = json.loads(path.read_text())
+    rows = {r["provider"]: r for r in doc["rows"]}
+    assert set(rows) == {"stock-eager", "patched-eager", "patched-compile"}
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["ms"] > 0
+        assert r["max_rel_diff_vs_stock"] < 1e-3
+    assert doc["shape"]["zero_cond_t"] and doc["shape"]["img_tokens"] == 32
+
+
+def test_bench_model_tiny_cpu(tmp_path):
+    from fused_dit_ops.bench import model
+    rc = model.main(["--device", "cpu", "--tiny", "--providers", "stock-eager,stock-compile,patched-eager",
+                     "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    (path,) = tmp_path.glob("model-tiny-*.json")
+    doc = json.loads(path.read_text())
+    rows = {r["provider"]: r for r in doc["rows"]}
+    assert set(rows) == {"stock-eager", "stock-compile", "patched-eager"}
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["ms_cond"] > 0 and r["ms_uncond"] > 0
+        assert r["s_per_step"] * 1e3 >= 0.9 * (r["ms_cond"] + r["ms_uncond"]) * 0.5
+        assert r["max_rel_diff_vs_stock"] < 1e-3
+    assert doc["shape"]["txt_len_cond"] == 9 and doc["shape"]["txt_len_uncond"] == 7
+
+
+@pytest.mark.gpu
+def test_profile_cuda_small():
+    profiles, names, _ = profiler.run_profile("stock", "patched", config="tiny", layers=2, layer=1,
+                                              device="cuda", dtype="bf16", warmup=1)
+    _check_profiles(profiles, names)
+    for p in profiles:
+        assert p.device == "cuda" and p.span_us and p.span_us > 0
