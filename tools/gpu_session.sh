@@ -32,6 +32,11 @@ for step in $steps; do
     stamp "diffusers patch GPU tests (measured errors)"
     python -m pytest -q -s -m gpu tests/test_diffusers_patch.py -p no:cacheprovider 2>&1 | grep -v "^\s*$" | tail -40 | tee "$OUT/test-patch.txt"
     ;;
+  test-gpu-only)
+    stamp "gpu tests: ${TEST_K:-all}"
+    python -m pytest -q -s -m gpu tests ${TEST_K:+-k "$TEST_K"} -p no:cacheprovider -rfE 2>&1 | grep -E "rel|err|PASS|FAIL|passed|failed|Error" | tail -40 | tee "$OUT/test-gpu.txt"
+    ;;
+  profile) stamp profile; python -m fused_dit_ops profile --a stock --b patched --png "$OUT/profile-block.png" --json "$OUT/profile-block.json" 2>&1 | tee "$OUT/profile.txt" ;;
   demo) stamp demo; python -m fused_dit_ops demo --out "$OUT" ${DEMO_ARGS:-} 2>&1 | tee "$OUT/demo.txt" ;;
   check) stamp check; python -m fused_dit_ops check 2>&1 | tee "$OUT/check.txt" ;;
   test)
