@@ -257,11 +257,14 @@ def test_triton_tiles_cover_ragged_edges(config, op):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("config", [{"BLOCK_M": 1, "BLOCK_C": 128, "ITERS": 4, "num_warps": 2},
-                                    {"BLOCK_M": 2, "BLOCK_C": 128, "ITERS": 3, "num_warps": 4}])
+                                    {"BLOCK_M": 2, "BLOCK_C": 128, "ITERS": 3, "num_warps": 4},
+                                    {"BLOCK_M": 2, "BLOCK_C": 128, "ITERS": 2, "num_warps": 4, "PARAM_GATHER": True},
+                                    {"BLOCK_M": 1, "BLOCK_C": 128, "ITERS": 1, "num_warps": 4, "PARAM_GATHER": True}])
 @pytest.mark.parametrize("op", ["norm_scale_shift", "gate_residual_norm_scale_shift"])
-def test_triton_norm_row_loops(config, op):
+@pytest.mark.parametrize("index", [True, False])
+def test_triton_norm_row_loops(config, op, index):
     from fused_dit_ops.kernels import modulation as k
-    args = make_inputs(op, 2, 23, 72, dtype=torch.float32, layout="chunk")
+    args = make_inputs(op, 2, 23, 72, dtype=torch.float32, layout="chunk", index=index)
     outs = as_tuple(getattr(k, op)(*args, config=config))
     assert_close(op, outs, as_tuple(oracle(op, args)), torch.float32)
 

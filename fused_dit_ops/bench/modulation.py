@@ -79,16 +79,18 @@ def providers(op):
     return out
 
 
-def _cfgs(spec):
-    return [dict(BLOCK_M=m, BLOCK_C=c, ITERS=i, num_warps=w) for m, c, i, w in spec]
+def _cfgs(spec, **extra):
+    return [dict(BLOCK_M=m, BLOCK_C=c, ITERS=i, num_warps=w, **extra) for m, c, i, w in spec]
 
 
-_ELEMENTWISE_SWEEP = [(4, 1024, 1, 4), (2, 1024, 1, 4), (1, 1024, 1, 4), (1, 2048, 1, 4), (1, 1024, 1, 2),
-                      (2, 2048, 1, 8), (1, 4096, 1, 8), (2, 512, 1, 2), (1, 512, 1, 1)]
-_NORM_SWEEP = [(1, 4096, 1, 8), (4, 4096, 1, 16), (1, 4096, 2, 8), (1, 4096, 4, 8), (1, 4096, 8, 8),
-               (2, 4096, 2, 8), (2, 4096, 4, 16), (1, 4096, 4, 4), (1, 4096, 2, 4), (4, 4096, 2, 16)]
-SWEEP = {"scale_shift_gate": _cfgs(_ELEMENTWISE_SWEEP), "norm_scale_shift": _cfgs(_NORM_SWEEP),
-         "gate_residual_norm_scale_shift": _cfgs(_NORM_SWEEP), "gate_residual": _cfgs(_ELEMENTWISE_SWEEP)}
+_ELEMENTWISE_SWEEP = [(4, 1024, 1, 4), (1, 1024, 1, 4), (1, 2048, 1, 4), (1, 1024, 1, 2), (1, 4096, 1, 8)]
+_NORM_SWEEP = [(1, 4096, 1, 8), (2, 4096, 2, 8), (1, 4096, 8, 8), (4, 4096, 1, 16)]
+_NORM_GATHER_SWEEP = [(1, 4096, 1, 8), (1, 4096, 1, 4), (2, 4096, 1, 8), (2, 4096, 2, 8), (4, 4096, 1, 16),
+                      (1, 4096, 4, 8), (2, 4096, 1, 4)]
+SWEEP = {"scale_shift_gate": _cfgs(_ELEMENTWISE_SWEEP),
+         "norm_scale_shift": _cfgs(_NORM_SWEEP) + _cfgs(_NORM_GATHER_SWEEP, PARAM_GATHER=True),
+         "gate_residual_norm_scale_shift": _cfgs(_NORM_SWEEP) + _cfgs(_NORM_GATHER_SWEEP, PARAM_GATHER=True),
+         "gate_residual": _cfgs(_ELEMENTWISE_SWEEP)}
 
 
 def run_sweep(dtype) -> list[dict]:

@@ -40,6 +40,17 @@ def _pick(sel, p0, p1, HAS_INDEX: tl.constexpr):
 
 
 @triton.jit
+def _gather_param(p_ptr, b, B, stride, sel, cols, mask, HAS_INDEX: tl.constexpr):
+    """[BLOCK_M, BLOCK_C] fp32 tile of each row's own parameter row (row b, or b + B where sel):
+    two contiguous row loads (L1/L2 hits) instead of both sets in registers plus a select."""
+    if HAS_INDEX:
+        prow = b + tl.where(sel, B, 0).to(tl.int64)
+    else:
+        prow = b + tl.zeros_like(sel).to(tl.int64)
+    return tl.load(p_ptr + prow[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX: tl.constexpr):
     if HAS_INDEX:
         return tl.load(idx_ptr + b * stride_ib + l * stride_il, mask=rmask, other=0) != 0
@@ -97,14 +108,15 @@ def _norm_scale_shift_kernel(
     L, C, B, eps,
     stride_xb, stride_xl, stride_shift, stride_scale, stride_ib, stride_il,
     HAS_INDEX: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr, PARAM_GATHER: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
-    sh0, sh1 = _load_param(shift_ptr, b, B, stride_shift, cols, cmask, HAS_INDEX)
-    sc0, sc1 = _load_param(scale_ptr, b, B, stride_scale, cols, cmask, HAS_INDEX)
+    if not PARAM_GATHER:
+        sh0, sh1 = _load_param(shift_ptr, b, B, stride_shift, cols, cmask, HAS_INDEX)
+        sc0, sc1 = _load_param(scale_ptr, b, B, stride_scale, cols, cmask, HAS_INDEX)
     # Rows are processed ITERS x BLOCK_M at a time; the next tile's load is issued before this
     # tile's reductions (their barriers would otherwise serialise load -> reduce -> store).
     l_nxt = pid_m * (ITERS * BLOCK_M) + tl.arange(0, BLOCK_M)
@@ -125,7 +137,13 @@ def _norm_scale_shift_kernel(
         if HAS_BIAS:
             n = n + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
-        y = n * (1.0 + _pick(sel, sc0, sc1, HAS_INDEX)) + _pick(sel, sh0, sh1, HAS_INDEX)
+        if PARAM_GATHER:
+            scale = _gather_param(scale_ptr, b, B, stride_scale, sel, cols, mask, HAS_INDEX)
+            shift = _gather_param(shift_ptr, b, B, stride_shift, sel, cols, mask, HAS_INDEX)
+        else:
+            scale = _pick(sel, sc0, sc1, HAS_INDEX)
+            shift = _pick(sel, sh0, sh1, HAS_INDEX)
+        y = n * (1.0 + scale) + shift
         out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
         tl.store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -137,14 +155,16 @@ def _gate_residual_norm_scale_shift_kernel(
     stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_shift, stride_scale,
     stride_ib, stride_il,
     HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
+    PARAM_GATHER: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
-    g0, g1 = _load_param(gate_ptr, b, B, stride_gate, cols, cmask, HAS_INDEX)
-    sh0, sh1 = _load_param(shift_ptr, b, B, stride_shift, cols, cmask, HAS_INDEX)
-    sc0, sc1 = _load_param(scale_ptr, b, B, stride_scale, cols, cmask, HAS_INDEX)
+    if not PARAM_GATHER:
+        g0, g1 = _load_param(gate_ptr, b, B, stride_gate, cols, cmask, HAS_INDEX)
+        sh0, sh1 = _load_param(shift_ptr, b, B, stride_shift, cols, cmask, HAS_INDEX)
+        sc0, sc1 = _load_param(scale_ptr, b, B, stride_scale, cols, cmask, HAS_INDEX)
     # Next tile's loads are issued before this tile's reductions (see _norm_scale_shift_kernel).
     l_nxt = pid_m * (ITERS * BLOCK_M) + tl.arange(0, BLOCK_M)
     m_nxt = (l_nxt < L)[:, None] & cmask[None, :]
@@ -166,12 +186,22 @@ def _gate_residual_norm_scale_shift_kernel(
         rmask = l < L
         mask = rmask[:, None] & cmask[None, :]
         sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
+        if PARAM_GATHER:
+            gate = _gather_param(gate_ptr, b, B, stride_gate, sel, cols, mask, HAS_INDEX)
+        else:
+            gate = _pick(sel, g0, g1, HAS_INDEX)
         # Normalise the residual as stored (rounded to the output dtype), as eager diffusers does.
-        r_out = (r + _pick(sel, g0, g1, HAS_INDEX) * u).to(r_out_ptr.dtype.element_ty)
+        r_out = (r + gate * u).to(r_out_ptr.dtype.element_ty)
         out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
         tl.store(r_out_ptr + out_off, r_out, mask=mask)
         n = _layer_norm_rows(r_out.to(tl.float32), cmask, C, eps, False)
-        y = n * (1.0 + _pick(sel, sc0, sc1, HAS_INDEX)) + _pick(sel, sh0, sh1, HAS_INDEX)
+        if PARAM_GATHER:
+            scale = _gather_param(scale_ptr, b, B, stride_scale, sel, cols, mask, HAS_INDEX)
+            shift = _gather_param(shift_ptr, b, B, stride_shift, sel, cols, mask, HAS_INDEX)
+        else:
+            scale = _pick(sel, sc0, sc1, HAS_INDEX)
+            shift = _pick(sel, sh0, sh1, HAS_INDEX)
+        y = n * (1.0 + scale) + shift
         tl.store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -209,18 +239,20 @@ def _gate_residual_kernel(
 # Elementwise kernels: 2-D tiles, a program covers ITERS x BLOCK_M rows of one column block and
 # loads its parameter rows once. Norm kernels hold whole rows (BLOCK_C = next_pow2(C)).
 
-ELEMENTWISE_CONFIG = {"BLOCK_M": 4, "BLOCK_C": 1024, "ITERS": 1, "num_warps": 4}
+ELEMENTWISE_CONFIG = {"BLOCK_M": 1, "BLOCK_C": 1024, "ITERS": 1, "num_warps": 4}
 
 
 def _norm_config(C: int) -> dict:
     block_c = triton.next_power_of_2(C)
     block_m = max(1, min(4, 4096 // block_c))
     num_warps = 8 if block_c >= 4096 else 4
-    return {"BLOCK_M": block_m, "BLOCK_C": block_c, "ITERS": 1, "num_warps": num_warps}
+    return {"BLOCK_M": block_m, "BLOCK_C": block_c, "ITERS": 1, "PARAM_GATHER": False, "num_warps": num_warps}
 
 
-def _split(cfg):
+def _split(cfg, norm=False):
     cfg = dict(cfg)
+    if norm:
+        cfg.setdefault("PARAM_GATHER", False)
     return cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C"), cfg.pop("ITERS", 1), cfg
 
 
@@ -261,7 +293,7 @@ def norm_scale_shift(x, shift, scale, index=None, weight=None, bias=None, eps=1e
     y = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    bm, bc, iters, kw = _split(config or _norm_config(C))
+    bm, bc, iters, kw = _split(config or _norm_config(C), norm=True)
     idx, sib, sil = _index_args(index, x)
     grid = (triton.cdiv(L, bm * iters), B)
     with _device_guard(x):
@@ -280,7 +312,7 @@ def gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index=N
     y = torch.empty((B, L, C), dtype=residual.dtype, device=residual.device)
     if y.numel() == 0:
         return r_out, y
-    bm, bc, iters, kw = _split(config or _norm_config(C))
+    bm, bc, iters, kw = _split(config or _norm_config(C), norm=True)
     idx, sib, sil = _index_args(index, residual)
     grid = (triton.cdiv(L, bm * iters), B)
     with _device_guard(residual):
