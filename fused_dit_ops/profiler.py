@@ -25,7 +25,7 @@ import contextlib
 import json
 import re
 import sys
-from collections import Counter, OrderedDict
+from collections import Counter, deque, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -335,7 +335,9 @@ def extract_block(events: Sequence, label: str = MARK, occurrence: int = 0, devi
     if cuda:
         cpu = [e for e in events if not _is_device_event(e)]
         frontend = {e.id: e for e in cpu if getattr(e, "linked_correlation_id", 0) == 0}
-        runtime = {e.id: e for e in cpu if getattr(e, "linked_correlation_id", 0) > 0}
+        # launch (runtime/driver API) events share the kernel's correlation id (= FunctionEvent.id)
+        runtime = {e.id: e for e in cpu if getattr(e, "linked_correlation_id", 0) > 0
+                   or e.name.startswith(("cudaLaunch", "cuLaunch"))}
         # GPU-side copies of record_function ranges carry the range's name: never kernels
         annotation_names = {e.name for e in cpu if getattr(e, "is_user_annotation", False)}
         picked = []
@@ -350,14 +352,33 @@ def extract_block(events: Sequence, label: str = MARK, occurrence: int = 0, devi
                 inside = t0 <= mid <= t1
             if inside:
                 picked.append(k)
-        per_op = Counter(getattr(k, "linked_correlation_id", 0) for k in picked)
+        # Which op launched each kernel. torch's FunctionEvents carry no correlation ids, but each
+        # CPU op lists the kernels it launched (``e.kernels``, linked by the profiler): match the
+        # picked kernels to those lists by name, in launch order (one stream: same order).
+        launch_op: dict[int, object] = {}
+        if any(getattr(k, "linked_correlation_id", 0) for k in picked):
+            for k in picked:
+                lid = getattr(k, "linked_correlation_id", 0)
+                if lid in frontend:
+                    launch_op[id(k)] = frontend[lid]
+        else:
+            queues: dict[str, deque] = {}
+            ops_in_range = sorted((e for e in cpu if getattr(e, "kernels", None)
+                                   and t0 <= e.time_range.start <= t1), key=lambda e: e.time_range.start)
+            for e in ops_in_range:
+                for kk in e.kernels:
+                    queues.setdefault(kk.name, deque()).append(e)
+            for k in sorted(picked, key=lambda k: k.time_range.start):
+                q = queues.get(k.name)
+                if q:
+                    launch_op[id(k)] = q.popleft()
+        per_op = Counter(id(op_ev) for op_ev in launch_op.values())
         for k in picked:
-            lid = getattr(k, "linked_correlation_id", 0)
-            op_ev = frontend.get(lid) if lid else None
+            op_ev = launch_op.get(id(k))
             op = op_ev.name if op_ev is not None else ""
             mb = kernel_is_memory_bound(k.name, op)
             nbytes = None
-            if mb and op_ev is not None and per_op[lid] == 1:
+            if mb and op_ev is not None and per_op[id(op_ev)] == 1:
                 nbytes = op_min_bytes(op, op_ev.input_shapes, getattr(op_ev, "input_dtypes", None))
             us = k.time_range.end - k.time_range.start
             kernels.append(KernelRecord(k.name, short_name(k.name), op, us, nbytes, mb))

@@ -55,7 +55,8 @@ def _check_profiles(profiles, names):
 
 def test_profile_stock_vs_patched_cli(tmp_path, capsys):
     out = tmp_path / "p.json"
-    rc = profiler.main(["--a", "stock", "--b", "patched", "--layers", "2", "--layer", "1", "--warmup", "1",
+    rc = profiler.main(["--device", "cpu", "--a", "stock", "--b", "patched", "--layers", "2", "--layer", "1",
+                        "--warmup", "1",
                         "--trace", str(tmp_path / "tr"), "--json", str(out), "--png", str(tmp_path / "p.png")])
     assert rc == 0
     text = capsys.readouterr().out
@@ -94,7 +95,8 @@ def test_profile_one_block_only_and_model_restored():
 
 
 def test_profile_compiled_configs():
-    profiles, names, meta = profiler.run_profile("stock", "stock-compile", layers=2, layer=0, warmup=1)
+    profiles, names, meta = profiler.run_profile("stock", "stock-compile", layers=2, layer=0, warmup=1,
+                                                 device="cpu")
     assert names == ["stock", "stock-compile"]
     _check_profiles(profiles, names)
     # the compiled block calls inductor's code, the eager one does not
@@ -178,6 +180,35 @@ def test_extract_block_cuda_like_events():
     rows = profiler.comparison_rows([p, p], ["a", "b"], bandwidth=2048 * 3 / 5e-6)  # floor 5 us of 10 us
     assert rows[0]["kernel"] == "sm90_xmma_gemm_bf16" and rows[0]["a floor%"] is None
     assert rows[1]["a floor%"] == pytest.approx(50.0)
+
+
+def test_extract_block_function_events_without_linked_ids():
+    """torch's FunctionEvents: no linked ids; CPU ops list the kernels they launched (``.kernels``),
+    launch events share the kernel's id. Kernels are attributed to ops by name in launch order."""
+    from torch.autograd import DeviceType
+
+    def ev(name, start, end, dev="CPU", id=0, kernels=(), shapes=None, dtypes=None):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
+                               device_type=getattr(DeviceType, dev), id=id, input_shapes=shapes or [],
+                               input_dtypes=dtypes or [], thread=1, is_user_annotation=False, activity_type="",
+                               cpu_children=[], kernels=[SimpleNamespace(name=k) for k in kernels])
+    bf = "c10::BFloat16"
+    add_k = "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16> >()"
+    events = [
+        ev(profiler.MARK, 100, 200, id=1),
+        ev("aten::add", 110, 120, id=2, kernels=[add_k], shapes=[[1024], [1024], []], dtypes=[bf, bf, "Scalar"]),
+        ev("cudaLaunchKernel", 112, 118, id=900),
+        ev(add_k, 150, 160, dev="CUDA", id=900),
+        ev("fused_dit::gate_residual", 125, 128, id=3, kernels=["gate_residual_kernel"]),
+        ev("cuLaunchKernelEx", 126, 127, id=901),
+        ev("gate_residual_kernel", 160, 170, dev="CUDA", id=901),
+        ev("aten::add", 210, 220, id=4, kernels=[add_k]),
+        ev("cudaLaunchKernel", 211, 219, id=902),
+        ev(add_k, 190, 199, dev="CUDA", id=902),  # launched after the range: excluded
+    ]
+    p = profiler.extract_block(events)
+    assert [k.op for k in p.kernels] == ["aten::add", "fused_dit::gate_residual"]
+    assert p.kernels[0].memory_bound and p.kernels[0].bytes == 3 * 2048
 
 
 def test_configs_normalize():

@@ -16,7 +16,8 @@ What a patched ``QwenImageTransformer2DModel`` runs per block (both streams, dif
    - ``fused_dit.attention`` on the joint [B, N, H, D] q/k/v (backend: ``attention_backend``), output
      split per stream as row views, ``to_out[0]`` / ``to_add_out``;
 4. ``gate_residual_norm_scale_shift``: h + gate1 * attn_out, LayerNorm, modulation, one op per stream;
-5. MLP (stock ``FeedForward``, GELU-tanh), then ``gate_residual`` (h + gate2 * mlp_out);
+5. MLP: on CUDA fc1 with GELU-tanh in the GEMM epilogue (``fused_mlp``), fc2; else the stock
+   ``FeedForward``; then ``gate_residual`` (h + gate2 * mlp_out);
 6. fp16: the block clips both streams to +-65504 at the end, as diffusers does.
 
 Per-forward state: RoPE tables. ``pos_embed`` (called once per model forward) is wrapped to return
@@ -54,7 +55,7 @@ from .diffusers_attention import FusedQwenDoubleStreamAttnProcessor
 
 log = logging.getLogger(__name__)
 
-OPS = ("modulation", "qk_norm_rope", "attention")
+OPS = ("modulation", "qk_norm_rope", "attention", "mlp")
 QK_PATHS = ("auto", "joint", "cat")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ATTR = "_fused_dit_state"
@@ -127,6 +128,7 @@ class _State:
         self.modulation = "modulation" in ops
         self.qk = "qk_norm_rope" in ops
         self.attention = "attention" in ops
+        self.mlp = "mlp" in ops
         self.qk_path = qk_path
         self.report = report
         self.verify_pending = verify
@@ -243,6 +245,26 @@ def _linear_into(x2d, lin, out2d):
 
 # --- block forward ---------------------------------------------------------------------------------
 
+def fused_mlp(ff, x: torch.Tensor) -> torch.Tensor:
+    """diffusers ``FeedForward`` (GELU-tanh) with the GELU in the fc1 GEMM's epilogue on CUDA.
+
+    ``torch._addmm_activation(..., use_gelu=True)`` runs cuBLASLt's bias+GELU epilogue (the tanh
+    approximation; its non-Lt CUDA fallback also applies GELU-tanh), saving one read+write pass
+    over the [L, 4C] hidden activation. On CPU that op applies the erf GELU, so CPU keeps the
+    stock module; so does any FeedForward that is not (GELU-tanh proj with bias, Dropout, Linear).
+    """
+    from diffusers.models.activations import GELU
+    net = getattr(ff, "net", None)
+    if (not x.is_cuda or net is None or len(net) < 3 or not isinstance(net[0], GELU)
+            or net[0].approximate != "tanh" or net[0].proj.bias is None or not isinstance(net[2], torch.nn.Linear)
+            or any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in net)
+            or len(net) > 3 and not isinstance(net[3], torch.nn.Dropout)):
+        return ff(x)
+    proj = net[0].proj
+    h = torch._addmm_activation(proj.bias, x.reshape(-1, x.shape[-1]), proj.weight.t(), use_gelu=True)
+    return net[2](h).view(*x.shape[:-1], -1)
+
+
 def _stock_block_forward():
     from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
     return QwenImageTransformerBlock.forward
@@ -278,9 +300,11 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidd
             hidden_states, img_attn, i_g1, i_sh2, i_sc2, index, self.img_norm2.eps)
         encoder_hidden_states, txt_m2 = torch.ops.fused_dit.gate_residual_norm_scale_shift.default(
             encoder_hidden_states, txt_attn, t_g1, t_sh2, t_sc2, None, self.txt_norm2.eps)
-        hidden_states = torch.ops.fused_dit.gate_residual.default(hidden_states, self.img_mlp(img_m2), i_g2, index)
+        mlp = fused_mlp if st.mlp else (lambda ff, x: ff(x))
+        hidden_states = torch.ops.fused_dit.gate_residual.default(hidden_states, mlp(self.img_mlp, img_m2), i_g2,
+                                                                  index)
         encoder_hidden_states = torch.ops.fused_dit.gate_residual.default(
-            encoder_hidden_states, self.txt_mlp(txt_m2), t_g2, None)
+            encoder_hidden_states, mlp(self.txt_mlp, txt_m2), t_g2, None)
     else:  # the stock modulation code, fused attention only
         img_mod1, img_mod2 = img_mod.chunk(2, dim=-1)
         txt_mod1, txt_mod2 = txt_mod.chunk(2, dim=-1)
@@ -439,8 +463,9 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
     """Put every block of a diffusers ``QwenImageTransformer2DModel`` (or ``pipeline.transformer``) on
     fused ops, in place, per instance. Returns a :class:`PatchReport`.
 
-    ``ops``: "all" or a subset of ("modulation", "qk_norm_rope", "attention") (list or comma string);
-    pieces left out run the stock code. ``attention_backend``: None (automatic) or a
+    ``ops``: "all" or a subset of ("modulation", "qk_norm_rope", "attention", "mlp") (list or comma
+    string); pieces left out run the stock code. "mlp" puts the GELU-tanh in the fc1 GEMM's epilogue
+    (CUDA only; it applies with "modulation"). ``attention_backend``: None (automatic) or a
     ``fused_dit.attention`` backend name (fa3, fa4, cudnn, fa2, efficient, math). ``verify``: the first
     forward runs stock and fused on the same inputs and fills ``report.verify`` (max_abs, rel_fro).
     ``qk_path``: "auto" (joint buffers in eager, ``qk_norm_rope_cat`` under torch.compile), "joint" or
@@ -502,6 +527,11 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
         report.stock["qk_norm_rope"] = "not selected in ops (stock RMSNorm, torch RoPE, torch.cat)"
     if "attention" not in ops_set:
         report.stock["attention"] = "not selected in ops (diffusers dispatch_attention_fn)"
+    if "mlp" not in ops_set or "modulation" not in ops_set:
+        report.stock["mlp"] = ("not selected in ops (stock FeedForward)" if "mlp" not in ops_set
+                               else "needs 'modulation' (stock FeedForward)")
+    elif p.device.type != "cuda":
+        report.stock["mlp"] = "GELU epilogue is CUDA-only: stock FeedForward on CPU"
     if len(model.transformer_blocks) != len(ok_blocks):
         pass  # reasons already listed per block
 
