@@ -129,3 +129,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref| (fp32)."""
     out, ref = out.float(), ref.float()
     return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def parse_providers(spec: str, who: str) -> list[str]:
+    """Comma list of provider names, validated; patched ones dropped (with a message) when
+    ``fused_dit_ops.patch`` is unavailable."""
+    import sys
+    providers = [p.strip() for p in spec.split(",") if p.strip()]
+    for p in providers:
+        normalize(p)
+    if any(is_patched(p) for p in providers) and not patch_available():
+        print(f"{who}: fused_dit_ops.patch() is not available; dropping the patched providers", file=sys.stderr)
+        providers = [p for p in providers if not is_patched(p)]
+    return providers

@@ -118,12 +118,7 @@ def main(argv=None) -> int:
     device = _configs.resolve_device(args.device, args.tiny, "bench model")
     if device is None:
         return 2
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    for p in providers:
-        _configs.normalize(p)
-    if any(_configs.is_patched(p) for p in providers) and not _configs.patch_available():
-        print("bench model: fused_dit_ops.patch() is not available; dropping the patched providers", file=sys.stderr)
-        providers = [p for p in providers if not _configs.is_patched(p)]
+    providers = _configs.parse_providers(args.providers, "bench model")
 
     from ..models import build_qwen_image_transformer, make_qwen_inputs
     from ..profiler import _dtype

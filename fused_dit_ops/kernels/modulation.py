@@ -59,20 +59,23 @@ def _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX: tl.conste
 
 
 @triton.jit
+def _column_tile(C, BLOCK_C: tl.constexpr):
+    """Elementwise grid (n_cblocks * n_mblocks, B), column block fastest so that consecutive
+    programs walk memory in order: (row-block id, batch, column offsets, column mask)."""
+    n_c = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    cols = (pid % n_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid // n_c, tl.program_id(1).to(tl.int64), cols, cols < C
+
+
+@triton.jit
 def _scale_shift_gate_kernel(
     x_ptr, shift_ptr, scale_ptr, gate_ptr, idx_ptr, y_ptr, g_ptr,
     L, C, B,
     stride_xb, stride_xl, stride_shift, stride_scale, stride_gate, stride_ib, stride_il,
     HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
 ):
-    # grid (n_cblocks * n_mblocks, B), column block fastest: consecutive programs walk memory in order
-    n_c = tl.cdiv(C, BLOCK_C)
-    pid = tl.program_id(0)
-    pid_c = pid % n_c
-    pid_m = pid // n_c
-    b = tl.program_id(1).to(tl.int64)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    pid_m, b, cols, cmask = _column_tile(C, BLOCK_C)
     sh0, sh1 = _load_param(shift_ptr, b, B, stride_shift, cols, cmask, HAS_INDEX)
     sc0, sc1 = _load_param(scale_ptr, b, B, stride_scale, cols, cmask, HAS_INDEX)
     g0, g1 = _load_param(gate_ptr, b, B, stride_gate, cols, cmask, HAS_INDEX)
@@ -212,13 +215,7 @@ def _gate_residual_kernel(
     stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_ib, stride_il,
     HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
 ):
-    n_c = tl.cdiv(C, BLOCK_C)
-    pid = tl.program_id(0)
-    pid_c = pid % n_c
-    pid_m = pid // n_c
-    b = tl.program_id(1).to(tl.int64)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    pid_m, b, cols, cmask = _column_tile(C, BLOCK_C)
     g0, g1 = _load_param(gate_ptr, b, B, stride_gate, cols, cmask, HAS_INDEX)
     for it in tl.static_range(ITERS):
         l = (pid_m * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
