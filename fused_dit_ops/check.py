@@ -56,23 +56,63 @@ def _time_ms(fn, device) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
+def _f64(t):
+    return t.detach().to("cpu", torch.float64) if t.is_floating_point() else t.detach().cpu()
+
+
 def cases(device: str, small: bool):
-    """(label, op, callable, args) for every op this package ships; later ops append here."""
+    """(label, run, oracle, dtype) for every op: run() returns the op's outputs (for an in-place op,
+    the tensors it wrote), oracle() their float64 reference on CPU."""
     import fused_dit_ops as fdo
-    B, L, C = (1, 8192, 3072) if (device == "cuda" and not small) else (1, 256, 512)
+    big = device == "cuda" and not small
+    B, L, C = (1, 8192, 3072) if big else (1, 256, 512)
     dtype = torch.bfloat16
     for op in ("scale_shift_gate", "norm_scale_shift", "gate_residual_norm_scale_shift", "gate_residual"):
-        yield f"{op} [{B},{L},{C}] bf16 index", op, getattr(fdo, op), _inputs(op, B, L, C, dtype, device)
+        args = _inputs(op, B, L, C, dtype, device)
+        yield (f"{op} [{B},{L},{C}] bf16 index", lambda op=op, a=args: getattr(fdo, op)(*a),
+               lambda op=op, a=args: _oracle(op, a), dtype)
+
+    g = torch.Generator(device="cpu").manual_seed(4321)
+    H, D = (24, 128) if big else (4, 64)
+    Lt, Li = (208, 8192) if big else (16, 96)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+    # projections as packed QKV rows (V a strided chunk, as in a packed-QKV model)
+    txt = rnd(1, Lt, 3 * H * D).unflatten(-1, (3, H, D))
+    img = rnd(1, Li, 3 * H * D).unflatten(-1, (3, H, D))
+    streams = (txt[:, :, 0], txt[:, :, 1], txt[:, :, 2], img[:, :, 0], img[:, :, 1], img[:, :, 2])
+    ang_t = torch.rand(Lt, D // 2, generator=g) * 6.3
+    ang_i = torch.rand(Li, D // 2, generator=g) * 6.3
+    tab_t = torch.cat([ang_t.cos(), ang_t.sin()], -1).to(device)
+    tab_i = torch.cat([ang_i.cos(), ang_i.sin()], -1).to(device)
+    ws = [(1 + 0.1 * torch.randn(D, generator=g)).to(device=device, dtype=dtype) for _ in range(4)]
+
+    def run_rope():
+        q, k = streams[3].clone(), streams[4].clone()
+        fdo.rope(q, k, tab_i)
+        return q, k
+    yield (f"rope q,k [1,{Li},{H},{D}] bf16", run_rope,
+           lambda: ref.rope(_f64(streams[3]), _f64(streams[4]), _f64(tab_i)), dtype)
+    yield (f"joint_qkv_cat Lt {Lt} + Li {Li}, strided v", lambda: fdo.joint_qkv_cat(*streams),
+           lambda: ref.joint_qkv_cat(*(_f64(t) for t in streams)), dtype)
+    yield (f"qk_norm_rope_cat Lt {Lt} + Li {Li}", lambda: fdo.qk_norm_rope_cat(*streams, *ws, tab_t, tab_i),
+           lambda: ref.qk_norm_rope_cat(*(_f64(t) for t in streams), *(_f64(w) for w in ws), _f64(tab_t),
+                                        _f64(tab_i)), dtype)
+    N = 1024 if big else 64  # the float64 reference materialises [B, H, N, N]
+    q, k, v = rnd(1, N, H, D), rnd(1, N, H, D), rnd(1, N, H, D)
+    yield (f"attention [1,{N},{H},{D}] bf16", lambda: fdo.attention(q, k, v),
+           lambda: ref.attention(_f64(q), _f64(k), _f64(v)), dtype)
 
 
 def run_check(device: str | None = None, small: bool = False) -> int:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows, failed = [], 0
-    for label, op, fn, args in cases(device, small):
+    for label, run, oracle, dtype in cases(device, small):
         try:
-            out = fn(*args)
+            out = run()
             outs = out if isinstance(out, tuple) else (out,)
-            refs = _oracle(op, args)
+            refs = oracle()
             refs = refs if isinstance(refs, tuple) else (refs,)
             errs = []
             for o, r in zip(outs, refs):
@@ -80,8 +120,8 @@ def run_check(device: str | None = None, small: bool = False) -> int:
                 rel = ((o64 - r).norm() / r.norm()).item() if torch.isfinite(o64).all() else float("inf")
                 errs.append((rel, (o64 - r).abs().max().item()))
             rel = max(e[0] for e in errs)
-            ok = rel < TOL[args[0].dtype]
-            ms = _time_ms(lambda: fn(*args), device)
+            ok = rel < TOL[dtype]
+            ms = _time_ms(run, device)
             rows.append((label, "PASS" if ok else "FAIL", f"{rel:.2e}", f"{max(e[1] for e in errs):.2e}", f"{ms:.3f}"))
             failed += not ok
         except Exception as e:  # noqa: BLE001  (a check reports every failure, it does not stop)

@@ -1,0 +1,32 @@
+"""The command line: env and check run and report every op (CPU here; the GPU tier on CUDA)."""
+import pytest
+
+from fused_dit_ops.__main__ import main
+from fused_dit_ops._schemas import SCHEMAS
+
+
+def test_env_lists_every_op(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for name in SCHEMAS:
+        assert name in out
+    assert "fused_dit_ops._C" in out and "attention backends" in out
+
+
+def test_check_passes_on_cpu(capsys):
+    assert main(["check", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for op in ("scale_shift_gate", "norm_scale_shift", "gate_residual_norm_scale_shift", "gate_residual",
+               "rope", "joint_qkv_cat", "qk_norm_rope_cat", "attention"):
+        assert f"{op} " in out and "FAIL" not in out and "ERROR" not in out
+    assert "8 passed, 0 failed" in out
+
+
+@pytest.mark.gpu
+def test_check_passes_on_gpu(capsys):
+    assert main(["check", "--device", "cuda"]) == 0, capsys.readouterr().out
+
+
+def test_unknown_bench_is_an_error(capsys):
+    assert main(["bench", "nope"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
