@@ -41,9 +41,14 @@ def main():
          lambda: k.gate_residual(x, u, g, idx), lambda: torch.ops.fused_dit.gate_residual.default(x, u, g, idx),
          lambda: fdo.gate_residual(x, u, g, idx)),
     ]
-    print(f"{'op':32s} {'validate':>9s} {'launcher':>9s} {'torch.ops':>9s} {'public':>9s}  (us per call, host)")
-    for name, *fns in rows:
-        print(f"{name:32s} " + " ".join(f"{per_call_us(f):9.1f}" for f in fns))
+    from fused_dit_ops.kernels import _launch
+    for fast in (True, False):
+        _launch.set_enabled(fast)
+        print(f"Triton fast launch {'ON' if fast else 'OFF'}")
+        print(f"{'op':32s} {'validate':>9s} {'launcher':>9s} {'torch.ops':>9s} {'public':>9s}  (us per call, host)")
+        for name, *fns in rows:
+            print(f"{name:32s} " + " ".join(f"{per_call_us(f):9.1f}" for f in fns))
+    _launch.set_enabled(True)
     e = lambda: torch.add(x, u)  # noqa: E731
     print(f"{'torch.add (reference point)':32s} {per_call_us(e):9.1f}")
 

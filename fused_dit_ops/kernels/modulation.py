@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 
 @triton.jit
 def _load_param(p_ptr, b, B, stride, cols, cmask, HAS_INDEX: tl.constexpr):
@@ -280,10 +282,10 @@ def scale_shift_gate(x, shift, scale, gate, index=None, config=None):
     idx, sib, sil = _index_args(index, x)
     grid = (triton.cdiv(L, bm * iters) * triton.cdiv(C, bc), B)
     with _device_guard(x):
-        _scale_shift_gate_kernel[grid](
-            x, shift, scale, gate, idx, y, g, L, C, B,
-            x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), gate.stride(0), sib, sil,
-            HAS_INDEX=index is not None, BLOCK_M=bm, BLOCK_C=bc, ITERS=iters, **kw)
+        launch(_scale_shift_gate_kernel, grid,
+               (x, shift, scale, gate, idx, y, g, L, C, B,
+                x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), gate.stride(0), sib, sil),
+               (index is not None, bm, bc, iters), kw)
     return y, g
 
 
@@ -297,11 +299,12 @@ def norm_scale_shift(x, shift, scale, index=None, weight=None, bias=None, eps=1e
     idx, sib, sil = _index_args(index, x)
     grid = (triton.cdiv(L, bm * iters), B)
     with _device_guard(x):
-        _norm_scale_shift_kernel[grid](
-            x, shift, scale, idx, x if weight is None else weight, x if bias is None else bias, y,
-            L, C, B, eps, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), sib, sil,
-            HAS_INDEX=index is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            IS_RMS=norm == "rms", BLOCK_M=bm, BLOCK_C=bc, ITERS=iters, **kw)
+        gather = kw.pop("PARAM_GATHER")
+        launch(_norm_scale_shift_kernel, grid,
+               (x, shift, scale, idx, x if weight is None else weight, x if bias is None else bias, y,
+                L, C, B, float(eps), x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), sib, sil),
+               (index is not None, weight is not None, bias is not None, norm == "rms", bm, bc, iters, gather),
+               kw)
     return y
 
 
@@ -316,11 +319,12 @@ def gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index=N
     idx, sib, sil = _index_args(index, residual)
     grid = (triton.cdiv(L, bm * iters), B)
     with _device_guard(residual):
-        _gate_residual_norm_scale_shift_kernel[grid](
-            residual, update, gate, shift, scale, idx, r_out, y, L, C, B, eps,
-            residual.stride(0), residual.stride(1), update.stride(0), update.stride(1),
-            gate.stride(0), shift.stride(0), scale.stride(0), sib, sil,
-            HAS_INDEX=index is not None, BLOCK_M=bm, BLOCK_C=bc, ITERS=iters, **kw)
+        gather = kw.pop("PARAM_GATHER")
+        launch(_gate_residual_norm_scale_shift_kernel, grid,
+               (residual, update, gate, shift, scale, idx, r_out, y, L, C, B, float(eps),
+                residual.stride(0), residual.stride(1), update.stride(0), update.stride(1),
+                gate.stride(0), shift.stride(0), scale.stride(0), sib, sil),
+               (index is not None, bm, bc, iters, gather), kw)
     return r_out, y
 
 
@@ -333,9 +337,9 @@ def gate_residual(residual, update, gate, index=None, config=None):
     idx, sib, sil = _index_args(index, residual)
     grid = (triton.cdiv(L, bm * iters) * triton.cdiv(C, bc), B)
     with _device_guard(residual):
-        _gate_residual_kernel[grid](
-            residual, update, gate, idx, out, L, C, B,
-            residual.stride(0), residual.stride(1), update.stride(0), update.stride(1),
-            gate.stride(0), sib, sil,
-            HAS_INDEX=index is not None, BLOCK_M=bm, BLOCK_C=bc, ITERS=iters, **kw)
+        launch(_gate_residual_kernel, grid,
+               (residual, update, gate, idx, out, L, C, B,
+                residual.stride(0), residual.stride(1), update.stride(0), update.stride(1),
+                gate.stride(0), sib, sil),
+               (index is not None, bm, bc, iters), kw)
     return out

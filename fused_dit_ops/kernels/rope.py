@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch as launch_kernel
+
 
 @triton.jit
 def _load_pairs(base, hoff, hmask, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
@@ -258,21 +260,21 @@ def launch(a, b, out, *, weights=None, tables=None, positions=(None, None), eps=
     pb, spb_b, spb_l = _pos_args(positions[1])
     grid = (La + Lb, triton.cdiv(H, bh), B)
     with _device_guard(qa):
-        _joint_qk_kernel[grid](
-            a[0], a[1], a[2] if has_v else a[0], b[0], b[1], b[2] if has_v else b[0],
-            out[0], out[1], out[2] if has_v else out[0],
-            weights[0], weights[1], weights[2], weights[3], tables[0], tables[1], pa, pb,
-            La, H, tables[0].shape[0], tables[1].shape[0], float(eps),
-            *_strides(a[0]), *_strides(a[1]), *_strides(a[2]),
-            *_strides(b[0]), *_strides(b[1]), *_strides(b[2]),
-            *_strides(out[0]), *_strides(out[1]), *_strides(out[2]),
-            tables[0].stride(0), tables[1].stride(0), spa_b, spa_l, spb_b, spb_l,
-            D=D, D_BLOCK=triton.next_power_of_2(D), HALF=max(half, 1) if R else 1,
-            HALF_BLOCK=triton.next_power_of_2(max(half, 1)), TAIL=tail,
-            TAIL_BLOCK=triton.next_power_of_2(max(tail, 1)), BLOCK_H=bh,
-            INTERLEAVED=interleaved, NORM=norm, ROPE=rope, ROUND=wround,
-            POS_A=positions[0] is not None, POS_B=positions[1] is not None, HAS_V=has_v,
-            num_warps=nw, **cfg)
+        launch_kernel(
+            _joint_qk_kernel, grid,
+            (a[0], a[1], a[2] if has_v else a[0], b[0], b[1], b[2] if has_v else b[0],
+             out[0], out[1], out[2] if has_v else out[0],
+             weights[0], weights[1], weights[2], weights[3], tables[0], tables[1], pa, pb,
+             La, H, tables[0].shape[0], tables[1].shape[0], float(eps),
+             *_strides(a[0]), *_strides(a[1]), *_strides(a[2]),
+             *_strides(b[0]), *_strides(b[1]), *_strides(b[2]),
+             *_strides(out[0]), *_strides(out[1]), *_strides(out[2]),
+             tables[0].stride(0), tables[1].stride(0), spa_b, spa_l, spb_b, spb_l),
+            (D, triton.next_power_of_2(D), max(half, 1) if R else 1,
+             triton.next_power_of_2(max(half, 1)), tail, triton.next_power_of_2(max(tail, 1)), bh,
+             interleaved, norm, rope, wround,
+             positions[0] is not None, positions[1] is not None, has_v),
+            dict(num_warps=nw, **cfg))
 
 
 def rope_(q, k, cache, positions=None, interleaved=True):

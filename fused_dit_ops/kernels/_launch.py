@@ -1,0 +1,126 @@
+"""Low-overhead relaunch of already-compiled Triton kernels.
+
+``kernel[grid](*args, **meta)`` re-derives Triton's specialization of every argument, rebuilds the
+cache key and walks several Python layers on each call: tens of microseconds of host time on a
+busy host, which a DiT block pays about ten times per layer. :func:`launch` pays that cost once per
+distinct *exact* argument signature and afterwards calls the compiled kernel's launcher directly.
+
+Why it is safe: the cache key is a superset of what Triton specializes on. Tensors contribute
+their dtype and whether ``data_ptr() % 16 == 0`` (Triton's only pointer specialization); ints
+contribute their exact value (Triton only looks at ``== 1``, ``% 16 == 0`` and the int32/int64
+range); floats their type; constexprs and launch options their exact values; plus the current
+device. A hit therefore always names a kernel that Triton itself compiled for arguments with the
+same specialization. Anything unusual takes Triton's own path: the interpreter
+(``TRITON_INTERPRET=1``), a launch hook (e.g. proton), or ``FUSED_DIT_FAST_LAUNCH=0``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # triton >= 3.2
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - older triton: always take Triton's own path
+    _knobs = None
+try:
+    from triton.runtime.jit import JITFunction as _JITFunction
+except ImportError:  # pragma: no cover
+    _JITFunction = ()
+
+_MAX_ENTRIES = 512  # per kernel; exact int values (L, strides) make a handful per model shape
+_ENABLED = os.environ.get("FUSED_DIT_FAST_LAUNCH", "1") != "0" and _knobs is not None
+
+
+def enabled() -> bool:
+    return _ENABLED
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn the fast path on/off at runtime (for A/B timing); returns the previous setting."""
+    global _ENABLED
+    prev, _ENABLED = _ENABLED, bool(flag) and _knobs is not None
+    return prev
+
+
+def _arg_key(a):
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, float):
+        return float
+    return a  # int / bool: exact value
+
+
+class _Entry:
+    __slots__ = ("run", "function", "packed_metadata")
+
+    def __init__(self, ck):
+        self.run = ck.run  # property: loads the module and creates the launcher on first use
+        self.function = ck.function
+        self.packed_metadata = ck.packed_metadata
+
+
+_caches: dict = {}
+stats = {"fast": 0, "slow": 0}
+
+
+def launch(fn, grid, args: tuple, constexprs: tuple, options: dict):
+    """Launch ``fn[grid](*args, **dict(zip(names, constexprs)), **options)``.
+
+    ``args`` are the kernel's runtime arguments and ``constexprs`` the values of its trailing
+    constexpr parameters, both in signature order; ``options`` are launch options (num_warps ...).
+    """
+    fast = _ENABLED and isinstance(fn, _JITFunction) and _knobs.runtime.launch_enter_hook is None
+    if not fast:
+        stats["slow"] += 1
+        names = _constexpr_names(fn)
+        return fn[grid](*args, **dict(zip(names, constexprs)), **options)
+    dev = torch.cuda.current_device()
+    key = (dev, grid, tuple(_arg_key(a) for a in args), constexprs, tuple(options.items()))
+    cache = _caches.get(fn)
+    if cache is None:
+        cache = _caches[fn] = {}
+    entry = cache.get(key)
+    if entry is None:
+        stats["slow"] += 1
+        names = _constexpr_names(fn)
+        ck = fn[grid](*args, **dict(zip(names, constexprs)), **options)
+        if len(cache) >= _MAX_ENTRIES:
+            cache.clear()
+        cache[key] = _Entry(ck)
+        return ck
+    stats["fast"] += 1
+    g = grid + (1,) * (3 - len(grid))
+    entry.run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(dev), entry.function,
+              entry.packed_metadata, None, None, None, *args, *constexprs)
+    return None
+
+
+_names: dict = {}
+
+
+def _constexpr_names(fn) -> tuple:
+    names = _names.get(fn)
+    if names is None:
+        params = getattr(fn, "params", None)
+        if params is None:  # interpreter: inspect the wrapped function's signature
+            import inspect
+            sig = inspect.signature(fn.fn)
+            ann = [p.annotation for p in sig.parameters.values()]
+            names = tuple(n for n, a in zip(sig.parameters, ann) if "constexpr" in str(a))
+        else:
+            names = tuple(p.name for p in params if p.is_constexpr)
+            flags = [p.is_constexpr for p in params]
+            # the fast path appends constexprs after the runtime args: they must be trailing
+            if flags != sorted(flags):
+                raise TypeError(f"{fn.__name__}: constexpr parameters must come last for launch()")
+        _names[fn] = names
+    return names
+
+
+def clear_cache() -> None:
+    _caches.clear()
+    stats.update(fast=0, slow=0)
+
+
+__all__ = ["launch", "enabled", "set_enabled", "clear_cache", "stats"]

@@ -1,0 +1,159 @@
+"""Where does one Qwen-Image-Edit block's time go on the GPU machine? (diagnostic, GPU only)
+
+For the stock and the patched block (real dims, bf16, the call captured from a 1-layer model as
+``bench block`` does) this measures:
+  gpu_ms   : GPU time alone, by CUDA-graph replay of the eager block (no host cost);
+  host_ms  : host time per call while the GPU is kept busy (launch-bound if >= gpu_ms);
+  e2e_ms   : back-to-back eager calls, wall clock per call (what ``bench block`` sees);
+  syncs    : warnings from torch.cuda.set_sync_debug_mode during one call;
+and, for the patched block, a cProfile of a few calls (top functions by own time). With
+``--fast-launch both`` the patched block is measured with the Triton fast launch on and off.
+Writes block-diag.json (and the cProfile text) to $OUT or --out.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import time
+import warnings
+
+import torch
+
+
+def gpu_ms_graph(call, reps=20):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        call()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del g
+    times.sort()
+    return times[len(times) // 2]
+
+
+def host_ms(call, n=8):
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # ~1 s of GPU spin so that launches never wait on the GPU
+    t = time.perf_counter()
+    for _ in range(n):
+        call()
+    dt = (time.perf_counter() - t) / n * 1e3
+    torch.cuda.synchronize()
+    return dt
+
+
+def e2e_ms(call, n=20):
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        call()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def sync_warnings(call):
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sorted({str(x.message).splitlines()[0][:160] for x in w})
+
+
+def cprofile_text(call, n=5, top=35):
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        call()
+    pr.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    st = pstats.Stats(pr, stream=out)
+    st.sort_stats("tottime").print_stats(top)
+    st.sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fast-launch", default="both", choices=["on", "off", "both"])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+
+    from fused_dit_ops.bench import _configs
+    from fused_dit_ops.bench.block import capture_block_call
+    from fused_dit_ops.kernels import _launch
+    from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs
+
+    model = build_qwen_image_transformer("edit-2511", num_layers=1, device="cuda", dtype=torch.bfloat16)
+    inputs = make_qwen_inputs(model)
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    plans = [("stock", None)]
+    fl = {"on": [True], "off": [False], "both": [True, False]}[args.fast_launch]
+    plans += [("patched", f) for f in fl]
+    for base, fast in plans:
+        _configs.apply(model, base)
+        try:
+            if fast is not None:
+                _launch.set_enabled(fast)
+            block, a, kw = capture_block_call(model, inputs)
+
+            def call(block=block, a=a, kw=kw):
+                with torch.no_grad():
+                    return block(*a, **kw)
+
+            call()
+            torch.cuda.synchronize()
+            row = {"block": base, "fast_launch": fast}
+            row["e2e_ms"] = e2e_ms(call)
+            row["host_ms"] = host_ms(call)
+            try:
+                row["gpu_ms"] = gpu_ms_graph(call)
+            except Exception as e:  # keep the other numbers
+                row["gpu_ms_error"] = f"{type(e).__name__}: {e}"[:300]
+            row["syncs"] = sync_warnings(call)
+            if base == "patched":
+                _launch.stats.update(fast=0, slow=0)
+                text = cprofile_text(call)
+                row["launch_stats_5_calls"] = dict(_launch.stats)
+                name = f"block-diag-cprofile-{'fast' if fast else 'slow'}.txt"
+                with open(os.path.join(args.out, name), "w") as f:
+                    f.write(text)
+            print(json.dumps(row), flush=True)
+            res["rows"].append(row)
+        finally:
+            _launch.set_enabled(True)
+            _configs.reset(model, base)
+            torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "block-diag.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
