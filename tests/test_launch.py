@@ -126,3 +126,19 @@ def test_fast_path_under_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, ref)
+
+
+def test_launch_hooks_disable_fast_path():
+    # an installed launch hook (e.g. proton's) must see every launch: Triton's own path then
+    from triton import knobs
+    assert not _launch._hooks_active()
+    hook = lambda *a, **k: None  # noqa: E731
+    chain = knobs.runtime.launch_enter_hook
+    if not hasattr(chain, "add"):
+        pytest.skip("this triton has no HookChain")
+    chain.add(hook)
+    try:
+        assert _launch._hooks_active()
+    finally:
+        chain.remove(hook)
+    assert not _launch._hooks_active()

@@ -259,7 +259,9 @@ def test_triton_tiles_cover_ragged_edges(config, op):
 @pytest.mark.parametrize("config", [{"BLOCK_M": 1, "BLOCK_C": 128, "ITERS": 4, "num_warps": 2},
                                     {"BLOCK_M": 2, "BLOCK_C": 128, "ITERS": 3, "num_warps": 4},
                                     {"BLOCK_M": 2, "BLOCK_C": 128, "ITERS": 2, "num_warps": 4, "PARAM_GATHER": True},
-                                    {"BLOCK_M": 1, "BLOCK_C": 128, "ITERS": 1, "num_warps": 4, "PARAM_GATHER": True}])
+                                    {"BLOCK_M": 1, "BLOCK_C": 128, "ITERS": 1, "num_warps": 4, "PARAM_GATHER": True},
+                                    {"BLOCK_M": 1, "BLOCK_C": 128, "ITERS": 1, "num_warps": 4, "PARAM_GATHER": True,
+                                     "STREAM_STORES": True}])
 @pytest.mark.parametrize("op", ["norm_scale_shift", "gate_residual_norm_scale_shift"])
 @pytest.mark.parametrize("index", [True, False])
 def test_triton_norm_row_loops(config, op, index):

@@ -95,41 +95,46 @@ def norm_variant(x, shift, scale, idx, ONE_PASS=False, STORE_CS=False, num_warps
     return y
 
 
+def _cfg(m, c, i, w, **kw):
+    return dict(BLOCK_M=m, BLOCK_C=c, ITERS=i, num_warps=w, **kw)
+
+
 def variants():
-    gr = {
-        "compile": torch.compile(bm.eager_gate_residual, dynamic=False),
-        "fused(default)": __import__("fused_dit_ops").gate_residual,
-        "triton[1,1024,1,4]": lambda *a: k.gate_residual(*a, config=dict(BLOCK_M=1, BLOCK_C=1024, ITERS=1, num_warps=4)),
-        "triton[1,4096,1,8]": lambda *a: k.gate_residual(*a, config=dict(BLOCK_M=1, BLOCK_C=4096, ITERS=1, num_warps=8)),
-        "triton[1,2048,1,4]": lambda *a: k.gate_residual(*a, config=dict(BLOCK_M=1, BLOCK_C=2048, ITERS=1, num_warps=4)),
-        "flat1024w4": lambda *a: gate_residual_flat(*a),
-        "flat2048w4": lambda *a: gate_residual_flat(*a, XBLOCK=2048),
-        "flat1024w4cs": lambda *a: gate_residual_flat(*a, STORE_CS=True),
-        "flat512w4": lambda *a: gate_residual_flat(*a, XBLOCK=512, num_warps=4),
-        "flat4096w8": lambda *a: gate_residual_flat(*a, XBLOCK=4096, num_warps=8),
-    }
-    try:
-        from fused_dit_ops import _extension
-        if _extension.C_LOADED:
-            gr["cpp"] = lambda r, u, g, i: torch.ops.fused_dit.gate_residual.default(r, u, g, i)
-    except Exception:
-        pass
-    ns = {
-        "compile": torch.compile(bm.eager_norm_scale_shift, dynamic=False),
-        "fused(default)": __import__("fused_dit_ops").norm_scale_shift,
-        "gather[1,4096,1,w4]": lambda *a: k.norm_scale_shift(*a, config=dict(BLOCK_M=1, BLOCK_C=4096, ITERS=1, num_warps=4, PARAM_GATHER=True)),
-        "gather[1,4096,1,w8]": lambda *a: k.norm_scale_shift(*a, config=dict(BLOCK_M=1, BLOCK_C=4096, ITERS=1, num_warps=8, PARAM_GATHER=True)),
-        "gather[1,4096,2,w4]": lambda *a: k.norm_scale_shift(*a, config=dict(BLOCK_M=1, BLOCK_C=4096, ITERS=2, num_warps=4, PARAM_GATHER=True)),
-        "row2pass w4": lambda *a: norm_variant(*a),
-        "row2pass w2": lambda *a: norm_variant(*a, num_warps=2),
-        "row2pass w8": lambda *a: norm_variant(*a, num_warps=8),
-        "row1pass w4": lambda *a: norm_variant(*a, ONE_PASS=True),
-        "row1pass w2": lambda *a: norm_variant(*a, ONE_PASS=True, num_warps=2),
-        "row1pass w8": lambda *a: norm_variant(*a, ONE_PASS=True, num_warps=8),
-        "row2pass w4 cs": lambda *a: norm_variant(*a, STORE_CS=True),
-        "row1pass w4 cs": lambda *a: norm_variant(*a, ONE_PASS=True, STORE_CS=True),
-    }
-    return {"gate_residual": gr, "norm_scale_shift": ns}
+    import fused_dit_ops as fdo
+    from fused_dit_ops import _extension
+    comp = lambda op: torch.compile(bm.EAGER[op], dynamic=False)  # noqa: E731
+    ker = lambda op, cfg: (lambda *a: getattr(k, op)(*a, config=cfg))  # noqa: E731
+    gr = {"compile": comp("gate_residual"), "fused(default)": fdo.gate_residual,
+          "triton[1,1024,1,w4]": ker("gate_residual", _cfg(1, 1024, 1, 4)),
+          "triton[1,1024,1,w4] cs": ker("gate_residual", _cfg(1, 1024, 1, 4, STREAM_STORES=True)),
+          "triton[1,4096,1,w8] cs": ker("gate_residual", _cfg(1, 4096, 1, 8, STREAM_STORES=True)),
+          "flat512w4": lambda *a: gate_residual_flat(*a, XBLOCK=512),
+          "flat1024w4": lambda *a: gate_residual_flat(*a)}
+    if _extension.C_LOADED:
+        gr["cpp"] = lambda r, u, g, i: torch.ops.fused_dit.gate_residual.default(r, u, g, i)
+    g = dict(PARAM_GATHER=True)
+    ns = {"compile": comp("norm_scale_shift"), "fused(default)": fdo.norm_scale_shift,
+          "gather[1,4096,1,w4]": ker("norm_scale_shift", _cfg(1, 4096, 1, 4, **g)),
+          "gather[1,4096,1,w4] cs": ker("norm_scale_shift", _cfg(1, 4096, 1, 4, STREAM_STORES=True, **g)),
+          "gather[1,4096,1,w8] cs": ker("norm_scale_shift", _cfg(1, 4096, 1, 8, STREAM_STORES=True, **g)),
+          "gather[2,4096,1,w8] cs": ker("norm_scale_shift", _cfg(2, 4096, 1, 8, STREAM_STORES=True, **g)),
+          "gather[1,4096,2,w4] cs": ker("norm_scale_shift", _cfg(1, 4096, 2, 4, STREAM_STORES=True, **g)),
+          "row2pass w4 cs": lambda *a: norm_variant(*a, STORE_CS=True)}
+    op = "gate_residual_norm_scale_shift"
+    grn = {"compile": comp(op), "fused(default)": fdo.gate_residual_norm_scale_shift,
+           "gather[1,4096,1,w4]": ker(op, _cfg(1, 4096, 1, 4, **g)),
+           "gather[1,4096,1,w4] cs": ker(op, _cfg(1, 4096, 1, 4, STREAM_STORES=True, **g)),
+           "gather[1,4096,1,w8] cs": ker(op, _cfg(1, 4096, 1, 8, STREAM_STORES=True, **g)),
+           "gather[2,4096,1,w8] cs": ker(op, _cfg(2, 4096, 1, 8, STREAM_STORES=True, **g))}
+    op = "scale_shift_gate"
+    ssg = {"compile": comp(op), "fused(default)": fdo.scale_shift_gate,
+           "triton[1,1024,1,w4]": ker(op, _cfg(1, 1024, 1, 4)),
+           "triton[1,1024,1,w4] cs": ker(op, _cfg(1, 1024, 1, 4, STREAM_STORES=True)),
+           "triton[1,2048,1,w4] cs": ker(op, _cfg(1, 2048, 1, 4, STREAM_STORES=True)),
+           "triton[2,1024,1,w4] cs": ker(op, _cfg(2, 1024, 1, 4, STREAM_STORES=True))}
+    only = os.environ.get("OPS")
+    out = {"gate_residual": gr, "norm_scale_shift": ns, "gate_residual_norm_scale_shift": grn, "scale_shift_gate": ssg}
+    return {k_: v for k_, v in out.items() if not only or k_ in only.split(",")}
 
 
 def dump_inductor(out_dir):
@@ -158,8 +163,10 @@ def main():
         floor = bm.TRAFFIC[op] * s.B * s.L * s.C * dt.itemsize / bw * 1e6
         # correctness against the eager expression first
         a = bm.make_args(op, s, dt)
-        ref = bm.EAGER[op](*a).float()
-        errs = {n: (fn(*a).float() - ref).abs().max().item() for n, fn in provs.items()}
+        tup = lambda r: r if isinstance(r, tuple) else (r,)  # noqa: E731
+        ref = tup(bm.EAGER[op](*a))
+        errs = {n: max((o.float() - r.float()).abs().max().item() for o, r in zip(tup(fn(*a)), ref))
+                for n, fn in provs.items()}
         times = {n: [] for n in provs}
         for _ in range(rounds):
             for n, fn in provs.items():

@@ -47,12 +47,12 @@ def report(kernel, consts, num_warps, dtype="bf16"):
 if __name__ == "__main__":
     for bm, it, w, g in [(1, 1, 8, False), (4, 1, 16, False), (1, 1, 4, True), (1, 1, 8, True)]:
         c = dict(HAS_INDEX=True, HAS_WEIGHT=False, HAS_BIAS=False, IS_RMS=False, BLOCK_M=bm, BLOCK_C=4096, ITERS=it,
-                 PARAM_GATHER=g)
+                 PARAM_GATHER=g, STREAM_STORES=True)
         report(m._norm_scale_shift_kernel, c, w)
     for bm, it, w, g in [(1, 1, 8, False), (1, 1, 4, True)]:
         report(m._gate_residual_norm_scale_shift_kernel,
-               dict(HAS_INDEX=True, BLOCK_M=bm, BLOCK_C=4096, ITERS=it, PARAM_GATHER=g), w)
+               dict(HAS_INDEX=True, BLOCK_M=bm, BLOCK_C=4096, ITERS=it, PARAM_GATHER=g, STREAM_STORES=True), w)
     for bm, bc, w in [(4, 1024, 4), (2, 1024, 4), (1, 1024, 4)]:
-        report(m._scale_shift_gate_kernel, dict(HAS_INDEX=True, BLOCK_M=bm, BLOCK_C=bc, ITERS=1), w)
-        report(m._gate_residual_kernel, dict(HAS_INDEX=True, BLOCK_M=bm, BLOCK_C=bc, ITERS=1), w)
+        report(m._scale_shift_gate_kernel, dict(HAS_INDEX=True, BLOCK_M=bm, BLOCK_C=bc, ITERS=1, STREAM_STORES=False), w)
+        report(m._gate_residual_kernel, dict(HAS_INDEX=True, BLOCK_M=bm, BLOCK_C=bc, ITERS=1, STREAM_STORES=False), w)
     sys.exit(0)

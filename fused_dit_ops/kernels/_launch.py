@@ -43,6 +43,15 @@ def set_enabled(flag: bool) -> bool:
     return prev
 
 
+def _hooks_active() -> bool:
+    # triton >= 3.4 keeps hooks in a (possibly empty) HookChain; older ones use None or a callable
+    h = _knobs.runtime.launch_enter_hook
+    if h is None:
+        return False
+    calls = getattr(h, "calls", None)
+    return True if calls is None else bool(calls)
+
+
 def _arg_key(a):
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)
@@ -70,7 +79,7 @@ def launch(fn, grid, args: tuple, constexprs: tuple, options: dict):
     ``args`` are the kernel's runtime arguments and ``constexprs`` the values of its trailing
     constexpr parameters, both in signature order; ``options`` are launch options (num_warps ...).
     """
-    fast = _ENABLED and isinstance(fn, _JITFunction) and _knobs.runtime.launch_enter_hook is None
+    fast = _ENABLED and isinstance(fn, _JITFunction) and not _hooks_active()
     if not fast:
         stats["slow"] += 1
         names = _constexpr_names(fn)
