@@ -80,6 +80,52 @@ def test_fused_ops_are_called(tiny):
         assert f"fused_dit::{op}" in names, op
 
 
+def _storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+def test_packed_qkv_shares_storage_and_unpacks(tiny):
+    kw = make_qwen_inputs(tiny, seed=7)
+    ref = _run(tiny, kw)
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    report = fdo.patch(tiny, qk_path="joint")
+    assert any("packed" in s for s in report.swapped), report
+    a = tiny.transformer_blocks[0].attn
+    # the three Linear weights are row views of one packed matrix: no second copy
+    assert _storage(a.to_q.weight) == _storage(a.to_k.weight) == _storage(a.to_v.weight)
+    assert _storage(a.add_q_proj.bias) == _storage(a.add_v_proj.bias)
+    assert rel_err(_run(tiny, kw), ref) < CPU_FP32_REL
+    assert "packed qkv stale (parameters replaced): separate projections" not in report.runtime
+    fdo.unpatch(tiny)
+    assert len({_storage(a.to_q.weight), _storage(a.to_k.weight), _storage(a.to_v.weight)}) == 3
+    after = tiny.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_packed_qkv_without_packing_matches(tiny):
+    kw = make_qwen_inputs(tiny, seed=8)
+    fdo.patch(tiny, qk_path="joint", pack_qkv=False)
+    assert "pack_qkv" in fdo.patch(tiny, qk_path="joint", pack_qkv=False).stock
+    out_sep = _run(tiny, kw)
+    fdo.patch(tiny, qk_path="joint")
+    torch.testing.assert_close(_run(tiny, kw), out_sep, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_qkv_follows_load_state_dict_and_detects_replaced_params(tiny):
+    kw = make_qwen_inputs(tiny, seed=9)
+    other = build_qwen_image_transformer("tiny", seed=11)
+    report = fdo.patch(tiny, qk_path="joint")
+    tiny.load_state_dict(other.state_dict())  # copies into the views: the pack sees new weights
+    torch.testing.assert_close(_run(tiny, kw), _run(other, kw), rtol=1e-4, atol=1e-4)
+    # .data replaced (as model.to(...) or a LoRA fuse does): the stale pack must not be used
+    a = tiny.transformer_blocks[0].attn
+    with torch.no_grad():
+        a.to_k.weight.data = a.to_k.weight.data.clone() * 0.5
+        other.transformer_blocks[0].attn.to_k.weight.mul_(0.5)
+    torch.testing.assert_close(_run(tiny, kw), _run(other, kw), rtol=1e-4, atol=1e-4)
+    assert report.runtime.get("packed qkv stale (parameters replaced): separate projections", 0) >= 1
+
+
 def test_unpatch_restores_bit_exact(tiny):
     kw = make_qwen_inputs(tiny)
     ref = _run(tiny, kw)

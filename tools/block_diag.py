@@ -103,10 +103,10 @@ def cprofile_text(call, n=5, top=35):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fast-launch", default="both", choices=["on", "off", "both"])
+    ap.add_argument("--pack-both", action="store_true", help="also the patched block with pack_qkv=False")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
-    from fused_dit_ops.bench import _configs
     from fused_dit_ops.bench.block import capture_block_call
     from fused_dit_ops.kernels import _launch
     from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs
@@ -114,11 +114,15 @@ def main():
     model = build_qwen_image_transformer("edit-2511", num_layers=1, device="cuda", dtype=torch.bfloat16)
     inputs = make_qwen_inputs(model)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-    plans = [("stock", None)]
+    import fused_dit_ops as fdo
+    plans = [("stock", None, None)]
     fl = {"on": [True], "off": [False], "both": [True, False]}[args.fast_launch]
-    plans += [("patched", f) for f in fl]
-    for base, fast in plans:
-        _configs.apply(model, base)
+    plans += [("patched", f, True) for f in fl]
+    if args.pack_both:
+        plans.append(("patched", True, False))
+    for base, fast, pack in plans:
+        if base == "patched":
+            fdo.patch(model, pack_qkv=pack)
         try:
             if fast is not None:
                 _launch.set_enabled(fast)
@@ -130,7 +134,7 @@ def main():
 
             call()
             torch.cuda.synchronize()
-            row = {"block": base, "fast_launch": fast}
+            row = {"block": base, "fast_launch": fast, "pack_qkv": pack}
             row["e2e_ms"] = e2e_ms(call)
             row["host_ms"] = host_ms(call)
             try:
@@ -142,14 +146,14 @@ def main():
                 _launch.stats.update(fast=0, slow=0)
                 text = cprofile_text(call)
                 row["launch_stats_5_calls"] = dict(_launch.stats)
-                name = f"block-diag-cprofile-{'fast' if fast else 'slow'}.txt"
+                name = f"block-diag-cprofile-{'fast' if fast else 'slow'}{'' if pack else '-nopack'}.txt"
                 with open(os.path.join(args.out, name), "w") as f:
                     f.write(text)
             print(json.dumps(row), flush=True)
             res["rows"].append(row)
         finally:
             _launch.set_enabled(True)
-            _configs.reset(model, base)
+            fdo.unpatch(model)
             torch.cuda.empty_cache()
     with open(os.path.join(args.out, "block-diag.json"), "w") as f:
         json.dump(res, f, indent=1)

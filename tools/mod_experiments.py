@@ -54,6 +54,38 @@ def gate_residual_flat(r, u, gate, idx, XBLOCK=1024, num_warps=4, STORE_CS=False
 
 
 @triton.jit
+def _ssg_flat(x_ptr, sh_ptr, sc_ptr, g_ptr, idx_ptr, y_ptr, go_ptr, N, C, B, L, stride_p,
+              XBLOCK: tl.constexpr, STORE_CS: tl.constexpr):
+    offs = tl.program_id(0) * XBLOCK + tl.arange(0, XBLOCK)
+    m = offs < N
+    row = offs // C
+    col = offs % C
+    b = row // L
+    sel = tl.load(idx_ptr + row, mask=m, other=0, eviction_policy="evict_last") != 0
+    po = (b + tl.where(sel, B, 0)) * stride_p + col
+    sh = tl.load(sh_ptr + po, mask=m, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    sc = tl.load(sc_ptr + po, mask=m, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    g = tl.load(g_ptr + po, mask=m, other=0.0, eviction_policy="evict_last")
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    y = (x * (1.0 + sc) + sh).to(y_ptr.dtype.element_ty)
+    if STORE_CS:
+        tl.store(y_ptr + offs, y, mask=m, cache_modifier=".cs")
+        tl.store(go_ptr + offs, g, mask=m, cache_modifier=".cs")
+    else:
+        tl.store(y_ptr + offs, y, mask=m)
+        tl.store(go_ptr + offs, g, mask=m)
+
+
+def ssg_flat(x, sh, sc, g, idx, XBLOCK=1024, num_warps=4, STORE_CS=False):
+    B, L, C = x.shape
+    y, go = torch.empty_like(x), torch.empty_like(x)
+    N = x.numel()
+    _ssg_flat[(triton.cdiv(N, XBLOCK),)](x, sh, sc, g, idx, y, go, N, C, B, L, sh.stride(0),
+                                         XBLOCK=XBLOCK, STORE_CS=STORE_CS, num_warps=num_warps)
+    return y, go
+
+
+@triton.jit
 def _norm_one_pass(x_ptr, shift_ptr, scale_ptr, idx_ptr, y_ptr, L, C, B, eps, stride_xl, stride_p,
                    BLOCK_C: tl.constexpr, ONE_PASS: tl.constexpr, STORE_CS: tl.constexpr):
     # one row per program; ONE_PASS: shifted sums (x - x[0]) and their squares in one reduction
@@ -131,7 +163,15 @@ def variants():
            "triton[1,1024,1,w4]": ker(op, _cfg(1, 1024, 1, 4)),
            "triton[1,1024,1,w4] cs": ker(op, _cfg(1, 1024, 1, 4, STREAM_STORES=True)),
            "triton[1,2048,1,w4] cs": ker(op, _cfg(1, 2048, 1, 4, STREAM_STORES=True)),
-           "triton[2,1024,1,w4] cs": ker(op, _cfg(2, 1024, 1, 4, STREAM_STORES=True))}
+           "triton[2,1024,1,w4] cs": ker(op, _cfg(2, 1024, 1, 4, STREAM_STORES=True)),
+           "triton[1,4096,1,w8]": ker(op, _cfg(1, 4096, 1, 8)),
+           "triton[1,4096,1,w8] cs": ker(op, _cfg(1, 4096, 1, 8, STREAM_STORES=True)),
+           "triton[1,1024,1,w2]": ker(op, _cfg(1, 1024, 1, 2)),
+           "triton[1,512,1,w2]": ker(op, _cfg(1, 512, 1, 2)),
+           "flat512w4": lambda *a: ssg_flat(*a, XBLOCK=512),
+           "flat1024w4": lambda *a: ssg_flat(*a),
+           "flat1024w4 cs": lambda *a: ssg_flat(*a, STORE_CS=True),
+           "flat2048w8": lambda *a: ssg_flat(*a, XBLOCK=2048, num_warps=8)}
     only = os.environ.get("OPS")
     out = {"gate_residual": gr, "norm_scale_shift": ns, "gate_residual_norm_scale_shift": grn, "scale_shift_gate": ssg}
     return {k_: v for k_, v in out.items() if not only or k_ in only.split(",")}

@@ -3,7 +3,7 @@
 Builds the Qwen-Image-Edit-2511 transformer as ``bench model`` does (random bf16 weights, cond text
 225 / uncond 208 tokens), patches it, and for each forward prints: wall ms (CUDA events), the
 kernel-time sum and the GPU-busy share from one torch.profiler capture, and the top kernels per
-layer. Optional: FUSED_DIT_MODEL_DIAG_STOCK=1 also profiles the stock model. JSON to $OUT.
+layer. CONFIGS=patched,patched-nopack,stock picks the configurations (default patched). JSON to $OUT.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fused_dit_ops.bench import _configs
 from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs
 
 
@@ -57,9 +56,11 @@ def main():
     uncond = make_qwen_inputs(model, txt_len=208, seed=2)
     uncond["hidden_states"] = cond["hidden_states"]
     res = {"gpu": torch.cuda.get_device_name(), "layers": layers, "rows": []}
-    configs = ["patched"] + (["stock"] if os.environ.get("FUSED_DIT_MODEL_DIAG_STOCK") else [])
+    import fused_dit_ops as fdo
+    configs = os.environ.get("CONFIGS", "patched").split(",")  # patched, patched-nopack, stock
     for cfg in configs:
-        _configs.apply(model, cfg)
+        if cfg != "stock":
+            fdo.patch(model, pack_qkv=cfg != "patched-nopack")
         try:
             with torch.no_grad():
                 for _ in range(2):
@@ -75,7 +76,7 @@ def main():
                     for k, n, t in row["top_per_layer_us"]:
                         print(f"   {t:8.1f} us  x{n:4.1f}  {k}")
         finally:
-            _configs.reset(model, cfg)
+            fdo.unpatch(model)
             torch.cuda.empty_cache()
     with open(os.path.join(out_dir, "model-diag.json"), "w") as f:
         json.dump(res, f, indent=1)

@@ -9,6 +9,7 @@ that serves CUDA when the C++ extension is not built). Parameters are row views 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timing rounds per provider, interleaved; the median is reported (default 3)")
     ap.add_argument("--sweep", action="store_true", help="also sweep Triton tile configs (Qwen image stream)")
     ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
     args = ap.parse_args(argv)
@@ -128,15 +131,20 @@ def main(argv=None) -> int:
         for op in args.ops.split(","):
             nbytes = TRAFFIC[op] * s.B * s.L * s.C * dtype.itemsize + (s.B * s.L * 4 if s.has_index else 0)
             floor_us = nbytes / bw * 1e6
-            times, host = {}, {}
-            for pname, fn in providers(op).items():
-                if pname == "compile" and args.no_compile:
-                    continue
-                times[pname] = harness.time_graph_us(lambda: make_args(op, s, dtype), fn)
+            provs = {n: f for n, f in providers(op).items() if not (n == "compile" and args.no_compile)}
+            # rounds interleave the providers, so that clock/thermal drift hits all of them alike
+            rounds = {n: [] for n in provs}
+            for _ in range(max(1, args.rounds)):
+                for pname, fn in provs.items():
+                    rounds[pname].append(harness.time_graph_us(lambda: make_args(op, s, dtype), fn))
+            times = {n: statistics.median(v) for n, v in rounds.items()}
+            host = {}
+            for pname, fn in provs.items():
                 one = make_args(op, s, dtype)
                 host[pname] = harness.host_us_per_call(lambda: fn(*one), n=50)
             for pname, us in times.items():
-                rows.append({"shape": sname, "op": op, "provider": pname, "us": us, "host_us": host[pname],
+                rows.append({"shape": sname, "op": op, "provider": pname, "us": us, "us_rounds": rounds[pname],
+                             "host_us": host[pname],
                              "GB/s": nbytes / us / 1e3, "floor_us": floor_us, "pct_floor": 100 * floor_us / us,
                              "x_vs_eager": times["eager"] / us,
                              "x_vs_compile": (times["compile"] / us) if "compile" in times else None})
@@ -146,7 +154,7 @@ def main(argv=None) -> int:
     print("us: GPU time per call by CUDA-graph replay over rotating inputs > L2; host_us: eager host "
           "cost per call (hidden behind GPU work when the GPU is the bottleneck)")
     print(harness.format_table(rows, cols))
-    extra = {"copy_bandwidth_TBps": bw / 1e12, "dtype": args.dtype}
+    extra = {"copy_bandwidth_TBps": bw / 1e12, "dtype": args.dtype, "rounds": args.rounds}
     if args.sweep:
         sweep = run_sweep(dtype)
         print(harness.format_table(sweep, ["op", "config", "us", "pct_floor"]))

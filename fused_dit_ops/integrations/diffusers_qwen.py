@@ -138,6 +138,7 @@ class _State:
         self.orig_pos_forward = None
         self.patched_blocks: list = []
         self.procs: list = []  # (attn module, original processor)
+        self.packed_qkv: dict = {}  # id(attn) -> _PackedQKV
 
     @contextlib.contextmanager
     def stock(self):
@@ -163,6 +164,60 @@ def as_rope_tables(image_rotary_emb):
     if _is_tables(image_rotary_emb):
         return image_rotary_emb
     return tuple(cos_sin_from_complex(f) for f in image_rotary_emb)
+
+
+class _PackedQKV:
+    """One stream's q/k/v projection weights packed into one [3n, in] matrix (and [3n] bias), so the
+    three projections run as one GEMM (the text stream's three small-M GEMMs are weight-bandwidth
+    bound and under-fill the GPU one by one). The modules keep their Parameters; each parameter's
+    ``.data`` becomes a row view of the packed storage (no second copy of the weights), so
+    ``load_state_dict`` keeps writing through. :meth:`valid` re-checks the views before every use
+    (``model.to(...)`` or a LoRA fuse replaces ``.data``): a stale pack is never used."""
+
+    def __init__(self, lins):
+        ws = [l_.weight for l_ in lins]
+        self.weight = torch.cat([w.detach() for w in ws], 0)
+        has_b = lins[0].bias is not None
+        self.bias = torch.cat([l_.bias.detach() for l_ in lins], 0) if has_b else None
+        n = ws[0].shape[0]
+        for j, l_ in enumerate(lins):
+            l_.weight.data = self.weight[j * n:(j + 1) * n]
+            if has_b:
+                l_.bias.data = self.bias[j * n:(j + 1) * n]
+        self.lins = lins
+        self.n = n
+        self._ptrs = self._current_ptrs()
+
+    @staticmethod
+    def packable(lins) -> bool:
+        w0 = lins[0].weight
+        has_b = lins[0].bias is not None
+        return (all(type(l_) is torch.nn.Linear for l_ in lins)
+                and all(l_.weight.shape == w0.shape and l_.weight.dtype == w0.dtype
+                        and l_.weight.device == w0.device for l_ in lins)
+                and all((l_.bias is not None) == has_b for l_ in lins)
+                and not any(l_._forward_hooks or l_._forward_pre_hooks for l_ in lins))
+
+    def _current_ptrs(self):
+        return tuple((l_.weight.data_ptr(), l_.bias.data_ptr() if l_.bias is not None else 0) for l_ in self.lins)
+
+    def valid(self) -> bool:
+        return self._current_ptrs() == self._ptrs
+
+    def unpack(self):
+        """Give each module back its own storage (values unchanged), if still our views."""
+        if self.valid():
+            for l_ in self.lins:
+                l_.weight.data = l_.weight.data.clone()
+                if l_.bias is not None:
+                    l_.bias.data = l_.bias.data.clone()
+
+
+def _packed_linear_into(x2d, pk: _PackedQKV, out2d):
+    if pk.bias is not None:
+        torch.addmm(pk.bias, x2d, pk.weight.t(), out=out2d)
+    else:
+        torch.mm(x2d, pk.weight.t(), out=out2d)
 
 
 class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
@@ -198,7 +253,21 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
         qk_path = st.qk_path
         if qk_path == "auto":
             qk_path = "cat" if torch.compiler.is_compiling() else "joint"
-        if st.qk and qk_path == "joint":
+        packs = st.packed_qkv.get(id(attn)) if st.qk and qk_path == "joint" else None
+        if packs is not None and not torch.compiler.is_compiling() and packs[0].valid() and packs[1].valid():
+            # one GEMM per stream into row slices of one joint [B, N, 3D] buffer; q/k/v are column
+            # views of it (row stride 3D), which the RoPE and attention ops take as they are
+            N = Lt + Li
+            pt, pi = packs
+            buf = img.new_empty((B, N, 3 * pi.n))
+            for b in range(B):
+                _packed_linear_into(txt[b], pt, buf[b, :Lt])
+                _packed_linear_into(img[b], pi, buf[b, Lt:])
+            q, k, v = (buf[..., j * pi.n:(j + 1) * pi.n].unflatten(-1, (-1, hd)) for j in range(3))
+            torch.ops.fused_dit.joint_qk_norm_rope_.default(q, k, Lt, *weights, txt_tab, img_tab, eps, True)
+        elif st.qk and qk_path == "joint":
+            if packs is not None:
+                st.count("packed qkv stale (parameters replaced): separate projections")
             N = Lt + Li
             bufs = []
             for lin_t, lin_i in projs:
@@ -459,7 +528,7 @@ def is_patched(model_or_pipeline) -> bool:
 
 
 def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, verify: bool = False,
-          qk_path: str = "auto", probe: bool = True) -> PatchReport:
+          qk_path: str = "auto", probe: bool = True, pack_qkv: bool = True) -> PatchReport:
     """Put every block of a diffusers ``QwenImageTransformer2DModel`` (or ``pipeline.transformer``) on
     fused ops, in place, per instance. Returns a :class:`PatchReport`.
 
@@ -470,7 +539,10 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
     forward runs stock and fused on the same inputs and fills ``report.verify`` (max_abs, rel_fro).
     ``qk_path``: "auto" (joint buffers in eager, ``qk_norm_rope_cat`` under torch.compile), "joint" or
     "cat". ``probe``: run the fused block once on a tiny input at patch time; a ``FusedDitInputError``
-    leaves the model stock with the reason. Patching twice re-patches with the new options.
+    leaves the model stock with the reason. ``pack_qkv``: pack each stream's q/k/v weights
+    into one matrix (the Linear parameters become row views of it: no extra memory) so that the
+    eager joint path runs one projection GEMM per stream instead of three; :func:`unpatch` gives
+    the parameters their own storage back. Patching twice re-patches with the new options.
     """
     model = _resolve(model_or_pipeline)
     if hasattr(model, _ATTR):
@@ -484,7 +556,7 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
                                f"device={p.device})",
                          options=dict(ops=",".join(o for o in OPS if o in ops_set) or "none",
                                       attention_backend=attention_backend or "auto", qk_path=qk_path,
-                                      verify=verify))
+                                      verify=verify, pack_qkv=pack_qkv))
     if p.dtype not in _DTYPES:
         report.stock["model"] = f"dtype {p.dtype} not supported (fp32, bf16, fp16)"
         return report
@@ -513,6 +585,24 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
         st.procs.append((block.attn, old))
         st.patched_blocks.append(block)
         report.swapped.append(f"transformer_blocks.{i}")
+    if "qk_norm_rope" in ops_set and qk_path in ("auto", "joint"):
+        if not pack_qkv:
+            report.stock["pack_qkv"] = "pack_qkv=False: three projection GEMMs per stream"
+        else:
+            n_packed = 0
+            for _, block in ok_blocks:
+                a = block.attn
+                lt = [a.add_q_proj, a.add_k_proj, a.add_v_proj]
+                li = [a.to_q, a.to_k, a.to_v]
+                if _PackedQKV.packable(lt) and _PackedQKV.packable(li) and li[0].out_features == lt[0].out_features:
+                    with torch.no_grad():
+                        st.packed_qkv[id(a)] = (_PackedQKV(lt), _PackedQKV(li))
+                    n_packed += 1
+            if n_packed:
+                report.swapped.append(f"q/k/v projections packed: one GEMM per stream ({n_packed} blocks)")
+            if n_packed < len(ok_blocks):
+                report.stock["pack_qkv"] = (f"{len(ok_blocks) - n_packed} blocks: projections not packable "
+                                            "(not plain nn.Linear, hooks, or mixed shapes/dtypes)")
     st.orig_pos_forward = model.pos_embed.forward
     setattr(model.pos_embed, _ATTR, st)
     model.pos_embed.forward = types.MethodType(_pos_embed_forward, model.pos_embed)
@@ -581,6 +671,10 @@ def unpatch(model_or_pipeline) -> bool:
         return False
     for attn, old in st.procs:
         attn.set_processor(old)
+    for packs in st.packed_qkv.values():
+        for pk in packs:
+            pk.unpack()
+    st.packed_qkv.clear()
     for block in st.patched_blocks:
         block.__dict__.pop("forward", None)
         block.__dict__.pop(_ATTR, None)

@@ -1,13 +1,20 @@
-"""Optional SGLang tier (`make test-sglang`, in the venv made by tools/sglang_env.sh).
+"""Optional SGLang tier (`make test-sglang`, in the venv made by tools/sglang_env.sh; on the GPU
+machine `bash tools/sglang_gpu_run.sh`).
 
-Without sglang importable, every module here skips (pytest.importorskip at module top), so the
-main `make test` is unaffected. With it: puts the import-only triton/torchvision stubs on
-sys.path when the real packages are missing, builds a 1-process gloo world and stub server args
-(as SGLang's own unit-test conftest does), and applies our plugin once per session, by hand,
-before any SGLang model or layer is built.
+Without sglang importable, every module here skips (:func:`skip_without_sglang`), so the main
+`make test` is unaffected; with ``FUSED_DIT_SGLANG_REQUIRED=1`` (the GPU runner sets it) a failing
+SGLang import is an error instead of a skip. With sglang: puts TEST-ONLY import stubs at the END of
+sys.path for what is missing (``stubs/``: triton, torchvision, when not installed; ``stubs_cuda/``:
+sgl_kernel, only when SGLang takes its CUDA import branches and no real sgl_kernel is installed),
+so real packages always win; builds a 1-process world and stub server args (as SGLang's own
+unit-test conftest does), and applies our plugin once per session, by hand, before any SGLang
+model or layer is built.
+
+Device parametrization: ``cpu`` always; ``cuda`` marked ``gpu`` and skipped without a CUDA device.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import socket
@@ -19,15 +26,102 @@ import pytest
 import torch
 
 HAVE_SGLANG = importlib.util.find_spec("sglang") is not None
+REQUIRED = os.environ.get("FUSED_DIT_SGLANG_REQUIRED", "0") == "1"
+HAVE_CUDA = torch.cuda.is_available()
 STUBS = str(Path(__file__).parent / "stubs")
+CUDA_STUBS = str(Path(__file__).parent / "stubs_cuda")
+# SGLang's multimodal platform is CUDA when a CUDA device is visible (or when forced by this env).
+SGLANG_CUDA_PLATFORM = HAVE_CUDA or os.environ.get("SGLANG_DIFFUSION_PLATFORM_OVERRIDE", "").lower() == "cuda"
+STUBBED: list[str] = []  # modules served by the test-only stubs in this process
+
+
+def _install_stubs() -> None:
+    for mod in ("triton", "torchvision"):
+        if importlib.util.find_spec(mod) is None:
+            STUBBED.append(mod)
+    if STUBBED and STUBS not in sys.path:
+        # Both stubs live in STUBS; appended (not inserted) so a real package is found first.
+        sys.path.append(STUBS)
+    if SGLANG_CUDA_PLATFORM and importlib.util.find_spec("sgl_kernel") is None:
+        STUBBED.append("sgl_kernel")
+        if CUDA_STUBS not in sys.path:
+            sys.path.append(CUDA_STUBS)
+
+
 if HAVE_SGLANG:
-    for _mod in ("triton", "torchvision"):
-        if importlib.util.find_spec(_mod) is None:
-            # The stubs directory holds both; adding it once serves whichever is missing. If one
-            # of them is real it is found first only when it precedes STUBS: append, not insert.
-            if STUBS not in sys.path:
-                sys.path.append(STUBS)
+    _install_stubs()
     os.environ.setdefault("SGLANG_PLUGINS", "")  # our tests enable the plugin by hand
+
+
+def stub_pythonpath() -> list[str]:
+    """The stub directories this process uses (for PYTHONPATH of child processes, at the END)."""
+    return [d for d in (STUBS, CUDA_STUBS) if d in sys.path]
+
+
+def skip_without_sglang() -> None:
+    """Module-level guard of every test module here: skip without sglang, unless required."""
+    if REQUIRED:
+        import sglang.multimodal_gen  # noqa: F401  (an ImportError here is the finding)
+        return
+    pytest.importorskip("sglang.multimodal_gen",
+                        reason="sglang not installed: run `bash tools/sglang_env.sh && make test-sglang`")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_report_header(config):
+    return (f"sglang tier: sglang={'yes' if HAVE_SGLANG else 'no'}, cuda={HAVE_CUDA}, "
+            f"sglang CUDA platform={SGLANG_CUDA_PLATFORM}, stubs={STUBBED or 'none'}")
+
+
+# --- devices, dtypes, sizes -----------------------------------------------------------------------
+
+_NEEDS_GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU")]
+DEVICES = ["cpu", pytest.param("cuda", marks=_NEEDS_GPU)]
+# CPU keeps the original fp32/bf16 pair; on CUDA fp16 too.
+_DTYPES = {"cpu": (torch.float32, torch.bfloat16),
+           "cuda": (torch.float32, torch.bfloat16, torch.float16)}
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def device_dtype_params(cpu=None, cuda=None):
+    """[pytest.param(device, dtype)] for @pytest.mark.parametrize("device,dtype", ...)."""
+    out = []
+    for dev, dts in (("cpu", cpu or _DTYPES["cpu"]), ("cuda", cuda or _DTYPES["cuda"])):
+        for dt in dts:
+            out.append(pytest.param(dev, dt, id=f"{dev}-{_SHORT[dt]}",
+                                    marks=_NEEDS_GPU if dev == "cuda" else ()))
+    return out
+
+
+# Relative Frobenius error bounds (tests.helpers.rel_err). fp32/bf16 as SPEC section 6; fp16 has 3
+# more mantissa bits than bf16. AFTER_RESIDUAL: LayerNorm of a residual sum that SGLang rounds
+# twice (gate*x, then + residual) and we once: <= 1 ulp apart before the norm.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+TOL_AFTER_RESIDUAL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+@contextlib.contextmanager
+def record_fused_dit_ops():
+    """Records every ``torch.ops.fused_dit.*`` call that reaches the dispatcher, with the device
+    of its first tensor argument: [("norm_scale_shift", "cuda"), ...]. Proof that our op (its CUDA
+    kernel for CUDA tensors) ran, not only that a hook counted the call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls: list[tuple[str, str]] = []
+
+    class _Rec(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "fused_dit":
+                dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "?")
+                calls.append((func._opname, dev))
+            return func(*args, **(kwargs or {}))
+
+    with _Rec():
+        yield calls
+
 
 SGLANG_PIN = "0.5.23"
 
@@ -138,13 +232,37 @@ def no_new_ops(monkeypatch):
         monkeypatch.delattr(fused_dit_ops, name, raising=False)
 
 
+# --- SGLang's native QK-norm + RoPE (the reference on any device) ------------------------------------
+
+def sglang_native_qk_norm_rope(rt, monkeypatch, q, k, q_norm, k_norm, head_dim, cache, **kw):
+    """SGLang's own unfused ``apply_qk_norm_with_optional_rope`` (the function under our hook) on
+    its pure-torch path: RMSNorm ``forward_native``, no fused in-place kernel (``allow_inplace=False``
+    skips SGLang's JIT qknorm(+rope) kernels, which on CUDA would be taken otherwise), RoPE through
+    ``RotaryEmbedding.forward_native`` with flashinfer off (SGLang's torch fallback)."""
+    ln = rt.layernorm
+    from sglang.multimodal_gen.runtime.layers.rotary_embedding import utils as rope_utils
+    monkeypatch.setattr(rope_utils, "flashinfer_apply_rope_inplace", None)
+    for n in (q_norm, k_norm):
+        n._forward_method = n.forward_native
+    is_neox = kw.get("is_neox", False)
+    emb = ln.RotaryEmbedding(head_size=head_dim, rotary_dim=head_dim, use_precomputed_cache=False,
+                             is_neox_style=is_neox)  # as SGLang makes it lazily, here on forward_native
+    emb._forward_method = emb.forward_native
+    monkeypatch.setitem(ln._QK_NORM_ROPE_DICT, (head_dim, is_neox), emb)
+    return ln.apply_qk_norm_with_optional_rope.__wrapped__(
+        q, k, q_norm, k_norm, head_dim, cache, allow_inplace=False, **kw)
+
+
 # --- the tiny Qwen-Image-Edit-2511 DiT ------------------------------------------------------------
 
 class Tiny(SimpleNamespace):
     pass
 
 
-def build_tiny(rt, dtype, seed=0, *, fa_attention=False):
+def build_tiny(rt, dtype, seed=0, *, fa_attention=False, sdpa_attention=False, device="cpu"):
+    """2-block QwenImageEditPlus_2511 DiT with random weights (one seed: the same weights, built in
+    fp32 where SGLang builds them, then moved to ``device``/``dtype``). ``fa_attention``/``sdpa_attention``: replace every
+    attention impl with SGLang's FlashAttentionImpl (what H100 picks; our hook) / SDPAImpl."""
     from sglang.multimodal_gen.configs.models.dits.qwenimage import QwenImageEditPlus_2511_DitConfig
     cfg = QwenImageEditPlus_2511_DitConfig()
     a = cfg.arch_config
@@ -156,19 +274,20 @@ def build_tiny(rt, dtype, seed=0, *, fa_attention=False):
     m = rt.qwen_image.QwenImageTransformer2DModel(cfg, hf_config={})
     with torch.no_grad():  # random, non-zero weights everywhere (zero-init layers hide bugs)
         for p in m.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    m = m.to(dtype).eval()
-    if fa_attention:
+            p.copy_(torch.randn(p.shape, device=p.device) * 0.2)
+    m = m.to(device=device, dtype=dtype).eval()
+    if fa_attention or sdpa_attention:
         from sglang.multimodal_gen.runtime.layers.attention.layer import USPAttention
+        impl = rt.flash_attn.FlashAttentionImpl if fa_attention else rt.sdpa.SDPAImpl
         for mod in m.modules():
             if isinstance(mod, USPAttention):
-                mod.attn_impl = rt.flash_attn.FlashAttentionImpl(**mod._attn_impl_ctor_kwargs)
+                mod.attn_impl = impl(**mod._attn_impl_ctor_kwargs)
     return m
 
 
 def set_dispatch(model, rt, hooked_to_cuda: bool):
     """Every CustomOp -> forward_native; the hooked classes -> forward_cuda when asked (what SGLang
-    binds on a CUDA platform; here it reaches our hooks on CPU tensors)."""
+    binds on a CUDA platform; on CPU tensors it reaches our hooks too)."""
     from sglang.multimodal_gen.runtime.layers.custom_op import CustomOp
     import pkgutil
     hooked = tuple(pkgutil.resolve_name(rt.plugin.TARGETS[n].rsplit(".", 1)[0])
@@ -179,15 +298,15 @@ def set_dispatch(model, rt, hooked_to_cuda: bool):
                                    else mod.forward_native)
 
 
-def tiny_inputs(model, rt, dtype, seed=1):
+def tiny_inputs(model, rt, dtype, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     img_shapes = [[(1, 4, 4), (1, 4, 4)]]
-    x = torch.randn(1, 32, 16, generator=g).to(dtype)
-    enc = torch.randn(1, 8, 48, generator=g).to(dtype)
+    x = torch.randn(1, 32, 16, generator=g).to(device=device, dtype=dtype)
+    enc = torch.randn(1, 8, 48, generator=g).to(device=device, dtype=dtype)
     from sglang.multimodal_gen.configs.pipeline_configs.qwen_image import QwenImagePipelineConfig
     freqs_cis, freqs_complex = QwenImagePipelineConfig.get_freqs_cis(
-        img_shapes, [8], model.rotary_emb, "cpu", dtype)
-    return dict(hidden_states=x, encoder_hidden_states=enc, timestep=torch.tensor([500.0]),
+        img_shapes, [8], model.rotary_emb, device, dtype)
+    return dict(hidden_states=x, encoder_hidden_states=enc, timestep=torch.tensor([500.0], device=device),
                 img_shapes=img_shapes, txt_seq_lens=[8], freqs_cis=freqs_cis,
                 freqs_complex=freqs_complex)
 
