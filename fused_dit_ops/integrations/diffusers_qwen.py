@@ -6,8 +6,10 @@ What a patched ``QwenImageTransformer2DModel`` runs per block (both streams, dif
 2. norm1 + modulation: ``fused_dit.norm_scale_shift`` (image with the zero_cond_t index, text without);
    the gate is never materialised, the later ops select it from the index;
 3. attention (processor :class:`FusedQwenBlockAttnProcessor`, set per ``Attention`` module):
-   - ``qk_path="joint"`` (eager default): the six Q/K/V projections write straight into row slices
-     of joint [B, N, D] buffers (``torch.addmm(..., out=rows)``), then ``joint_qk_norm_rope_`` does
+   - ``qk_path="joint"`` (eager default): the Q/K/V projections write straight into row slices
+     of joint buffers (``torch.addmm(..., out=rows)``): with ``pack_qkv`` one GEMM per stream into
+     one [B, N, 3D] buffer whose column views are q, k, v; else six GEMMs into three [B, N, D]
+     buffers. Then ``joint_qk_norm_rope_`` does
      QK-RMSNorm + RoPE in place: 3 writes + 2 reads + 2 writes of an [N, D] activation, V never
      touched again, no cat;
    - ``qk_path="cat"`` (default while torch.compile traces: out= writes into views of a buffer are
