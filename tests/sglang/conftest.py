@@ -276,6 +276,12 @@ def build_tiny(rt, dtype, seed=0, *, fa_attention=False, sdpa_attention=False, d
         for p in m.parameters():
             p.copy_(torch.randn(p.shape, device=p.device) * 0.2)
     m = m.to(device=device, dtype=dtype).eval()
+    # Plain tensor attributes (not parameters/buffers) stay where SGLang made them: on a CUDA platform
+    # e.g. ``timestep_zero`` on get_local_torch_device(). Move them along (dtype unchanged).
+    for mod in m.modules():
+        for k, v in list(vars(mod).items()):
+            if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) and v.device != torch.device(device):
+                setattr(mod, k, v.to(device))
     if fa_attention or sdpa_attention:
         from sglang.multimodal_gen.runtime.layers.attention.layer import USPAttention
         impl = rt.flash_attn.FlashAttentionImpl if fa_attention else rt.sdpa.SDPAImpl
