@@ -2,7 +2,9 @@
 import sys as _sys
 import os as _os
 
-_sys.path.insert(0, _os.path.dirname(_os.path.dirname(__file__)))
+_here = _os.path.dirname(_os.path.dirname(__file__))
+if _here not in _sys.path:  # at the END: this directory must never shadow a real package
+    _sys.path.append(_here)
 from _permissive import StubModule, _Kernel, _Anything, install  # noqa: E402
 
 __version__ = "3.6.0"
