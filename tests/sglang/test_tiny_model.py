@@ -51,6 +51,8 @@ def test_tiny_model_plugin_on_vs_off(sglang_rt, plugin, our_ops, device, dtype, 
     assert out.shape == ref.shape and out.device.type == device and torch.isfinite(out).all()
     err = rel_err(out.cpu(), ref)
     record_property("rel_err", err)
+    if device == "cuda":
+        record_property("tf32_matmul", torch.backends.cuda.matmul.allow_tf32)
     assert err < tol, our_ops
     s = plugin.stats()
     handled = {k: v["handled"] for k, v in s.items()}
