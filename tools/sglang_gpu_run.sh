@@ -36,6 +36,8 @@ GPU_TIMEOUT="${SGLANG_GPU_TIMEOUT:-400}"
 BUDGET="${SGLANG_GPU_BUDGET:-560}"
 mkdir -p "$LOGDIR"
 exec > >(tee -a "$LOGDIR/sglang-gpu-run.log") 2>&1
+TEE_PID=$!
+trap 'exec 1>&- 2>&-; wait "$TEE_PID" 2>/dev/null' EXIT  # the log and the caller get the last lines
 
 say() { printf '\n=== %s\n' "$*"; }
 T0=$(date +%s)
