@@ -107,6 +107,44 @@ def _ssg_tma(x_ptr, sh_ptr, sc_ptr, g_ptr, idx_ptr, y_desc, go_desc, L, C, B, st
     go_desc.store([r0, c0], g)
 
 
+@triton.jit
+def _ssg_split(x_ptr, sh_ptr, sc_ptr, g_ptr, idx_ptr, y_ptr, go_ptr, L, C, B, stride_p, n_half,
+               BLOCK_C: tl.constexpr, INTERLEAVE: tl.constexpr):
+    # each program writes ONE output tile: y tiles (read x) or gate tiles (params only, no DRAM read)
+    pid = tl.program_id(0)
+    if INTERLEAVE:
+        is_g = pid % 2
+        t = pid // 2
+    else:
+        is_g = pid >= n_half
+        t = tl.where(is_g, pid - n_half, pid)
+    n_c = tl.cdiv(C, BLOCK_C)
+    row = (t // n_c).to(tl.int64)
+    cols = (t % n_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = cols < C
+    sel = tl.load(idx_ptr + row) != 0
+    po = tl.where(sel, B, 0) * stride_p + cols
+    if is_g:
+        g = tl.load(g_ptr + po, mask=m, other=0.0)
+        tl.store(go_ptr + row * C + cols, g, mask=m, cache_modifier=".cs")
+    else:
+        sh = tl.load(sh_ptr + po, mask=m, other=0.0).to(tl.float32)
+        sc = tl.load(sc_ptr + po, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * C + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * C + cols, (x * (1.0 + sc) + sh).to(y_ptr.dtype.element_ty), mask=m,
+                 cache_modifier=".cs")
+
+
+def ssg_split(x, sh, sc, g, idx, BLOCK_C=1024, num_warps=4, INTERLEAVE=False):
+    B, L, C = x.shape
+    assert B == 1
+    y, go = torch.empty_like(x), torch.empty_like(x)
+    n_half = L * triton.cdiv(C, BLOCK_C)
+    _ssg_split[(2 * n_half,)](x, sh, sc, g, idx, y, go, L, C, B, sh.stride(0), n_half, BLOCK_C=BLOCK_C,
+                              INTERLEAVE=INTERLEAVE, num_warps=num_warps)
+    return y, go
+
+
 def ssg_tma(x, sh, sc, g, idx, BLOCK_M=2, BLOCK_C=512, num_warps=4):
     from triton.tools.tensor_descriptor import TensorDescriptor
     B, L, C = x.shape
@@ -196,16 +234,15 @@ def variants():
     op = "scale_shift_gate"
     ssg = {"compile": comp(op), "fused(default)": fdo.scale_shift_gate,
            "triton[1,1024,1,w4] cs": ker(op, _cfg(1, 1024, 1, 4, STREAM_STORES=True)),
-           "triton[1,1024,2,w4] cs": ker(op, _cfg(1, 1024, 2, 4, STREAM_STORES=True)),
-           "triton[1,1024,4,w4] cs": ker(op, _cfg(1, 1024, 4, 4, STREAM_STORES=True)),
            "triton[1,2048,1,w8] cs": ker(op, _cfg(1, 2048, 1, 8, STREAM_STORES=True)),
            "triton[2,1024,1,w8] cs": ker(op, _cfg(2, 1024, 1, 8, STREAM_STORES=True)),
            "flat2048w8": lambda *a: ssg_flat(*a, XBLOCK=2048, num_warps=8),
            "flat2048w8 cs": lambda *a: ssg_flat(*a, XBLOCK=2048, num_warps=8, STORE_CS=True),
            "tma[2,512,w4]": lambda *a: ssg_tma(*a),
-           "tma[1,1024,w4]": lambda *a: ssg_tma(*a, BLOCK_M=1, BLOCK_C=1024),
-           "tma[4,256,w4]": lambda *a: ssg_tma(*a, BLOCK_M=4, BLOCK_C=256),
-           "tma[8,256,w8]": lambda *a: ssg_tma(*a, BLOCK_M=8, BLOCK_C=256, num_warps=8)}
+           "split1024w4": lambda *a: ssg_split(*a),
+           "split1024w4 interleave": lambda *a: ssg_split(*a, INTERLEAVE=True),
+           "split2048w8": lambda *a: ssg_split(*a, BLOCK_C=2048, num_warps=8),
+           "split2048w8 interleave": lambda *a: ssg_split(*a, BLOCK_C=2048, num_warps=8, INTERLEAVE=True)}
     only = os.environ.get("OPS")
     out = {"gate_residual": gr, "norm_scale_shift": ns, "gate_residual_norm_scale_shift": grn, "scale_shift_gate": ssg}
     return {k_: v for k_, v in out.items() if not only or k_ in only.split(",")}
