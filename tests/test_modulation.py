@@ -247,9 +247,16 @@ def test_triton_kernel_interpreted(op, dtype, layout, index):
                                     {"BLOCK_M": 2, "BLOCK_C": 64, "ITERS": 3, "num_warps": 2},
                                     {"BLOCK_M": 16, "BLOCK_C": 128, "ITERS": 2, "num_warps": 4}])
 @pytest.mark.parametrize("op", ["scale_shift_gate", "gate_residual"])
-def test_triton_tiles_cover_ragged_edges(config, op):
-    """Tiles (and row loops) that do not divide L or C still write every element correctly."""
+@pytest.mark.parametrize("split", [True, False])
+def test_triton_tiles_cover_ragged_edges(config, op, split):
+    """Tiles (and row loops) that do not divide L or C still write every element correctly; for
+    scale_shift_gate both with y and gate written by separate programs (SPLIT_OUTPUTS) and not."""
     from fused_dit_ops.kernels import modulation as k
+    if op != "scale_shift_gate":
+        if not split:
+            pytest.skip("SPLIT_OUTPUTS is a scale_shift_gate option")
+    else:
+        config = dict(config, SPLIT_OUTPUTS=split)
     args = make_inputs(op, 2, 23, 72, dtype=torch.float32, layout="chunk")
     outs = as_tuple(getattr(k, op)(*args, config=config))
     assert_close(op, outs, as_tuple(oracle(op, args)), torch.float32)

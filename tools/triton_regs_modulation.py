@@ -53,6 +53,6 @@ if __name__ == "__main__":
         report(m._gate_residual_norm_scale_shift_kernel,
                dict(HAS_INDEX=True, BLOCK_M=bm, BLOCK_C=4096, ITERS=it, PARAM_GATHER=g, STREAM_STORES=True), w)
     for bm, bc, w in [(4, 1024, 4), (2, 1024, 4), (1, 1024, 4)]:
-        report(m._scale_shift_gate_kernel, dict(HAS_INDEX=True, BLOCK_M=bm, BLOCK_C=bc, ITERS=1, STREAM_STORES=False), w)
+        report(m._scale_shift_gate_kernel, dict(HAS_INDEX=True, BLOCK_M=bm, BLOCK_C=bc, ITERS=1, STREAM_STORES=True, SPLIT_OUTPUTS=True), w)
         report(m._gate_residual_kernel, dict(HAS_INDEX=True, BLOCK_M=bm, BLOCK_C=bc, ITERS=1, STREAM_STORES=False), w)
     sys.exit(0)
