@@ -38,6 +38,21 @@ struct GateResidualParams {
   int64_t idx_sb, idx_sl;    // index strides
 };
 
+// Output lines are marked evict-first (st.global.cs): nothing re-reads them in this kernel, and
+// streaming stores took the Triton kernels of this package 1-3% closer to the copy bandwidth.
+template <typename V>
+__device__ __forceinline__ void store_streaming(V* dst, const V& v) {
+  if constexpr (sizeof(V) == 16) {
+    __stcs(reinterpret_cast<int4*>(dst), *reinterpret_cast<const int4*>(&v));
+  } else if constexpr (sizeof(V) == 8) {
+    __stcs(reinterpret_cast<int2*>(dst), *reinterpret_cast<const int2*>(&v));
+  } else if constexpr (sizeof(V) == 4) {
+    __stcs(reinterpret_cast<int*>(dst), *reinterpret_cast<const int*>(&v));
+  } else {
+    *dst = v;
+  }
+}
+
 // blockDim = (threads_x, rows_per_block); gridDim.x = ceil(B * L / rows_per_block).
 // Each thread issues kUnroll independent 16-byte loads of each input before any math, so a
 // row of C = 3072 bf16 (384 vectors) is read by 96 threads in one sweep, all loads in flight.
@@ -80,7 +95,7 @@ __global__ void gate_residual_kernel(GateResidualParams p) {
         for (int k = 0; k < VEC; ++k) {
           o.v[k] = from_float<T>(fmaf(to_float<T>(g[j].v[k]), to_float<T>(u[j].v[k]), to_float<T>(r[j].v[k])));
         }
-        out[i] = o;
+        store_streaming(out + i, o);
       }
     }
   }
