@@ -85,6 +85,19 @@ def _column_tile_of(pid, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(pid_m, it, b, L, C, cols, cmask, idx_ptr, stride_ib, stride_il,
+              HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, ITERS: tl.constexpr):
+    """Rows of iteration ``it`` of an elementwise tile: (token ids, 2-D mask, per-row set select,
+    offsets into the contiguous [B, L, C] output)."""
+    l = (pid_m * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = l < L
+    mask = rmask[:, None] & cmask[None, :]
+    sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
+    out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
+    return l, mask, sel, out_off
+
+
+@triton.jit
 def _ssg_y_tile(pid, x_ptr, shift_ptr, scale_ptr, gate_ptr, idx_ptr, y_ptr, g_ptr, L, C, B,
                 stride_xb, stride_xl, stride_shift, stride_scale, stride_gate, stride_ib, stride_il,
                 HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
@@ -95,14 +108,11 @@ def _ssg_y_tile(pid, x_ptr, shift_ptr, scale_ptr, gate_ptr, idx_ptr, y_ptr, g_pt
     if WRITE_GATE:
         g0, g1 = _load_param(gate_ptr, b, B, stride_gate, cols, cmask, HAS_INDEX)
     for it in tl.static_range(ITERS):
-        l = (pid_m * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = l < L
-        mask = rmask[:, None] & cmask[None, :]
-        sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
+        l, mask, sel, out_off = _row_tile(pid_m, it, b, L, C, cols, cmask, idx_ptr, stride_ib, stride_il,
+                                          HAS_INDEX, BLOCK_M, ITERS)
         x = tl.load(x_ptr + b * stride_xb + l[:, None].to(tl.int64) * stride_xl + cols[None, :],
                     mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         y = x * (1.0 + _pick(sel, sc0, sc1, HAS_INDEX)) + _pick(sel, sh0, sh1, HAS_INDEX)
-        out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
         _store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask, STREAM_STORES)
         if WRITE_GATE:
             _store(g_ptr + out_off, _pick(sel, g0, g1, HAS_INDEX).to(g_ptr.dtype.element_ty), mask, STREAM_STORES)
@@ -115,11 +125,8 @@ def _ssg_gate_tile(pid, gate_ptr, idx_ptr, g_ptr, L, C, B, stride_gate, stride_i
     pid_m, b, cols, cmask = _column_tile_of(pid, C, BLOCK_C)
     g0, g1 = _load_param(gate_ptr, b, B, stride_gate, cols, cmask, HAS_INDEX)
     for it in tl.static_range(ITERS):
-        l = (pid_m * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = l < L
-        mask = rmask[:, None] & cmask[None, :]
-        sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
-        out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
+        _, mask, sel, out_off = _row_tile(pid_m, it, b, L, C, cols, cmask, idx_ptr, stride_ib, stride_il,
+                                          HAS_INDEX, BLOCK_M, ITERS)
         _store(g_ptr + out_off, _pick(sel, g0, g1, HAS_INDEX).to(g_ptr.dtype.element_ty), mask, STREAM_STORES)
 
 
@@ -278,16 +285,13 @@ def _gate_residual_kernel(
     pid_m, b, cols, cmask = _column_tile(C, BLOCK_C)
     g0, g1 = _load_param(gate_ptr, b, B, stride_gate, cols, cmask, HAS_INDEX)
     for it in tl.static_range(ITERS):
-        l = (pid_m * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = l < L
-        mask = rmask[:, None] & cmask[None, :]
+        l, mask, sel, out_off = _row_tile(pid_m, it, b, L, C, cols, cmask, idx_ptr, stride_ib, stride_il,
+                                          HAS_INDEX, BLOCK_M, ITERS)
         l64 = l[:, None].to(tl.int64)
         r = tl.load(r_ptr + b * stride_rb + l64 * stride_rl + cols[None, :], mask=mask, other=0.0,
                     eviction_policy="evict_first").to(tl.float32)
         u = tl.load(u_ptr + b * stride_ub + l64 * stride_ul + cols[None, :], mask=mask, other=0.0,
                     eviction_policy="evict_first").to(tl.float32)
-        sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
-        out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
         _store(out_ptr + out_off, (r + _pick(sel, g0, g1, HAS_INDEX) * u).to(out_ptr.dtype.element_ty), mask,
                STREAM_STORES)
 
