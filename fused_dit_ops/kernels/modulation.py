@@ -171,6 +171,20 @@ def _layer_norm_rows(v, cmask, C, eps, IS_RMS: tl.constexpr):
 
 
 @triton.jit
+def _modulate_rows(n, sel, scale_ptr, shift_ptr, b, B, stride_scale, stride_shift, cols, mask,
+                   sc0, sc1, sh0, sh1, HAS_INDEX: tl.constexpr, PARAM_GATHER: tl.constexpr):
+    """n * (1 + scale_sel) + shift_sel for a normalised [BLOCK_M, BLOCK_C] tile: each row gathers its
+    own parameter rows (PARAM_GATHER) or selects from the sets held in registers."""
+    if PARAM_GATHER:
+        scale = _gather_param(scale_ptr, b, B, stride_scale, sel, cols, mask, HAS_INDEX)
+        shift = _gather_param(shift_ptr, b, B, stride_shift, sel, cols, mask, HAS_INDEX)
+    else:
+        scale = _pick(sel, sc0, sc1, HAS_INDEX)
+        shift = _pick(sel, sh0, sh1, HAS_INDEX)
+    return n * (1.0 + scale) + shift
+
+
+@triton.jit
 def _norm_scale_shift_kernel(
     x_ptr, shift_ptr, scale_ptr, idx_ptr, w_ptr, bias_ptr, y_ptr,
     L, C, B, eps,
@@ -183,7 +197,9 @@ def _norm_scale_shift_kernel(
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
-    if not PARAM_GATHER:
+    if PARAM_GATHER:
+        sh0, sh1, sc0, sc1 = 0.0, 0.0, 0.0, 0.0  # unused: each row gathers its own parameter row
+    else:
         sh0, sh1 = _load_param(shift_ptr, b, B, stride_shift, cols, cmask, HAS_INDEX)
         sc0, sc1 = _load_param(scale_ptr, b, B, stride_scale, cols, cmask, HAS_INDEX)
     # Rows are processed ITERS x BLOCK_M at a time; the next tile's load is issued before this
@@ -206,13 +222,8 @@ def _norm_scale_shift_kernel(
         if HAS_BIAS:
             n = n + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
-        if PARAM_GATHER:
-            scale = _gather_param(scale_ptr, b, B, stride_scale, sel, cols, mask, HAS_INDEX)
-            shift = _gather_param(shift_ptr, b, B, stride_shift, sel, cols, mask, HAS_INDEX)
-        else:
-            scale = _pick(sel, sc0, sc1, HAS_INDEX)
-            shift = _pick(sel, sh0, sh1, HAS_INDEX)
-        y = n * (1.0 + scale) + shift
+        y = _modulate_rows(n, sel, scale_ptr, shift_ptr, b, B, stride_scale, stride_shift, cols, mask,
+                           sc0, sc1, sh0, sh1, HAS_INDEX, PARAM_GATHER)
         out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
         _store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask, STREAM_STORES)
 
@@ -230,7 +241,9 @@ def _gate_residual_norm_scale_shift_kernel(
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
-    if not PARAM_GATHER:
+    if PARAM_GATHER:
+        g0, g1, sh0, sh1, sc0, sc1 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0  # unused: rows gather their own
+    else:
         g0, g1 = _load_param(gate_ptr, b, B, stride_gate, cols, cmask, HAS_INDEX)
         sh0, sh1 = _load_param(shift_ptr, b, B, stride_shift, cols, cmask, HAS_INDEX)
         sc0, sc1 = _load_param(scale_ptr, b, B, stride_scale, cols, cmask, HAS_INDEX)
@@ -264,13 +277,8 @@ def _gate_residual_norm_scale_shift_kernel(
         out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
         _store(r_out_ptr + out_off, r_out, mask, STREAM_STORES)
         n = _layer_norm_rows(r_out.to(tl.float32), cmask, C, eps, False)
-        if PARAM_GATHER:
-            scale = _gather_param(scale_ptr, b, B, stride_scale, sel, cols, mask, HAS_INDEX)
-            shift = _gather_param(shift_ptr, b, B, stride_shift, sel, cols, mask, HAS_INDEX)
-        else:
-            scale = _pick(sel, sc0, sc1, HAS_INDEX)
-            shift = _pick(sel, sh0, sh1, HAS_INDEX)
-        y = n * (1.0 + scale) + shift
+        y = _modulate_rows(n, sel, scale_ptr, shift_ptr, b, B, stride_scale, stride_shift, cols, mask,
+                           sc0, sc1, sh0, sh1, HAS_INDEX, PARAM_GATHER)
         _store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask, STREAM_STORES)
 
 
