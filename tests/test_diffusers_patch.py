@@ -126,6 +126,104 @@ def test_packed_qkv_follows_load_state_dict_and_detects_replaced_params(tiny):
     assert report.runtime.get("packed qkv stale (parameters replaced): separate projections", 0) >= 1
 
 
+@pytest.mark.parametrize("zero_cond_t", [True, False])
+def test_packed_mod_shares_storage_matches_and_unpacks(zero_cond_t):
+    m = build_qwen_image_transformer("tiny", zero_cond_t=zero_cond_t, seed=4)
+    kw = make_qwen_inputs(m, batch=2, seed=12)
+    ref = _run(m, kw)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    report = fdo.patch(m)
+    assert any("img_mod/txt_mod packed" in s for s in report.swapped), report
+    b = m.transformer_blocks[0]
+    assert _storage(b.img_mod[1].weight) == _storage(b.txt_mod[1].weight)
+    assert rel_err(_run(m, kw), ref) < CPU_FP32_REL
+    fdo.patch(m, pack_mod=False)
+    assert _storage(b.img_mod[1].weight) != _storage(b.txt_mod[1].weight)
+    assert "pack_mod" in fdo.patch(m, pack_mod=False).stock
+    out_sep = _run(m, kw)
+    fdo.patch(m)
+    torch.testing.assert_close(_run(m, kw), out_sep, rtol=1e-5, atol=1e-5)
+    fdo.unpatch(m)
+    assert _storage(b.img_mod[1].weight) != _storage(b.txt_mod[1].weight)
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_packed_mod_detects_replaced_params(tiny):
+    kw = make_qwen_inputs(tiny, seed=13)
+    other = build_qwen_image_transformer("tiny", seed=3)
+    report = fdo.patch(tiny)
+    b = tiny.transformer_blocks[1]
+    with torch.no_grad():
+        b.txt_mod[1].weight.data = b.txt_mod[1].weight.data.clone() * 0.5
+        other.transformer_blocks[1].txt_mod[1].weight.mul_(0.5)
+    torch.testing.assert_close(_run(tiny, kw), _run(other, kw), rtol=1e-4, atol=1e-4)
+    assert report.runtime.get("packed img_mod/txt_mod stale (parameters replaced): separate GEMVs", 0) >= 1
+
+
+def _op_calls(model, kw):
+    with torch.profiler.profile() as prof:
+        out = _run(model, kw)
+    names = [e.name for e in prof.events()]
+    return out, {op: names.count(f"fused_dit::{op}") for op in
+                 ("norm_scale_shift", "gate_residual", "gate_residual_norm_scale_shift")}
+
+
+@pytest.mark.parametrize("zero_cond_t", [True, False])
+def test_lookahead_fuses_block_ends(zero_cond_t):
+    m = build_qwen_image_transformer("tiny", zero_cond_t=zero_cond_t, seed=5)  # 2 layers
+    kw = make_qwen_inputs(m, batch=2, seed=14)
+    ref = _run(m, kw)
+    report = fdo.patch(m)
+    assert any("next block's norm1" in s for s in report.swapped), report
+    out, calls = _op_calls(m, kw)
+    assert rel_err(out, ref) < CPU_FP32_REL
+    # block 0 ends with block 1's norm1 fused in: only block 0 runs norm_scale_shift, only the last
+    # block runs gate_residual; both streams
+    assert calls == {"norm_scale_shift": 2, "gate_residual": 2, "gate_residual_norm_scale_shift": 6}, calls
+    assert m._fused_dit_state.prenorm is None  # nothing held past the forward
+    fdo.patch(m, lookahead=False)
+    out2, calls2 = _op_calls(m, kw)
+    assert calls2 == {"norm_scale_shift": 4, "gate_residual": 4, "gate_residual_norm_scale_shift": 4}, calls2
+    torch.testing.assert_close(out, out2, rtol=1e-5, atol=1e-5)
+    # a block called on its own (outside a model forward) does its own norm1 and leaves nothing
+    fdo.patch(m)
+    st = m._fused_dit_state
+    assert dq._probe(m, m.transformer_blocks[0]) is None
+    assert not st.lookahead and st.prenorm is None
+
+
+def test_lookahead_skipped_when_inputs_change_between_blocks(tiny):
+    kw = make_qwen_inputs(tiny, seed=15)
+
+    def bump(mod, args, kwargs):  # modifies the next block's input in place
+        kwargs["hidden_states"].add_(0.25)
+
+    handle = tiny.transformer_blocks[1].register_forward_pre_hook(bump, with_kwargs=True)
+    try:
+        ref = _run(tiny, kw)
+        report = fdo.patch(tiny)
+        out = _run(tiny, kw)
+    finally:
+        handle.remove()
+    assert rel_err(out, ref) < CPU_FP32_REL
+    assert report.runtime.get("look-ahead norm1 unused (block inputs changed between blocks)", 0) == 1
+
+
+def test_silu_once_per_forward_cache():
+    st = dq._State(set(dq.OPS), "auto", dq.PatchReport(), False)
+    t = torch.randn(2, 8)
+    a = st.silu(t)
+    assert st.silu(t) is a  # same object, unchanged: reused by the next block
+    torch.testing.assert_close(a, torch.nn.functional.silu(t))
+    t.mul_(2)  # mutated in place: the version counter changes, so it is recomputed
+    b = st.silu(t)
+    assert b is not a
+    torch.testing.assert_close(b, torch.nn.functional.silu(t))
+    c = st.silu(t.clone())  # another tensor with the same values: recomputed, never aliased by address
+    assert c is not b
+
+
 def test_unpatch_restores_bit_exact(tiny):
     kw = make_qwen_inputs(tiny)
     ref = _run(tiny, kw)

@@ -3,7 +3,9 @@
 Builds the Qwen-Image-Edit-2511 transformer as ``bench model`` does (random bf16 weights, cond text
 225 / uncond 208 tokens), patches it, and for each forward prints: wall ms (CUDA events), the
 kernel-time sum and the GPU-busy share from one torch.profiler capture, and the top kernels per
-layer. CONFIGS=patched,patched-nopack,stock picks the configurations (default patched). JSON to $OUT.
+layer. CONFIGS picks the configurations (default patched): "stock", or "patched" with any of the
+suffixes -nopack (pack_qkv=False), -nomod (pack_mod=False), -nolook (lookahead=False). ROUNDS=n
+repeats the config list n times, interleaved (profiles only in the first round). JSON to $OUT.
 """
 from __future__ import annotations
 
@@ -57,27 +59,40 @@ def main():
     uncond["hidden_states"] = cond["hidden_states"]
     res = {"gpu": torch.cuda.get_device_name(), "layers": layers, "rows": []}
     import fused_dit_ops as fdo
-    configs = os.environ.get("CONFIGS", "patched").split(",")  # patched, patched-nopack, stock
-    for cfg in configs:
-        if cfg != "stock":
-            fdo.patch(model, pack_qkv=cfg != "patched-nopack")
-        try:
-            with torch.no_grad():
-                for _ in range(2):
-                    model(**cond)
-                    model(**uncond)
-                for name, inp in (("cond", cond), ("uncond", uncond)):
-                    row = {"config": cfg, "forward": name, "wall_ms": timed(model, inp)}
-                    row.update(kernel_table(model, inp, layers))
-                    row["wall_ms_after_profile"] = timed(model, inp)
-                    res["rows"].append(row)
-                    print(f"\n{cfg} {name}: wall {row['wall_ms']:.1f} ms (again {row['wall_ms_after_profile']:.1f}), "
-                          f"kernel sum {row['kernel_ms']:.1f} ms, span {row['span_ms']:.1f} ms; per layer:")
-                    for k, n, t in row["top_per_layer_us"]:
-                        print(f"   {t:8.1f} us  x{n:4.1f}  {k}")
-        finally:
-            fdo.unpatch(model)
-            torch.cuda.empty_cache()
+    configs = os.environ.get("CONFIGS", "patched").split(",")
+    rounds = int(os.environ.get("ROUNDS", "1"))
+    for rnd in range(rounds):
+        for cfg in configs:
+            if cfg != "stock":
+                flags = set(cfg.split("-")[1:])
+                fdo.patch(model, pack_qkv="nopack" not in flags, pack_mod="nomod" not in flags,
+                          lookahead="nolook" not in flags)
+            try:
+                with torch.no_grad():
+                    for _ in range(2):
+                        model(**cond)
+                        model(**uncond)
+                    for name, inp in (("cond", cond), ("uncond", uncond)):
+                        row = {"config": cfg, "round": rnd, "forward": name, "wall_ms": timed(model, inp)}
+                        if rnd == 0:
+                            row.update(kernel_table(model, inp, layers))
+                            row["wall_ms_after_profile"] = timed(model, inp)
+                        res["rows"].append(row)
+                        if rnd:
+                            print(f"round {rnd} {cfg} {name}: wall {row['wall_ms']:.1f} ms")
+                            continue
+                        print(f"\n{cfg} {name}: wall {row['wall_ms']:.1f} ms (again {row['wall_ms_after_profile']:.1f}), "
+                              f"kernel sum {row['kernel_ms']:.1f} ms, span {row['span_ms']:.1f} ms; per layer:")
+                        for k, n, t in row["top_per_layer_us"]:
+                            print(f"   {t:8.1f} us  x{n:4.1f}  {k}")
+            finally:
+                fdo.unpatch(model)
+                torch.cuda.empty_cache()
+    summary = {}
+    for r in res["rows"]:
+        summary.setdefault(r["config"], []).append(r["wall_ms"])
+    res["median_wall_ms"] = {k: statistics.median(v) for k, v in summary.items()}
+    print("median wall ms over rounds and cond/uncond:", {k: round(v, 1) for k, v in res["median_wall_ms"].items()})
     with open(os.path.join(out_dir, "model-diag.json"), "w") as f:
         json.dump(res, f, indent=1)
 

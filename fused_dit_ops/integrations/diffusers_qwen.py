@@ -2,7 +2,9 @@
 
 What a patched ``QwenImageTransformer2DModel`` runs per block (both streams, diffusers 0.42 math):
 
-1. ``img_mod`` / ``txt_mod`` Linears (stock modules), chunked into six [rows, D] *views* (no copies);
+1. ``img_mod`` / ``txt_mod``: with ``pack_mod`` (eager) one GEMV per block over the two Linears'
+   weights packed into one matrix, on SiLU(temb) computed once per forward; else the stock modules.
+   The result is chunked into six [rows, D] *views* per stream (no copies);
 2. norm1 + modulation: ``fused_dit.norm_scale_shift`` (image with the zero_cond_t index, text without);
    the gate is never materialised, the later ops select it from the index;
 3. attention (processor :class:`FusedQwenBlockAttnProcessor`, set per ``Attention`` module):
@@ -140,7 +142,12 @@ class _State:
         self.orig_pos_forward = None
         self.patched_blocks: list = []
         self.procs: list = []  # (attn module, original processor)
-        self.packed_qkv: dict = {}  # id(attn) -> _PackedQKV
+        self.packed_qkv: dict = {}  # id(attn) -> (text, image) _PackedLinears
+        self.packed_mod: dict = {}  # id(block) -> _PackedLinears of (img_mod[1], txt_mod[1])
+        self._silu = None  # (temb, temb._version, silu(temb)): one SiLU per forward, not per block
+        self.next_block: dict = {}  # id(block) -> the patched block that follows it in the model
+        self.lookahead = False  # True inside an eager patched model forward
+        self.prenorm = None  # _Prenorm left by the previous block for the next one
 
     @contextlib.contextmanager
     def stock(self):
@@ -152,6 +159,42 @@ class _State:
 
     def count(self, why):
         self.report.runtime[why] = self.report.runtime.get(why, 0) + 1
+
+    def take_prenorm(self, block, h, e, temb, index):
+        """The next block's norm1 outputs that the previous block computed, if they are for this
+        block and these very inputs (same objects, not modified in place since); else None."""
+        pre, self.prenorm = self.prenorm, None
+        if pre is None:
+            return None
+        if pre.block is block and pre.inputs_match(h, e, temb, index):
+            return pre
+        self.count("look-ahead norm1 unused (block inputs changed between blocks)")
+        return None
+
+    def silu(self, temb):
+        """silu(temb), computed once per forward: every block gets the same ``temb`` object, so it
+        is cached on identity (and the tensor's version counter); eager only."""
+        c = self._silu
+        if c is not None and c[0] is temb and c[1] == temb._version:
+            return c[2]
+        out = F.silu(temb)
+        self._silu = (temb, temb._version, out)
+        return out
+
+
+class _Prenorm:
+    """What block i leaves for block i+1 when it ends with ``gate_residual_norm_scale_shift`` (its
+    final gated residual fused with block i+1's norm1 + modulation): block i+1's modulation
+    params and modulated inputs, and the exact tensors (with version counters) they were made from."""
+    __slots__ = ("block", "refs", "img_mod", "txt_mod", "img_m", "txt_m")
+
+    def __init__(self, block, h, e, temb, index, img_mod, txt_mod, img_m, txt_m):
+        self.block = block
+        self.refs = tuple((t, t._version if t is not None else 0) for t in (h, e, temb, index))
+        self.img_mod, self.txt_mod, self.img_m, self.txt_m = img_mod, txt_mod, img_m, txt_m
+
+    def inputs_match(self, *ts) -> bool:
+        return all(t is r and (t is None or t._version == v) for t, (r, v) in zip(ts, self.refs))
 
 
 # --- attention processor ---------------------------------------------------------------------------
@@ -168,10 +211,11 @@ def as_rope_tables(image_rotary_emb):
     return tuple(cos_sin_from_complex(f) for f in image_rotary_emb)
 
 
-class _PackedQKV:
-    """One stream's q/k/v projection weights packed into one [3n, in] matrix (and [3n] bias), so the
-    three projections run as one GEMM (the text stream's three small-M GEMMs are weight-bandwidth
-    bound and under-fill the GPU one by one). The modules keep their Parameters; each parameter's
+class _PackedLinears:
+    """Same-shape Linear weights packed into one [k*n, in] matrix (and [k*n] bias), so that k
+    projections of one input run as one GEMM: a stream's q/k/v (the text stream's three small-M GEMMs
+    are weight-bandwidth bound and under-fill the GPU one by one), or a block's img_mod + txt_mod
+    (two M <= 2 GEMVs that read 113 MB of weights each). The modules keep their Parameters; each parameter's
     ``.data`` becomes a row view of the packed storage (no second copy of the weights), so
     ``load_state_dict`` keeps writing through. :meth:`valid` re-checks the views before every use
     (``model.to(...)`` or a LoRA fuse replaces ``.data``): a stale pack is never used."""
@@ -215,7 +259,7 @@ class _PackedQKV:
                     l_.bias.data = l_.bias.data.clone()
 
 
-def _packed_linear_into(x2d, pk: _PackedQKV, out2d):
+def _packed_linear_into(x2d, pk: _PackedLinears, out2d):
     if pk.bias is not None:
         torch.addmm(pk.bias, x2d, pk.weight.t(), out=out2d)
     else:
@@ -341,6 +385,33 @@ def _stock_block_forward():
     return QwenImageTransformerBlock.forward
 
 
+def _modulation_params(block, st: _State, temb):
+    """(img_mod [B or 2B, 6D], txt_mod [B, 6D]) of one block. Packed (eager): SiLU once per forward,
+    then one GEMV over the packed [12D, D] img_mod|txt_mod weight; both results are column views of
+    its output (row stride 12D), which the modulation ops take as they are. With zero_cond_t the text
+    half is also computed for the second B rows: the same weight bytes, so the same time."""
+    # is_compiling first: a dict lookup on id(block) would make dynamo specialise per block
+    pk = None if torch.compiler.is_compiling() else st.packed_mod.get(id(block))
+    if pk is not None:
+        if pk.valid():
+            both = F.linear(st.silu(temb), pk.weight, pk.bias)
+            txt_rows = temb.shape[0] // 2 if block.zero_cond_t else temb.shape[0]
+            return both[:, :pk.n], both[:txt_rows, pk.n:]
+        st.count("packed img_mod/txt_mod stale (parameters replaced): separate GEMVs")
+    img_mod = block.img_mod(temb)  # [B or 2B, 6D]
+    if block.zero_cond_t:
+        temb = torch.chunk(temb, 2, dim=0)[0]
+    return img_mod, block.txt_mod(temb)
+
+
+def _mod_packable(block) -> bool:
+    mods = (block.img_mod, block.txt_mod)
+    return (all(type(m) is torch.nn.Sequential and len(m) == 2 and type(m[0]) is torch.nn.SiLU
+                and not (m._forward_hooks or m._forward_pre_hooks or m[0]._forward_hooks
+                         or m[0]._forward_pre_hooks) for m in mods)
+            and _PackedLinears.packable([m[1] for m in mods]))
+
+
 def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask=None,
                         temb=None, image_rotary_emb=None, joint_attention_kwargs=None, modulate_index=None):
     """``QwenImageTransformerBlock.forward`` (same signature and return: (encoder_hidden_states,
@@ -351,20 +422,26 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidd
         return _stock_block_forward()(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
                                       temb, image_rotary_emb, joint_attention_kwargs, modulate_index)
     tables = as_rope_tables(image_rotary_emb)
-    img_mod = self.img_mod(temb)  # [B or 2B, 6D]
-    if self.zero_cond_t:
-        temb = torch.chunk(temb, 2, dim=0)[0]
-    txt_mod = self.txt_mod(temb)
     index = modulate_index
     eps_i1, eps_t1 = self.img_norm1.eps, self.txt_norm1.eps
+    # eager model forward: the previous block may have done this block's modulation + norm1 already
+    pre = (st.take_prenorm(self, hidden_states, encoder_hidden_states, temb, index)
+           if st.modulation and not torch.compiler.is_compiling() and st.prenorm is not None else None)
+    if pre is not None:
+        img_mod, txt_mod = pre.img_mod, pre.txt_mod
+    else:
+        img_mod, txt_mod = _modulation_params(self, st, temb)
 
     if st.modulation:
         i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = img_mod.chunk(6, dim=-1)
         t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = txt_mod.chunk(6, dim=-1)
-        img_m = torch.ops.fused_dit.norm_scale_shift.default(hidden_states, i_sh1, i_sc1, index, None, None,
-                                                             eps_i1, "layer")
-        txt_m = torch.ops.fused_dit.norm_scale_shift.default(encoder_hidden_states, t_sh1, t_sc1, None, None,
-                                                             None, eps_t1, "layer")
+        if pre is not None:
+            img_m, txt_m = pre.img_m, pre.txt_m
+        else:
+            img_m = torch.ops.fused_dit.norm_scale_shift.default(hidden_states, i_sh1, i_sc1, index, None, None,
+                                                                 eps_i1, "layer")
+            txt_m = torch.ops.fused_dit.norm_scale_shift.default(encoder_hidden_states, t_sh1, t_sc1, None, None,
+                                                                 None, eps_t1, "layer")
         img_attn, txt_attn = self.attn(hidden_states=img_m, encoder_hidden_states=txt_m,
                                        image_rotary_emb=tables)
         hidden_states, img_m2 = torch.ops.fused_dit.gate_residual_norm_scale_shift.default(
@@ -372,10 +449,27 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidd
         encoder_hidden_states, txt_m2 = torch.ops.fused_dit.gate_residual_norm_scale_shift.default(
             encoder_hidden_states, txt_attn, t_g1, t_sh2, t_sc2, None, self.txt_norm2.eps)
         mlp = fused_mlp if st.mlp else (lambda ff, x: ff(x))
-        hidden_states = torch.ops.fused_dit.gate_residual.default(hidden_states, mlp(self.img_mlp, img_m2), i_g2,
-                                                                  index)
-        encoder_hidden_states = torch.ops.fused_dit.gate_residual.default(
-            encoder_hidden_states, mlp(self.txt_mlp, txt_m2), t_g2, None)
+        img_y, txt_y = mlp(self.img_mlp, img_m2), mlp(self.txt_mlp, txt_m2)
+        nxt = None
+        if (not torch.compiler.is_compiling() and st.lookahead and hidden_states.dtype != torch.float16):
+            nxt = st.next_block.get(id(self))
+        if nxt is not None:
+            # model-level fusion: the final gated residual + the next block's norm1 + modulation in
+            # one pass (saves re-reading the new hidden states and one launch per stream). Not for
+            # fp16: the block clips its outputs, which the next norm1 must see.
+            n_img_mod, n_txt_mod = _modulation_params(nxt, st, temb)
+            n_i_sh1, n_i_sc1 = n_img_mod.chunk(6, dim=-1)[:2]
+            n_t_sh1, n_t_sc1 = n_txt_mod.chunk(6, dim=-1)[:2]
+            hidden_states, n_img_m = torch.ops.fused_dit.gate_residual_norm_scale_shift.default(
+                hidden_states, img_y, i_g2, n_i_sh1, n_i_sc1, index, nxt.img_norm1.eps)
+            encoder_hidden_states, n_txt_m = torch.ops.fused_dit.gate_residual_norm_scale_shift.default(
+                encoder_hidden_states, txt_y, t_g2, n_t_sh1, n_t_sc1, None, nxt.txt_norm1.eps)
+            st.prenorm = _Prenorm(nxt, hidden_states, encoder_hidden_states, temb, index,
+                                  n_img_mod, n_txt_mod, n_img_m, n_txt_m)
+        else:
+            hidden_states = torch.ops.fused_dit.gate_residual.default(hidden_states, img_y, i_g2, index)
+            encoder_hidden_states = torch.ops.fused_dit.gate_residual.default(encoder_hidden_states, txt_y, t_g2,
+                                                                              None)
     else:  # the stock modulation code, fused attention only
         img_mod1, img_mod2 = img_mod.chunk(2, dim=-1)
         txt_mod1, txt_mod2 = txt_mod.chunk(2, dim=-1)
@@ -462,7 +556,13 @@ def _model_forward(self, *args, **kwargs):
         st.report.verify = verify_stats(_first_tensor(out), ref)
         log.warning("fused_dit_ops.patch verify: %s", st.report.verify)
         return out
-    return st.orig_model_forward(*args, **kwargs)
+    if st.mode_stock or torch.compiler.is_compiling() or not st.next_block:
+        return st.orig_model_forward(*args, **kwargs)
+    st.lookahead, st.prenorm = True, None
+    try:
+        return st.orig_model_forward(*args, **kwargs)
+    finally:
+        st.lookahead, st.prenorm = False, None  # never hold a block's activations past the forward
 
 
 def verify_stats(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -530,7 +630,8 @@ def is_patched(model_or_pipeline) -> bool:
 
 
 def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, verify: bool = False,
-          qk_path: str = "auto", probe: bool = True, pack_qkv: bool = True) -> PatchReport:
+          qk_path: str = "auto", probe: bool = True, pack_qkv: bool = True, pack_mod: bool = True,
+          lookahead: bool = True) -> PatchReport:
     """Put every block of a diffusers ``QwenImageTransformer2DModel`` (or ``pipeline.transformer``) on
     fused ops, in place, per instance. Returns a :class:`PatchReport`.
 
@@ -544,7 +645,12 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
     leaves the model stock with the reason. ``pack_qkv``: pack each stream's q/k/v weights
     into one matrix (the Linear parameters become row views of it: no extra memory) so that the
     eager joint path runs one projection GEMM per stream instead of three; :func:`unpatch` gives
-    the parameters their own storage back. Patching twice re-patches with the new options.
+    the parameters their own storage back. ``pack_mod``: the same for each block's ``img_mod`` and
+    ``txt_mod`` Linears (one modulation GEMV per block, SiLU(temb) once per forward; with
+    "modulation", eager). ``lookahead``: inside an eager model forward, each block ends with one
+    ``gate_residual_norm_scale_shift`` that also does the next block's norm1 + modulation (checked
+    per call: used only if the next block gets exactly those tensors). Patching twice re-patches
+    with the new options.
     """
     model = _resolve(model_or_pipeline)
     if hasattr(model, _ATTR):
@@ -558,7 +664,8 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
                                f"device={p.device})",
                          options=dict(ops=",".join(o for o in OPS if o in ops_set) or "none",
                                       attention_backend=attention_backend or "auto", qk_path=qk_path,
-                                      verify=verify, pack_qkv=pack_qkv))
+                                      verify=verify, pack_qkv=pack_qkv, pack_mod=pack_mod,
+                                      lookahead=lookahead))
     if p.dtype not in _DTYPES:
         report.stock["model"] = f"dtype {p.dtype} not supported (fp32, bf16, fp16)"
         return report
@@ -596,15 +703,42 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
                 a = block.attn
                 lt = [a.add_q_proj, a.add_k_proj, a.add_v_proj]
                 li = [a.to_q, a.to_k, a.to_v]
-                if _PackedQKV.packable(lt) and _PackedQKV.packable(li) and li[0].out_features == lt[0].out_features:
+                if _PackedLinears.packable(lt) and _PackedLinears.packable(li) and li[0].out_features == lt[0].out_features:
                     with torch.no_grad():
-                        st.packed_qkv[id(a)] = (_PackedQKV(lt), _PackedQKV(li))
+                        st.packed_qkv[id(a)] = (_PackedLinears(lt), _PackedLinears(li))
                     n_packed += 1
             if n_packed:
                 report.swapped.append(f"q/k/v projections packed: one GEMM per stream ({n_packed} blocks)")
             if n_packed < len(ok_blocks):
                 report.stock["pack_qkv"] = (f"{len(ok_blocks) - n_packed} blocks: projections not packable "
                                             "(not plain nn.Linear, hooks, or mixed shapes/dtypes)")
+    if "modulation" in ops_set and lookahead:
+        patched = {id(b) for _, b in ok_blocks}
+        blocks = list(model.transformer_blocks)
+        for a, b in zip(blocks, blocks[1:]):
+            if id(a) in patched and id(b) in patched:
+                st.next_block[id(a)] = b
+        if st.next_block:
+            report.swapped.append(f"block ends fused with the next block's norm1 + modulation "
+                                  f"({len(st.next_block)} block pairs, eager model forward, not fp16)")
+    elif "modulation" in ops_set:
+        report.stock["lookahead"] = "lookahead=False: each block does its own norm1 + modulation"
+    if "modulation" in ops_set:
+        if not pack_mod:
+            report.stock["pack_mod"] = "pack_mod=False: two modulation GEMVs per block"
+        else:
+            n_packed = 0
+            for _, block in ok_blocks:
+                if _mod_packable(block):
+                    with torch.no_grad():
+                        st.packed_mod[id(block)] = _PackedLinears([block.img_mod[1], block.txt_mod[1]])
+                    n_packed += 1
+            if n_packed:
+                report.swapped.append(f"img_mod/txt_mod packed: one modulation GEMV per block, SiLU(temb) "
+                                      f"once per forward ({n_packed} blocks)")
+            if n_packed < len(ok_blocks):
+                report.stock["pack_mod"] = (f"{len(ok_blocks) - n_packed} blocks: img_mod/txt_mod not packable "
+                                            "(not SiLU + plain nn.Linear, hooks, or mixed shapes/dtypes)")
     st.orig_pos_forward = model.pos_embed.forward
     setattr(model.pos_embed, _ATTR, st)
     model.pos_embed.forward = types.MethodType(_pos_embed_forward, model.pos_embed)
@@ -677,6 +811,12 @@ def unpatch(model_or_pipeline) -> bool:
         for pk in packs:
             pk.unpack()
     st.packed_qkv.clear()
+    for pk in st.packed_mod.values():
+        pk.unpack()
+    st.packed_mod.clear()
+    st._silu = None
+    st.next_block.clear()
+    st.prenorm = None
     for block in st.patched_blocks:
         block.__dict__.pop("forward", None)
         block.__dict__.pop(_ATTR, None)
