@@ -6,7 +6,8 @@ from . import _schemas  # noqa: F401  (declares the schemas, once)
 from . import _extension  # noqa: F401  (loads the C++/CUDA kernels, if built)
 from . import ops  # noqa: F401  (registers CUDA / CPU / fake implementations)
 from ._validation import FusedDitInputError
-from .ops.modulation import gate_residual, gate_residual_norm_scale_shift, norm_scale_shift, scale_shift_gate
+from .ops.modulation import (dual_gate_residual_norm_scale_shift, dual_norm_scale_shift, gate_residual,
+                             gate_residual_norm_scale_shift, norm_scale_shift, scale_shift_gate)
 from .ops.attention import attention
 from .attention_dispatch import (AttentionBackendError, AttentionFallbackWarning, attention_backend,
                                  attention_backends, warmup_attention)
@@ -22,6 +23,8 @@ __all__ = [
     "norm_scale_shift",
     "gate_residual_norm_scale_shift",
     "gate_residual",
+    "dual_norm_scale_shift",
+    "dual_gate_residual_norm_scale_shift",
     "attention",
     "attention_backend",
     "attention_backends",

@@ -17,6 +17,14 @@ SCHEMAS: dict[str, str] = {
     "gate_residual_norm_scale_shift": "(Tensor residual, Tensor update, Tensor gate, Tensor shift,"
     " Tensor scale, Tensor? index=None, float eps=1e-06) -> (Tensor, Tensor)",
     "gate_residual": "(Tensor residual, Tensor update, Tensor gate, Tensor? index=None) -> Tensor",
+    # two streams (image + text of a dual-stream block) in one launch; same B, C and dtype
+    "dual_norm_scale_shift": "(Tensor x_a, Tensor shift_a, Tensor scale_a, Tensor? index_a, float eps_a,"
+    " Tensor x_b, Tensor shift_b, Tensor scale_b, Tensor? index_b, float eps_b, str norm=\"layer\")"
+    " -> (Tensor, Tensor)",
+    "dual_gate_residual_norm_scale_shift": "(Tensor residual_a, Tensor update_a, Tensor gate_a,"
+    " Tensor shift_a, Tensor scale_a, Tensor? index_a, float eps_a, Tensor residual_b, Tensor update_b,"
+    " Tensor gate_b, Tensor shift_b, Tensor scale_b, Tensor? index_b, float eps_b)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
     # -- RoPE and the joint QKV path (issue 3) -------------------------------------------------
     "rope": "(Tensor(a!) q, Tensor(b!) k, Tensor cos_sin_cache, Tensor? positions=None,"
     " bool interleaved=True, str? backend=None) -> ()",

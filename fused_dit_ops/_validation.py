@@ -73,29 +73,29 @@ def check_same_activation(op: str, name: str, t: torch.Tensor, ref_name: str, re
     check_last_dim_contiguous(op, name, t)
 
 
-def check_index(op: str, index, B: int, L: int, ref_name: str, ref: torch.Tensor) -> None:
+def check_index(op: str, index, B: int, L: int, ref_name: str, ref: torch.Tensor, name: str = "index") -> None:
     if index is None:
         return
-    check_tensor(op, "index", index, ndim=2, dtypes=INDEX_DTYPES)
+    check_tensor(op, name, index, ndim=2, dtypes=INDEX_DTYPES)
     if index.device != ref.device:
-        fail(op, f"'index' is on {index.device} but '{ref_name}' is on {ref.device}")
+        fail(op, f"'{name}' is on {index.device} but '{ref_name}' is on {ref.device}")
     if tuple(index.shape) != (B, L):
-        fail(op, f"'index' must have shape [B, L] = [{B}, {L}] (from '{ref_name}'), got {_shape(index)}")
+        fail(op, f"'{name}' must have shape [B, L] = [{B}, {L}] (from '{ref_name}'), got {_shape(index)}")
 
 
 def check_param(op: str, name: str, p, B: int, C: int, has_index: bool, ref_name: str,
-                ref: torch.Tensor) -> None:
+                ref: torch.Tensor, index_name: str = "index") -> None:
     """Modulation parameter: [B, C] without index, [2B, C] with one; row stride free."""
     check_tensor(op, name, p, ndim=2)
     check_like(op, name, p, ref_name, ref)
     rows = 2 * B if has_index else B
     if tuple(p.shape) != (rows, C):
         if has_index:
-            why = (f"with 'index' given it must be [2B, C] = [{rows}, {C}] (rows [0, B) are set 0, "
+            why = (f"with '{index_name}' given it must be [2B, C] = [{rows}, {C}] (rows [0, B) are set 0, "
                    f"[B, 2B) set 1)")
         else:
-            why = (f"without 'index' it must be [B, C] = [{rows}, {C}]"
-                   + ("; a [2B, C] parameter needs an 'index'" if tuple(p.shape) == (2 * B, C) else ""))
+            why = (f"without '{index_name}' it must be [B, C] = [{rows}, {C}]"
+                   + (f"; a [2B, C] parameter needs an '{index_name}'" if tuple(p.shape) == (2 * B, C) else ""))
         fail(op, f"'{name}' has shape {_shape(p)}; {why}")
     check_last_dim_contiguous(op, name, p)
 

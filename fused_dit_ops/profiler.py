@@ -51,6 +51,8 @@ _FUSED_WRITES = {
     "scale_shift_gate": 1, "norm_scale_shift": 1, "gate_residual_norm_scale_shift": 2, "gate_residual": 1,
     "rope": None, "joint_qkv_cat": "sum", "joint_qkv_cat_out": 0, "qk_norm_rope_cat": "sum",
     "qk_norm_rope_cat_out": 0, "joint_qk_norm_rope_": None,
+    # two streams: each writes as many bytes as its 3-D activations ([B, L, C] inputs) hold
+    "dual_norm_scale_shift": "3d", "dual_gate_residual_norm_scale_shift": "3d",
 }
 # kernel-name hints for GPU kernels whose launching op is unknown or opaque (e.g. inductor's)
 _MEMBOUND_KERNEL = re.compile(r"elementwise|reduce_kernel|layer_norm|rms_norm|norm_kernel|cat_|CatArray|"
@@ -128,6 +130,10 @@ def op_min_bytes(op: str, shapes, dtypes) -> int | None:
             return reads + sum(sizes[:2])
         if w == "sum":  # the six activations are written once more (cat outputs)
             return reads + sum(sizes[:6])
+        if w == "3d":
+            dims = [len(sh) for sh in shapes if isinstance(sh, (list, tuple)) and sh
+                    and all(isinstance(v, int) for v in sh)]
+            return reads + sum(n for n, d in zip(sizes, dims) if d == 3)
         return reads + w * largest
     if base in ("copy_",):
         return reads  # dst is an input: its bytes are the write

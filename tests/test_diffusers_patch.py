@@ -75,8 +75,8 @@ def test_fused_ops_are_called(tiny):
     with torch.profiler.profile() as prof:
         _run(tiny, kw)
     names = {e.name for e in prof.events()}
-    for op in ("norm_scale_shift", "gate_residual_norm_scale_shift", "gate_residual", "joint_qk_norm_rope_",
-               "attention"):
+    for op in ("dual_norm_scale_shift", "dual_gate_residual_norm_scale_shift", "gate_residual",
+               "joint_qk_norm_rope_", "attention"):
         assert f"fused_dit::{op}" in names, op
 
 
@@ -166,25 +166,34 @@ def _op_calls(model, kw):
         out = _run(model, kw)
     names = [e.name for e in prof.events()]
     return out, {op: names.count(f"fused_dit::{op}") for op in
-                 ("norm_scale_shift", "gate_residual", "gate_residual_norm_scale_shift")}
+                 ("norm_scale_shift", "gate_residual", "gate_residual_norm_scale_shift",
+                  "dual_norm_scale_shift", "dual_gate_residual_norm_scale_shift")}
+
+
+def _calls(nss=0, gr=0, grns=0, dnss=0, dgrns=0):
+    return {"norm_scale_shift": nss, "gate_residual": gr, "gate_residual_norm_scale_shift": grns,
+            "dual_norm_scale_shift": dnss, "dual_gate_residual_norm_scale_shift": dgrns}
 
 
 @pytest.mark.parametrize("zero_cond_t", [True, False])
-def test_lookahead_fuses_block_ends(zero_cond_t):
+@pytest.mark.parametrize("dual_launch", [True, False])
+def test_lookahead_fuses_block_ends(zero_cond_t, dual_launch):
     m = build_qwen_image_transformer("tiny", zero_cond_t=zero_cond_t, seed=5)  # 2 layers
     kw = make_qwen_inputs(m, batch=2, seed=14)
     ref = _run(m, kw)
-    report = fdo.patch(m)
+    report = fdo.patch(m, dual_launch=dual_launch)
     assert any("next block's norm1" in s for s in report.swapped), report
     out, calls = _op_calls(m, kw)
     assert rel_err(out, ref) < CPU_FP32_REL
     # block 0 ends with block 1's norm1 fused in: only block 0 runs norm_scale_shift, only the last
-    # block runs gate_residual; both streams
-    assert calls == {"norm_scale_shift": 2, "gate_residual": 2, "gate_residual_norm_scale_shift": 6}, calls
+    # block runs gate_residual; both streams, in one launch each with dual_launch
+    want = _calls(gr=2, dnss=1, dgrns=3) if dual_launch else _calls(nss=2, gr=2, grns=6)
+    assert calls == want, calls
     assert m._fused_dit_state.prenorm is None  # nothing held past the forward
-    fdo.patch(m, lookahead=False)
+    fdo.patch(m, lookahead=False, dual_launch=dual_launch)
     out2, calls2 = _op_calls(m, kw)
-    assert calls2 == {"norm_scale_shift": 4, "gate_residual": 4, "gate_residual_norm_scale_shift": 4}, calls2
+    want = _calls(gr=4, dnss=2, dgrns=2) if dual_launch else _calls(nss=4, gr=4, grns=4)
+    assert calls2 == want, calls2
     torch.testing.assert_close(out, out2, rtol=1e-5, atol=1e-5)
     # a block called on its own (outside a model forward) does its own norm1 and leaves nothing
     fdo.patch(m)

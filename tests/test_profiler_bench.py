@@ -139,6 +139,12 @@ def test_short_names_and_bytes():
     n = profiler.op_min_bytes("fused_dit::gate_residual_norm_scale_shift", [[1, 8, 4], [1, 8, 4], [2, 4], [2, 4],
                               [2, 4], [1, 8], []], [bf, bf, bf, bf, bf, "int", "double"])
     assert n == (64 + 64 + 3 * 16 + 32) + 2 * 64
+    # dual: image [1, 8, 4] with an index, text [1, 3, 4] without; both streams' r and y written
+    n = profiler.op_min_bytes("fused_dit::dual_gate_residual_norm_scale_shift",
+                              [[1, 8, 4], [1, 8, 4], [2, 4], [2, 4], [2, 4], [1, 8], [],
+                               [1, 3, 4], [1, 3, 4], [1, 4], [1, 4], [1, 4], [], []],
+                              [bf, bf, bf, bf, bf, "int", "double", bf, bf, bf, bf, bf, "", "double"])
+    assert n == (2 * 64 + 3 * 16 + 32 + 2 * 24 + 3 * 8) + 2 * 64 + 2 * 24
 
 
 def test_extract_block_cuda_like_events():

@@ -4,7 +4,8 @@ Builds the Qwen-Image-Edit-2511 transformer as ``bench model`` does (random bf16
 225 / uncond 208 tokens), patches it, and for each forward prints: wall ms (CUDA events), the
 kernel-time sum and the GPU-busy share from one torch.profiler capture, and the top kernels per
 layer. CONFIGS picks the configurations (default patched): "stock", or "patched" with any of the
-suffixes -nopack (pack_qkv=False), -nomod (pack_mod=False), -nolook (lookahead=False). ROUNDS=n
+suffixes -nopack (pack_qkv=False), -nomod (pack_mod=False), -nolook (lookahead=False), -nodual
+(dual_launch=False). ROUNDS=n
 repeats the config list n times, interleaved (profiles only in the first round). JSON to $OUT.
 """
 from __future__ import annotations
@@ -66,7 +67,7 @@ def main():
             if cfg != "stock":
                 flags = set(cfg.split("-")[1:])
                 fdo.patch(model, pack_qkv="nopack" not in flags, pack_mod="nomod" not in flags,
-                          lookahead="nolook" not in flags)
+                          lookahead="nolook" not in flags, dual_launch="nodual" not in flags)
             try:
                 with torch.no_grad():
                     for _ in range(2):

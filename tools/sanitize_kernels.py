@@ -24,6 +24,11 @@ def main():
             "norm_scale_shift rms affine": lambda: fdo.norm_scale_shift(x, sh, sc, idx, u[0, 0], None, 1e-6, "rms"),
             "gate_residual_norm_scale_shift": lambda: fdo.gate_residual_norm_scale_shift(x, u, g, sh2, sc2, idx),
             "gate_residual (dispatch)": lambda: fdo.gate_residual(x, u, g, idx),
+            # dual: stream a = x with the index, stream b = its first 13 rows without one
+            "dual_norm_scale_shift": lambda: fdo.dual_norm_scale_shift(x, sh, sc, idx, 1e-6, x[:, :13], sh[:B],
+                                                                       sc[:B], None, 1e-6),
+            "dual_gate_residual_norm_scale_shift": lambda: fdo.dual_gate_residual_norm_scale_shift(
+                x, u, g, sh2, sc2, idx, 1e-6, x[:, :13], u[:, :13], g[:B], sh2[:B], sc2[:B], None, 1e-6),
             "gate_residual (triton)": lambda: k.gate_residual(x, u, g, idx),
             "gate_residual unaligned": lambda: fdo.gate_residual(x[..., 1:3073], u[..., 1:3073], g[:, 1:3073], idx),
         }

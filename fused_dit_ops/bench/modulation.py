@@ -109,6 +109,39 @@ def run_sweep(dtype) -> list[dict]:
     return rows
 
 
+DUAL_OPS = {"dual_norm_scale_shift": "norm_scale_shift",
+            "dual_gate_residual_norm_scale_shift": "gate_residual_norm_scale_shift"}
+
+
+def run_dual(dtype, rounds: int) -> list[dict]:
+    """Image + text stream of a Qwen-Image-Edit block: one dual launch vs two single-stream launches
+    (GPU time by graph replay; the difference is the second launch and the small stream's ramp)."""
+    import fused_dit_ops as fdo
+    si, st = STREAMS["qwen-edit-img"], STREAMS["qwen-edit-txt"]
+    rows = []
+    for dual, single in DUAL_OPS.items():
+        def make(single=single):
+            a, b = make_args(single, si, dtype), make_args(single, st, dtype)
+            return (*a, 1e-6, *b, 1e-6)  # (stream a args, eps_a, stream b args, eps_b)
+
+        def two(*args, single=single):
+            n = len(args) // 2
+            f = getattr(fdo, single)
+            if single == "norm_scale_shift":
+                return f(*args[:4], None, None, args[4]), f(*args[5:9], None, None, args[9])
+            return f(*args[:n]), f(*args[n:])
+
+        provs = {"fused-dual": getattr(fdo, dual), "fused-two-launches": two}
+        times = {n: [] for n in provs}
+        for _ in range(max(1, rounds)):
+            for n, fn in provs.items():
+                times[n].append(harness.time_graph_us(make, fn))
+        for n, v in times.items():
+            rows.append({"shape": "qwen-edit img+txt", "op": dual, "provider": n, "us": statistics.median(v),
+                         "us_rounds": v})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fused_dit_ops bench modulation", description=__doc__)
     ap.add_argument("--shapes", default="qwen-edit-img,qwen-edit-txt,flux-img,wan14b,odd-L",
@@ -119,6 +152,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="timing rounds per provider, interleaved; the median is reported (default 3)")
     ap.add_argument("--sweep", action="store_true", help="also sweep Triton tile configs (Qwen image stream)")
+    ap.add_argument("--no-dual", action="store_true",
+                    help="skip the dual-stream rows (image + text in one launch vs two launches)")
     ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
     args = ap.parse_args(argv)
     harness.require_cuda()
@@ -155,6 +190,10 @@ def main(argv=None) -> int:
           "cost per call (hidden behind GPU work when the GPU is the bottleneck)")
     print(harness.format_table(rows, cols))
     extra = {"copy_bandwidth_TBps": bw / 1e12, "dtype": args.dtype, "rounds": args.rounds}
+    if not args.no_dual:
+        dual = run_dual(dtype, args.rounds)
+        print(harness.format_table(dual, ["shape", "op", "provider", "us"]))
+        extra["dual"] = dual
     if args.sweep:
         sweep = run_sweep(dtype)
         print(harness.format_table(sweep, ["op", "config", "us", "pct_floor"]))

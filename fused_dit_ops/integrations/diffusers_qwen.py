@@ -148,6 +148,7 @@ class _State:
         self.next_block: dict = {}  # id(block) -> the patched block that follows it in the model
         self.lookahead = False  # True inside an eager patched model forward
         self.prenorm = None  # _Prenorm left by the previous block for the next one
+        self.dual_launch = True  # image + text modulation ops in one launch (dual_* ops)
 
     @contextlib.contextmanager
     def stock(self):
@@ -404,6 +405,24 @@ def _modulation_params(block, st: _State, temb):
     return img_mod, block.txt_mod(temb)
 
 
+def _dual_ok(img, txt) -> bool:
+    """The dual-stream ops take both streams in one launch when they share B, C, dtype and device."""
+    return (img.shape[0] == txt.shape[0] and img.shape[-1] == txt.shape[-1] and img.dtype == txt.dtype
+            and img.device == txt.device)
+
+
+def _grns_pair(dual, h, upd, gate, shift, scale, index, eps, e, t_upd, t_gate, t_shift, t_scale, t_eps):
+    """gate_residual_norm_scale_shift of the image stream (with the index) and the text stream:
+    one launch (dual op) or two."""
+    if dual:
+        return torch.ops.fused_dit.dual_gate_residual_norm_scale_shift.default(
+            h, upd, gate, shift, scale, index, eps, e, t_upd, t_gate, t_shift, t_scale, None, t_eps)
+    h, m = torch.ops.fused_dit.gate_residual_norm_scale_shift.default(h, upd, gate, shift, scale, index, eps)
+    e, tm = torch.ops.fused_dit.gate_residual_norm_scale_shift.default(e, t_upd, t_gate, t_shift, t_scale, None,
+                                                                       t_eps)
+    return h, m, e, tm
+
+
 def _mod_packable(block) -> bool:
     mods = (block.img_mod, block.txt_mod)
     return (all(type(m) is torch.nn.Sequential and len(m) == 2 and type(m[0]) is torch.nn.SiLU
@@ -435,8 +454,13 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidd
     if st.modulation:
         i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = img_mod.chunk(6, dim=-1)
         t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = txt_mod.chunk(6, dim=-1)
+        dual = st.dual_launch and _dual_ok(hidden_states, encoder_hidden_states)
         if pre is not None:
             img_m, txt_m = pre.img_m, pre.txt_m
+        elif dual:
+            img_m, txt_m = torch.ops.fused_dit.dual_norm_scale_shift.default(
+                hidden_states, i_sh1, i_sc1, index, eps_i1, encoder_hidden_states, t_sh1, t_sc1, None, eps_t1,
+                "layer")
         else:
             img_m = torch.ops.fused_dit.norm_scale_shift.default(hidden_states, i_sh1, i_sc1, index, None, None,
                                                                  eps_i1, "layer")
@@ -444,10 +468,9 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidd
                                                                  None, eps_t1, "layer")
         img_attn, txt_attn = self.attn(hidden_states=img_m, encoder_hidden_states=txt_m,
                                        image_rotary_emb=tables)
-        hidden_states, img_m2 = torch.ops.fused_dit.gate_residual_norm_scale_shift.default(
-            hidden_states, img_attn, i_g1, i_sh2, i_sc2, index, self.img_norm2.eps)
-        encoder_hidden_states, txt_m2 = torch.ops.fused_dit.gate_residual_norm_scale_shift.default(
-            encoder_hidden_states, txt_attn, t_g1, t_sh2, t_sc2, None, self.txt_norm2.eps)
+        hidden_states, img_m2, encoder_hidden_states, txt_m2 = _grns_pair(
+            dual, hidden_states, img_attn, i_g1, i_sh2, i_sc2, index, self.img_norm2.eps,
+            encoder_hidden_states, txt_attn, t_g1, t_sh2, t_sc2, self.txt_norm2.eps)
         mlp = fused_mlp if st.mlp else (lambda ff, x: ff(x))
         img_y, txt_y = mlp(self.img_mlp, img_m2), mlp(self.txt_mlp, txt_m2)
         nxt = None
@@ -460,10 +483,9 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidd
             n_img_mod, n_txt_mod = _modulation_params(nxt, st, temb)
             n_i_sh1, n_i_sc1 = n_img_mod.chunk(6, dim=-1)[:2]
             n_t_sh1, n_t_sc1 = n_txt_mod.chunk(6, dim=-1)[:2]
-            hidden_states, n_img_m = torch.ops.fused_dit.gate_residual_norm_scale_shift.default(
-                hidden_states, img_y, i_g2, n_i_sh1, n_i_sc1, index, nxt.img_norm1.eps)
-            encoder_hidden_states, n_txt_m = torch.ops.fused_dit.gate_residual_norm_scale_shift.default(
-                encoder_hidden_states, txt_y, t_g2, n_t_sh1, n_t_sc1, None, nxt.txt_norm1.eps)
+            hidden_states, n_img_m, encoder_hidden_states, n_txt_m = _grns_pair(
+                dual, hidden_states, img_y, i_g2, n_i_sh1, n_i_sc1, index, nxt.img_norm1.eps,
+                encoder_hidden_states, txt_y, t_g2, n_t_sh1, n_t_sc1, nxt.txt_norm1.eps)
             st.prenorm = _Prenorm(nxt, hidden_states, encoder_hidden_states, temb, index,
                                   n_img_mod, n_txt_mod, n_img_m, n_txt_m)
         else:
@@ -631,7 +653,7 @@ def is_patched(model_or_pipeline) -> bool:
 
 def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, verify: bool = False,
           qk_path: str = "auto", probe: bool = True, pack_qkv: bool = True, pack_mod: bool = True,
-          lookahead: bool = True) -> PatchReport:
+          lookahead: bool = True, dual_launch: bool = True) -> PatchReport:
     """Put every block of a diffusers ``QwenImageTransformer2DModel`` (or ``pipeline.transformer``) on
     fused ops, in place, per instance. Returns a :class:`PatchReport`.
 
@@ -649,8 +671,9 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
     ``txt_mod`` Linears (one modulation GEMV per block, SiLU(temb) once per forward; with
     "modulation", eager). ``lookahead``: inside an eager model forward, each block ends with one
     ``gate_residual_norm_scale_shift`` that also does the next block's norm1 + modulation (checked
-    per call: used only if the next block gets exactly those tensors). Patching twice re-patches
-    with the new options.
+    per call: used only if the next block gets exactly those tensors). ``dual_launch``: the image
+    and text streams' norm ops run as one ``dual_*`` launch each (same B, C, dtype). Patching twice
+    re-patches with the new options.
     """
     model = _resolve(model_or_pipeline)
     if hasattr(model, _ATTR):
@@ -665,7 +688,7 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
                          options=dict(ops=",".join(o for o in OPS if o in ops_set) or "none",
                                       attention_backend=attention_backend or "auto", qk_path=qk_path,
                                       verify=verify, pack_qkv=pack_qkv, pack_mod=pack_mod,
-                                      lookahead=lookahead))
+                                      lookahead=lookahead, dual_launch=dual_launch))
     if p.dtype not in _DTYPES:
         report.stock["model"] = f"dtype {p.dtype} not supported (fp32, bf16, fp16)"
         return report
@@ -686,6 +709,9 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
         report.stock["qk_path=joint"] = "projections are not plain nn.Linear (e.g. LoRA): using qk_path='cat'"
 
     st = _State(ops_set, qk_path, report, verify)
+    st.dual_launch = dual_launch
+    if "modulation" in ops_set and not dual_launch:
+        report.stock["dual_launch"] = "dual_launch=False: one launch per stream for each norm op"
     for i, block in ok_blocks:
         setattr(block, _ATTR, st)
         block.forward = types.MethodType(fused_block_forward, block)

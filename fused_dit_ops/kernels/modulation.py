@@ -185,16 +185,15 @@ def _modulate_rows(n, sel, scale_ptr, shift_ptr, b, B, stride_scale, stride_shif
 
 
 @triton.jit
-def _norm_scale_shift_kernel(
-    x_ptr, shift_ptr, scale_ptr, idx_ptr, w_ptr, bias_ptr, y_ptr,
+def _norm_scale_shift_rows(
+    pid_m, b, x_ptr, shift_ptr, scale_ptr, idx_ptr, w_ptr, bias_ptr, y_ptr,
     L, C, B, eps,
     stride_xb, stride_xl, stride_shift, stride_scale, stride_ib, stride_il,
     HAS_INDEX: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr, PARAM_GATHER: tl.constexpr,
     STREAM_STORES: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    """One program's rows of norm_scale_shift (row tile pid_m of batch b)."""
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     if PARAM_GATHER:
@@ -229,16 +228,53 @@ def _norm_scale_shift_kernel(
 
 
 @triton.jit
-def _gate_residual_norm_scale_shift_kernel(
-    r_ptr, u_ptr, gate_ptr, shift_ptr, scale_ptr, idx_ptr, r_out_ptr, y_ptr,
+def _norm_scale_shift_kernel(
+    x_ptr, shift_ptr, scale_ptr, idx_ptr, w_ptr, bias_ptr, y_ptr,
+    L, C, B, eps,
+    stride_xb, stride_xl, stride_shift, stride_scale, stride_ib, stride_il,
+    HAS_INDEX: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr, PARAM_GATHER: tl.constexpr,
+    STREAM_STORES: tl.constexpr,
+):
+    _norm_scale_shift_rows(tl.program_id(0), tl.program_id(1).to(tl.int64), x_ptr, shift_ptr, scale_ptr, idx_ptr,
+                           w_ptr, bias_ptr, y_ptr, L, C, B, eps, stride_xb, stride_xl, stride_shift, stride_scale,
+                           stride_ib, stride_il, HAS_INDEX, HAS_WEIGHT, HAS_BIAS, IS_RMS, BLOCK_M, BLOCK_C, ITERS,
+                           PARAM_GATHER, STREAM_STORES)
+
+
+@triton.jit
+def _dual_norm_scale_shift_kernel(
+    xa_ptr, sha_ptr, sca_ptr, ia_ptr, ya_ptr, La, eps_a, s_xab, s_xal, s_sha, s_sca, s_iab, s_ial,
+    xb_ptr, shb_ptr, scb_ptr, ib_ptr, yb_ptr, Lb, eps_b, s_xbb, s_xbl, s_shb, s_scb, s_ibb, s_ibl,
+    C, B, n_prog_a,
+    HAS_INDEX_A: tl.constexpr, HAS_INDEX_B: tl.constexpr, IS_RMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr, PARAM_GATHER: tl.constexpr,
+    STREAM_STORES: tl.constexpr,
+):
+    """Two streams (e.g. image and text) in one launch: the first n_prog_a row tiles of each
+    batch are stream a's, the rest stream b's. Saves a launch and the small stream's ramp."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if pid < n_prog_a:
+        _norm_scale_shift_rows(pid, b, xa_ptr, sha_ptr, sca_ptr, ia_ptr, xa_ptr, xa_ptr, ya_ptr, La, C, B, eps_a,
+                               s_xab, s_xal, s_sha, s_sca, s_iab, s_ial, HAS_INDEX_A, False, False, IS_RMS,
+                               BLOCK_M, BLOCK_C, ITERS, PARAM_GATHER, STREAM_STORES)
+    else:
+        _norm_scale_shift_rows(pid - n_prog_a, b, xb_ptr, shb_ptr, scb_ptr, ib_ptr, xb_ptr, xb_ptr, yb_ptr, Lb, C,
+                               B, eps_b, s_xbb, s_xbl, s_shb, s_scb, s_ibb, s_ibl, HAS_INDEX_B, False, False,
+                               IS_RMS, BLOCK_M, BLOCK_C, ITERS, PARAM_GATHER, STREAM_STORES)
+
+
+@triton.jit
+def _gate_residual_norm_scale_shift_rows(
+    pid_m, b, r_ptr, u_ptr, gate_ptr, shift_ptr, scale_ptr, idx_ptr, r_out_ptr, y_ptr,
     L, C, B, eps,
     stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_shift, stride_scale,
     stride_ib, stride_il,
     HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
     PARAM_GATHER: tl.constexpr, STREAM_STORES: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    """One program's rows of gate_residual_norm_scale_shift (row tile pid_m of batch b)."""
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     if PARAM_GATHER:
@@ -280,6 +316,46 @@ def _gate_residual_norm_scale_shift_kernel(
         y = _modulate_rows(n, sel, scale_ptr, shift_ptr, b, B, stride_scale, stride_shift, cols, mask,
                            sc0, sc1, sh0, sh1, HAS_INDEX, PARAM_GATHER)
         _store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask, STREAM_STORES)
+
+
+@triton.jit
+def _gate_residual_norm_scale_shift_kernel(
+    r_ptr, u_ptr, gate_ptr, shift_ptr, scale_ptr, idx_ptr, r_out_ptr, y_ptr,
+    L, C, B, eps,
+    stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_shift, stride_scale,
+    stride_ib, stride_il,
+    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
+    PARAM_GATHER: tl.constexpr, STREAM_STORES: tl.constexpr,
+):
+    _gate_residual_norm_scale_shift_rows(
+        tl.program_id(0), tl.program_id(1).to(tl.int64), r_ptr, u_ptr, gate_ptr, shift_ptr, scale_ptr, idx_ptr,
+        r_out_ptr, y_ptr, L, C, B, eps, stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_shift,
+        stride_scale, stride_ib, stride_il, HAS_INDEX, BLOCK_M, BLOCK_C, ITERS, PARAM_GATHER, STREAM_STORES)
+
+
+@triton.jit
+def _dual_gate_residual_norm_scale_shift_kernel(
+    ra_ptr, ua_ptr, ga_ptr, sha_ptr, sca_ptr, ia_ptr, roa_ptr, ya_ptr, La, eps_a,
+    s_rab, s_ral, s_uab, s_ual, s_ga, s_sha, s_sca, s_iab, s_ial,
+    rb_ptr, ub_ptr, gb_ptr, shb_ptr, scb_ptr, ib_ptr, rob_ptr, yb_ptr, Lb, eps_b,
+    s_rbb, s_rbl, s_ubb, s_ubl, s_gb, s_shb, s_scb, s_ibb, s_ibl,
+    C, B, n_prog_a,
+    HAS_INDEX_A: tl.constexpr, HAS_INDEX_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ITERS: tl.constexpr, PARAM_GATHER: tl.constexpr, STREAM_STORES: tl.constexpr,
+):
+    """Two streams in one launch (see _dual_norm_scale_shift_kernel)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if pid < n_prog_a:
+        _gate_residual_norm_scale_shift_rows(
+            pid, b, ra_ptr, ua_ptr, ga_ptr, sha_ptr, sca_ptr, ia_ptr, roa_ptr, ya_ptr, La, C, B, eps_a,
+            s_rab, s_ral, s_uab, s_ual, s_ga, s_sha, s_sca, s_iab, s_ial, HAS_INDEX_A, BLOCK_M, BLOCK_C, ITERS,
+            PARAM_GATHER, STREAM_STORES)
+    else:
+        _gate_residual_norm_scale_shift_rows(
+            pid - n_prog_a, b, rb_ptr, ub_ptr, gb_ptr, shb_ptr, scb_ptr, ib_ptr, rob_ptr, yb_ptr, Lb, C, B, eps_b,
+            s_rbb, s_rbl, s_ubb, s_ubl, s_gb, s_shb, s_scb, s_ibb, s_ibl, HAS_INDEX_B, BLOCK_M, BLOCK_C, ITERS,
+            PARAM_GATHER, STREAM_STORES)
 
 
 @triton.jit
@@ -418,3 +494,52 @@ def gate_residual(residual, update, gate, index=None, config=None):
                 gate.stride(0), sib, sil),
                (index is not None, bm, bc, iters, *extra), kw)
     return out
+
+
+def dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm="layer", config=None):
+    """norm_scale_shift (no weight/bias) of two streams with the same B, C and dtype, one launch."""
+    B, La, C = xa.shape
+    Lb = xb.shape[1]
+    ya = torch.empty((B, La, C), dtype=xa.dtype, device=xa.device)
+    yb = torch.empty((B, Lb, C), dtype=xb.dtype, device=xb.device)
+    if B == 0 or C == 0 or La + Lb == 0:
+        return ya, yb
+    bm, bc, iters, extra, kw = _split(config or _norm_config(C), norm=True)
+    n_a = triton.cdiv(La, bm * iters)
+    grid = (n_a + triton.cdiv(Lb, bm * iters), B)
+    i_a, s_iab, s_ial = _index_args(ia, xa)
+    i_b, s_ibb, s_ibl = _index_args(ib, xb)
+    with _device_guard(xa):
+        launch(_dual_norm_scale_shift_kernel, grid,
+               (xa, sha, sca, i_a, ya, La, float(eps_a), xa.stride(0), xa.stride(1), sha.stride(0), sca.stride(0),
+                s_iab, s_ial,
+                xb, shb, scb, i_b, yb, Lb, float(eps_b), xb.stride(0), xb.stride(1), shb.stride(0), scb.stride(0),
+                s_ibb, s_ibl, C, B, n_a),
+               (ia is not None, ib is not None, norm == "rms", bm, bc, iters, *extra), kw)
+    return ya, yb
+
+
+def dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b,
+                                        config=None):
+    """gate_residual_norm_scale_shift of two streams with the same B, C and dtype, one launch."""
+    B, La, C = ra.shape
+    Lb = rb.shape[1]
+    roa, ya = (torch.empty((B, La, C), dtype=ra.dtype, device=ra.device) for _ in range(2))
+    rob, yb = (torch.empty((B, Lb, C), dtype=rb.dtype, device=rb.device) for _ in range(2))
+    if B == 0 or C == 0 or La + Lb == 0:
+        return roa, ya, rob, yb
+    bm, bc, iters, extra, kw = _split(config or _norm_config(C), norm=True)
+    n_a = triton.cdiv(La, bm * iters)
+    grid = (n_a + triton.cdiv(Lb, bm * iters), B)
+    i_a, s_iab, s_ial = _index_args(ia, ra)
+    i_b, s_ibb, s_ibl = _index_args(ib, rb)
+    with _device_guard(ra):
+        launch(_dual_gate_residual_norm_scale_shift_kernel, grid,
+               (ra, ua, ga, sha, sca, i_a, roa, ya, La, float(eps_a),
+                ra.stride(0), ra.stride(1), ua.stride(0), ua.stride(1), ga.stride(0), sha.stride(0), sca.stride(0),
+                s_iab, s_ial,
+                rb, ub, gb, shb, scb, i_b, rob, yb, Lb, float(eps_b),
+                rb.stride(0), rb.stride(1), ub.stride(0), ub.stride(1), gb.stride(0), shb.stride(0), scb.stride(0),
+                s_ibb, s_ibl, C, B, n_a),
+               (ia is not None, ib is not None, bm, bc, iters, *extra), kw)
+    return roa, ya, rob, yb

@@ -10,8 +10,8 @@ import torch
 
 from .. import reference as ref
 from .._extension import has_cuda_kernel
-from .._validation import (check_activation, check_index, check_param, check_same_activation,
-                           check_vector, fail)
+from .._validation import (check_activation, check_index, check_like, check_param,
+                           check_same_activation, check_vector, fail)
 
 _NS = "fused_dit"
 
@@ -59,6 +59,42 @@ def _check_gate_residual_norm_scale_shift(residual, update, gate, shift, scale, 
         fail(op, f"'eps' must be > 0, got {eps}")
 
 
+def _check_dual_pair(op, a, b, a_name, b_name):
+    """The two streams of a dual op: same device, dtype, batch and channels (one launch, one config)."""
+    check_like(op, b_name, b, a_name, a)
+    if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
+        fail(op, f"'{b_name}' {list(b.shape)} and '{a_name}' {list(a.shape)} must have the same batch B and "
+                 f"channels C (only the lengths L may differ); call the single-stream op per stream instead")
+
+
+def _check_dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm):
+    op = "dual_norm_scale_shift"
+    for sfx, x, sh, sc, ix, eps in (("_a", xa, sha, sca, ia, eps_a), ("_b", xb, shb, scb, ib, eps_b)):
+        B, L, C = check_activation(op, "x" + sfx, x)
+        check_index(op, ix, B, L, "x" + sfx, x, name="index" + sfx)
+        for name, p in (("shift", sh), ("scale", sc)):
+            check_param(op, name + sfx, p, B, C, ix is not None, "x" + sfx, x, index_name="index" + sfx)
+        if not eps > 0:
+            fail(op, f"'eps{sfx}' must be > 0, got {eps}")
+    _check_dual_pair(op, xa, xb, "x_a", "x_b")
+    if norm not in ("layer", "rms"):
+        fail(op, f"'norm' must be 'layer' or 'rms', got {norm!r}")
+
+
+def _check_dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b):
+    op = "dual_gate_residual_norm_scale_shift"
+    for sfx, r, u, g, sh, sc, ix, eps in (("_a", ra, ua, ga, sha, sca, ia, eps_a),
+                                          ("_b", rb, ub, gb, shb, scb, ib, eps_b)):
+        B, L, C = check_activation(op, "residual" + sfx, r)
+        check_same_activation(op, "update" + sfx, u, "residual" + sfx, r)
+        check_index(op, ix, B, L, "residual" + sfx, r, name="index" + sfx)
+        for name, p in (("gate", g), ("shift", sh), ("scale", sc)):
+            check_param(op, name + sfx, p, B, C, ix is not None, "residual" + sfx, r, index_name="index" + sfx)
+        if not eps > 0:
+            fail(op, f"'eps{sfx}' must be > 0, got {eps}")
+    _check_dual_pair(op, ra, rb, "residual_a", "residual_b")
+
+
 # --- CUDA: Triton launchers (gate_residual: C++ kernel when fused_dit_ops._C is built) ---------
 
 @torch.library.impl(f"{_NS}::scale_shift_gate", "CUDA")
@@ -80,6 +116,20 @@ def _gate_residual_norm_scale_shift_cuda(residual, update, gate, shift, scale, i
     from ..kernels import modulation as k
     _check_gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
     return k.gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
+
+
+@torch.library.impl(f"{_NS}::dual_norm_scale_shift", "CUDA")
+def _dual_norm_scale_shift_cuda(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm="layer"):
+    from ..kernels import modulation as k
+    _check_dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
+    return k.dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
+
+
+@torch.library.impl(f"{_NS}::dual_gate_residual_norm_scale_shift", "CUDA")
+def _dual_gate_residual_norm_scale_shift_cuda(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b):
+    from ..kernels import modulation as k
+    _check_dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
+    return k.dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
 
 
 if not has_cuda_kernel("gate_residual"):
@@ -117,6 +167,20 @@ def _gate_residual_cpu(residual, update, gate, index=None):
     return ref.gate_residual(residual, update, gate, index)
 
 
+@torch.library.impl(f"{_NS}::dual_norm_scale_shift", "CPU")
+def _dual_norm_scale_shift_cpu(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm="layer"):
+    _check_dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
+    return (ref.norm_scale_shift(xa, sha, sca, ia, None, None, eps_a, norm),
+            ref.norm_scale_shift(xb, shb, scb, ib, None, None, eps_b, norm))
+
+
+@torch.library.impl(f"{_NS}::dual_gate_residual_norm_scale_shift", "CPU")
+def _dual_gate_residual_norm_scale_shift_cpu(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b):
+    _check_dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
+    return (*ref.gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a),
+            *ref.gate_residual_norm_scale_shift(rb, ub, gb, shb, scb, ib, eps_b))
+
+
 # --- fake (torch.compile / meta): shapes only, never data -------------------------------------------
 
 def _new(x):
@@ -147,6 +211,18 @@ def _gate_residual_fake(residual, update, gate, index=None):
     return _new(residual)
 
 
+@torch.library.register_fake(f"{_NS}::dual_norm_scale_shift")
+def _dual_norm_scale_shift_fake(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm="layer"):
+    _check_dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
+    return _new(xa), _new(xb)
+
+
+@torch.library.register_fake(f"{_NS}::dual_gate_residual_norm_scale_shift")
+def _dual_gate_residual_norm_scale_shift_fake(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b):
+    _check_dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
+    return _new(ra), _new(ra), _new(rb), _new(rb)
+
+
 # --- public Python API ------------------------------------------------------------------------------
 
 def scale_shift_gate(x, shift, scale, gate, index=None):
@@ -173,3 +249,20 @@ def gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index=N
 def gate_residual(residual, update, gate, index=None):
     """residual + gate_sel * update."""
     return torch.ops.fused_dit.gate_residual.default(residual, update, gate, index)
+
+
+def dual_norm_scale_shift(x_a, shift_a, scale_a, index_a, eps_a, x_b, shift_b, scale_b, index_b, eps_b,
+                          norm="layer"):
+    """(y_a, y_b): :func:`norm_scale_shift` (no weight/bias) of two streams in one launch, e.g. the
+    image and text streams of a dual-stream block. Same B, C and dtype; the lengths may differ."""
+    return torch.ops.fused_dit.dual_norm_scale_shift.default(x_a, shift_a, scale_a, index_a, eps_a, x_b, shift_b,
+                                                            scale_b, index_b, eps_b, norm)
+
+
+def dual_gate_residual_norm_scale_shift(residual_a, update_a, gate_a, shift_a, scale_a, index_a, eps_a,
+                                        residual_b, update_b, gate_b, shift_b, scale_b, index_b, eps_b):
+    """(residual_out_a, y_a, residual_out_b, y_b): :func:`gate_residual_norm_scale_shift` of two streams
+    in one launch. Same B, C and dtype; the lengths may differ."""
+    return torch.ops.fused_dit.dual_gate_residual_norm_scale_shift.default(
+        residual_a, update_a, gate_a, shift_a, scale_a, index_a, eps_a,
+        residual_b, update_b, gate_b, shift_b, scale_b, index_b, eps_b)
