@@ -58,7 +58,10 @@ def main():
     cond = make_qwen_inputs(model, txt_len=225, seed=1)
     uncond = make_qwen_inputs(model, txt_len=208, seed=2)
     uncond["hidden_states"] = cond["hidden_states"]
-    res = {"gpu": torch.cuda.get_device_name(), "layers": layers, "rows": []}
+    from fused_dit_ops.bench.harness import env_info
+    res = {"benchmark": "60-layer patched forward: wall time per config, kernel times per layer",
+           "tool": "tools/model_diag.py", "env": env_info(), "gpu": torch.cuda.get_device_name(),
+           "layers": layers, "rows": []}
     import fused_dit_ops as fdo
     configs = os.environ.get("CONFIGS", "patched").split(",")
     rounds = int(os.environ.get("ROUNDS", "1"))

@@ -5,8 +5,10 @@ What a patched ``QwenImageTransformer2DModel`` runs per block (both streams, dif
 1. ``img_mod`` / ``txt_mod``: with ``pack_mod`` (eager) one GEMV per block over the two Linears'
    weights packed into one matrix, on SiLU(temb) computed once per forward; else the stock modules.
    The result is chunked into six [rows, D] *views* per stream (no copies);
-2. norm1 + modulation: ``fused_dit.norm_scale_shift`` (image with the zero_cond_t index, text without);
-   the gate is never materialised, the later ops select it from the index;
+2. norm1 + modulation: ``fused_dit.norm_scale_shift`` (image with the zero_cond_t index, text without;
+   both in one ``dual_norm_scale_shift`` launch with ``dual_launch``), or nothing when the previous
+   block already did it (``lookahead``, below); the gate is never materialised, the later ops
+   select it from the index;
 3. attention (processor :class:`FusedQwenBlockAttnProcessor`, set per ``Attention`` module):
    - ``qk_path="joint"`` (eager default): the Q/K/V projections write straight into row slices
      of joint buffers (``torch.addmm(..., out=rows)``): with ``pack_qkv`` one GEMM per stream into
@@ -19,9 +21,12 @@ What a patched ``QwenImageTransformer2DModel`` runs per block (both streams, dif
      as modules, then ``qk_norm_rope_cat`` writes the joint q/k/v in one launch (3 + 3 reads + 3 writes);
    - ``fused_dit.attention`` on the joint [B, N, H, D] q/k/v (backend: ``attention_backend``), output
      split per stream as row views, ``to_out[0]`` / ``to_add_out``;
-4. ``gate_residual_norm_scale_shift``: h + gate1 * attn_out, LayerNorm, modulation, one op per stream;
+4. ``gate_residual_norm_scale_shift``: h + gate1 * attn_out, LayerNorm, modulation, per stream
+   (one ``dual_*`` launch for both with ``dual_launch``);
 5. MLP: on CUDA fc1 with GELU-tanh in the GEMM epilogue (``fused_mlp``), fc2; else the stock
-   ``FeedForward``; then ``gate_residual`` (h + gate2 * mlp_out);
+   ``FeedForward``; then ``gate_residual`` (h + gate2 * mlp_out), or, inside an eager model forward
+   with ``lookahead``, ``gate_residual_norm_scale_shift`` with the *next* block's norm1 modulation,
+   whose output that block picks up (only if it receives exactly these tensors, unmodified);
 6. fp16: the block clips both streams to +-65504 at the end, as diffusers does.
 
 Per-forward state: RoPE tables. ``pos_embed`` (called once per model forward) is wrapped to return
