@@ -56,6 +56,10 @@ def _time_ms(fn, device) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
 def _f64(t):
     return t.detach().to("cpu", torch.float64) if t.is_floating_point() else t.detach().cpu()
 
@@ -71,6 +75,16 @@ def cases(device: str, small: bool):
         args = _inputs(op, B, L, C, dtype, device)
         yield (f"{op} [{B},{L},{C}] bf16 index", lambda op=op, a=args: getattr(fdo, op)(*a),
                lambda op=op, a=args: _oracle(op, a), dtype)
+
+    # dual-stream ops: the image stream (with the index) and a text stream (without) in one launch
+    Lt_ = 208 if big else 16
+    for single in ("norm_scale_shift", "gate_residual_norm_scale_shift"):
+        a = _inputs(single, B, L, C, dtype, device)
+        b = _inputs(single, B, Lt_, C, dtype, device)
+        b = tuple(t[:B] if t is not None and t.dim() == 2 and t.shape[0] == 2 * B else t for t in b[:-1]) + (None,)
+        yield (f"dual_{single} [{B},{L}+{Lt_},{C}] bf16",
+               lambda s=single, a=a, b=b: getattr(fdo, "dual_" + s)(*a, 1e-6, *b, 1e-6),
+               lambda s=single, a=a, b=b: (*_as_tuple(_oracle(s, a)), *_as_tuple(_oracle(s, b))), dtype)
 
     g = torch.Generator(device="cpu").manual_seed(4321)
     H, D = (24, 128) if big else (4, 64)

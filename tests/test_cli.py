@@ -19,7 +19,7 @@ def test_check_passes_on_cpu(capsys):
     for op in ("scale_shift_gate", "norm_scale_shift", "gate_residual_norm_scale_shift", "gate_residual",
                "rope", "joint_qkv_cat", "qk_norm_rope_cat", "attention"):
         assert f"{op} " in out and "FAIL" not in out and "ERROR" not in out
-    assert "8 passed, 0 failed" in out
+    assert "10 passed, 0 failed" in out
 
 
 @pytest.mark.gpu
