@@ -428,6 +428,32 @@ def _grns_pair(dual, h, upd, gate, shift, scale, index, eps, e, t_upd, t_gate, t
     return h, m, e, tm
 
 
+def _lookahead_target(st: _State, block, h):
+    """The next block, if this block may do its norm1 + modulation: it still runs our fused forward
+    unwrapped and without hooks (an offloading or caching hook must see its own call first), and
+    its modulation weights are on h's device."""
+    nxt = st.next_block.get(id(block))
+    if nxt is None:
+        return None
+    if getattr(nxt.__dict__.get("forward"), "__func__", None) is not fused_block_forward:
+        return None
+    if (nxt._forward_pre_hooks or nxt._forward_hooks or hasattr(nxt, "_hf_hook")
+            or hasattr(nxt, "_diffusers_hook")):
+        return None
+    pk = st.packed_mod.get(id(nxt))
+    if pk is not None and pk.valid():
+        w = pk.weight
+    else:
+        mods = (nxt.img_mod, nxt.txt_mod)
+        if not all(isinstance(m, torch.nn.Sequential) and len(m) == 2 for m in mods):
+            return None
+        ws = [getattr(m[1], "weight", None) for m in mods]
+        if not all(isinstance(x, torch.Tensor) for x in ws) or ws[0].device != ws[1].device:
+            return None
+        w = ws[0]
+    return nxt if w.device == h.device else None
+
+
 def _mod_packable(block) -> bool:
     mods = (block.img_mod, block.txt_mod)
     return (all(type(m) is torch.nn.Sequential and len(m) == 2 and type(m[0]) is torch.nn.SiLU
@@ -480,7 +506,7 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidd
         img_y, txt_y = mlp(self.img_mlp, img_m2), mlp(self.txt_mlp, txt_m2)
         nxt = None
         if (not torch.compiler.is_compiling() and st.lookahead and hidden_states.dtype != torch.float16):
-            nxt = st.next_block.get(id(self))
+            nxt = _lookahead_target(st, self, hidden_states)
         if nxt is not None:
             # model-level fusion: the final gated residual + the next block's norm1 + modulation in
             # one pass (saves re-reading the new hidden states and one launch per stream). Not for
