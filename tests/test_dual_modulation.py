@@ -87,6 +87,27 @@ def test_bad_inputs_name_the_stream():
         fdo.dual_norm_scale_shift(*nargs[:5], *_dual_args(NSS, *n)[5:9], 0.0)
 
 
+def test_bad_dtype_device_stride_name_the_argument():
+    a, b = _streams(GRNS, 9, 4)
+    args = list(_dual_args(GRNS, a, b))
+    bad = list(args)
+    bad[7:12] = [t.half() for t in args[7:12]]  # stream b in fp16, stream a in fp32
+    with pytest.raises(FusedDitInputError, match="'residual_b' has dtype float16 but 'residual_a' has float32"):
+        fdo.dual_gate_residual_norm_scale_shift(*bad)
+    bad = list(args)
+    bad[1] = torch.randn(2, 96, 9).transpose(1, 2)  # update_a with a strided last dim
+    with pytest.raises(FusedDitInputError, match="'update_a' must have a contiguous last dimension"):
+        fdo.dual_gate_residual_norm_scale_shift(*bad)
+    n = list(_dual_args(NSS, *_streams(NSS, 9, 4)))
+    n[6] = n[6].long()  # shift_b int64
+    with pytest.raises(FusedDitInputError, match="'shift_b' must have dtype in"):
+        fdo.dual_norm_scale_shift(*n)
+    n = list(_dual_args(NSS, *_streams(NSS, 9, 4)))
+    n[5] = n[5].to("meta")  # x_b on another device than x_a (and its own params)
+    with pytest.raises(FusedDitInputError, match="'shift_b' is on cpu but 'x_b' is on meta"):
+        fdo.dual_norm_scale_shift(*n)
+
+
 @pytest.mark.interpret
 @pytest.mark.parametrize("op", [NSS, GRNS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -26,37 +26,40 @@ def _check_scale_shift_gate(x, shift, scale, gate, index):
         check_param(op, name, p, B, C, index is not None, "x", x)
 
 
-def _check_norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm):
-    op = "norm_scale_shift"
-    B, L, C = check_activation(op, "x", x)
-    check_index(op, index, B, L, "x", x)
+def _check_norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm, op="norm_scale_shift", sfx=""):
+    """``sfx``: the stream suffix of the dual op's argument names ("_a" / "_b")."""
+    xn, ixn = "x" + sfx, "index" + sfx
+    B, L, C = check_activation(op, xn, x)
+    check_index(op, index, B, L, xn, x, name=ixn)
     for name, p in (("shift", shift), ("scale", scale)):
-        check_param(op, name, p, B, C, index is not None, "x", x)
-    check_vector(op, "weight", weight, C, "x", x)
-    check_vector(op, "bias", bias, C, "x", x)
+        check_param(op, name + sfx, p, B, C, index is not None, xn, x, index_name=ixn)
+    check_vector(op, "weight", weight, C, xn, x)
+    check_vector(op, "bias", bias, C, xn, x)
     if norm not in ("layer", "rms"):
         fail(op, f"'norm' must be 'layer' or 'rms', got {norm!r}")
     if norm == "rms" and bias is not None:
         fail(op, "'bias' is only defined for norm='layer', got a bias with norm='rms'")
     if not eps > 0:
-        fail(op, f"'eps' must be > 0, got {eps}")
+        fail(op, f"'eps{sfx}' must be > 0, got {eps}")
 
 
-def _check_gate_residual(residual, update, gate, index, op="gate_residual"):
-    B, L, C = check_activation(op, "residual", residual)
-    check_same_activation(op, "update", update, "residual", residual)
-    check_index(op, index, B, L, "residual", residual)
-    check_param(op, "gate", gate, B, C, index is not None, "residual", residual)
+def _check_gate_residual(residual, update, gate, index, op="gate_residual", sfx=""):
+    rn, ixn = "residual" + sfx, "index" + sfx
+    B, L, C = check_activation(op, rn, residual)
+    check_same_activation(op, "update" + sfx, update, rn, residual)
+    check_index(op, index, B, L, rn, residual, name=ixn)
+    check_param(op, "gate" + sfx, gate, B, C, index is not None, rn, residual, index_name=ixn)
     return B, L, C
 
 
-def _check_gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps):
-    op = "gate_residual_norm_scale_shift"
-    B, L, C = _check_gate_residual(residual, update, gate, index, op)
+def _check_gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps,
+                                          op="gate_residual_norm_scale_shift", sfx=""):
+    B, L, C = _check_gate_residual(residual, update, gate, index, op, sfx)
     for name, p in (("shift", shift), ("scale", scale)):
-        check_param(op, name, p, B, C, index is not None, "residual", residual)
+        check_param(op, name + sfx, p, B, C, index is not None, "residual" + sfx, residual,
+                    index_name="index" + sfx)
     if not eps > 0:
-        fail(op, f"'eps' must be > 0, got {eps}")
+        fail(op, f"'eps{sfx}' must be > 0, got {eps}")
 
 
 def _check_dual_pair(op, a, b, a_name, b_name):
@@ -69,29 +72,15 @@ def _check_dual_pair(op, a, b, a_name, b_name):
 
 def _check_dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm):
     op = "dual_norm_scale_shift"
-    for sfx, x, sh, sc, ix, eps in (("_a", xa, sha, sca, ia, eps_a), ("_b", xb, shb, scb, ib, eps_b)):
-        B, L, C = check_activation(op, "x" + sfx, x)
-        check_index(op, ix, B, L, "x" + sfx, x, name="index" + sfx)
-        for name, p in (("shift", sh), ("scale", sc)):
-            check_param(op, name + sfx, p, B, C, ix is not None, "x" + sfx, x, index_name="index" + sfx)
-        if not eps > 0:
-            fail(op, f"'eps{sfx}' must be > 0, got {eps}")
+    _check_norm_scale_shift(xa, sha, sca, ia, None, None, eps_a, norm, op, "_a")
+    _check_norm_scale_shift(xb, shb, scb, ib, None, None, eps_b, norm, op, "_b")
     _check_dual_pair(op, xa, xb, "x_a", "x_b")
-    if norm not in ("layer", "rms"):
-        fail(op, f"'norm' must be 'layer' or 'rms', got {norm!r}")
 
 
 def _check_dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b):
     op = "dual_gate_residual_norm_scale_shift"
-    for sfx, r, u, g, sh, sc, ix, eps in (("_a", ra, ua, ga, sha, sca, ia, eps_a),
-                                          ("_b", rb, ub, gb, shb, scb, ib, eps_b)):
-        B, L, C = check_activation(op, "residual" + sfx, r)
-        check_same_activation(op, "update" + sfx, u, "residual" + sfx, r)
-        check_index(op, ix, B, L, "residual" + sfx, r, name="index" + sfx)
-        for name, p in (("gate", g), ("shift", sh), ("scale", sc)):
-            check_param(op, name + sfx, p, B, C, ix is not None, "residual" + sfx, r, index_name="index" + sfx)
-        if not eps > 0:
-            fail(op, f"'eps{sfx}' must be > 0, got {eps}")
+    _check_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, op, "_a")
+    _check_gate_residual_norm_scale_shift(rb, ub, gb, shb, scb, ib, eps_b, op, "_b")
     _check_dual_pair(op, ra, rb, "residual_a", "residual_b")
 
 
