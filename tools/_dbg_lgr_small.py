@@ -1,0 +1,11 @@
+import torch, fused_dit_ops as fdo
+x=torch.randn(1,64,64,device='cuda',dtype=torch.bfloat16)
+w=torch.randn(32,64,device='cuda',dtype=torch.bfloat16)
+b=torch.randn(32,device='cuda',dtype=torch.bfloat16)
+r=torch.randn(1,64,32,device='cuda',dtype=torch.bfloat16)
+g=torch.randn(1,32,device='cuda',dtype=torch.bfloat16)
+print("calling", flush=True)
+o=fdo.linear_gate_residual(x,w,None,r,g,None); torch.cuda.synchronize(); print("nobias ok", flush=True)
+o=fdo.linear_gate_residual(x,w,b,r,g,None); torch.cuda.synchronize(); print("bias ok", flush=True)
+ref=fdo.reference.linear_gate_residual(x.float(),w.float(),b.float(),r.float(),g.float())
+print((o.float()-ref).abs().max())
