@@ -55,7 +55,6 @@ def _ext_modules():
         name="fused_dit_ops._C",
         sources=_sources(),
         include_dirs=[str(ROOT / "csrc")],
-        libraries=["cublasLt"],  # linear_gate_residual's GEMM (torch itself loads the same library)
         extra_compile_args={"cxx": ["-O3", "-std=c++17"],
                             "nvcc": ["-O3", "-std=c++17", *gencode]},
     )

@@ -9,7 +9,6 @@ from ._validation import FusedDitInputError
 from .ops.modulation import (dual_gate_residual_norm_scale_shift, dual_norm_scale_shift, gate_residual,
                              gate_residual_norm_scale_shift, norm_scale_shift, scale_shift_gate)
 from .ops.attention import attention
-from .ops.gated_linear import index_split_from_index, linear_gate_residual
 from .attention_dispatch import (AttentionBackendError, AttentionFallbackWarning, attention_backend,
                                  attention_backends, warmup_attention)
 from .ops.rope import joint_qk_norm_rope_, joint_qkv_cat, qk_norm_rope_cat, rope, warmup_rope
@@ -26,8 +25,6 @@ __all__ = [
     "gate_residual",
     "dual_norm_scale_shift",
     "dual_gate_residual_norm_scale_shift",
-    "linear_gate_residual",
-    "index_split_from_index",
     "attention",
     "attention_backend",
     "attention_backends",

@@ -17,9 +17,6 @@ SCHEMAS: dict[str, str] = {
     "gate_residual_norm_scale_shift": "(Tensor residual, Tensor update, Tensor gate, Tensor shift,"
     " Tensor scale, Tensor? index=None, float eps=1e-06) -> (Tensor, Tensor)",
     "gate_residual": "(Tensor residual, Tensor update, Tensor gate, Tensor? index=None) -> Tensor",
-    # projection + gated residual in one GEMM (cuBLASLt epilogue); zero_cond_t index as split points
-    "linear_gate_residual": "(Tensor x, Tensor weight, Tensor? bias, Tensor residual, Tensor gate,"
-    " int[]? index_split=None) -> Tensor",
     # two streams (image + text of a dual-stream block) in one launch; same B, C and dtype
     "dual_norm_scale_shift": "(Tensor x_a, Tensor shift_a, Tensor scale_a, Tensor? index_a, float eps_a,"
     " Tensor x_b, Tensor shift_b, Tensor scale_b, Tensor? index_b, float eps_b, str norm=\"layer\")"

@@ -62,25 +62,6 @@ def gate_residual(residual, update, gate, index=None):
     return out.to(residual.dtype).contiguous()
 
 
-def index_from_split(index_split, L: int, device=None) -> torch.Tensor:
-    """The zero_cond_t index [B, L] (int32) that ``index_split`` describes: row l of sample b has
-    index 0 if l < index_split[b], else 1 (diffusers: [0] * prod(target) + [1] * rest)."""
-    s = torch.as_tensor(list(index_split), dtype=torch.int64, device=device).unsqueeze(1)
-    return (torch.arange(L, device=device).unsqueeze(0) >= s).to(torch.int32)
-
-
-def linear_gate_residual(x, weight, bias, residual, gate, index_split=None):
-    """residual + gate_sel * (x @ weight^T + bias), the projection kept in fp32 (no rounding before
-    the gate). ``gate``: [B, N]; or [2B, N] with ``index_split`` (see :func:`index_from_split`)."""
-    ct = _compute_dtype(residual.dtype)
-    y = x.to(ct) @ weight.to(ct).t()
-    if bias is not None:
-        y = y + bias.to(ct)
-    index = None if index_split is None else index_from_split(index_split, x.shape[1], x.device)
-    out = residual.to(ct) + select_params(gate, index).to(ct) * y
-    return out.to(residual.dtype).contiguous()
-
-
 def gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index=None, eps=1e-6,
                                    residual_dtype: torch.dtype | None = None):
     """residual_out = residual + gate_sel * update; y = LayerNorm(residual_out) * (1 + scale) + shift.

@@ -2,4 +2,3 @@
 from . import modulation  # noqa: F401
 from . import attention  # noqa: F401
 from . import rope  # noqa: F401
-from . import gated_linear  # noqa: F401
