@@ -133,7 +133,7 @@ def run_demo(device=None, layers=None, config="edit-2511", img_tokens=None, txt_
             torch._dynamo.reset()
             uncompile_blocks(model)
             if patched and report is None:
-                report = patch(model, attention_backend=attention_backend)
+                report = patch(model, attention_backend=attention_backend, reuse_mod=False)  # one forward, repeated
             if compiled:
                 compile_blocks(model, fullgraph=True, backend=compile_backend)
 

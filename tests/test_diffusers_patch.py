@@ -244,6 +244,71 @@ def test_prenorm_used_only_for_the_same_unmodified_inputs(tiny):
     assert st.report.runtime["look-ahead norm1 unused (block inputs changed between blocks)"] == 3
 
 
+def _count_mod_gemvs(monkeypatch, st):
+    """Counts F.linear calls on the packed img_mod|txt_mod weights."""
+    calls = []
+    real = torch.nn.functional.linear
+
+    def linear(x, w, b=None):
+        if any(w is pk.weight for pk in st.packed_mod.values()):
+            calls.append(1)
+        return real(x, w, b)
+
+    monkeypatch.setattr(dq.F, "linear", linear)
+    return calls
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("zero_cond_t", [True, False])
+def test_mod_reuse_across_cfg_forwards(monkeypatch, zero_cond_t, device):
+    tol = CPU_FP32_REL if device == "cpu" else 1e-4  # CUDA: Triton / cuBLAS reduction orders
+    m = build_qwen_image_transformer("tiny", zero_cond_t=zero_cond_t, seed=6, device=device)
+    n = len(m.transformer_blocks)
+    cond = make_qwen_inputs(m, seed=20, txt_len=9)
+    uncond = make_qwen_inputs(m, seed=21, txt_len=7)  # same timestep, another prompt
+    other_t = make_qwen_inputs(m, seed=21, txt_len=7, timestep=0.3)
+    refs = [_run(m, kw) for kw in (cond, uncond, other_t)]
+    report = fdo.patch(m)
+    assert any("reused by the next forward" in s for s in report.swapped), report
+    st = m._fused_dit_state
+    calls = _count_mod_gemvs(monkeypatch, st)
+    for kw, ref, want_calls in ((cond, refs[0], n), (uncond, refs[1], 0), (other_t, refs[2], n),
+                                (other_t, refs[2], 0)):
+        calls.clear()
+        assert rel_err(_run(m, kw), ref) < tol
+        assert len(calls) == want_calls
+    # an in-place weight update between two forwards with the same temb is seen (version counter)
+    with torch.no_grad():
+        m.transformer_blocks[1].img_mod[1].weight.mul_(0.5)
+    fdo.patch(m, reuse_mod=False)
+    ref_changed = _run(m, other_t)
+    fdo.patch(m)
+    st = m._fused_dit_state
+    calls = _count_mod_gemvs(monkeypatch, st)
+    _run(m, other_t)
+    with torch.no_grad():
+        m.transformer_blocks[1].img_mod[1].weight.mul_(2.0)
+        m.transformer_blocks[1].img_mod[1].weight.mul_(0.5)
+    calls.clear()
+    torch.testing.assert_close(_run(m, other_t), ref_changed, rtol=tol, atol=tol)
+    assert len(calls) == 1  # only the block whose weight changed
+    # off: every forward computes its own
+    fdo.patch(m, reuse_mod=False)
+    st = m._fused_dit_state
+    calls = _count_mod_gemvs(monkeypatch, st)
+    _run(m, other_t)
+    _run(m, other_t)
+    assert len(calls) == 2 * n and not st.mod_cache
+    # a block called on its own never uses or fills the cache; unpatch drops it
+    fdo.patch(m)
+    st = m._fused_dit_state
+    assert dq._probe(m, m.transformer_blocks[0]) is None and not st.mod_cache
+    _run(m, cond)
+    assert len(st.mod_cache) == n and st._mod_hit is None  # the per-forward decision is dropped
+    fdo.unpatch(m)
+    assert not st.mod_cache and st.mod_cache_temb is None
+
+
 def test_silu_once_per_forward_cache():
     st = dq._State(set(dq.OPS), "auto", dq.PatchReport(), False)
     t = torch.randn(2, 8)

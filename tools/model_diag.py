@@ -70,7 +70,8 @@ def main():
             if cfg != "stock":
                 flags = set(cfg.split("-")[1:])
                 fdo.patch(model, pack_qkv="nopack" not in flags, pack_mod="nomod" not in flags,
-                          lookahead="nolook" not in flags, dual_launch="nodual" not in flags)
+                          lookahead="nolook" not in flags, dual_launch="nodual" not in flags,
+                          reuse_mod="reuse" in flags)  # inputs repeat: reuse would skip every GEMV
             try:
                 with torch.no_grad():
                     for _ in range(2):

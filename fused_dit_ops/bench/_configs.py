@@ -72,13 +72,18 @@ def uncompile(model) -> None:
     torch._dynamo.reset()
 
 
-def apply(model, name: str, *, fullgraph: bool = True) -> dict:
-    """Put ``model`` into configuration ``name`` (in place). Returns a small info dict."""
+def apply(model, name: str, *, fullgraph: bool = True, reuse_mod: bool = False) -> dict:
+    """Put ``model`` into configuration ``name`` (in place). Returns a small info dict.
+
+    ``reuse_mod`` (patched): let a forward reuse the previous forward's modulation GEMVs when the
+    temb is equal. Off by default: callers that repeat one identical forward (demo, profile) would
+    otherwise time a forward without its GEMVs; ``bench model``, whose steps have their own
+    timesteps as a sampler's do, turns it on (cond computes, uncond reuses)."""
     name = normalize(name)
     info: dict = {"config": name}
     if is_patched(name):
         patch, _ = _patch_api()
-        report = patch(model)
+        report = patch(model, reuse_mod=reuse_mod)
         info["patch"] = str(report)
     if is_compiled(name):
         info["compile"] = compile_blocks(model, fullgraph=fullgraph)

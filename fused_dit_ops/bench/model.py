@@ -11,9 +11,12 @@ each provider is applied to it in place and undone afterwards (no second copy of
 
 A CFG step is two forwards, as the Edit pipeline runs them: the conditional one (text length
 225 by default) and the unconditional one (208), each at the Edit image shape (target + reference,
-4096 + 4096 tokens, zero_cond_t). Each provider: ``--warmup`` steps (compilation happens here;
-with two text lengths the compiled block is specialised once per length unless ``--dynamic``),
-then ``--steps`` timed steps (CUDA events). Reported: ms per forward (cond, uncond, mean), s per
+4096 + 4096 tokens, zero_cond_t). As in a sampler, every step has its own timestep (a
+descending schedule), shared by its two forwards: work that depends only on the timestep may be
+reused within a step, never across steps (``patch``'s ``reuse_mod``: the uncond forward reuses
+the cond forward's modulation GEMVs). Each provider: ``--warmup`` steps (compilation happens
+here; with two text lengths the compiled block is specialised once per length unless
+``--dynamic``), then ``--steps`` timed steps (CUDA events). Reported: ms per forward (cond, uncond, mean), s per
 CFG step, speedup over stock eager, warm-up seconds, and the output's max relative difference
 from stock eager. Targets on an H100: forward <= 265 ms, i.e. <= 0.53 s per CFG step (published
 best 0.63 s). ``--providers`` picks a subset (each compile provider costs a few minutes of
@@ -63,21 +66,25 @@ def run_provider(model, cond: dict, uncond: dict, provider: str, device: str, *,
     ctx = contextlib.nullcontext()
     if _configs.is_compiled(name) and not dynamic:
         ctx = torch._dynamo.config.patch(automatic_dynamic_shapes=False)
-    info = _configs.apply(model, name)
+    info = _configs.apply(model, name, reuse_mod=True)
+    # one timestep per step (descending, as a sampler's), the same tensor for cond and uncond
+    t0v = float(cond["timestep"].flatten()[0])
+    ts = [torch.full_like(cond["timestep"], t0v * (1 - 0.9 * i / (warmup + steps))) for i in range(warmup + steps)]
+    step_kw = [(dict(cond, timestep=t), dict(uncond, timestep=t)) for t in ts]
     try:
         with ctx, torch.no_grad():
             t0 = time.perf_counter()
-            for _ in range(warmup):
-                model(**cond)
-                model(**uncond)
+            for kc, ku in step_kw[:warmup]:
+                model(**kc)
+                model(**ku)
             _configs.synchronize(device)
             warm_s = time.perf_counter() - t0
             marks = []
-            for _ in range(steps):
+            for kc, ku in step_kw[warmup:]:
                 a = timer.mark()
-                model(**cond)
+                model(**kc)
                 b = timer.mark()
-                model(**uncond)
+                model(**ku)
                 c = timer.mark()
                 marks.append((a, b, c))
             _configs.synchronize(device)

@@ -4,6 +4,8 @@ What a patched ``QwenImageTransformer2DModel`` runs per block (both streams, dif
 
 1. ``img_mod`` / ``txt_mod``: with ``pack_mod`` (eager) one GEMV per block over the two Linears'
    weights packed into one matrix, on SiLU(temb) computed once per forward; else the stock modules.
+   With ``reuse_mod``, a model forward whose temb equals the previous forward's (CFG: cond and
+   uncond share the timestep) reuses the GEMV outputs instead (one ``torch.equal`` sync per forward);
    The result is chunked into six [rows, D] *views* per stream (no copies);
 2. norm1 + modulation: ``fused_dit.norm_scale_shift`` (image with the zero_cond_t index, text without;
    both in one ``dual_norm_scale_shift`` launch with ``dual_launch``), or nothing when the previous
@@ -154,6 +156,11 @@ class _State:
         self.lookahead = False  # True inside an eager patched model forward
         self.prenorm = None  # _Prenorm left by the previous block for the next one
         self.dual_launch = True  # image + text modulation ops in one launch (dual_* ops)
+        self.in_forward = False  # True inside an eager patched model forward
+        self.reuse_mod = True  # reuse the packed modulation GEMVs' outputs across forwards (equal temb)
+        self.mod_cache: dict = {}  # id(block) -> (packed GEMV output, its weight/bias versions)
+        self.mod_cache_temb = None  # the temb (a copy) those outputs were computed from
+        self._mod_hit = None  # (temb, temb._version, hit) decided once per forward
 
     @contextlib.contextmanager
     def stock(self):
@@ -186,6 +193,50 @@ class _State:
         out = F.silu(temb)
         self._silu = (temb, temb._version, out)
         return out
+
+    def _reuse_decision(self, temb) -> bool:
+        """Inside an eager model forward: does ``temb`` equal the temb of the cached modulation
+        outputs? Decided once per forward (every block gets the same temb object) with one device
+        sync; never while a CUDA graph is being captured. On a miss the cache is restarted for
+        this temb."""
+        d = self._mod_hit
+        if d is not None and d[0] is temb and d[1] == temb._version:
+            return d[2]
+        if temb.is_cuda and torch.cuda.is_current_stream_capturing():
+            self._mod_hit = (temb, temb._version, False)
+            return False
+        c = self.mod_cache_temb
+        hit = (c is not None and c.shape == temb.shape and c.dtype == temb.dtype and c.device == temb.device
+               and torch.equal(c, temb))
+        if not hit:
+            self.mod_cache.clear()
+            self.mod_cache_temb = temb.detach().clone()
+        self._mod_hit = (temb, temb._version, hit)
+        return hit
+
+    def cached_mod(self, block, pk, temb):
+        """The packed modulation GEMV output of ``block`` for this temb, computed by an earlier
+        forward (CFG: the cond and uncond forwards of a step share the timestep, so the second
+        forward's 60 GEMVs, 226 MB of weights each, are redundant); None when it must be computed."""
+        if not (self.in_forward and self.reuse_mod) or torch.compiler.is_compiling():
+            return None
+        if not self._reuse_decision(temb):
+            return None
+        e = self.mod_cache.get(id(block))
+        if e is None or e[1] != pk.versions():
+            return None
+        return e[0]
+
+    def store_mod(self, block, pk, temb, both):
+        d = self._mod_hit
+        if (self.in_forward and self.reuse_mod and d is not None and d[0] is temb
+                and not torch.compiler.is_compiling()):
+            self.mod_cache[id(block)] = (both, pk.versions())
+
+    def clear_mod_cache(self):
+        self.mod_cache.clear()
+        self.mod_cache_temb = None
+        self._mod_hit = None
 
 
 class _Prenorm:
@@ -255,6 +306,11 @@ class _PackedLinears:
 
     def valid(self) -> bool:
         return self._current_ptrs() == self._ptrs
+
+    def versions(self) -> tuple:
+        """The parameters' version counters: in-place writes through them (``load_state_dict``,
+        ``param.mul_`` under no_grad) bump these; writes through ``.data`` do not."""
+        return tuple((l_.weight._version, l_.bias._version if l_.bias is not None else 0) for l_ in self.lins)
 
     def unpack(self):
         """Give each module back its own storage (values unchanged), if still our views."""
@@ -400,7 +456,10 @@ def _modulation_params(block, st: _State, temb):
     pk = None if torch.compiler.is_compiling() else st.packed_mod.get(id(block))
     if pk is not None:
         if pk.valid():
-            both = F.linear(st.silu(temb), pk.weight, pk.bias)
+            both = st.cached_mod(block, pk, temb)
+            if both is None:
+                both = F.linear(st.silu(temb), pk.weight, pk.bias)
+                st.store_mod(block, pk, temb, both)
             txt_rows = temb.shape[0] // 2 if block.zero_cond_t else temb.shape[0]
             return both[:, :pk.n], both[:txt_rows, pk.n:]
         st.count("packed img_mod/txt_mod stale (parameters replaced): separate GEMVs")
@@ -609,13 +668,14 @@ def _model_forward(self, *args, **kwargs):
         st.report.verify = verify_stats(_first_tensor(out), ref)
         log.warning("fused_dit_ops.patch verify: %s", st.report.verify)
         return out
-    if st.mode_stock or torch.compiler.is_compiling() or not st.next_block:
+    if st.mode_stock or torch.compiler.is_compiling():
         return st.orig_model_forward(*args, **kwargs)
-    st.lookahead, st.prenorm = True, None
+    st.in_forward, st.lookahead, st.prenorm = True, bool(st.next_block), None
     try:
         return st.orig_model_forward(*args, **kwargs)
     finally:
-        st.lookahead, st.prenorm = False, None  # never hold a block's activations past the forward
+        # never hold a block's activations past the forward; the modulation cache (small) stays
+        st.in_forward, st.lookahead, st.prenorm, st._mod_hit = False, False, None, None
 
 
 def verify_stats(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -684,7 +744,7 @@ def is_patched(model_or_pipeline) -> bool:
 
 def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, verify: bool = False,
           qk_path: str = "auto", probe: bool = True, pack_qkv: bool = True, pack_mod: bool = True,
-          lookahead: bool = True, dual_launch: bool = True) -> PatchReport:
+          lookahead: bool = True, dual_launch: bool = True, reuse_mod: bool = True) -> PatchReport:
     """Put every block of a diffusers ``QwenImageTransformer2DModel`` (or ``pipeline.transformer``) on
     fused ops, in place, per instance. Returns a :class:`PatchReport`.
 
@@ -703,8 +763,12 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
     "modulation", eager). ``lookahead``: inside an eager model forward, each block ends with one
     ``gate_residual_norm_scale_shift`` that also does the next block's norm1 + modulation (checked
     per call: used only if the next block gets exactly those tensors). ``dual_launch``: the image
-    and text streams' norm ops run as one ``dual_*`` launch each (same B, C, dtype). Patching twice
-    re-patches with the new options.
+    and text streams' norm ops run as one ``dual_*`` launch each (same B, C, dtype). ``reuse_mod``
+    (with ``pack_mod``, eager model forwards): keep every block's modulation GEMV output and reuse
+    it in the next forward whose temb is equal (CFG's cond and uncond forwards share the timestep),
+    checked with one device sync per forward and against the mod parameters' version counters
+    (writes through ``.data`` are not seen: re-patch after those). Patching twice re-patches with
+    the new options.
     """
     model = _resolve(model_or_pipeline)
     if hasattr(model, _ATTR):
@@ -719,7 +783,7 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
                          options=dict(ops=",".join(o for o in OPS if o in ops_set) or "none",
                                       attention_backend=attention_backend or "auto", qk_path=qk_path,
                                       verify=verify, pack_qkv=pack_qkv, pack_mod=pack_mod,
-                                      lookahead=lookahead, dual_launch=dual_launch))
+                                      lookahead=lookahead, dual_launch=dual_launch, reuse_mod=reuse_mod))
     if p.dtype not in _DTYPES:
         report.stock["model"] = f"dtype {p.dtype} not supported (fp32, bf16, fp16)"
         return report
@@ -741,6 +805,7 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
 
     st = _State(ops_set, qk_path, report, verify)
     st.dual_launch = dual_launch
+    st.reuse_mod = reuse_mod
     if "modulation" in ops_set and not dual_launch:
         report.stock["dual_launch"] = "dual_launch=False: one launch per stream for each norm op"
     for i, block in ok_blocks:
@@ -793,6 +858,11 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
             if n_packed:
                 report.swapped.append(f"img_mod/txt_mod packed: one modulation GEMV per block, SiLU(temb) "
                                       f"once per forward ({n_packed} blocks)")
+                if reuse_mod:
+                    report.swapped.append("modulation GEMV outputs reused by the next forward with an equal temb "
+                                          "(CFG cond/uncond; eager model forward, one device sync per forward)")
+                else:
+                    report.stock["reuse_mod"] = "reuse_mod=False: every forward runs its modulation GEMVs"
             if n_packed < len(ok_blocks):
                 report.stock["pack_mod"] = (f"{len(ok_blocks) - n_packed} blocks: img_mod/txt_mod not packable "
                                             "(not SiLU + plain nn.Linear, hooks, or mixed shapes/dtypes)")
@@ -872,6 +942,7 @@ def unpatch(model_or_pipeline) -> bool:
         pk.unpack()
     st.packed_mod.clear()
     st._silu = None
+    st.clear_mod_cache()
     st.next_block.clear()
     st.prenorm = None
     for block in st.patched_blocks:
