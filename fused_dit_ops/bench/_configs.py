@@ -30,11 +30,11 @@ def normalize(name: str) -> str:
 
 
 def is_patched(name: str) -> bool:
-    return normalize(name).startswith("patched")
+    return normalize(name.partition("+")[0]).startswith("patched")
 
 
 def is_compiled(name: str) -> bool:
-    return normalize(name).endswith("compile")
+    return normalize(name.partition("+")[0]).endswith("compile")
 
 
 def _patch_api():
@@ -142,7 +142,7 @@ def parse_providers(spec: str, who: str) -> list[str]:
     import sys
     providers = [p.strip() for p in spec.split(",") if p.strip()]
     for p in providers:
-        normalize(p)
+        normalize(p.partition("+")[0])  # "+modifier": see the tool's --providers help
     if any(is_patched(p) for p in providers) and not patch_available():
         print(f"{who}: fused_dit_ops.patch() is not available; dropping the patched providers", file=sys.stderr)
         providers = [p for p in providers if not is_patched(p)]
