@@ -222,6 +222,8 @@ def test_configs_normalize():
     assert _configs.normalize("Patched_Compile") == "patched-compile"
     with pytest.raises(ValueError):
         _configs.normalize("fast")
+    assert _configs.is_patched("patched-eager+noreuse") and not _configs.is_compiled("patched-eager+noreuse")
+    assert _configs.parse_providers("stock,patched-eager+noreuse", "t") == ["stock", "patched-eager+noreuse"]
 
 
 def test_bench_registered():
@@ -258,13 +260,14 @@ def test_bench_block_tiny_cpu(tmp_path):
 
 def test_bench_model_tiny_cpu(tmp_path):
     from fused_dit_ops.bench import model
-    rc = model.main(["--device", "cpu", "--tiny", "--providers", "stock-eager,stock-compile,patched-eager",
+    rc = model.main(["--device", "cpu", "--tiny", "--providers",
+                     "stock-eager,stock-compile,patched-eager,patched-eager+noreuse",
                      "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
     assert rc == 0
     (path,) = tmp_path.glob("model-tiny-*.json")
     doc = json.loads(path.read_text())
     rows = {r["provider"]: r for r in doc["rows"]}
-    assert set(rows) == {"stock-eager", "stock-compile", "patched-eager"}
+    assert set(rows) == {"stock-eager", "stock-compile", "patched-eager", "patched-eager+noreuse"}
     for r in rows.values():
         assert "error" not in r, r
         assert r["ms_cond"] > 0 and r["ms_uncond"] > 0
