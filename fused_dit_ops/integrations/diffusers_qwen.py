@@ -39,8 +39,13 @@ the stock model forward once per forward. Joint q/k/v buffers are allocated insi
 caching allocator makes that free, while buffers passed into a compiled block would be mutated graph
 inputs (copied back by AOTAutograd and excluded from CUDA graphs).
 
+Weights are used directly (packed GEMMs, ``out=`` GEMMs, the fc1 GELU epilogue) only for bare
+``nn.Linear`` modules without hooks, checked on every call: a module wrapped or replaced after
+patching (a LoRA adapter, a quantized Linear) is called as a module, and parameters replaced by
+``model.to(...)`` are re-packed (:class:`_PackedLinears`).
+
 Falls back to stock (counted in ``report.runtime``) for a call with a padded text mask; an all-ones
-mask is dropped (identical math). Patch-time fallbacks (in ``report.stock``): unsupported dtype,
+mask is dropped (identical math); a model moved to a dtype the ops do not take runs stock. Patch-time fallbacks (in ``report.stock``): unsupported dtype,
 a block whose processor is not diffusers' ``QwenDoubleStreamAttnProcessor2_0``, QK norms without
 weights, or a probe of the fused block that raised ``FusedDitInputError``.
 
@@ -268,64 +273,145 @@ def as_rope_tables(image_rotary_emb):
     return tuple(cos_sin_from_complex(f) for f in image_rotary_emb)
 
 
+def _plain_linear(m) -> bool:
+    """A bare ``nn.Linear`` without hooks: its output is exactly x @ W.T + b, so its parameters may be
+    used directly (in a packed GEMM, an ``out=`` GEMM or a GEMM epilogue). Anything else (a LoRA /
+    adapter wrapper such as PEFT's, a quantized or hooked Linear) must be called as a module."""
+    return type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+
+
+def _no_hooks(*mods) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in mods)
+
+
 class _PackedLinears:
     """Same-shape Linear weights packed into one [k*n, in] matrix (and [k*n] bias), so that k
     projections of one input run as one GEMM: a stream's q/k/v (the text stream's three small-M GEMMs
     are weight-bandwidth bound and under-fill the GPU one by one), or a block's img_mod + txt_mod
-    (two M <= 2 GEMVs that read 113 MB of weights each). The modules keep their Parameters; each parameter's
-    ``.data`` becomes a row view of the packed storage (no second copy of the weights), so
-    ``load_state_dict`` keeps writing through. :meth:`valid` re-checks the views before every use
-    (``model.to(...)`` or a LoRA fuse replaces ``.data``): a stale pack is never used."""
+    (two M <= 2 GEMVs that read 113 MB of weights each).
 
-    def __init__(self, lins):
-        ws = [l_.weight for l_ in lins]
-        self.weight = torch.cat([w.detach() for w in ws], 0)
-        has_b = lins[0].bias is not None
-        self.bias = torch.cat([l_.bias.detach() for l_ in lins], 0) if has_b else None
-        n = ws[0].shape[0]
-        for j, l_ in enumerate(lins):
-            l_.weight.data = self.weight[j * n:(j + 1) * n]
-            if has_b:
-                l_.bias.data = self.bias[j * n:(j + 1) * n]
-        self.lins = lins
-        self.n = n
-        self._ptrs = self._current_ptrs()
+    The modules keep their Parameters; each parameter's ``.data`` becomes a row view of one packed
+    storage (no second copy of the weights), so ``load_state_dict`` and in-place edits write through.
+    The pack holds no reference to that storage: :meth:`get` rebuilds the packed view from the
+    parameters on every use, after checking that the modules at the recorded paths are still these
+    bare Linears and that their weights are still consecutive rows of one storage. So:
+
+    - a module replaced or wrapped after patching (a LoRA adapter loaded by PEFT/diffusers, a hook,
+      quantization) is called as a module: never silently bypassed;
+    - parameters replaced by ``model.to(...)``, an offloading hook or ``.data = ...`` are re-packed
+      at the next eager use (one copy of the weights; the separate tensors are freed), not while a
+      CUDA graph is captured or torch.compile traces; and nothing keeps the old storage alive.
+    """
+
+    def __init__(self, root, paths):
+        self.root = root
+        self.paths = tuple(tuple(p.split(".")) for p in paths)
+        self.lins = self._modules_now()
+        self.n = self.lins[0].weight.shape[0]
+        self._pack()
+
+    def _modules_now(self):
+        out = []
+        for names in self.paths:
+            m = self.root
+            for name in names:
+                m = m._modules.get(name) if m is not None else None
+            out.append(m)
+        return out
 
     @staticmethod
     def packable(lins) -> bool:
+        if not all(_plain_linear(l_) for l_ in lins):
+            return False
         w0 = lins[0].weight
         has_b = lins[0].bias is not None
-        return (all(type(l_) is torch.nn.Linear for l_ in lins)
-                and all(l_.weight.shape == w0.shape and l_.weight.dtype == w0.dtype
-                        and l_.weight.device == w0.device for l_ in lins)
+        return (all(l_.weight.shape == w0.shape and l_.weight.dtype == w0.dtype
+                    and l_.weight.device == w0.device for l_ in lins)
                 and all((l_.bias is not None) == has_b for l_ in lins)
-                and not any(l_._forward_hooks or l_._forward_pre_hooks for l_ in lins))
+                and all(l_.bias is None or (l_.bias.dtype == w0.dtype and l_.bias.device == w0.device)
+                        for l_ in lins))
 
-    def _current_ptrs(self):
-        return tuple((l_.weight.data_ptr(), l_.bias.data_ptr() if l_.bias is not None else 0) for l_ in self.lins)
+    @torch.no_grad()
+    def _pack(self):
+        n = self.n
+        weight = torch.cat([l_.weight.detach() for l_ in self.lins], 0)
+        bias = (torch.cat([l_.bias.detach() for l_ in self.lins], 0) if self.lins[0].bias is not None
+                else None)
+        for j, l_ in enumerate(self.lins):
+            l_.weight.data = weight[j * n:(j + 1) * n]
+            if bias is not None:
+                l_.bias.data = bias[j * n:(j + 1) * n]
 
-    def valid(self) -> bool:
-        return self._current_ptrs() == self._ptrs
+    @staticmethod
+    def _rows_of_one(ts):
+        """The packed [k*n, ...] view if ``ts`` are consecutive contiguous row blocks of one storage."""
+        t0 = ts[0]
+        step = t0.numel() * t0.element_size()
+        p0 = t0.data_ptr()
+        for j, t in enumerate(ts):
+            if t.data_ptr() != p0 + j * step or not t.is_contiguous() or t.shape != t0.shape or t.dtype != t0.dtype:
+                return None
+        s0 = t0.untyped_storage().data_ptr()
+        if any(t.untyped_storage().data_ptr() != s0 for t in ts[1:]):
+            return None
+        shape = (len(ts) * t0.shape[0],) + tuple(t0.shape[1:])
+        return t0.detach().as_strided(shape, t0.stride(), t0.storage_offset())
+
+    def same_modules(self) -> bool:
+        lins = self._modules_now()
+        return all(a is b for a, b in zip(lins, self.lins)) and all(_plain_linear(l_) for l_ in lins)
+
+    def packed(self):
+        """(weight [k*n, in], bias [k*n] or None) as views of the parameters' shared storage, or None
+        (modules replaced, wrapped or hooked, or parameters no longer packed)."""
+        if not self.same_modules():
+            return None
+        params = [l_._parameters for l_ in self.lins]  # plain Linears: skips Module.__getattr__
+        w = self._rows_of_one([p["weight"] for p in params])
+        if w is None:
+            return None
+        if params[0]["bias"] is None:
+            return w, None
+        b = self._rows_of_one([p["bias"] for p in params])
+        return None if b is None else (w, b)
+
+    def get(self, st, what):
+        """:meth:`packed`, re-packing first when only the parameters were replaced (eager, outside
+        CUDA-graph capture); None means: call the modules. Counted in ``report.runtime``."""
+        wb = self.packed()
+        if wb is not None:
+            return wb
+        if (self.same_modules() and self.packable(self.lins) and not torch.compiler.is_compiling()
+                and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
+            self._pack()
+            wb = self.packed()
+            if wb is not None:
+                st.count(f"{what} re-packed (parameters were replaced, e.g. by model.to)")
+                return wb
+        st.count(f"{what} not packed now (modules replaced, wrapped or hooked, e.g. a LoRA adapter): "
+                 "module calls")
+        return None
 
     def versions(self) -> tuple:
         """The parameters' version counters: in-place writes through them (``load_state_dict``,
         ``param.mul_`` under no_grad) bump these; writes through ``.data`` do not."""
         return tuple((l_.weight._version, l_.bias._version if l_.bias is not None else 0) for l_ in self.lins)
 
+    @torch.no_grad()
     def unpack(self):
-        """Give each module back its own storage (values unchanged), if still our views."""
-        if self.valid():
-            for l_ in self.lins:
-                l_.weight.data = l_.weight.data.clone()
-                if l_.bias is not None:
-                    l_.bias.data = l_.bias.data.clone()
+        """Give each parameter its own storage back (values unchanged) where they still share one."""
+        for ps in ([l_.weight for l_ in self.lins], [l_.bias for l_ in self.lins]):
+            if ps[0] is not None and self._rows_of_one(ps) is not None:
+                for p in ps:
+                    p.data = p.data.clone()
 
 
-def _packed_linear_into(x2d, pk: _PackedLinears, out2d):
-    if pk.bias is not None:
-        torch.addmm(pk.bias, x2d, pk.weight.t(), out=out2d)
+def _packed_linear_into(x2d, wb, out2d):
+    w, b = wb
+    if b is not None:
+        torch.addmm(b, x2d, w.t(), out=out2d)
     else:
-        torch.mm(x2d, pk.weight.t(), out=out2d)
+        torch.mm(x2d, w.t(), out=out2d)
 
 
 class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
@@ -361,21 +447,21 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
         qk_path = st.qk_path
         if qk_path == "auto":
             qk_path = "cat" if torch.compiler.is_compiling() else "joint"
-        packs = st.packed_qkv.get(id(attn)) if st.qk and qk_path == "joint" else None
-        if packs is not None and not torch.compiler.is_compiling() and packs[0].valid() and packs[1].valid():
+        packs = (st.packed_qkv.get(id(attn)) if st.qk and qk_path == "joint" and not torch.compiler.is_compiling()
+                 else None)
+        pw = (packs[0].get(st, "text q/k/v"), packs[1].get(st, "image q/k/v")) if packs is not None else (None,)
+        if all(w is not None for w in pw):
             # one GEMM per stream into row slices of one joint [B, N, 3D] buffer; q/k/v are column
             # views of it (row stride 3D), which the RoPE and attention ops take as they are
             N = Lt + Li
-            pt, pi = packs
-            buf = img.new_empty((B, N, 3 * pi.n))
+            n = packs[1].n
+            buf = img.new_empty((B, N, 3 * n))
             for b in range(B):
-                _packed_linear_into(txt[b], pt, buf[b, :Lt])
-                _packed_linear_into(img[b], pi, buf[b, Lt:])
-            q, k, v = (buf[..., j * pi.n:(j + 1) * pi.n].unflatten(-1, (-1, hd)) for j in range(3))
+                _packed_linear_into(txt[b], pw[0], buf[b, :Lt])
+                _packed_linear_into(img[b], pw[1], buf[b, Lt:])
+            q, k, v = (buf[..., j * n:(j + 1) * n].unflatten(-1, (-1, hd)) for j in range(3))
             torch.ops.fused_dit.joint_qk_norm_rope_.default(q, k, Lt, *weights, txt_tab, img_tab, eps, True)
         elif st.qk and qk_path == "joint":
-            if packs is not None:
-                st.count("packed qkv stale (parameters replaced): separate projections")
             N = Lt + Li
             bufs = []
             for lin_t, lin_i in projs:
@@ -414,7 +500,9 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
 
 
 def _linear_into(x2d, lin, out2d):
-    if lin.bias is not None:
+    if not _plain_linear(lin):  # e.g. a LoRA wrapper: its forward is more than x @ W.T + b
+        out2d.copy_(lin(x2d))
+    elif lin.bias is not None:
         torch.addmm(lin.bias, x2d, lin.weight.t(), out=out2d)
     else:
         torch.mm(x2d, lin.weight.t(), out=out2d)
@@ -433,7 +521,8 @@ def fused_mlp(ff, x: torch.Tensor) -> torch.Tensor:
     from diffusers.models.activations import GELU
     net = getattr(ff, "net", None)
     if (not x.is_cuda or net is None or len(net) < 3 or not isinstance(net[0], GELU)
-            or net[0].approximate != "tanh" or net[0].proj.bias is None or not isinstance(net[2], torch.nn.Linear)
+            or net[0].approximate != "tanh" or not _plain_linear(net[0].proj) or net[0].proj.bias is None
+            or not _no_hooks(ff, net, net[0]) or not isinstance(net[1], torch.nn.Dropout)
             or any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in net)
             or len(net) > 3 and not isinstance(net[3], torch.nn.Dropout)):
         return ff(x)
@@ -454,15 +543,14 @@ def _modulation_params(block, st: _State, temb):
     half is also computed for the second B rows: the same weight bytes, so the same time."""
     # is_compiling first: a dict lookup on id(block) would make dynamo specialise per block
     pk = None if torch.compiler.is_compiling() else st.packed_mod.get(id(block))
-    if pk is not None:
-        if pk.valid():
-            both = st.cached_mod(block, pk, temb)
-            if both is None:
-                both = F.linear(st.silu(temb), pk.weight, pk.bias)
-                st.store_mod(block, pk, temb, both)
-            txt_rows = temb.shape[0] // 2 if block.zero_cond_t else temb.shape[0]
-            return both[:, :pk.n], both[:txt_rows, pk.n:]
-        st.count("packed img_mod/txt_mod stale (parameters replaced): separate GEMVs")
+    wb = pk.get(st, "img_mod/txt_mod") if pk is not None and _mod_containers_ok(block) else None
+    if wb is not None:
+        both = st.cached_mod(block, pk, temb)
+        if both is None:
+            both = F.linear(st.silu(temb), *wb)
+            st.store_mod(block, pk, temb, both)
+        txt_rows = temb.shape[0] // 2 if block.zero_cond_t else temb.shape[0]
+        return both[:, :pk.n], both[:txt_rows, pk.n:]
     img_mod = block.img_mod(temb)  # [B or 2B, 6D]
     if block.zero_cond_t:
         temb = torch.chunk(temb, 2, dim=0)[0]
@@ -499,26 +587,25 @@ def _lookahead_target(st: _State, block, h):
     if (nxt._forward_pre_hooks or nxt._forward_hooks or hasattr(nxt, "_hf_hook")
             or hasattr(nxt, "_diffusers_hook")):
         return None
-    pk = st.packed_mod.get(id(nxt))
-    if pk is not None and pk.valid():
-        w = pk.weight
-    else:
-        mods = (nxt.img_mod, nxt.txt_mod)
-        if not all(isinstance(m, torch.nn.Sequential) and len(m) == 2 for m in mods):
-            return None
-        ws = [getattr(m[1], "weight", None) for m in mods]
-        if not all(isinstance(x, torch.Tensor) for x in ws) or ws[0].device != ws[1].device:
-            return None
-        w = ws[0]
-    return nxt if w.device == h.device else None
+    mods = (nxt.img_mod, nxt.txt_mod)
+    if not all(isinstance(m, torch.nn.Sequential) and len(m) == 2 for m in mods):
+        return None
+    ws = [getattr(m[1], "weight", None) for m in mods]
+    if not all(isinstance(x, torch.Tensor) for x in ws) or ws[0].device != ws[1].device:
+        return None
+    return nxt if ws[0].device == h.device else None
+
+
+def _mod_containers_ok(block) -> bool:
+    """img_mod / txt_mod are still Sequential(SiLU, Linear) without hooks (the packed GEMV replaces
+    the whole module call; the Linears themselves are checked by the pack)."""
+    mods = (block.img_mod, block.txt_mod)
+    return all(type(m) is torch.nn.Sequential and len(m) == 2 and type(m[0]) is torch.nn.SiLU
+               and _no_hooks(m, m[0]) for m in mods)
 
 
 def _mod_packable(block) -> bool:
-    mods = (block.img_mod, block.txt_mod)
-    return (all(type(m) is torch.nn.Sequential and len(m) == 2 and type(m[0]) is torch.nn.SiLU
-                and not (m._forward_hooks or m._forward_pre_hooks or m[0]._forward_hooks
-                         or m[0]._forward_pre_hooks) for m in mods)
-            and _PackedLinears.packable([m[1] for m in mods]))
+    return _mod_containers_ok(block) and _PackedLinears.packable([block.img_mod[1], block.txt_mod[1]])
 
 
 def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask=None,
@@ -659,6 +746,12 @@ def _model_forward(self, *args, **kwargs):
             st.count("text mask with padding (stock forward)")
             with st.stock():
                 return st.orig_model_forward(*args, **kwargs)
+    w = getattr(getattr(self, "img_in", None), "weight", None)
+    if not st.mode_stock and isinstance(w, torch.Tensor) and w.dtype not in _DTYPES:
+        st.count(f"model dtype {str(w.dtype).replace('torch.', '')} (moved after patching; fused ops take "
+                 "fp32/bf16/fp16): stock forward")
+        with st.stock():
+            return st.orig_model_forward(*args, **kwargs)
     if st.verify_pending and not st.mode_stock and not torch.compiler.is_compiling():
         st.verify_pending = False
         with torch.no_grad():
@@ -731,8 +824,7 @@ def _block_reason(block):
 
 def _plain_linears(block) -> bool:
     a = block.attn
-    return all(type(getattr(a, n)) is torch.nn.Linear
-               for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"))
+    return all(_plain_linear(getattr(a, n)) for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"))
 
 
 def is_patched(model_or_pipeline) -> bool:
@@ -827,7 +919,8 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
                 li = [a.to_q, a.to_k, a.to_v]
                 if _PackedLinears.packable(lt) and _PackedLinears.packable(li) and li[0].out_features == lt[0].out_features:
                     with torch.no_grad():
-                        st.packed_qkv[id(a)] = (_PackedLinears(lt), _PackedLinears(li))
+                        st.packed_qkv[id(a)] = (_PackedLinears(a, ("add_q_proj", "add_k_proj", "add_v_proj")),
+                                                _PackedLinears(a, ("to_q", "to_k", "to_v")))
                     n_packed += 1
             if n_packed:
                 report.swapped.append(f"q/k/v projections packed: one GEMM per stream ({n_packed} blocks)")
@@ -853,7 +946,7 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
             for _, block in ok_blocks:
                 if _mod_packable(block):
                     with torch.no_grad():
-                        st.packed_mod[id(block)] = _PackedLinears([block.img_mod[1], block.txt_mod[1]])
+                        st.packed_mod[id(block)] = _PackedLinears(block, ("img_mod.1", "txt_mod.1"))
                     n_packed += 1
             if n_packed:
                 report.swapped.append(f"img_mod/txt_mod packed: one modulation GEMV per block, SiLU(temb) "
