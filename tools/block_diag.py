@@ -100,10 +100,26 @@ def cprofile_text(call, n=5, top=35):
     return out.getvalue()
 
 
+def cpu_ops_text(call, n=5, top=30):
+    """torch.profiler CPU-side view of a few calls (GPU kept busy): host time by op, self and total."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            call()
+    torch.cuda.synchronize()
+    t = prof.key_averages()
+    return (t.table(sort_by="self_cpu_time_total", row_limit=top) + "\n"
+            + t.table(sort_by="cpu_time_total", row_limit=top))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fast-launch", default="both", choices=["on", "off", "both"])
     ap.add_argument("--pack-both", action="store_true", help="also the patched block with pack_qkv=False")
+    ap.add_argument("--img-tokens", type=int, nargs="+", default=None,
+                    help="token count per image, target first (default 4096 4096)")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
@@ -112,7 +128,7 @@ def main():
     from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs
 
     model = build_qwen_image_transformer("edit-2511", num_layers=1, device="cuda", dtype=torch.bfloat16)
-    inputs = make_qwen_inputs(model)
+    inputs = make_qwen_inputs(model, img_tokens=args.img_tokens)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     import fused_dit_ops as fdo
     plans = [("stock", None, None)]
@@ -146,16 +162,17 @@ def main():
                 _launch.stats.update(fast=0, slow=0)
                 text = cprofile_text(call)
                 row["launch_stats_5_calls"] = dict(_launch.stats)
-                name = f"block-diag-cprofile-{'fast' if fast else 'slow'}{'' if pack else '-nopack'}.txt"
+                name = f"block-diag-cprofile-{'fast' if fast else 'slow'}{'' if pack else '-nopack'}{args.tag}.txt"
                 with open(os.path.join(args.out, name), "w") as f:
-                    f.write(text)
+                    f.write(text + "\n\n" + cpu_ops_text(call))
             print(json.dumps(row), flush=True)
             res["rows"].append(row)
         finally:
             _launch.set_enabled(True)
             fdo.unpatch(model)
             torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "block-diag.json"), "w") as f:
+    res["img_tokens"] = args.img_tokens or [4096, 4096]
+    with open(os.path.join(args.out, f"block-diag{args.tag}.json"), "w") as f:
         json.dump(res, f, indent=1)
 
 
