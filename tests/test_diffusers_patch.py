@@ -279,6 +279,108 @@ def test_model_to_after_patch_repacks_and_holds_no_old_storage(tiny):
     assert report.runtime.get("model dtype float64 (moved after patching; fused ops take fp32/bf16/fp16): "
                               "stock forward") == 1
 
+
+class _CountingHook:
+    """A diffusers ModelHook that counts calls and scales the module's output (so that skipping it
+    shows in the result)."""
+
+    def __new__(cls, scale=1.0):
+        from diffusers.hooks import ModelHook
+
+        class Hook(ModelHook):
+            def __init__(self):
+                super().__init__()
+                self.calls = 0
+
+            def post_forward(self, module, output):
+                self.calls += 1
+                if isinstance(output, tuple):
+                    return tuple(o * scale for o in output)
+                return output * scale
+
+        return Hook()
+
+
+def _register(module, hook, name="count"):
+    from diffusers.hooks import HookRegistry
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    return hook
+
+
+def test_layerwise_casting_added_after_patch():
+    """diffusers' layerwise casting (fp8 storage, upcast in a hook that wraps each Linear's forward)
+    added after patching: the wrapped Linears must be called, not read directly."""
+    from diffusers.hooks import apply_layerwise_casting
+    m = build_qwen_image_transformer("tiny", seed=9)
+    ref_m = build_qwen_image_transformer("tiny", seed=9)
+    kw = make_qwen_inputs(m, seed=25)
+    report = fdo.patch(m)
+    for mod in (m, ref_m):
+        apply_layerwise_casting(mod, storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert m.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    ref = _run(ref_m, kw)
+    assert rel_err(_run(m, kw), ref) < CPU_FP32_REL, report.runtime
+    assert rel_err(_run(build_qwen_image_transformer("tiny", seed=9), kw), ref) > 1e-3  # fp8 shows
+
+
+def test_block_hooked_before_patch_stays_stock_and_keeps_its_hook(tiny):
+    kw = make_qwen_inputs(tiny, seed=26)
+    ref_m = build_qwen_image_transformer("tiny", seed=3)
+    _register(ref_m.transformer_blocks[0], _CountingHook(0.5))
+    ref = _run(ref_m, kw)
+    hook = _register(tiny.transformer_blocks[0], _CountingHook(0.5))
+    report = fdo.patch(tiny)
+    assert "wrapped on the instance" in report.stock["transformer_blocks.0"], report
+    assert "transformer_blocks.1" in report.swapped and "transformer_blocks.0" not in report.swapped
+    assert rel_err(_run(tiny, kw), ref) < CPU_FP32_REL
+    assert hook.calls == 1
+    fdo.unpatch(tiny)
+    assert rel_err(_run(tiny, kw), ref) < CPU_FP32_REL
+    assert hook.calls == 2
+
+
+def test_hook_added_after_patch_survives_unpatch(tiny, caplog):
+    kw = make_qwen_inputs(tiny, seed=27)
+    ref_m = build_qwen_image_transformer("tiny", seed=3)
+    _register(ref_m.transformer_blocks[1], _CountingHook(0.5))
+    ref = _run(ref_m, kw)
+    fdo.patch(tiny)
+    hook = _register(tiny.transformer_blocks[1], _CountingHook(0.5))  # wraps the fused forward
+    assert rel_err(_run(tiny, kw), ref) < CPU_FP32_REL
+    with caplog.at_level("WARNING"):
+        assert fdo.unpatch(tiny)
+    assert "wrappers are kept" in caplog.text
+    assert not dq.is_patched(tiny)
+    assert rel_err(_run(tiny, kw), ref) < CPU_FP32_REL and hook.calls == 2
+    _, calls = _op_calls(tiny, kw)
+    assert not any(calls.values()), calls  # stock from now on
+    report = fdo.patch(tiny)  # patching again: block 1 is wrapped, so it stays stock
+    assert "transformer_blocks.1" in report.stock
+    assert rel_err(_run(tiny, kw), ref) < CPU_FP32_REL and hook.calls == 4  # _op_calls ran it once
+
+
+def test_model_forward_wrapped_before_patch_is_kept(tiny):
+    """An instance-level model.forward (accelerate's cpu-offload hook does this) stays in the call
+    chain while patched and is put back by unpatch."""
+    import functools
+    kw = make_qwen_inputs(tiny, seed=28)
+    ref = _run(tiny, kw)
+    calls = []
+    inner = tiny.forward
+
+    def wrapper(*a, **k):
+        calls.append(1)
+        return inner(*a, **k)
+
+    tiny.forward = functools.update_wrapper(wrapper, inner)
+    fdo.patch(tiny)
+    out, op_calls = _op_calls(tiny, kw)
+    assert rel_err(out, ref) < CPU_FP32_REL and calls and op_calls["dual_norm_scale_shift"]
+    fdo.unpatch(tiny)
+    assert tiny.__dict__["forward"] is tiny.forward and tiny.forward.__wrapped__ is inner
+    n = len(calls)
+    assert rel_err(_run(tiny, kw), ref) < CPU_FP32_REL and len(calls) == n + 1
+
 def _op_calls(model, kw):
     with torch.profiler.profile() as prof:
         out = _run(model, kw)
@@ -515,10 +617,22 @@ def test_unsupported_dtype_stays_stock():
 
 def test_custom_processor_block_stays_stock(tiny):
     from diffusers.models.attention_processor import AttnProcessor2_0
-    tiny.transformer_blocks[1].attn.set_processor(AttnProcessor2_0())
+    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+
+    class MyProcessor(QwenDoubleStreamAttnProcessor2_0):  # same math, another class
+        pass
+
+    kw = make_qwen_inputs(tiny, seed=29)
+    tiny.transformer_blocks[1].attn.set_processor(MyProcessor())
+    ref = _run(tiny, kw)
     report = fdo.patch(tiny)
-    assert "transformer_blocks.1" in report.stock
+    assert "transformer_blocks.1" in report.stock and "pos_embed" in report.stock
     assert "forward" not in tiny.transformer_blocks[1].__dict__
+    # block 0 fused (complex freqs converted once), block 1 stock: the forward runs and matches
+    out, calls = _op_calls(tiny, kw)
+    assert rel_err(out, ref) < CPU_FP32_REL and calls["dual_norm_scale_shift"] == 1
+    tiny.transformer_blocks[1].attn.set_processor(AttnProcessor2_0())
+    assert "transformer_blocks.1" in fdo.patch(tiny).stock
 
 
 def test_block_accepts_complex_freqs(tiny):

@@ -149,9 +149,13 @@ class _State:
         self.report = report
         self.verify_pending = verify
         self.mode_stock = False
+        self.detached = False  # unpatched (what a hook still wraps runs stock)
+        self.tables_from_pos_embed = True  # False when some block stays stock: it needs complex freqs
+        self._tables_of = None  # (img_freqs, txt_freqs, tables): complex -> tables once per forward
         self.tables: dict = {}
         self.orig_model_forward = None
         self.orig_pos_forward = None
+        self.prev_forward: dict = {}  # id(module) -> instance-level forward it had before patching
         self.patched_blocks: list = []
         self.procs: list = []  # (attn module, original processor)
         self.packed_qkv: dict = {}  # id(attn) -> (text, image) _PackedLinears
@@ -174,6 +178,21 @@ class _State:
             yield
         finally:
             self.mode_stock = old
+
+    def rope_tables(self, image_rotary_emb):
+        """Real cos|sin tables for the fused ops; complex freqs (what the blocks get when some block
+        of the model stays stock, or a block called alone) are converted once per forward: cached
+        on the identity of the freqs tensors (eager, not while capturing a CUDA graph)."""
+        if _is_tables(image_rotary_emb) or torch.compiler.is_compiling():
+            return as_rope_tables(image_rotary_emb)
+        c = self._tables_of
+        f0, f1 = image_rotary_emb
+        if c is not None and c[0] is f0 and c[1] is f1:
+            return c[2]
+        tables = as_rope_tables(image_rotary_emb)
+        if not (f0.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self._tables_of = (f0, f1, tables)
+        return tables
 
     def count(self, why):
         self.report.runtime[why] = self.report.runtime.get(why, 0) + 1
@@ -277,11 +296,13 @@ def _plain_linear(m) -> bool:
     """A bare ``nn.Linear`` without hooks: its output is exactly x @ W.T + b, so its parameters may be
     used directly (in a packed GEMM, an ``out=`` GEMM or a GEMM epilogue). Anything else (a LoRA /
     adapter wrapper such as PEFT's, a quantized or hooked Linear) must be called as a module."""
-    return type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+    return type(m) is torch.nn.Linear and _no_hooks(m)
 
 
 def _no_hooks(*mods) -> bool:
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in mods)
+    """No torch forward (pre-)hooks and no instance-level ``forward`` (how diffusers' HookRegistry,
+    e.g. layerwise casting or group offloading, and accelerate hooks wrap a module)."""
+    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in mods)
 
 
 class _PackedLinears:
@@ -617,7 +638,7 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidd
             or joint_attention_kwargs):
         return _stock_block_forward()(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
                                       temb, image_rotary_emb, joint_attention_kwargs, modulate_index)
-    tables = as_rope_tables(image_rotary_emb)
+    tables = st.rope_tables(image_rotary_emb)
     index = modulate_index
     eps_i1, eps_t1 = self.img_norm1.eps, self.txt_norm1.eps
     # eager model forward: the previous block may have done this block's modulation + norm1 already
@@ -696,7 +717,7 @@ def _pos_embed_forward(self, video_fhw, device=None, max_txt_seq_len=None):
     """Stock mode: the original complex (img_freqs, txt_freqs). Fused: fp32 cos|sin tables, cached per
     (img_shapes, text length, device) outside torch.compile."""
     st: _State = getattr(self, _ATTR)
-    if st.mode_stock:
+    if st.mode_stock or not st.tables_from_pos_embed:
         return st.orig_pos_forward(video_fhw, device=device, max_txt_seq_len=max_txt_seq_len)
     if torch.compiler.is_compiling():
         return as_rope_tables(st.orig_pos_forward(video_fhw, device=device, max_txt_seq_len=max_txt_seq_len))
@@ -808,6 +829,10 @@ def _block_reason(block):
     from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
     attn = block.attn
     proc = attn.processor
+    fwd = block.__dict__.get("forward")
+    if fwd is not None and getattr(fwd, "__func__", None) is not fused_block_forward:
+        return ("forward is wrapped on the instance (a diffusers hook: cache, group offloading, layerwise "
+                "casting; or an accelerate hook): patch before adding such hooks")
     if type(proc) is not QwenDoubleStreamAttnProcessor2_0:
         return f"attention processor is {type(proc).__name__}, not QwenDoubleStreamAttnProcessor2_0"
     for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
@@ -829,7 +854,8 @@ def _plain_linears(block) -> bool:
 
 def is_patched(model_or_pipeline) -> bool:
     try:
-        return hasattr(_resolve(model_or_pipeline), _ATTR)
+        st = getattr(_resolve(model_or_pipeline), _ATTR, None)
+        return st is not None and not st.detached
     except TypeError:
         return False
 
@@ -863,7 +889,7 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
     the new options.
     """
     model = _resolve(model_or_pipeline)
-    if hasattr(model, _ATTR):
+    if is_patched(model):
         unpatch(model)
     ops_set = _parse_ops(ops)
     if qk_path not in QK_PATHS:
@@ -959,13 +985,24 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
             if n_packed < len(ok_blocks):
                 report.stock["pack_mod"] = (f"{len(ok_blocks) - n_packed} blocks: img_mod/txt_mod not packable "
                                             "(not SiLU + plain nn.Linear, hooks, or mixed shapes/dtypes)")
+    for m in (model, model.pos_embed):  # e.g. accelerate's cpu-offload hook on the model: kept, called
+        prev = m.__dict__.get("forward")
+        if prev is not None and getattr(prev, "__func__", None) not in (_model_forward, _pos_embed_forward):
+            st.prev_forward[id(m)] = prev
     st.orig_pos_forward = model.pos_embed.forward
     setattr(model.pos_embed, _ATTR, st)
     model.pos_embed.forward = types.MethodType(_pos_embed_forward, model.pos_embed)
     st.orig_model_forward = model.forward
     setattr(model, _ATTR, st)
     model.forward = types.MethodType(_model_forward, model)
-    report.swapped.insert(0, "pos_embed (RoPE tables once per forward, cached per shape)")
+    if len(model.transformer_blocks) != len(ok_blocks):
+        # stock blocks need diffusers' complex freqs: pos_embed stays stock, the patched blocks
+        # convert them (once per forward, st.rope_tables)
+        st.tables_from_pos_embed = False
+        report.stock["pos_embed"] = ("some blocks stay stock and need complex freqs: the fused blocks convert "
+                                     "them to tables once per forward")
+    else:
+        report.swapped.insert(0, "pos_embed (RoPE tables once per forward, cached per shape)")
     report.swapped.insert(0, "forward (text-mask check, verify)")
     if "modulation" not in ops_set:
         report.stock["modulation"] = "not selected in ops (stock LayerNorm + _modulate + residual)"
@@ -978,8 +1015,6 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
                                else "needs 'modulation' (stock FeedForward)")
     elif p.device.type != "cuda":
         report.stock["mlp"] = "GELU epilogue is CUDA-only: stock FeedForward on CPU"
-    if len(model.transformer_blocks) != len(ok_blocks):
-        pass  # reasons already listed per block
 
     if probe:
         why = _probe(model, ok_blocks[0][1])
@@ -1023,7 +1058,7 @@ def unpatch(model_or_pipeline) -> bool:
             st = getattr(b, _ATTR, None)
             if st is not None:
                 break
-    if st is None:
+    if st is None or st.detached:
         return False
     for attn, old in st.procs:
         attn.set_processor(old)
@@ -1035,14 +1070,29 @@ def unpatch(model_or_pipeline) -> bool:
         pk.unpack()
     st.packed_mod.clear()
     st._silu = None
+    st._tables_of = None
     st.clear_mod_cache()
     st.next_block.clear()
     st.prenorm = None
-    for block in st.patched_blocks:
-        block.__dict__.pop("forward", None)
-        block.__dict__.pop(_ATTR, None)
-    for m in (model, model.pos_embed):
-        m.__dict__.pop("forward", None)
+    ours = {id(model): _model_forward, id(model.pos_embed): _pos_embed_forward}
+    wrapped = []
+    for m in [*st.patched_blocks, model, model.pos_embed]:
+        fwd = m.__dict__.get("forward")
+        if fwd is not None and getattr(fwd, "__func__", None) is not ours.get(id(m), fused_block_forward):
+            # a hook added after patching wraps our forward: removing ours would remove the hook too,
+            # so ours stays under it and runs the stock code from now on (mode_stock below)
+            wrapped.append(type(m).__name__)
+            continue
+        prev = st.prev_forward.get(id(m))
+        if prev is not None:
+            m.forward = prev
+        else:
+            m.__dict__.pop("forward", None)
         m.__dict__.pop(_ATTR, None)
     st.tables.clear()
+    st.mode_stock = st.detached = True  # anything of ours still reachable (under a hook) runs stock
+    if wrapped:
+        log.warning("fused_dit_ops.unpatch: %d module(s) (%s) had their forward wrapped by a hook after "
+                    "patching; the wrappers are kept and run the stock code", len(wrapped),
+                    ", ".join(sorted(set(wrapped))))
     return True
