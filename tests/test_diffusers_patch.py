@@ -323,6 +323,18 @@ def test_layerwise_casting_added_after_patch():
     assert rel_err(_run(build_qwen_image_transformer("tiny", seed=9), kw), ref) > 1e-3  # fp8 shows
 
 
+def test_hooked_qk_norm_is_called(tiny):
+    """The fused QK paths read the RMSNorm weights: a hooked norm must run as a module."""
+    kw = make_qwen_inputs(tiny, seed=30)
+    ref_m = build_qwen_image_transformer("tiny", seed=3)
+    _register(ref_m.transformer_blocks[0].attn.norm_added_k, _CountingHook(0.5))
+    ref = _run(ref_m, kw)
+    report = fdo.patch(tiny)
+    hook = _register(tiny.transformer_blocks[0].attn.norm_added_k, _CountingHook(0.5))
+    assert rel_err(_run(tiny, kw), ref) < CPU_FP32_REL and hook.calls == 1
+    assert report.runtime == {"QK RMSNorm modules hooked: module calls, RoPE and cat in torch": 1}
+
+
 def test_block_hooked_before_patch_stays_stock_and_keeps_its_hook(tiny):
     kw = make_qwen_inputs(tiny, seed=26)
     ref_m = build_qwen_image_transformer("tiny", seed=3)

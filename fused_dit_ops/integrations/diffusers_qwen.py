@@ -468,7 +468,12 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
         qk_path = st.qk_path
         if qk_path == "auto":
             qk_path = "cat" if torch.compiler.is_compiling() else "joint"
-        packs = (st.packed_qkv.get(id(attn)) if st.qk and qk_path == "joint" and not torch.compiler.is_compiling()
+        # the fused QK paths read the RMSNorm weights directly: a hooked norm (layerwise casting,
+        # offloading) runs as a module in the stock-norm path below
+        fused_qk = st.qk and _no_hooks(attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k)
+        if st.qk and not fused_qk:
+            st.count("QK RMSNorm modules hooked: module calls, RoPE and cat in torch")
+        packs = (st.packed_qkv.get(id(attn)) if fused_qk and qk_path == "joint" and not torch.compiler.is_compiling()
                  else None)
         pw = (packs[0].get(st, "text q/k/v"), packs[1].get(st, "image q/k/v")) if packs is not None else (None,)
         if all(w is not None for w in pw):
@@ -482,7 +487,7 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
                 _packed_linear_into(img[b], pw[1], buf[b, Lt:])
             q, k, v = (buf[..., j * n:(j + 1) * n].unflatten(-1, (-1, hd)) for j in range(3))
             torch.ops.fused_dit.joint_qk_norm_rope_.default(q, k, Lt, *weights, txt_tab, img_tab, eps, True)
-        elif st.qk and qk_path == "joint":
+        elif fused_qk and qk_path == "joint":
             N = Lt + Li
             bufs = []
             for lin_t, lin_i in projs:
@@ -493,7 +498,7 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
                 bufs.append(buf.unflatten(-1, (-1, hd)))
             q, k, v = bufs
             torch.ops.fused_dit.joint_qk_norm_rope_.default(q, k, Lt, *weights, txt_tab, img_tab, eps, True)
-        elif st.qk:
+        elif fused_qk:
             t = [p[0](txt).unflatten(-1, (-1, hd)) for p in projs]
             i = [p[1](img).unflatten(-1, (-1, hd)) for p in projs]
             q, k, v = torch.ops.fused_dit.qk_norm_rope_cat.default(*t, *i, *weights, txt_tab, img_tab, eps, True)
