@@ -335,6 +335,29 @@ def test_hooked_qk_norm_is_called(tiny):
     assert report.runtime == {"QK RMSNorm modules hooked: module calls, RoPE and cat in torch": 1}
 
 
+
+@pytest.mark.parametrize("when", ["after_patch", "before_patch"])
+def test_first_block_cache_composes(when):
+    """diffusers' FirstBlockCache (hooks on every block) with the patch: same outputs as the stock
+    model with the same cache, over steps whose first-block residual changes little (cache hits)
+    and a lot."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    m = build_qwen_image_transformer("tiny", seed=3)
+    ref_m = build_qwen_image_transformer("tiny", seed=3)
+    kws = [make_qwen_inputs(m, seed=40, timestep=t) for t in (0.9, 0.89, 0.5)]
+    if when == "before_patch":
+        apply_first_block_cache(m, FirstBlockCacheConfig(threshold=0.05))
+    report = fdo.patch(m)
+    if when == "after_patch":
+        apply_first_block_cache(m, FirstBlockCacheConfig(threshold=0.05))
+        assert "transformer_blocks.0" in report.swapped
+    else:
+        assert "transformer_blocks.0" in report.stock
+    apply_first_block_cache(ref_m, FirstBlockCacheConfig(threshold=0.05))
+    for kw in kws:
+        with torch.no_grad(), m.cache_context("c"), ref_m.cache_context("c"):
+            assert rel_err(m(**kw)[0], ref_m(**kw)[0]) < CPU_FP32_REL
+
 def test_block_hooked_before_patch_stays_stock_and_keeps_its_hook(tiny):
     kw = make_qwen_inputs(tiny, seed=26)
     ref_m = build_qwen_image_transformer("tiny", seed=3)
