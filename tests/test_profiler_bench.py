@@ -276,6 +276,43 @@ def test_bench_model_tiny_cpu(tmp_path):
     assert doc["shape"]["txt_len_cond"] == 9 and doc["shape"]["txt_len_uncond"] == 7
 
 
+
+def test_rotated_rounds_and_merge():
+    from fused_dit_ops.bench import harness
+    orders = [o for _, o in harness.rotated_rounds(["a", "b", "c"], 4)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    rows = [{"provider": "a", "ms": 3.0, "x": 1}, {"provider": "b", "error": "boom"},
+            {"provider": "a", "ms": 1.0, "x": 2}, {"provider": "b", "error": "again"},
+            {"provider": "a", "ms": 2.0, "x": 3}, {"provider": "c", "ms": 5.0}, {"provider": "c", "error": "e"}]
+    m = {r["provider"]: r for r in harness.merge_rounds(rows, ["ms"])}
+    assert m["a"]["ms"] == 2.0 and m["a"]["ms_rounds"] == [3.0, 1.0, 2.0] and m["a"]["x"] == 1
+    assert m["b"] == {"provider": "b", "error": "boom"}
+    assert m["c"]["ms"] == 5.0 and m["c"]["rounds_ok"] == 1 and m["c"]["rounds_failed"] == 1
+    harness.add_ratio(list(m.values()), "ms", "c", "r")
+    assert m["a"]["r"] == pytest.approx(0.4) and "r" not in m["b"]
+
+
+def test_bench_block_and_model_rounds_tiny_cpu(tmp_path):
+    from fused_dit_ops.bench import block, model
+    assert block.main(["--device", "cpu", "--tiny", "--providers", "patched-eager,stock-eager,stock-compile",
+                       "--rounds", "2", "--rep-ms", "20", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("block-tiny-*.json")
+    doc = json.loads(path.read_text())
+    assert doc["rounds"] == 2
+    rows = {r["provider"]: r for r in doc["rows"]}
+    assert list(rows) == ["patched-eager", "stock-eager", "stock-compile"]
+    for r in rows.values():
+        assert len(r["ms_rounds"]) == 2 and min(r["ms_rounds"]) <= r["ms"] <= max(r["ms_rounds"])
+        assert r["max_rel_diff_vs_stock"] is not None and r["max_rel_diff_vs_stock"] < 1e-3
+    assert rows["stock-compile"]["ratio_vs_stock_compile"] == 1.0
+    assert rows["stock-eager"]["speedup_vs_stock_eager"] == 1.0
+    assert model.main(["--device", "cpu", "--tiny", "--providers", "stock-eager,patched-eager",
+                       "--rounds", "2", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("model-tiny-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["stock-eager", "patched-eager"]
+    assert all(len(r["ms_forward_rounds"]) == 2 for r in rows)
+
 @pytest.mark.gpu
 def test_profile_cuda_small():
     profiles, names, _ = profiler.run_profile("stock", "patched", config="tiny", layers=2, layer=1,

@@ -142,6 +142,50 @@ def env_info() -> dict:
     return info
 
 
+def rotated_rounds(providers: Sequence[str], rounds: int):
+    """(round, provider order) for ``rounds`` rounds; round r starts r places further along the list,
+    so that the heating left by earlier providers (the GPUs run at their power cap, where clocks
+    follow temperature) falls on every provider alike instead of always on the later ones."""
+    providers = list(providers)
+    for r in range(rounds):
+        k = r % len(providers) if providers else 0
+        yield r, providers[k:] + providers[:k]
+
+
+def merge_rounds(rows: Sequence[dict], keys: Sequence[str]) -> list[dict]:
+    """One row per provider (first-seen order) from the rows of several rounds: the median of each
+    timing key, its per-round values as ``<key>_rounds``, other fields from the provider's first
+    successful round; a provider that failed in every round keeps its error row."""
+    import statistics
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["provider"], []).append(r)
+    out = []
+    for prov, rs in by.items():
+        ok = [r for r in rs if all(k in r for k in keys)]
+        if not ok:
+            out.append(rs[0])
+            continue
+        row = dict(ok[0])
+        for k in keys:
+            vals = [r[k] for r in ok]
+            row[k] = statistics.median(vals)
+            row[k + "_rounds"] = vals
+        row["rounds_ok"] = len(ok)
+        if len(ok) < len(rs):
+            row["rounds_failed"] = len(rs) - len(ok)
+        out.append(row)
+    return out
+
+
+def add_ratio(rows: Sequence[dict], key: str, base_provider: str, name: str) -> None:
+    """rows[i][name] = rows[i][key] / (the base provider's key), where both exist."""
+    base = next((r[key] for r in rows if r.get("provider") == base_provider and key in r), None)
+    for r in rows:
+        if key in r:
+            r[name] = r[key] / base if base else None
+
+
 def write_results(name: str, rows: list[dict], extra: dict | None = None,
                   out_dir: str | Path | None = None) -> Path:
     info = env_info()

@@ -120,6 +120,9 @@ def main(argv=None) -> int:
                                                     "--tiny: 9,7)")
     ap.add_argument("--steps", type=int, default=5, help="timed CFG steps per provider (default 5)")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up CFG steps per provider (default 2)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the providers this many times, the order rotated each round; report medians "
+                         "(with --rounds > 1 a repeated provider name is merged into one row)")
     ap.add_argument("--dynamic", action="store_true",
                     help="let dynamo mark the text length dynamic (default: one static graph per length)")
     ap.add_argument("--dtype", default="bf16", help="bf16 (default), fp16; fp32 with --tiny on CPU")
@@ -155,28 +158,38 @@ def main(argv=None) -> int:
              "txt_len_cond": txt[0], "txt_len_uncond": txt[1], "zero_cond_t": bool(model.config.zero_cond_t)}
     print(f"bench model: {shape}, device {device}, built in {build_s:.1f} s")
 
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
     rows, ref = [], None
-    for p in providers:
-        try:
-            row, out = run_provider(model, cond, uncond, p, device, warmup=args.warmup, steps=args.steps,
-                                    dynamic=args.dynamic)
-        except Exception as e:  # keep the other providers' numbers
-            print(f"  {p}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-            rows.append({"provider": p, "error": f"{type(e).__name__}: {e}"[:500]})
-            _configs.uncompile(model)
-            continue
-        if ref is None and _configs.normalize(p.partition("+")[0]) == "stock":
-            ref = out
-        row["max_rel_diff_vs_stock"] = _configs.rel_err(out, ref) if ref is not None else None
-        rows.append(row)
-        print(f"  {p}: {row['ms_forward']:.1f} ms/forward, {row['s_per_step']:.3f} s/step "
-              f"(warm-up {row['warmup_s']:.1f} s)", flush=True)
+    for rnd, order in harness.rotated_rounds(providers, args.rounds):
+        if args.rounds > 1:
+            print(f" round {rnd + 1}/{args.rounds}: {', '.join(order)}", flush=True)
+        for p in order:
+            try:
+                row, out = run_provider(model, cond, uncond, p, device, warmup=args.warmup, steps=args.steps,
+                                        dynamic=args.dynamic)
+            except Exception as e:  # keep the other providers' numbers
+                print(f"  {p}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+                rows.append({"provider": p, "error": f"{type(e).__name__}: {e}"[:500], "round": rnd})
+                _configs.uncompile(model)
+                continue
+            row["round"] = rnd
+            if ref is None and _configs.normalize(p.partition("+")[0]) == "stock":
+                ref = out
+            row["max_rel_diff_vs_stock"] = _configs.rel_err(out, ref) if ref is not None else None
+            rows.append(row)
+            print(f"  {p}: {row['ms_forward']:.1f} ms/forward, {row['s_per_step']:.3f} s/step "
+                  f"(warm-up {row['warmup_s']:.1f} s)", flush=True)
+    if args.rounds > 1:
+        rows = harness.merge_rounds(rows, ["ms_cond", "ms_uncond", "ms_forward", "s_per_step"])
     base = next((r["ms_forward"] for r in rows if r.get("provider") == "stock-eager" and "ms_forward" in r), None)
     for r in rows:
         if "ms_forward" in r:
             r["speedup_vs_stock_eager"] = base / r["ms_forward"] if base else None
+    harness.add_ratio(rows, "ms_forward", "stock-compile", "ratio_vs_stock_compile")
     print(harness.format_table(rows, ["provider", "ms_cond", "ms_uncond", "ms_forward", "s_per_step",
-                                      "speedup_vs_stock_eager", "warmup_s", "max_rel_diff_vs_stock", "error"]))
+                                      "speedup_vs_stock_eager", "ratio_vs_stock_compile", "warmup_s",
+                                      "max_rel_diff_vs_stock", "error"]))
     verdict = None
     best = [r for r in rows if _configs.is_patched(r["provider"]) and "ms_forward" in r]
     if best and not args.tiny and layers == 60:
@@ -190,6 +203,7 @@ def main(argv=None) -> int:
     path = harness.write_results("model" + ("-tiny" if args.tiny else ""), rows,
                                  extra={"shape": shape, "device": device, "build_s": build_s,
                                         "steps": args.steps, "warmup": args.warmup, "dynamic": args.dynamic,
+                                        "rounds": args.rounds,
                                         "target_forward_ms": TARGET_FORWARD_MS, "target_step_s": TARGET_STEP_S,
                                         "target_met": verdict, "reference_step_s": REFERENCE_STEP_S},
                                  out_dir=args.out)
