@@ -1,0 +1,65 @@
+"""Host time of one model forward, stock vs patched (diagnostic, GPU only).
+
+Keeps the GPU busy (``torch.cuda._sleep``) so that host time is measured without waits on the GPU,
+then prints host ms per forward and the top Python functions (cProfile, own time) and torch ops
+(self CPU) of the patched forward. Usage: python tools/model_host_profile.py [--layers 4] [--tokens 256]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+
+def host_ms(call, n=5):
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(3e9))
+    t = time.perf_counter()
+    for _ in range(n):
+        call()
+    dt = (time.perf_counter() - t) / n * 1e3
+    torch.cuda.synchronize()
+    return dt
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=256)
+    args = ap.parse_args()
+    import fused_dit_ops as fdo
+    from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs
+    model = build_qwen_image_transformer("edit-2511", num_layers=args.layers, device="cuda", dtype=torch.bfloat16)
+    kw = make_qwen_inputs(model, img_tokens=(args.tokens, args.tokens))
+
+    def call():
+        with torch.no_grad():
+            return model(**kw)
+
+    for name in ("stock", "patched"):
+        if name == "patched":
+            fdo.patch(model, reuse_mod=False)
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        print(f"{name}: host {host_ms(call):.2f} ms per forward ({args.layers} layers, {args.tokens}+{args.tokens} tokens)")
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(3e9))
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(3):
+            call()
+        pr.disable()
+        torch.cuda.synchronize()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
+        print(s.getvalue()[:6000])
+    fdo.unpatch(model)
+
+
+if __name__ == "__main__":
+    main()
