@@ -1,8 +1,10 @@
-"""Host time of one model forward, stock vs patched (diagnostic, GPU only).
+"""Python-side cost of one model forward, stock vs patched (diagnostic, GPU only).
 
-Keeps the GPU busy (``torch.cuda._sleep``) so that host time is measured without waits on the GPU,
-then prints host ms per forward and the top Python functions (cProfile, own time) and torch ops
-(self CPU) of the patched forward. Usage: python tools/model_host_profile.py [--layers 4] [--tokens 256]
+Prints the wall time per forward (back to back, synchronised at the end) and a cProfile of three
+forwards (function-call counts and own time). A host-only timing behind a busy GPU
+(``torch.cuda._sleep``) does not work for zero_cond_t models: diffusers' forward copies the
+modulation index from a Python list to the GPU (``torch.tensor(..., device=...)``), which waits for
+the GPU once per forward. Usage: python tools/model_host_profile.py [--layers 4] [--tokens 256]
 """
 from __future__ import annotations
 
@@ -15,9 +17,8 @@ import time
 import torch
 
 
-def host_ms(call, n=5):
+def wall_ms(call, n=5):
     torch.cuda.synchronize()
-    torch.cuda._sleep(int(3e9))
     t = time.perf_counter()
     for _ in range(n):
         call()
@@ -46,9 +47,9 @@ def main():
         for _ in range(3):
             call()
         torch.cuda.synchronize()
-        print(f"{name}: host {host_ms(call):.2f} ms per forward ({args.layers} layers, {args.tokens}+{args.tokens} tokens)")
+        print(f"{name}: {wall_ms(call):.2f} ms per forward, wall ({args.layers} layers, "
+              f"{args.tokens}+{args.tokens} tokens)")
         torch.cuda.synchronize()
-        torch.cuda._sleep(int(3e9))
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(3):
