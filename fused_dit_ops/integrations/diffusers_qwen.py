@@ -45,8 +45,8 @@ patching (a LoRA adapter, a quantized Linear) is called as a module, and paramet
 ``model.to(...)`` are re-packed (:class:`_PackedLinears`).
 
 Falls back to stock (counted in ``report.runtime``) for a call with a padded text mask; an all-ones
-mask is dropped (identical math); a model moved to a dtype the ops do not take runs stock. Patch-time fallbacks (in ``report.stock``): unsupported dtype,
-a block whose processor is not diffusers' ``QwenDoubleStreamAttnProcessor2_0``, QK norms without
+mask is dropped (identical math); activations in a dtype the ops do not take (a model moved to
+fp64 after patching) run stock. Patch-time fallbacks (in ``report.stock``): unsupported dtype, a block whose processor is not diffusers' ``QwenDoubleStreamAttnProcessor2_0``, QK norms without
 weights, or a probe of the fused block that raised ``FusedDitInputError``.
 
 Patching is per instance: ``block.forward``, ``model.forward`` and ``model.pos_embed.forward`` become
@@ -772,10 +772,12 @@ def _model_forward(self, *args, **kwargs):
             st.count("text mask with padding (stock forward)")
             with st.stock():
                 return st.orig_model_forward(*args, **kwargs)
-    w = getattr(getattr(self, "img_in", None), "weight", None)
-    if not st.mode_stock and isinstance(w, torch.Tensor) and w.dtype not in _DTYPES:
-        st.count(f"model dtype {str(w.dtype).replace('torch.', '')} (moved after patching; fused ops take "
-                 "fp32/bf16/fp16): stock forward")
+    # the activations' dtype decides (weights may be stored in another one, e.g. fp8 under
+    # diffusers' layerwise casting, whose hooked Linears the fused path calls as modules)
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    if not st.mode_stock and isinstance(x, torch.Tensor) and x.dtype not in _DTYPES:
+        st.count(f"activations in {str(x.dtype).replace('torch.', '')} (e.g. the model moved after patching; "
+                 "fused ops take fp32/bf16/fp16): stock forward")
         with st.stock():
             return st.orig_model_forward(*args, **kwargs)
     if st.verify_pending and not st.mode_stock and not torch.compiler.is_compiling():
