@@ -49,6 +49,15 @@ def main():
         torch.cuda.synchronize()
         print(f"{name}: {wall_ms(call):.2f} ms per forward, wall ({args.layers} layers, "
               f"{args.tokens}+{args.tokens} tokens)")
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        ka = prof.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in ka if e.self_device_time_total > 0 and e.device_type
+                     == torch.autograd.DeviceType.CUDA)
+        print(f"{name}: GPU kernel time {gpu_us / 1e3:.2f} ms in one profiled forward; top GPU ops:")
+        print(ka.table(sort_by="self_cuda_time_total", row_limit=12))
         torch.cuda.synchronize()
         pr = cProfile.Profile()
         pr.enable()
