@@ -280,25 +280,23 @@ def test_model_to_after_patch_repacks_and_holds_no_old_storage(tiny):
                               "fp32/bf16/fp16): stock forward") == 1
 
 
-class _CountingHook:
+def _counting_hook(scale=1.0):
     """A diffusers ModelHook that counts calls and scales the module's output (so that skipping it
     shows in the result)."""
+    from diffusers.hooks import ModelHook
 
-    def __new__(cls, scale=1.0):
-        from diffusers.hooks import ModelHook
+    class CountingHook(ModelHook):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
 
-        class Hook(ModelHook):
-            def __init__(self):
-                super().__init__()
-                self.calls = 0
+        def post_forward(self, module, output):
+            self.calls += 1
+            if isinstance(output, tuple):
+                return tuple(o * scale for o in output)
+            return output * scale
 
-            def post_forward(self, module, output):
-                self.calls += 1
-                if isinstance(output, tuple):
-                    return tuple(o * scale for o in output)
-                return output * scale
-
-        return Hook()
+    return CountingHook()
 
 
 def _register(module, hook, name="count"):
@@ -331,10 +329,10 @@ def test_hooked_qk_norm_is_called(tiny):
     """The fused QK paths read the RMSNorm weights: a hooked norm must run as a module."""
     kw = make_qwen_inputs(tiny, seed=30)
     ref_m = build_qwen_image_transformer("tiny", seed=3)
-    _register(ref_m.transformer_blocks[0].attn.norm_added_k, _CountingHook(0.5))
+    _register(ref_m.transformer_blocks[0].attn.norm_added_k, _counting_hook(0.5))
     ref = _run(ref_m, kw)
     report = fdo.patch(tiny)
-    hook = _register(tiny.transformer_blocks[0].attn.norm_added_k, _CountingHook(0.5))
+    hook = _register(tiny.transformer_blocks[0].attn.norm_added_k, _counting_hook(0.5))
     assert rel_err(_run(tiny, kw), ref) < CPU_FP32_REL and hook.calls == 1
     assert report.runtime == {"QK RMSNorm modules hooked: module calls, RoPE and cat in torch": 1}
 
@@ -365,9 +363,9 @@ def test_first_block_cache_composes(when):
 def test_block_hooked_before_patch_stays_stock_and_keeps_its_hook(tiny):
     kw = make_qwen_inputs(tiny, seed=26)
     ref_m = build_qwen_image_transformer("tiny", seed=3)
-    _register(ref_m.transformer_blocks[0], _CountingHook(0.5))
+    _register(ref_m.transformer_blocks[0], _counting_hook(0.5))
     ref = _run(ref_m, kw)
-    hook = _register(tiny.transformer_blocks[0], _CountingHook(0.5))
+    hook = _register(tiny.transformer_blocks[0], _counting_hook(0.5))
     report = fdo.patch(tiny)
     assert "wrapped on the instance" in report.stock["transformer_blocks.0"], report
     assert "transformer_blocks.1" in report.swapped and "transformer_blocks.0" not in report.swapped
@@ -381,10 +379,10 @@ def test_block_hooked_before_patch_stays_stock_and_keeps_its_hook(tiny):
 def test_hook_added_after_patch_survives_unpatch(tiny, caplog):
     kw = make_qwen_inputs(tiny, seed=27)
     ref_m = build_qwen_image_transformer("tiny", seed=3)
-    _register(ref_m.transformer_blocks[1], _CountingHook(0.5))
+    _register(ref_m.transformer_blocks[1], _counting_hook(0.5))
     ref = _run(ref_m, kw)
     fdo.patch(tiny)
-    hook = _register(tiny.transformer_blocks[1], _CountingHook(0.5))  # wraps the fused forward
+    hook = _register(tiny.transformer_blocks[1], _counting_hook(0.5))  # wraps the fused forward
     assert rel_err(_run(tiny, kw), ref) < CPU_FP32_REL
     with caplog.at_level("WARNING"):
         assert fdo.unpatch(tiny)
