@@ -5,6 +5,7 @@ their ``--device cpu --tiny`` smoke mode. GPU-marked tests exercise the CUDA eve
 """
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -276,6 +277,26 @@ def test_bench_model_tiny_cpu(tmp_path):
     assert doc["shape"]["txt_len_cond"] == 9 and doc["shape"]["txt_len_uncond"] == 7
 
 
+
+def test_source_digest_follows_the_files(tmp_path, monkeypatch):
+    """The benchmark JSON's ``source_digest`` hashes the package and csrc files that ran."""
+    import shutil
+    from fused_dit_ops.bench import harness
+    d0 = harness.source_digest()
+    assert len(d0) == 12 and int(d0, 16) >= 0
+    assert harness.env_info()["source_digest"] == d0
+    root = Path(harness.__file__).resolve().parents[2]
+    copy = tmp_path / "tree"
+    shutil.copytree(root / "fused_dit_ops", copy / "fused_dit_ops", ignore=shutil.ignore_patterns("__pycache__"))
+    if (root / "csrc").is_dir():
+        shutil.copytree(root / "csrc", copy / "csrc")
+    fake = copy / "fused_dit_ops" / "bench" / "harness.py"
+    monkeypatch.setattr(harness, "__file__", str(fake))
+    monkeypatch.setattr(harness, "_SOURCE_DIGEST", None)
+    assert harness.source_digest() == d0  # same files, same digest
+    (copy / "fused_dit_ops" / "ops" / "attention.py").write_text("# changed\n")
+    monkeypatch.setattr(harness, "_SOURCE_DIGEST", None)
+    assert harness.source_digest() != d0
 
 def test_rotated_rounds_and_merge():
     from fused_dit_ops.bench import harness

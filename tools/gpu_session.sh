@@ -10,6 +10,9 @@ if [ -f .devdeps/deps.tar.xz ]; then
   mkdir -p /tmp/site && tar -xJf .devdeps/deps.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
 fi
 steps=${*:-build test sanitize bench-modulation}
+# the device's copy of .git can be stale: name the commit from the real checkout; the JSON's
+# source_digest (a hash of the package files that ran) is recorded either way
+[ -z "${FUSED_DIT_GIT_COMMIT:-}" ] && echo "gpu_session: FUSED_DIT_GIT_COMMIT unset; git here says $(git rev-parse --short HEAD 2>/dev/null || echo none), which may be stale" >&2
 t0=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
 for step in $steps; do

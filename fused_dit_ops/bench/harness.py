@@ -125,11 +125,36 @@ def git_commit() -> str:
         return "unknown"
 
 
+_SOURCE_DIGEST: str | None = None
+
+
+def source_digest() -> str:
+    """SHA-256 (first 12 hex digits) of the code that ran: every ``.py`` file of the installed
+    ``fused_dit_ops`` package plus the C++/CUDA sources beside it (``csrc/``), by relative path and
+    content. Unlike the git commit it cannot be stale (a copied tree's ``.git`` can be)."""
+    global _SOURCE_DIGEST
+    if _SOURCE_DIGEST is None:
+        import hashlib
+        pkg = Path(__file__).resolve().parents[1]
+        files = sorted(pkg.rglob("*.py"))
+        csrc = pkg.parent / "csrc"
+        if csrc.is_dir():
+            files += sorted(p for p in csrc.rglob("*") if p.suffix in (".cu", ".cuh", ".cpp", ".h", ".txt"))
+        h = hashlib.sha256()
+        for f in files:
+            if "__pycache__" in f.parts:
+                continue
+            h.update(str(f.relative_to(pkg.parent)).encode() + b"\0" + f.read_bytes() + b"\0")
+        _SOURCE_DIGEST = h.hexdigest()[:12]
+    return _SOURCE_DIGEST
+
+
 def env_info() -> dict:
     import triton
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
+        "source_digest": source_digest(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
