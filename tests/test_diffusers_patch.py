@@ -718,6 +718,32 @@ def test_compile_block_fullgraph_no_recompile(tiny):
         dynamo.reset()
 
 
+def test_compile_with_adapters_added_after_patch():
+    """Adapters added after patching, then regional compile: one graph, no graph break, no
+    recompile across steps, adapters applied."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+    m = build_qwen_image_transformer("tiny", seed=7)
+    ref_m = build_qwen_image_transformer("tiny", seed=7)
+    _add_adapters(ref_m)
+    kw = make_qwen_inputs(m, seed=22)
+    ref = _run(ref_m, kw)
+    fdo.patch(m)
+    _add_adapters(m)
+    dynamo.reset()
+    counters.clear()
+    for b in m.transformer_blocks:
+        b.compile(fullgraph=True, backend="aot_eager")
+    try:
+        with dynamo.config.patch(error_on_recompile=True):
+            out = _run(m, kw)
+            _run(m, make_qwen_inputs(m, seed=23, timestep=0.3))
+        assert rel_err(out, ref) < CPU_FP32_REL
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        dynamo.reset()
+
 def test_demo_cpu(capsys):
     from fused_dit_ops.__main__ import main
     assert main(["demo", "--device", "cpu", "--iters", "1", "--warmup", "0"]) == 0
