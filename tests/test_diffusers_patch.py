@@ -6,6 +6,8 @@ is "fused no worse than stock bf16 (x1.5), and within an absolute ceiling".
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -692,37 +694,43 @@ def test_block_accepts_complex_freqs(tiny):
         assert rel_err(o, r) < CPU_FP32_REL
 
 
-def test_compile_block_fullgraph_no_recompile(tiny):
+@contextlib.contextmanager
+def _compiled_blocks(model):
+    """Regional compile of every block (fullgraph, aot_eager); inside, a recompile raises; on a
+    clean exit there was no graph break and exactly one graph. Dynamo is reset afterwards."""
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
-    kw = make_qwen_inputs(tiny)
-    fdo.patch(tiny)
-    eager = _run(tiny, kw)
     dynamo.reset()
     counters.clear()
-    for b in tiny.transformer_blocks:
+    for b in model.transformer_blocks:
         b.compile(fullgraph=True, backend="aot_eager")
     try:
         with dynamo.config.patch(error_on_recompile=True):
-            out = _run(tiny, kw)
-            kw2 = make_qwen_inputs(tiny, timestep=0.3, seed=9)  # next "step"
-            out2 = _run(tiny, kw2)
-        assert rel_err(out, eager) < CPU_FP32_REL
+            yield
         assert not counters["graph_break"], dict(counters["graph_break"])
         assert counters["stats"]["unique_graphs"] == 1
-        fdo.unpatch(tiny)
-        from fused_dit_ops.demo import uncompile_blocks
-        uncompile_blocks(tiny)
-        assert rel_err(out2, _run(tiny, kw2)) < CPU_FP32_REL
     finally:
         dynamo.reset()
+
+
+def test_compile_block_fullgraph_no_recompile(tiny):
+    kw = make_qwen_inputs(tiny)
+    fdo.patch(tiny)
+    eager = _run(tiny, kw)
+    with _compiled_blocks(tiny):
+        out = _run(tiny, kw)
+        kw2 = make_qwen_inputs(tiny, timestep=0.3, seed=9)  # next "step"
+        out2 = _run(tiny, kw2)
+    assert rel_err(out, eager) < CPU_FP32_REL
+    fdo.unpatch(tiny)
+    from fused_dit_ops.demo import uncompile_blocks
+    uncompile_blocks(tiny)
+    assert rel_err(out2, _run(tiny, kw2)) < CPU_FP32_REL
 
 
 def test_compile_with_adapters_added_after_patch():
     """Adapters added after patching, then regional compile: one graph, no graph break, no
     recompile across steps, adapters applied."""
-    import torch._dynamo as dynamo
-    from torch._dynamo.utils import counters
     m = build_qwen_image_transformer("tiny", seed=7)
     ref_m = build_qwen_image_transformer("tiny", seed=7)
     _add_adapters(ref_m)
@@ -730,19 +738,11 @@ def test_compile_with_adapters_added_after_patch():
     ref = _run(ref_m, kw)
     fdo.patch(m)
     _add_adapters(m)
-    dynamo.reset()
-    counters.clear()
-    for b in m.transformer_blocks:
-        b.compile(fullgraph=True, backend="aot_eager")
-    try:
-        with dynamo.config.patch(error_on_recompile=True):
-            out = _run(m, kw)
-            _run(m, make_qwen_inputs(m, seed=23, timestep=0.3))
-        assert rel_err(out, ref) < CPU_FP32_REL
-        assert not counters["graph_break"], dict(counters["graph_break"])
-        assert counters["stats"]["unique_graphs"] == 1
-    finally:
-        dynamo.reset()
+    with _compiled_blocks(m):
+        out = _run(m, kw)
+        _run(m, make_qwen_inputs(m, seed=23, timestep=0.3))
+    assert rel_err(out, ref) < CPU_FP32_REL
+
 
 def test_demo_cpu(capsys):
     from fused_dit_ops.__main__ import main
