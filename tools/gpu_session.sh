@@ -39,7 +39,7 @@ for step in $steps; do
     stamp "gpu tests: ${TEST_K:-all}"
     python -m pytest -q -s -m gpu tests ${TEST_K:+-k "$TEST_K"} -p no:cacheprovider -rfE 2>&1 | grep -E "rel|err|PASS|FAIL|passed|failed|Error" | tail -40 | tee "$OUT/test-gpu.txt"
     ;;
-  profile) stamp profile; python -m fused_dit_ops profile --a stock --b patched --png "$OUT/profile-block.png" --json "$OUT/profile-block.json" 2>&1 | tee "$OUT/profile.txt" ;;
+  profile) wait; stamp profile; python -m fused_dit_ops profile --a stock --b patched --png "$OUT/profile-block.png" --json "$OUT/profile-block.json" 2>&1 | tee "$OUT/profile.txt" ;;
   demo) stamp demo; python -m fused_dit_ops demo --out "$OUT" ${DEMO_ARGS:-} 2>&1 | tee "$OUT/demo.txt" ;;
   check) stamp check; python -m fused_dit_ops check 2>&1 | tee "$OUT/check.txt" ;;
   test)
@@ -57,6 +57,9 @@ for step in $steps; do
     compute-sanitizer --tool memcheck --print-limit 20 python tools/sanitize_kernels.py 2>&1 | tail -25 | tee "$OUT/sanitizer.txt"
     ;;
   bench-*)
+    # the build step's CMake/sdist jobs run in the background: an eager benchmark shares the host
+    # CPUs with them (eager launch time is host time), so let them finish first
+    wait
     stamp "$step"
     python -m fused_dit_ops bench "${step#bench-}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$step.txt"
     ;;
