@@ -9,6 +9,10 @@ export PYTHONUNBUFFERED=1 FUSED_DIT_BENCH_DIR="$OUT"
 if [ -f .devdeps/deps.tar.xz ]; then
   mkdir -p /tmp/site && tar -xJf .devdeps/deps.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
 fi
+# accelerate (+ psutil, pyyaml) for the offloading tests: tools/devdeps_extra.sh packs them
+if [ -f .devdeps/extra.tar.xz ]; then
+  mkdir -p /tmp/site-extra && tar -xJf .devdeps/extra.tar.xz -C /tmp/site-extra && export PYTHONPATH=$PYTHONPATH:/tmp/site-extra
+fi
 steps=${*:-build test sanitize bench-modulation}
 # the device's copy of .git can be stale: name the commit from the real checkout; the JSON's
 # source_digest (a hash of the package files that ran) is recorded either way

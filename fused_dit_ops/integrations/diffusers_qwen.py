@@ -170,6 +170,8 @@ class _State:
         self.mod_cache: dict = {}  # id(block) -> (packed GEMV output, its weight/bias versions)
         self.mod_cache_temb = None  # the temb (a copy) those outputs were computed from
         self._mod_hit = None  # (temb, temb._version, hit) decided once per forward
+        self.forwards = 0  # eager fused model forwards so far (a pack re-packed in two consecutive
+        # ones sees its parameters replaced every forward, e.g. by an offloading hook: it stops)
 
     @contextlib.contextmanager
     def stock(self):
@@ -329,6 +331,8 @@ class _PackedLinears:
         self.paths = tuple(tuple(p.split(".")) for p in paths)
         self.lins = self._modules_now()
         self.n = self.lins[0].weight.shape[0]
+        self.repacked_at = None  # st.forwards at the last re-pack
+        self.volatile = False  # parameters replaced in consecutive forwards: never re-pack again
         self._pack()
 
     def _modules_now(self):
@@ -358,6 +362,13 @@ class _PackedLinears:
         weight = torch.cat([l_.weight.detach() for l_ in self.lins], 0)
         bias = (torch.cat([l_.bias.detach() for l_ in self.lins], 0) if self.lins[0].bias is not None
                 else None)
+        for l_ in self.lins:
+            for t in (l_.weight, l_.bias):
+                # the old storage is released below while the copies above may still be reading it
+                # on this stream; it may have been allocated on another one (diffusers' group
+                # offloading onloads on a side stream), whose next allocation must wait for them
+                if t is not None and t.is_cuda:
+                    t.data.record_stream(torch.cuda.current_stream(t.device))
         for j, l_ in enumerate(self.lins):
             l_.weight.data = weight[j * n:(j + 1) * n]
             if bias is not None:
@@ -404,7 +415,16 @@ class _PackedLinears:
             return wb
         if (self.same_modules() and self.packable(self.lins) and not torch.compiler.is_compiling()
                 and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
+            if self.repacked_at is not None and st.forwards - self.repacked_at <= 1:
+                # replaced again one forward later: an offloading hook moves them every forward, and
+                # each re-pack would copy the weights once more (more than packing saves)
+                self.volatile = True
+            if self.volatile:
+                st.count(f"{what} not re-packed (parameters replaced on consecutive forwards, e.g. by an "
+                         "offloading hook): module calls")
+                return None
             self._pack()
+            self.repacked_at = st.forwards
             wb = self.packed()
             if wb is not None:
                 st.count(f"{what} re-packed (parameters were replaced, e.g. by model.to)")
@@ -792,6 +812,7 @@ def _model_forward(self, *args, **kwargs):
     if st.mode_stock or torch.compiler.is_compiling():
         return st.orig_model_forward(*args, **kwargs)
     st.in_forward, st.lookahead, st.prenorm = True, bool(st.next_block), None
+    st.forwards += 1
     try:
         return st.orig_model_forward(*args, **kwargs)
     finally:
@@ -902,9 +923,11 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
     if qk_path not in QK_PATHS:
         raise ValueError(f"qk_path must be one of {QK_PATHS}, got {qk_path!r}")
     p = next(model.parameters())
+    dev = _execution_device(model)
+    where = f"device={dev}" if dev == p.device else f"device={dev}, parameters on {p.device} (offloaded)"
     report = PatchReport(model=f"{type(model).__name__}(layers={len(model.transformer_blocks)}, "
                                f"zero_cond_t={bool(model.zero_cond_t)}, dtype={str(p.dtype).replace('torch.', '')}, "
-                               f"device={p.device})",
+                               f"{where})",
                          options=dict(ops=",".join(o for o in OPS if o in ops_set) or "none",
                                       attention_backend=attention_backend or "auto", qk_path=qk_path,
                                       verify=verify, pack_qkv=pack_qkv, pack_mod=pack_mod,
@@ -1020,16 +1043,44 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
     if "mlp" not in ops_set or "modulation" not in ops_set:
         report.stock["mlp"] = ("not selected in ops (stock FeedForward)" if "mlp" not in ops_set
                                else "needs 'modulation' (stock FeedForward)")
-    elif p.device.type != "cuda":
+    elif dev is None or dev.type != "cuda":
         report.stock["mlp"] = "GELU epilogue is CUDA-only: stock FeedForward on CPU"
 
     if probe:
-        why = _probe(model, ok_blocks[0][1])
+        blk = ok_blocks[0][1]
+        devs = {t.device for t in blk.parameters()}
+        why = None
+        if dev is None or devs != {dev}:
+            # offloaded: the block's weights are moved in by hooks around the model or its
+            # modules, which a direct block call would skip
+            report.stock["probe"] = (f"skipped: the block's parameters are on {sorted(map(str, devs))}, the "
+                                     f"model computes on {dev} (offloading hooks move them)")
+        else:
+            why = _probe(model, blk)
         if why:
             unpatch(model)
             report.swapped.clear()
             report.stock["model"] = f"probe of the fused block failed: {why}"
     return report
+
+
+def _execution_device(model):
+    """The device the model computes on: where an offloading hook moves the weights (accelerate's
+    ``execution_device``, diffusers group offloading's ``onload_device``), else where the
+    parameters are; None when they are on the meta device and no hook says."""
+    for m in model.modules():
+        hf = getattr(m, "_hf_hook", None)
+        for h in (getattr(hf, "hooks", None) or (hf,)) if hf is not None else ():
+            d = getattr(h, "execution_device", None)
+            if d is not None:
+                return torch.device(d) if not isinstance(d, int) else torch.device("cuda", d)
+        reg = getattr(m, "_diffusers_hook", None)
+        for h in getattr(reg, "hooks", {}).values():
+            d = getattr(getattr(h, "group", None), "onload_device", None)
+            if d is not None:
+                return torch.device(d)
+    p = next(model.parameters())
+    return None if p.device.type == "meta" else p.device
 
 
 @torch.no_grad()
