@@ -341,8 +341,39 @@ def _sdpa(sdp_name: str, q, k, v, scale, causal):
     return o.transpose(1, 2)
 
 
+_FA3_RAW: dict = {}  # id(fa3 module) -> its registered forward op, or None
+
+
+def _fa3_raw_forward(mod):
+    """fa3-fwd's registered forward op (``torch.ops.fa3_fwd.fwd``), if its schema is the one we
+    call, else None. ``flash_attn_func`` reaches the same op through an autograd.Function and a
+    ``torch.library.custom_op`` wrapper that allocates two placeholder tensors per call: about
+    0.2-0.5 ms of host time per call on the H100 hosts here, for an inference call that needs none of it."""
+    key = id(mod)
+    if key not in _FA3_RAW:
+        op = None
+        if getattr(mod, "__name__", "") == "fa3_fwd_interface":
+            try:
+                cand = torch.ops.fa3_fwd.fwd.default
+                names = [a.name for a in cand._schema.arguments]
+                if (names[:3] == ["q", "k", "v"] and {"softmax_scale", "is_causal", "num_splits"} <= set(names)
+                        and len(cand._schema.returns) == 4):
+                    op = cand
+            except (AttributeError, RuntimeError):
+                op = None
+        _FA3_RAW[key] = op
+    return _FA3_RAW[key]
+
+
 def _run_fa3(q, k, v, scale, causal):
-    out = _fa3_module().flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+    mod = _fa3_module()
+    op = _fa3_raw_forward(mod)
+    if (op is not None and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        # the same kernel with flash_attn_func's defaults (num_splits=1, scale 1/sqrt(head_dim))
+        return op(q, k, v, softmax_scale=q.shape[-1] ** -0.5 if scale is None else scale, is_causal=causal,
+                  num_splits=1)[0]
+    out = mod.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -616,3 +616,27 @@ def test_sdpa_check_api_on_cpu_tensors():
     for name in ("cudnn", "fa2", "efficient"):
         r = disp._sdpa_reason(name, q, k, v, False)
         assert r is not None and r.text.startswith(f"{name}: torch SDPA refuses"), r
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_fa3_raw_op_matches_flash_attn_func(causal):
+    """The shim calls fa3-fwd's registered forward op directly (no autograd.Function, no custom_op
+    wrapper): bit-identical to ``flash_attn_func`` on strided q/k/v views of a packed buffer; with
+    grad enabled and inputs that require grad it goes through ``flash_attn_func``."""
+    from fused_dit_ops import attention_dispatch as ad
+    mod = ad._fa3_module()
+    if mod is None or torch.cuda.get_device_capability() != (9, 0) or ad._fa3_raw_forward(mod) is None:
+        pytest.skip("fa3-fwd with its registered forward op on an sm90 GPU")
+    buf = torch.randn(2, 700, 3, 24, 128, device="cuda", dtype=torch.bfloat16)
+    q, k, v = buf.unbind(2)  # row stride 3 * 24 * 128: views, last dim contiguous
+    for scale in (None, 0.07):
+        with torch.no_grad():
+            raw = ad._run_fa3(q, k, v, scale, causal)
+            ref = mod.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+        ref = ref[0] if isinstance(ref, tuple) else ref
+        assert raw.shape == ref.shape and torch.equal(raw, ref)
+    with torch.no_grad():
+        raw = ad._run_fa3(q, k, v, None, causal)
+    out = ad._run_fa3(q.detach().clone().requires_grad_(), k, v, None, causal)
+    assert out.requires_grad and torch.equal(out.detach(), raw)

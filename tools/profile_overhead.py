@@ -51,6 +51,19 @@ def main():
     _launch.set_enabled(True)
     e = lambda: torch.add(x, u)  # noqa: E731
     print(f"{'torch.add (reference point)':32s} {per_call_us(e):9.1f}")
+    # attention through fa3-fwd: its public flash_attn_func vs the registered op our shim calls
+    from fused_dit_ops import attention_dispatch as ad
+    mod = ad._fa3_module()
+    if mod is not None and torch.cuda.get_device_capability() == (9, 0):
+        q = torch.randn(1, 256, 24, 128, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            rows = [("fa3 flash_attn_func", lambda: mod.flash_attn_func(q, q, q)),
+                    ("fa3 shim runner (raw op if found)", lambda: ad._run_fa3(q, q, q, None, False)),
+                    ("fused_dit.attention (torch.ops)", lambda: torch.ops.fused_dit.attention.default(
+                        q, q, q, None, False, "fa3"))]
+            print(f"raw fa3-fwd op found: {ad._fa3_raw_forward(mod) is not None}")
+            for name, f in rows:
+                print(f"{name:32s} {per_call_us(f):9.1f}")
 
 
 if __name__ == "__main__":
