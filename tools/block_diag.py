@@ -172,6 +172,9 @@ def main():
             fdo.unpatch(model)
             torch.cuda.empty_cache()
     res["img_tokens"] = args.img_tokens or [4096, 4096]
+    from fused_dit_ops.bench import harness
+    res["env"] = harness.env_info()  # GPU, versions, commit (FUSED_DIT_GIT_COMMIT), source digest, date
+    res["command"] = "python tools/block_diag.py " + " ".join(__import__("sys").argv[1:])
     with open(os.path.join(args.out, f"block-diag{args.tag}.json"), "w") as f:
         json.dump(res, f, indent=1)
 
