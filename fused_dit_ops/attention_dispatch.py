@@ -7,7 +7,8 @@ name       what runs
 ========== =====================================================================================
 fa3        FlashAttention-3, fixed-length (non-varlen) ``flash_attn_func``: upstream
            ``flash_attn_interface`` (dist ``flash_attn_3``) or ``fa3_fwd_interface`` (PyPI
-           ``fa3-fwd``, bf16/fp8 only: no fp16). sm90 only.
+           ``fa3-fwd``, bf16/fp8 only: no fp16). sm90 only. For fa3-fwd without grad, its
+           registered op ``torch.ops.fa3_fwd.fwd`` is called directly (same kernel and defaults).
 fa4        FlashAttention-4 (``flash_attn.cute.flash_attn_func``, CuTe DSL, JIT per config);
            its ``(out, lse)`` return is normalised to ``out``. sm90 / sm100.
 cudnn      cuDNN attention through SDPA (``SDPBackend.CUDNN_ATTENTION``).
