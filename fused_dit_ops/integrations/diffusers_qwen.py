@@ -1068,17 +1068,23 @@ def _execution_device(model):
     """The device the model computes on: where an offloading hook moves the weights (accelerate's
     ``execution_device``, diffusers group offloading's ``onload_device``), else where the
     parameters are; None when they are on the meta device and no hook says."""
+    def norm(d):
+        d = torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
+        if d.type == "cuda" and d.index is None and torch.cuda.is_available():
+            d = torch.device("cuda", torch.cuda.current_device())  # "cuda" means the current one
+        return d
+
     for m in model.modules():
         hf = getattr(m, "_hf_hook", None)
         for h in (getattr(hf, "hooks", None) or (hf,)) if hf is not None else ():
             d = getattr(h, "execution_device", None)
             if d is not None:
-                return torch.device(d) if not isinstance(d, int) else torch.device("cuda", d)
+                return norm(d)
         reg = getattr(m, "_diffusers_hook", None)
         for h in getattr(reg, "hooks", {}).values():
             d = getattr(getattr(h, "group", None), "onload_device", None)
             if d is not None:
-                return torch.device(d)
+                return norm(d)
     p = next(model.parameters())
     return None if p.device.type == "meta" else p.device
 
