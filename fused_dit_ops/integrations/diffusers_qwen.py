@@ -158,6 +158,7 @@ class _State:
         self.prev_forward: dict = {}  # id(module) -> instance-level forward it had before patching
         self.patched_blocks: list = []
         self.procs: list = []  # (attn module, original processor)
+        self.inner_refs: list = []  # (block, diffusers HookFunctionReference, attribute, original forward)
         self.packed_qkv: dict = {}  # id(attn) -> (text, image) _PackedLinears
         self.packed_mod: dict = {}  # id(block) -> _PackedLinears of (img_mod[1], txt_mod[1])
         self._silu = None  # (temb, temb._version, silu(temb)): one SiLU per forward, not per block
@@ -858,9 +859,10 @@ def _block_reason(block):
     attn = block.attn
     proc = attn.processor
     fwd = block.__dict__.get("forward")
-    if fwd is not None and getattr(fwd, "__func__", None) is not fused_block_forward:
-        return ("forward is wrapped on the instance (a diffusers hook: cache, group offloading, layerwise "
-                "casting; or an accelerate hook): patch before adding such hooks")
+    if (fwd is not None and getattr(fwd, "__func__", None) is not fused_block_forward
+            and _hooked_inner_ref(block) is None):
+        return ("forward is wrapped on the instance by something other than diffusers' hooks around the "
+                "block's own forward (e.g. an accelerate hook): patch before adding it")
     if type(proc) is not QwenDoubleStreamAttnProcessor2_0:
         return f"attention processor is {type(proc).__name__}, not QwenDoubleStreamAttnProcessor2_0"
     for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
@@ -872,6 +874,24 @@ def _block_reason(block):
             return f"attn.{n} is missing"
     if attn.inner_dim % attn.heads or (attn.inner_dim // attn.heads) % 2:
         return f"head_dim {attn.inner_dim}/{attn.heads} is not an even integer"
+    return None
+
+
+def _hooked_inner_ref(block):
+    """(HookFunctionReference, attribute) through which diffusers' hooks on ``block`` (caches such as
+    FirstBlockCache, block-level group offloading) call the block's own ``forward``, or None. The
+    innermost hook of a diffusers ``HookRegistry`` holds the original bound method, in ``forward``
+    (or ``original_forward`` for hooks with their own ``new_forward``); the fused forward goes there,
+    under the hooks, which keep running first."""
+    reg = getattr(block, "_diffusers_hook", None)
+    refs = getattr(reg, "_fn_refs", None)
+    if not refs or block.__dict__.get("forward") is None:
+        return None
+    ref = refs[0]
+    attr = "original_forward" if getattr(ref, "original_forward", None) is not None else "forward"
+    f = getattr(ref, attr, None)
+    if getattr(f, "__func__", None) is _stock_block_forward() and getattr(f, "__self__", None) is block:
+        return ref, attr
     return None
 
 
@@ -958,7 +978,13 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
         report.stock["dual_launch"] = "dual_launch=False: one launch per stream for each norm op"
     for i, block in ok_blocks:
         setattr(block, _ATTR, st)
-        block.forward = types.MethodType(fused_block_forward, block)
+        inner = _hooked_inner_ref(block)
+        if inner is not None:  # diffusers hooks stay on top; the fused forward goes under them
+            ref, attr = inner
+            st.inner_refs.append((block, ref, attr, getattr(ref, attr)))
+            setattr(ref, attr, types.MethodType(fused_block_forward, block))
+        else:
+            block.forward = types.MethodType(fused_block_forward, block)
         old = block.attn.processor
         block.attn.set_processor(FusedQwenBlockAttnProcessor(st, old, attention_backend))
         st.procs.append((block.attn, old))
@@ -1025,6 +1051,9 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
     st.orig_model_forward = model.forward
     setattr(model, _ATTR, st)
     model.forward = types.MethodType(_model_forward, model)
+    if st.inner_refs:
+        report.swapped.append(f"{len(st.inner_refs)} blocks with diffusers hooks added before patch: the fused "
+                              "forward runs under the hooks (no look-ahead into them)")
     if len(model.transformer_blocks) != len(ok_blocks):
         # stock blocks need diffusers' complex freqs: pos_embed stays stock, the patched blocks
         # convert them (once per forward, st.rope_tables)
@@ -1104,7 +1133,9 @@ def _probe(model, block):
     idx = torch.tensor([[0, 0, 1, 1]], dtype=torch.int32, device=p.device) if block.zero_cond_t else None
     tab = (torch.randn(Li, hd, generator=g).to(p.device), torch.randn(Lt, hd, generator=g).to(p.device))
     try:
-        e2, h2 = block(h, e, None, temb, tab, None, idx)
+        # the fused forward itself: hooks on the block (a cache's state, an offloading hook) must not
+        # see this call
+        e2, h2 = fused_block_forward(block, h, e, None, temb, tab, None, idx)
     except FusedDitInputError as ex:
         return f"FusedDitInputError: {ex}"
     if not (torch.isfinite(h2).all() and torch.isfinite(e2).all()):
@@ -1139,8 +1170,18 @@ def unpatch(model_or_pipeline) -> bool:
     st.next_block.clear()
     st.prenorm = None
     ours = {id(model): _model_forward, id(model.pos_embed): _pos_embed_forward}
+    under = set()
+    for block, ref, attr, orig in st.inner_refs:
+        if getattr(getattr(ref, attr, None), "__func__", None) is fused_block_forward:
+            setattr(ref, attr, orig)  # the hooks call the block's own forward again
+        if getattr(block.__dict__.get("forward"), "__func__", None) is not fused_block_forward:
+            under.add(id(block))  # (a hook removed since leaves ours as the forward: popped below)
+            block.__dict__.pop(_ATTR, None)
+    st.inner_refs.clear()
     wrapped = []
     for m in [*st.patched_blocks, model, model.pos_embed]:
+        if id(m) in under:
+            continue
         fwd = m.__dict__.get("forward")
         if fwd is not None and getattr(fwd, "__func__", None) is not ours.get(id(m), fused_block_forward):
             # a hook added after patching wraps our forward: removing ours would remove the hook too,
