@@ -1,7 +1,7 @@
 """Host time per call of the GEMM forms a DiT block uses (GPU, bf16), to see what an eager call
-costs on the CPU side: addmm with a bias (torch routes it to cuBLASLt's bias epilogue), mm without
-one, F.linear, the GELU-epilogue _addmm_activation, each with torch's default BLAS library and
-with ``preferred_blas_library("cublas")``. Shapes: M tokens x K -> N (a small image's stream)."""
+costs on the CPU side: addmm with a bias, mm without one, F.linear, the GELU-epilogue
+_addmm_activation, each with torch's default BLAS library and with ``preferred_blas_library``
+"cublas" and "cublaslt". Shapes: M tokens x K -> N (a small image's stream). GPU only."""
 import argparse
 import json
 import os
@@ -9,17 +9,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from profile_overhead import per_call_us as wall_us  # tools/: same loop (warm-up, synchronized)
 
 
 def per_call_us(fn, n=300):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) / n * 1e6
+    """(host us, wall us) per call."""
+    wall = wall_us(fn, n)
     # host time alone: keep the GPU busy behind a sleep so the launches never wait for it
     torch.cuda._sleep(int(2e9))
     t = time.perf_counter()
