@@ -5,24 +5,17 @@ _addmm_activation, each with torch's default BLAS library and with ``preferred_b
 import argparse
 import json
 import os
-import time
 
 import torch
 import torch.nn.functional as F
-from profile_overhead import per_call_us as wall_us  # tools/: same loop (warm-up, synchronized)
+from block_diag import host_ms  # tools/: the GPU kept busy behind a sleep, so launches never wait
+from profile_overhead import per_call_us as wall_us  # tools/: warm-up, then synchronized wall time
 
 
 def per_call_us(fn, n=300):
     """(host us, wall us) per call."""
     wall = wall_us(fn, n)
-    # host time alone: keep the GPU busy behind a sleep so the launches never wait for it
-    torch.cuda._sleep(int(2e9))
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    return host, wall
+    return host_ms(fn, n) * 1e3, wall
 
 
 def main():
