@@ -311,6 +311,28 @@ def test_rotated_rounds_and_merge():
     assert m["c"]["ms"] == 5.0 and m["c"]["rounds_ok"] == 1 and m["c"]["rounds_failed"] == 1
     harness.add_ratio(list(m.values()), "ms", "c", "r")
     assert m["a"]["r"] == pytest.approx(0.4) and "r" not in m["b"]
+    # the GPU state a CUDA bench records per round is kept per round
+    g = [{"provider": "p", "ms": 1.0, "gpu_before": {"temp_c": 40}},
+         {"provider": "p", "ms": 2.0, "gpu_before": {"temp_c": 60}}]
+    (mp,) = harness.merge_rounds(g, ["ms"])
+    assert mp["gpu_before_rounds"] == [{"temp_c": 40}, {"temp_c": 60}] and "gpu_after_rounds" not in mp
+
+
+def test_gpu_state_parses_nvidia_smi(monkeypatch):
+    import subprocess
+    from fused_dit_ops.bench import harness
+    monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(harness.torch.cuda, "current_device", lambda: 0)
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 0, stdout="47, 1755, 312.40\n", stderr="")
+    monkeypatch.setattr(harness.subprocess, "run", fake_run)
+    assert harness.gpu_state() == {"temp_c": 47, "sm_mhz": 1755, "power_w": 312.4}
+    assert "--id=0" in seen["cmd"]
+    monkeypatch.setattr(harness.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError()))
+    assert harness.gpu_state() is None  # no nvidia-smi: no state, no error
 
 
 def test_bench_block_and_model_rounds_tiny_cpu(tmp_path):

@@ -63,7 +63,8 @@ def _clone(v):
     return v.clone() if isinstance(v, torch.Tensor) else v
 
 
-def run_provider(model, inputs: dict, provider: str, device: str, rep_ms: int) -> tuple[dict, torch.Tensor]:
+def run_provider(model, inputs: dict, provider: str, device: str, rep_ms: int,
+                 cooldown_s: float = 0.0) -> tuple[dict, torch.Tensor]:
     name = _configs.normalize(provider)
     base = "patched" if _configs.is_patched(name) else "stock"
     _configs.apply(model, base)
@@ -79,11 +80,18 @@ def run_provider(model, inputs: dict, provider: str, device: str, rep_ms: int) -
         call()
         _configs.synchronize(device)
         first_s = time.perf_counter() - t0
+        gpu = {}
+        if torch.device(device).type == "cuda":
+            gpu["gpu_before"] = harness.cool_down(cooldown_s)
         us = harness.time_us_on(device, call, rep_ms=rep_ms)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+            gpu["gpu_after"] = harness.gpu_state()
         # output on fresh copies of the inputs (a block may update its inputs in place)
         out = call(tuple(_clone(a) for a in args), {k: _clone(v) for k, v in kwargs.items()})
         img = out[1] if isinstance(out, (tuple, list)) else out
-        return {"provider": provider, "ms": us / 1e3, "first_call_s": first_s, "compile": how}, img.detach()
+        return ({"provider": provider, "ms": us / 1e3, "first_call_s": first_s, "compile": how, **gpu},
+                img.detach())
     finally:
         _configs.reset(model, name)
         if torch.device(device).type == "cuda":
@@ -103,6 +111,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rep-ms", type=int, default=500, help="do_bench repetition time per provider")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the providers this many times, the order rotated each round; report medians")
+    ap.add_argument("--cooldown", type=float, default=0.0,
+                    help="seconds of GPU idle before timing each provider (default 0: each provider "
+                         "starts as warm as the previous one left the GPU); the GPU's temperature and "
+                         "SM clock before and after each timing are recorded either way")
     ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
     args = ap.parse_args(argv)
     device = _configs.resolve_device(args.device, args.tiny, "bench block")
@@ -130,7 +142,7 @@ def main(argv=None) -> int:
             print(f" round {rnd + 1}/{args.rounds}: {', '.join(order)}")
         for p in order:
             try:
-                row, img = run_provider(model, inputs, p, device, args.rep_ms)
+                row, img = run_provider(model, inputs, p, device, args.rep_ms, args.cooldown)
             except Exception as e:  # keep the other providers' numbers
                 print(f"  {p}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
                 rows.append({"provider": p, "error": f"{type(e).__name__}: {e}", "round": rnd})
@@ -145,7 +157,9 @@ def main(argv=None) -> int:
                 pending[id(row)] = (row, img)
             row["max_rel_diff_vs_stock"] = _configs.rel_err(img, ref) if ref is not None else None
             rows.append(row)
-            print(f"  {p}: {row['ms']:.3f} ms (first call {row['first_call_s']:.1f} s)")
+            g = row.get("gpu_before")
+            at = f", GPU {g['temp_c']} C / {g['sm_mhz']} MHz at start" if g else ""
+            print(f"  {p}: {row['ms']:.3f} ms (first call {row['first_call_s']:.1f} s{at})")
     pending.clear()
     if args.rounds > 1:
         rows = harness.merge_rounds(rows, ["ms"])
@@ -164,7 +178,8 @@ def main(argv=None) -> int:
     path = harness.write_results("block" + ("-tiny" if args.tiny else ""), rows,
                                  extra={"shape": shape, "device": device, "target_ms_patched_eager": TARGET_MS,
                                         "target_met": verdict, "reference_ms": REFERENCE_MS,
-                                        "rounds": args.rounds, "rep_ms": args.rep_ms},
+                                        "rounds": args.rounds, "rep_ms": args.rep_ms,
+                                        "cooldown_s": args.cooldown},
                                  out_dir=args.out)
     print(f"results: {path}")
     return 0

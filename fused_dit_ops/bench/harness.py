@@ -167,6 +167,32 @@ def env_info() -> dict:
     return info
 
 
+def gpu_state() -> dict | None:
+    """Temperature (C), SM clock (MHz) and power draw (W) of the current CUDA device from
+    ``nvidia-smi`` (None where it is missing or fails): recorded next to block and model timings,
+    because on power-capped GPUs the clock, and so the time, follows the temperature."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        idx = torch.cuda.current_device()
+        out = subprocess.run(["nvidia-smi", f"--id={idx}", "--query-gpu=temperature.gpu,clocks.sm,power.draw",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+        temp, clock, power = (x.strip() for x in out.stdout.strip().splitlines()[0].split(","))
+        return {"temp_c": int(temp), "sm_mhz": int(clock), "power_w": float(power)}
+    except Exception:  # no nvidia-smi, another vendor, unparsable output
+        return None
+
+
+def cool_down(seconds: float) -> dict | None:
+    """Idle the GPU for ``seconds`` (after finishing queued work) and return :func:`gpu_state` after."""
+    import time
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    if seconds > 0:
+        time.sleep(seconds)
+    return gpu_state()
+
+
 def rotated_rounds(providers: Sequence[str], rounds: int):
     """(round, provider order) for ``rounds`` rounds; round r starts r places further along the list,
     so that the heating left by earlier providers (the GPUs run at their power cap, where clocks
@@ -196,6 +222,9 @@ def merge_rounds(rows: Sequence[dict], keys: Sequence[str]) -> list[dict]:
             vals = [r[k] for r in ok]
             row[k] = statistics.median(vals)
             row[k + "_rounds"] = vals
+        for k in ("gpu_before", "gpu_after"):  # per-round GPU state where the bench recorded it
+            if any(k in r for r in ok):
+                row[k + "_rounds"] = [r.get(k) for r in ok]
         row["rounds_ok"] = len(ok)
         if len(ok) < len(rs):
             row["rounds_failed"] = len(rs) - len(ok)

@@ -60,7 +60,7 @@ class _Timer:
 
 
 def run_provider(model, cond: dict, uncond: dict, provider: str, device: str, *, warmup: int, steps: int,
-                 dynamic: bool) -> tuple[dict, torch.Tensor]:
+                 dynamic: bool, cooldown_s: float = 0.0) -> tuple[dict, torch.Tensor]:
     base, _, mod = provider.partition("+")  # "patched-eager+noreuse": patch(reuse_mod=False), for A/B runs
     if mod not in ("", "noreuse"):
         raise ValueError(f"unknown provider modifier {mod!r} in {provider!r} (known: +noreuse)")
@@ -82,6 +82,9 @@ def run_provider(model, cond: dict, uncond: dict, provider: str, device: str, *,
                 model(**ku)
             _configs.synchronize(device)
             warm_s = time.perf_counter() - t0
+            gpu = {}
+            if torch.device(device).type == "cuda":
+                gpu["gpu_before"] = harness.cool_down(cooldown_s)
             marks = []
             for kc, ku in step_kw[warmup:]:
                 a = timer.mark()
@@ -91,6 +94,8 @@ def run_provider(model, cond: dict, uncond: dict, provider: str, device: str, *,
                 c = timer.mark()
                 marks.append((a, b, c))
             _configs.synchronize(device)
+            if torch.device(device).type == "cuda":
+                gpu["gpu_after"] = harness.gpu_state()
             cond_ms = [timer.ms(a, b) for a, b, _ in marks]
             uncond_ms = [timer.ms(b, c) for _, b, c in marks]
             step_ms = [timer.ms(a, c) for a, _, c in marks]
@@ -103,7 +108,7 @@ def run_provider(model, cond: dict, uncond: dict, provider: str, device: str, *,
     med = statistics.median
     row = {"provider": provider, "ms_cond": med(cond_ms), "ms_uncond": med(uncond_ms),
            "ms_forward": 0.5 * (med(cond_ms) + med(uncond_ms)), "s_per_step": med(step_ms) / 1e3,
-           "warmup_s": warm_s, "compile": info.get("compile", "")}
+           "warmup_s": warm_s, "compile": info.get("compile", ""), **gpu}
     return row, out
 
 
@@ -128,6 +133,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", help="bf16 (default), fp16; fp32 with --tiny on CPU")
     ap.add_argument("--device", default=None, help="cuda (default) or cpu with --tiny")
     ap.add_argument("--tiny", action="store_true", help="tiny config: a smoke run (CPU ok), not a measurement")
+    ap.add_argument("--cooldown", type=float, default=0.0,
+                    help="seconds of GPU idle between a provider's warm-up and its timed steps (default 0); "
+                         "the GPU's temperature and SM clock before and after the timed steps are recorded "
+                         "either way")
     ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
     args = ap.parse_args(argv)
     device = _configs.resolve_device(args.device, args.tiny, "bench model")
@@ -167,7 +176,7 @@ def main(argv=None) -> int:
         for p in order:
             try:
                 row, out = run_provider(model, cond, uncond, p, device, warmup=args.warmup, steps=args.steps,
-                                        dynamic=args.dynamic)
+                                        dynamic=args.dynamic, cooldown_s=args.cooldown)
             except Exception as e:  # keep the other providers' numbers
                 print(f"  {p}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
                 rows.append({"provider": p, "error": f"{type(e).__name__}: {e}"[:500], "round": rnd})
@@ -203,7 +212,7 @@ def main(argv=None) -> int:
     path = harness.write_results("model" + ("-tiny" if args.tiny else ""), rows,
                                  extra={"shape": shape, "device": device, "build_s": build_s,
                                         "steps": args.steps, "warmup": args.warmup, "dynamic": args.dynamic,
-                                        "rounds": args.rounds,
+                                        "rounds": args.rounds, "cooldown_s": args.cooldown,
                                         "target_forward_ms": TARGET_FORWARD_MS, "target_step_s": TARGET_STEP_S,
                                         "target_met": verdict, "reference_step_s": REFERENCE_STEP_S},
                                  out_dir=args.out)
