@@ -11,6 +11,7 @@ from .ops.modulation import (dual_gate_residual_norm_scale_shift, dual_norm_scal
 from .ops.attention import attention
 from .attention_dispatch import (AttentionBackendError, AttentionFallbackWarning, attention_backend,
                                  attention_backends, warmup_attention)
+from .ops.linear import joint_linear
 from .ops.rope import joint_qk_norm_rope_, joint_qkv_cat, qk_norm_rope_cat, rope, warmup_rope
 from .rope_tables import cos_sin_from_complex, flux_ids, flux_rope_table, qwen_image_rope_tables
 from .integrations.diffusers_qwen import PatchReport, patch, unpatch
@@ -35,6 +36,7 @@ __all__ = [
     "joint_qkv_cat",
     "qk_norm_rope_cat",
     "joint_qk_norm_rope_",
+    "joint_linear",
     "warmup_rope",
     "qwen_image_rope_tables",
     "cos_sin_from_complex",

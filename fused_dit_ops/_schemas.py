@@ -43,6 +43,10 @@ SCHEMAS: dict[str, str] = {
     "joint_qk_norm_rope_": "(Tensor(a!) q, Tensor(b!) k, int txt_len, Tensor txt_q_weight,"
     " Tensor txt_k_weight, Tensor img_q_weight, Tensor img_k_weight, Tensor txt_cos_sin,"
     " Tensor img_cos_sin, float eps=1e-06, bool interleaved=True) -> ()",
+    # two token streams, each through its own (possibly packed) projection, written into one joint
+    # [B, Lt + Li, N] buffer (the joint Q/K/V of a double-stream block without a cat)
+    "joint_linear": "(Tensor txt, Tensor img, Tensor[] txt_weights, Tensor?[] txt_biases,"
+    " Tensor[] img_weights, Tensor?[] img_biases) -> Tensor",
     # -- attention (issue 4) ---------------------------------------------------------------------
     "attention": "(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False,"
     " str? backend=None) -> Tensor",

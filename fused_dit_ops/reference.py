@@ -151,6 +151,18 @@ def joint_qkv_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v):
             torch.cat([txt_v, img_v], dim=1))
 
 
+def joint_linear(txt, img, txt_weights, txt_biases, img_weights, img_biases):
+    """[B, Lt + Li, N]: cat([txt @ cat(txt_weights).T + cat(txt_biases),
+    img @ cat(img_weights).T + cat(img_biases)], dim=1); a None bias adds zeros for its columns."""
+    def proj(x, ws, bs):
+        w = torch.cat(list(ws), 0)
+        b = None
+        if any(t is not None for t in bs):
+            b = torch.cat([t if t is not None else w.new_zeros(wj.shape[0]) for t, wj in zip(bs, ws)], 0)
+        return torch.nn.functional.linear(x, w, b)
+    return torch.cat([proj(txt, txt_weights, txt_biases), proj(img, img_weights, img_biases)], dim=1)
+
+
 def qk_norm_rope_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v, txt_q_weight, txt_k_weight,
                      img_q_weight, img_k_weight, txt_cos_sin, img_cos_sin, eps=1e-6, interleaved=True):
     """Joint (q, k, v) [B, Lt + Li, H, D]: per stream RMSNorm(q|k) -> RoPE (table row l for

@@ -12,15 +12,16 @@ What a patched ``QwenImageTransformer2DModel`` runs per block (both streams, dif
    block already did it (``lookahead``, below); the gate is never materialised, the later ops
    select it from the index;
 3. attention (processor :class:`FusedQwenBlockAttnProcessor`, set per ``Attention`` module):
-   - ``qk_path="joint"`` (eager default): the Q/K/V projections write straight into row slices
-     of joint buffers (``torch.addmm(..., out=rows)``): with ``pack_qkv`` one GEMM per stream into
-     one [B, N, 3D] buffer whose column views are q, k, v; else six GEMMs into three [B, N, D]
-     buffers. Then ``joint_qk_norm_rope_`` does
-     QK-RMSNorm + RoPE in place: 3 writes + 2 reads + 2 writes of an [N, D] activation, V never
-     touched again, no cat;
-   - ``qk_path="cat"`` (default while torch.compile traces: out= writes into views of a buffer are
-     functionalised into extra copies there, and in-place ops on buffers cost clones): projections
-     as modules, then ``qk_norm_rope_cat`` writes the joint q/k/v in one launch (3 + 3 reads + 3 writes);
+   - ``qk_path="joint"`` (the default, eager and torch.compile): ``fused_dit.joint_linear`` writes
+     the Q/K/V projections straight into the row slices of one joint [B, N, 3D] buffer whose column
+     views are q, k, v: with ``pack_qkv`` one GEMM per stream, else one per projection into its
+     column slice. Then ``joint_qk_norm_rope_`` does QK-RMSNorm + RoPE in place: 3 writes + 2 reads
+     + 2 writes of an [N, D] activation, V never touched again, no cat. Both are opaque ops, so a
+     compiled block runs the same kernels (inductor re-inplaces the in-place op on the buffer it
+     owns). Projections that are modules (a LoRA adapter) are called as modules and their outputs
+     copied into the joint rows (eager) or take the ``cat`` path (torch.compile);
+   - ``qk_path="cat"``: projections as modules, then ``qk_norm_rope_cat`` writes the joint q/k/v in
+     one launch (3 + 3 reads + 3 writes);
    - ``fused_dit.attention`` on the joint [B, N, H, D] q/k/v (backend: ``attention_backend``), output
      split per stream as row views, ``to_out[0]`` / ``to_add_out``;
 4. ``gate_residual_norm_scale_shift``: h + gate1 * attn_out, LayerNorm, modulation, per stream
@@ -66,6 +67,7 @@ import torch.nn.functional as F
 
 from .. import reference as _ref
 from .._validation import FusedDitInputError
+from ..ops.linear import packed_rows
 from ..rope_tables import cos_sin_from_complex
 from .diffusers_attention import FusedQwenDoubleStreamAttnProcessor
 
@@ -375,20 +377,7 @@ class _PackedLinears:
             if bias is not None:
                 l_.bias.data = bias[j * n:(j + 1) * n]
 
-    @staticmethod
-    def _rows_of_one(ts):
-        """The packed [k*n, ...] view if ``ts`` are consecutive contiguous row blocks of one storage."""
-        t0 = ts[0]
-        step = t0.numel() * t0.element_size()
-        p0 = t0.data_ptr()
-        for j, t in enumerate(ts):
-            if t.data_ptr() != p0 + j * step or not t.is_contiguous() or t.shape != t0.shape or t.dtype != t0.dtype:
-                return None
-        s0 = t0.untyped_storage().data_ptr()
-        if any(t.untyped_storage().data_ptr() != s0 for t in ts[1:]):
-            return None
-        shape = (len(ts) * t0.shape[0],) + tuple(t0.shape[1:])
-        return t0.detach().as_strided(shape, t0.stride(), t0.storage_offset())
+    _rows_of_one = staticmethod(packed_rows)  # the joint_linear op's packing test
 
     def same_modules(self) -> bool:
         lins = self._modules_now()
@@ -448,14 +437,6 @@ class _PackedLinears:
                     p.data = p.data.clone()
 
 
-def _packed_linear_into(x2d, wb, out2d):
-    w, b = wb
-    if b is not None:
-        torch.addmm(b, x2d, w.t(), out=out2d)
-    else:
-        torch.mm(x2d, w.t(), out=out2d)
-
-
 class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
     """The processor a patched block uses. With real RoPE tables (what a patched model's ``pos_embed``
     returns) and no text mask it runs the fused path (module doc, step 3); otherwise — stock mode,
@@ -488,28 +469,36 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
         projs = ((attn.add_q_proj, attn.to_q), (attn.add_k_proj, attn.to_k), (attn.add_v_proj, attn.to_v))
         qk_path = st.qk_path
         if qk_path == "auto":
-            qk_path = "cat" if torch.compiler.is_compiling() else "joint"
+            qk_path = "joint"
+        compiling = torch.compiler.is_compiling()
         # the fused QK paths read the RMSNorm weights directly: a hooked norm (layerwise casting,
         # offloading) runs as a module in the stock-norm path below
         fused_qk = st.qk and _no_hooks(attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k)
         if st.qk and not fused_qk:
             st.count("QK RMSNorm modules hooked: module calls, RoPE and cat in torch")
-        packs = (st.packed_qkv.get(id(attn)) if fused_qk and qk_path == "joint" and not torch.compiler.is_compiling()
-                 else None)
-        pw = (packs[0].get(st, "text q/k/v"), packs[1].get(st, "image q/k/v")) if packs is not None else (None,)
-        if all(w is not None for w in pw):
-            # one GEMM per stream into row slices of one joint [B, N, 3D] buffer; q/k/v are column
-            # views of it (row stride 3D), which the RoPE and attention ops take as they are
-            N = Lt + Li
-            n = packs[1].n
-            buf = img.new_empty((B, N, 3 * n))
-            for b in range(B):
-                _packed_linear_into(txt[b], pw[0], buf[b, :Lt])
-                _packed_linear_into(img[b], pw[1], buf[b, Lt:])
-            q, k, v = (buf[..., j * n:(j + 1) * n].unflatten(-1, (-1, hd)) for j in range(3))
+        N = Lt + Li
+        if fused_qk and qk_path == "joint" and all(_plain_linear(m) for pr in projs for m in pr):
+            # joint_linear: each stream's q|k|v projection straight into its row slice of one joint
+            # [B, N, 3D] buffer (one GEMM per stream when the stream's weights are packed, e.g. by
+            # pack_qkv), whose column views are q, k, v; then QK-norm + RoPE in place. One opaque op
+            # either way, so torch.compile keeps it free of copies too.
+            tw = [m.weight for m, _ in projs]
+            tb = [m.bias for m, _ in projs]
+            iw = [m.weight for _, m in projs]
+            ib = [m.bias for _, m in projs]
+            packs = None if compiling else st.packed_qkv.get(id(attn))
+            if packs is not None:  # eager: re-pack replaced parameters first (counted in the report)
+                wt, wi = packs[0].get(st, "text q/k/v"), packs[1].get(st, "image q/k/v")
+                if wt is not None and wi is not None:  # already the packed views: no second check
+                    tw, tb, iw, ib = [wt[0]], [wt[1]], [wi[0]], [wi[1]]
+            buf = torch.ops.fused_dit.joint_linear.default(txt, img, tw, tb, iw, ib)
+            c = [0]
+            for _, m in projs:
+                c.append(c[-1] + m.out_features)
+            q, k, v = (buf[..., c[j]:c[j + 1]].unflatten(-1, (-1, hd)) for j in range(3))
             torch.ops.fused_dit.joint_qk_norm_rope_.default(q, k, Lt, *weights, txt_tab, img_tab, eps, True)
-        elif fused_qk and qk_path == "joint":
-            N = Lt + Li
+        elif fused_qk and qk_path == "joint" and not compiling:
+            # a projection is a module (e.g. a LoRA adapter): its output is copied into the joint rows
             bufs = []
             for lin_t, lin_i in projs:
                 buf = img.new_empty((B, N, lin_i.out_features))
@@ -919,12 +908,13 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
     (CUDA only; it applies with "modulation"). ``attention_backend``: None (automatic) or a
     ``fused_dit.attention`` backend name (fa3, fa4, cudnn, fa2, efficient, math). ``verify``: the first
     forward runs stock and fused on the same inputs and fills ``report.verify`` (max_abs, rel_fro).
-    ``qk_path``: "auto" (joint buffers in eager, ``qk_norm_rope_cat`` under torch.compile), "joint" or
-    "cat". ``probe``: run the fused block once on a tiny input at patch time; a ``FusedDitInputError``
-    leaves the model stock with the reason. ``pack_qkv``: pack each stream's q/k/v weights
-    into one matrix (the Linear parameters become row views of it: no extra memory) so that the
-    eager joint path runs one projection GEMM per stream instead of three; :func:`unpatch` gives
-    the parameters their own storage back. ``pack_mod``: the same for each block's ``img_mod`` and
+    ``qk_path``: "auto" / "joint" (projections written into one joint q|k|v buffer by
+    ``fused_dit.joint_linear``, eager and compiled) or "cat" (``qk_norm_rope_cat``). ``probe``: run
+    the fused block once on a tiny input at patch time; a ``FusedDitInputError`` leaves the model
+    stock with the reason. ``pack_qkv``: pack each stream's q/k/v weights into one matrix (the
+    Linear parameters become row views of it: no extra memory) so that the joint path runs one
+    projection GEMM per stream instead of three (eager and compiled); :func:`unpatch` gives the
+    parameters their own storage back. ``pack_mod``: the same for each block's ``img_mod`` and
     ``txt_mod`` Linears (one modulation GEMV per block, SiLU(temb) once per forward; with
     "modulation", eager). ``lookahead``: inside an eager model forward, each block ends with one
     ``gate_residual_norm_scale_shift`` that also does the next block's norm1 + modulation (checked

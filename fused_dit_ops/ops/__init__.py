@@ -2,3 +2,4 @@
 from . import modulation  # noqa: F401
 from . import attention  # noqa: F401
 from . import rope  # noqa: F401
+from . import linear  # noqa: F401

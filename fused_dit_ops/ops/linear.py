@@ -1,0 +1,154 @@
+"""Projections into joint buffers: validation, CUDA (cuBLAS GEMMs into the buffer), CPU (reference), fake.
+
+Op (schema in ``fused_dit_ops._schemas``):
+
+- ``joint_linear(txt, img, txt_weights, txt_biases, img_weights, img_biases) -> out``: out is a new
+  [B, Lt + Li, N] tensor whose rows [0, Lt) are ``txt @ cat(txt_weights).T + cat(txt_biases)`` and
+  rows [Lt, Lt + Li) the same for ``img`` with its own weights (N = the sum of the weights' rows,
+  equal per position in the two lists). It is the Q/K/V projection of a double-stream block (text
+  and image streams with their own q/k/v Linears) written straight into the joint buffer whose
+  column views are q, k, v: no cat, no copy.
+
+CUDA: one GEMM per stream (and batch element) when that stream's weights are consecutive row blocks
+of one storage (``fused_dit_ops.patch`` packs a block's q/k/v weights that way) and so are its
+biases, writing its row slice of the output in place; otherwise one GEMM per weight into its
+column slice (a strided output, which cuBLAS takes as it is). Being one opaque op, it keeps this
+under torch.compile, where ``addmm(out=<view of a buffer>)`` would be functionalised into a copy.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference as ref
+from .._validation import check_last_dim_contiguous, check_like, check_tensor, fail
+
+_NS = "fused_dit"
+
+
+def packed_rows(ts):
+    """The [k*n, ...] view covering ``ts`` if they are consecutive contiguous row blocks of one
+    storage (same shape and dtype), else None. Metadata only (no sync)."""
+    ts = list(ts)
+    if not ts or any(t is None for t in ts):
+        return None
+    t0 = ts[0]
+    step = t0.numel() * t0.element_size()
+    p0 = t0.data_ptr()
+    for j, t in enumerate(ts):
+        if t.data_ptr() != p0 + j * step or not t.is_contiguous() or t.shape != t0.shape or t.dtype != t0.dtype:
+            return None
+    if len(ts) > 1:
+        s0 = t0.untyped_storage().data_ptr()
+        if any(t.untyped_storage().data_ptr() != s0 for t in ts[1:]):
+            return None
+    shape = (len(ts) * t0.shape[0],) + tuple(t0.shape[1:])
+    return t0.detach().as_strided(shape, t0.stride(), t0.storage_offset())
+
+
+# --- validator ------------------------------------------------------------------------------------
+
+def _check_joint_linear(txt, img, txt_weights, txt_biases, img_weights, img_biases):
+    """-> (B, Lt, Li, K, [N_j])."""
+    op = "joint_linear"
+    check_tensor(op, "txt", txt, ndim=3)
+    check_tensor(op, "img", img, ndim=3)
+    check_like(op, "img", img, "txt", txt)
+    check_last_dim_contiguous(op, "txt", txt)
+    check_last_dim_contiguous(op, "img", img)
+    B, Lt, K = txt.shape
+    if img.shape[0] != B or img.shape[2] != K:
+        fail(op, f"'img' {list(img.shape)} and 'txt' {list(txt.shape)} must have the same batch B and "
+                 f"features K (only the lengths may differ)")
+    k = len(txt_weights)
+    if k == 0:
+        fail(op, "'txt_weights' must hold at least one [N, K] weight, got an empty list")
+    for name, lst in (("img_weights", img_weights), ("txt_biases", txt_biases), ("img_biases", img_biases)):
+        if len(lst) != k:
+            fail(op, f"'{name}' must have one entry per 'txt_weights' entry ({k}), got {len(lst)}")
+    ns = []
+    for j in range(k):
+        for stream, ws, bs, x in (("txt", txt_weights, txt_biases, txt), ("img", img_weights, img_biases, img)):
+            w, b = ws[j], bs[j]
+            check_tensor(op, f"{stream}_weights[{j}]", w, ndim=2)
+            check_like(op, f"{stream}_weights[{j}]", w, stream, x)
+            if w.shape[1] != K:
+                fail(op, f"'{stream}_weights[{j}]' must be [N, K] with K = {K} (the last dim of '{stream}'), "
+                         f"got {list(w.shape)}")
+            if b is not None:
+                check_tensor(op, f"{stream}_biases[{j}]", b, ndim=1)
+                check_like(op, f"{stream}_biases[{j}]", b, stream, x)
+                if b.shape[0] != w.shape[0]:
+                    fail(op, f"'{stream}_biases[{j}]' must be [N] = [{w.shape[0]}] (the rows of "
+                             f"'{stream}_weights[{j}]'), got {list(b.shape)}")
+        if img_weights[j].shape[0] != txt_weights[j].shape[0]:
+            fail(op, f"'img_weights[{j}]' has {img_weights[j].shape[0]} rows but 'txt_weights[{j}]' has "
+                     f"{txt_weights[j].shape[0]}: the two streams share the output columns")
+        ns.append(txt_weights[j].shape[0])
+    return B, Lt, img.shape[1], K, ns
+
+
+# --- CUDA -----------------------------------------------------------------------------------------
+
+def _project_into(x, ws, bs, out, r0, r1):
+    """out[:, r0:r1] = x @ cat(ws).T + cat(bs), one GEMM per batch element when packed."""
+    B = x.shape[0]
+    w = packed_rows(ws)
+    b = packed_rows(bs) if all(t is not None for t in bs) else None
+    if w is not None and (b is not None or all(t is None for t in bs)):
+        for i in range(B):
+            if b is not None:
+                torch.addmm(b, x[i], w.t(), out=out[i, r0:r1])
+            else:
+                torch.mm(x[i], w.t(), out=out[i, r0:r1])
+        return
+    c0 = 0
+    for wj, bj in zip(ws, bs):  # not packed: each weight into its column slice (strided rows)
+        c1 = c0 + wj.shape[0]
+        for i in range(B):
+            if bj is not None:
+                torch.addmm(bj, x[i], wj.t(), out=out[i, r0:r1, c0:c1])
+            else:
+                torch.mm(x[i], wj.t(), out=out[i, r0:r1, c0:c1])
+        c0 = c1
+
+
+@torch.library.impl(f"{_NS}::joint_linear", "CUDA")
+def _joint_linear_cuda(txt, img, txt_weights, txt_biases, img_weights, img_biases):
+    B, Lt, Li, _, ns = _check_joint_linear(txt, img, txt_weights, txt_biases, img_weights, img_biases)
+    out = txt.new_empty((B, Lt + Li, sum(ns)))
+    if out.numel() == 0:
+        return out
+    if Lt:
+        _project_into(txt, txt_weights, txt_biases, out, 0, Lt)
+    if Li:
+        _project_into(img, img_weights, img_biases, out, Lt, Lt + Li)
+    return out
+
+
+# --- CPU: the reference ---------------------------------------------------------------------------
+
+@torch.library.impl(f"{_NS}::joint_linear", "CPU")
+def _joint_linear_cpu(txt, img, txt_weights, txt_biases, img_weights, img_biases):
+    _check_joint_linear(txt, img, txt_weights, txt_biases, img_weights, img_biases)
+    return ref.joint_linear(txt, img, txt_weights, txt_biases, img_weights, img_biases).contiguous()
+
+
+# --- fake (torch.compile) -------------------------------------------------------------------------
+
+@torch.library.register_fake(f"{_NS}::joint_linear")
+def _joint_linear_fake(txt, img, txt_weights, txt_biases, img_weights, img_biases):
+    B, Lt, Li, _, ns = _check_joint_linear(txt, img, txt_weights, txt_biases, img_weights, img_biases)
+    return txt.new_empty((B, Lt + Li, sum(ns)))
+
+
+# --- public Python API ----------------------------------------------------------------------------
+
+def joint_linear(txt, img, txt_weights, txt_biases, img_weights, img_biases):
+    """[B, Lt + Li, N]: text rows ``txt @ cat(txt_weights).T + cat(txt_biases)``, then image rows
+    with the image weights, in one new buffer (e.g. the joint q|k|v of a double-stream block, whose
+    column views are q, k and v). ``txt`` [B, Lt, K], ``img`` [B, Li, K] (same B, K, dtype, device;
+    last dim contiguous); each ``*_weights[j]`` [N_j, K] with the same N_j in both lists; each
+    ``*_biases[j]`` [N_j] or None. On CUDA one GEMM per stream when a stream's weights (and
+    biases) are consecutive rows of one storage, else one per weight; no copies either way."""
+    return torch.ops.fused_dit.joint_linear.default(txt, img, list(txt_weights), list(txt_biases),
+                                                    list(img_weights), list(img_biases))
