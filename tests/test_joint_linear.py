@@ -162,7 +162,12 @@ def test_gpu_qwen_shape_vs_oracle(packed):
     e = rel_err(out, want)
     print(f"\njoint_linear packed={packed}: rel vs fp64 {e:.2e}")
     assert e < 4e-3
-    # each projection as torch computes it (F.linear): the same GEMM, so (almost) the same bits
+    if not packed:
+        return
+    # packed: each projection's columns as torch computes them (F.linear: a cuBLASLt GEMM with the
+    # bias in its epilogue, like ours). Separate weights write strided column slices, where torch
+    # broadcasts the bias into the output and runs a beta=1 GEMM instead: a little more error
+    # (2.4e-3 against 1.7e-3 vs fp64 on the H100), still a valid bf16 projection.
     for j in range(3):
         c = slice(3072 * j, 3072 * (j + 1))
         ref_t = torch.nn.functional.linear(args[0], args[2][j], args[3][j])
@@ -177,14 +182,19 @@ def test_gpu_packed_runs_one_gemm_per_stream():
     fdo.joint_linear(*args), fdo.joint_linear(*unpacked)
     torch.cuda.synchronize()
 
-    def gemms(a):
+    def kernels(a):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             fdo.joint_linear(*a)
             torch.cuda.synchronize()
-        return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                and "memset" not in e.name.lower()]
-    assert len(gemms(args)) == 2, [e.name for e in gemms(args)]
-    assert len(gemms(unpacked)) == 6, [e.name for e in gemms(unpacked)]
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                 and "memset" not in e.name.lower()]
+        # the unpacked path's strided outputs also get a bias-broadcast copy per GEMM (torch's
+        # non-epilogue addmm); the packed path writes each stream's rows with one GEMM, nothing else
+        return [n for n in names if "elementwise" not in n and "copy" not in n], names
+    g, names = kernels(args)
+    assert len(g) == 2 and len(names) == 2, names
+    g, names = kernels(unpacked)
+    assert len(g) == 6, names
 
 
 @pytest.mark.gpu

@@ -12,8 +12,10 @@ Op (schema in ``fused_dit_ops._schemas``):
 CUDA: one GEMM per stream (and batch element) when that stream's weights are consecutive row blocks
 of one storage (``fused_dit_ops.patch`` packs a block's q/k/v weights that way) and so are its
 biases, writing its row slice of the output in place; otherwise one GEMM per weight into its
-column slice (a strided output, which cuBLAS takes as it is). Being one opaque op, it keeps this
-under torch.compile, where ``addmm(out=<view of a buffer>)`` would be functionalised into a copy.
+column slice (a strided output, which cuBLAS takes as it is; with a bias, torch broadcasts it into
+that slice first and runs a beta=1 GEMM, one extra write of the slice: the fallback is correct,
+not the fast path). Being one opaque op, it keeps this under torch.compile, where
+``addmm(out=<view of a buffer>)`` would be functionalised into a copy.
 """
 from __future__ import annotations
 
