@@ -113,6 +113,15 @@ def cases(device: str, small: bool):
     yield (f"qk_norm_rope_cat Lt {Lt} + Li {Li}", lambda: fdo.qk_norm_rope_cat(*streams, *ws, tab_t, tab_i),
            lambda: ref.qk_norm_rope_cat(*(_f64(t) for t in streams), *(_f64(w) for w in ws), _f64(tab_t),
                                         _f64(tab_i)), dtype)
+    # q/k/v projections of both streams into one joint buffer, each stream's weights packed
+    K = H * D
+    xt, xi = rnd(1, Lt, K), rnd(1, Li, K)
+    pw = [(rnd(3 * K, K, std=0.02), rnd(3 * K, std=0.02)) for _ in range(2)]
+    lin = [([w[j * K:(j + 1) * K] for j in range(3)], [b[j * K:(j + 1) * K] for j in range(3)]) for w, b in pw]
+    yield (f"joint_linear Lt {Lt} + Li {Li}, K {K}, packed q|k|v",
+           lambda: fdo.joint_linear(xt, xi, *lin[0], *lin[1]),
+           lambda: ref.joint_linear(_f64(xt), _f64(xi), *([_f64(t) for t in ts] for pr in lin for ts in pr)),
+           dtype)
     N = 1024 if big else 64  # the float64 reference materialises [B, H, N, N]
     q, k, v = rnd(1, N, H, D), rnd(1, N, H, D), rnd(1, N, H, D)
     yield (f"attention [1,{N},{H},{D}] bf16", lambda: fdo.attention(q, k, v),

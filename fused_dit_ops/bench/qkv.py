@@ -12,7 +12,14 @@ Part ``norm_rope_cat`` (RMSNorm q,k x2 streams -> RoPE -> joint q, k, v):
   flashinfer       RMSNorm (eager) + FlashInfer RoPE raw + 3 cats
   fused            ``qk_norm_rope_cat`` (one launch), ``fused-out`` (into buffers)
   fused-inplace    ``joint_qk_norm_rope_`` on an already-joint q/k (its floor is q/k only)
-Floors: read q, k, v and write the joint buffers (+ tables) at this run's copy bandwidth.
+Part ``proj`` (the q/k/v projections of both streams into joint q, k, v; K = H*D, weights std 0.02):
+  torch            6x F.linear + 3x torch.cat (what the stock processor runs before its norms)
+  compile          torch.compile of the same
+  fused            ``fused_dit_ops.joint_linear`` with each stream's q/k/v weights packed (as
+                   ``patch(pack_qkv=True)`` leaves them): one GEMM per stream into one buffer
+  fused-separate   ``joint_linear`` with separate weights: one GEMM per projection into its columns
+Floors: read q, k, v and write the joint buffers (+ tables) at this run's copy bandwidth; for
+``proj`` the GEMM FLOPs at 800 TFLOP/s (SPEC.md's reference rate).
 """
 from __future__ import annotations
 
@@ -105,7 +112,34 @@ def norm_rope_providers(x):
     return out
 
 
-def _run(part, name, provs, nbytes_fn, bw, rows, baselines, skip_compile):
+def proj_providers(x, std=0.02):
+    import fused_dit_ops as fdo
+    tq, _, _, iq, _, _ = x["ins"]
+    (B, Lt, H, D), Li = tq.shape, iq.shape[1]
+    K = H * D
+    dt = tq.dtype
+    txt, img = torch.randn(B, Lt, K, device="cuda", dtype=dt), torch.randn(B, Li, K, device="cuda", dtype=dt)
+    packed = []
+    for _ in range(2):  # text, image: q|k|v weights as consecutive rows of one tensor
+        w = (torch.randn(3 * K, K, device="cuda") * std).to(dt)
+        b = (torch.randn(3 * K, device="cuda") * std).to(dt)
+        packed.append(([w[j * K:(j + 1) * K] for j in range(3)], [b[j * K:(j + 1) * K] for j in range(3)]))
+    separate = [([w.clone() for w in ws], [b.clone() for b in bs]) for ws, bs in packed]
+
+    def chain(t, i):
+        (tw, tb), (iw, ib) = packed
+        tp = [torch.nn.functional.linear(t, w, b).unflatten(-1, (H, D)) for w, b in zip(tw, tb)]
+        ip = [torch.nn.functional.linear(i, w, b).unflatten(-1, (H, D)) for w, b in zip(iw, ib)]
+        return tuple(torch.cat([a, c], 1) for a, c in zip(tp, ip))
+    return {
+        "torch": (lambda: chain(txt, img), None),
+        "compile": (lambda c=torch.compile(chain): c(txt, img), None),
+        "fused": (lambda: fdo.joint_linear(txt, img, *packed[0], *packed[1]), None),
+        "fused-separate": (lambda: fdo.joint_linear(txt, img, *separate[0], *separate[1]), None),
+    }
+
+
+def _run(part, name, provs, nbytes_fn, bw, rows, baselines, skip_compile, flops=None):
     base = {}
     start = len(rows)
     for prov, (fn, why) in provs.items():
@@ -119,10 +153,15 @@ def _run(part, name, provs, nbytes_fn, bw, rows, baselines, skip_compile):
         except Exception as e:  # noqa: BLE001
             print(f"[{part} {name}] skip {prov}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
-        nb = nbytes_fn(prov)
-        floor = nb / bw * 1e6
-        rows.append(dict(part=part, shape=name, provider=prov, us=us, GBps=nb / us / 1e3, floor_us=floor,
-                         pct_floor=100 * floor / us))
+        if flops is not None:  # compute-bound part: floor at SPEC.md's 800 TFLOP/s
+            floor = flops / 800e12 * 1e6
+            rows.append(dict(part=part, shape=name, provider=prov, us=us, TFLOPs=flops / us / 1e6,
+                             floor_us=floor, pct_floor=100 * floor / us))
+        else:
+            nb = nbytes_fn(prov)
+            floor = nb / bw * 1e6
+            rows.append(dict(part=part, shape=name, provider=prov, us=us, GBps=nb / us / 1e3, floor_us=floor,
+                             pct_floor=100 * floor / us))
         if prov in baselines:
             base[prov] = us
     for r in rows[start:]:
@@ -135,7 +174,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(k for k, v in SHAPES.items() if v[1] > 0),
                    help="comma list of " + ", ".join(SHAPES) + " (wan14b has no text stream)")
-    p.add_argument("--parts", default="cat,norm_rope_cat")
+    p.add_argument("--parts", default="cat,norm_rope_cat,proj")
     p.add_argument("--out", default=None, help="directory for the JSON results (default bench/results)")
     p.add_argument("--no-compile", action="store_true")
     args = p.parse_args(argv)
@@ -159,10 +198,13 @@ def main(argv=None) -> int:
             _run("norm_rope_cat", name, norm_rope_providers(x),
                  lambda prov: (4 * act + tabs) if prov == "fused-inplace" else (6 * act + tabs), bw, rows,
                  ("eager", "compile", "flashinfer"), args.no_compile)
+        if "proj" in parts:
+            _run("proj", name, proj_providers(x), None, bw, rows, ("torch", "compile"), args.no_compile,
+                 flops=2 * (Li + Lt) * (H * D) * 3 * (H * D))
         del x
         torch.cuda.empty_cache()
-    cols = ["part", "shape", "provider", "us", "GBps", "floor_us", "pct_floor", "x_vs_torch.cat", "x_vs_eager",
-            "x_vs_compile", "x_vs_flashinfer"]
+    cols = ["part", "shape", "provider", "us", "GBps", "TFLOPs", "floor_us", "pct_floor", "x_vs_torch.cat",
+            "x_vs_eager", "x_vs_torch", "x_vs_compile", "x_vs_flashinfer"]
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; targets (H100, qwen-edit): cat fused <= 115 us "
           f"(floor ~103), norm_rope_cat fused <= 135 us and faster than compile")
     print(harness.format_table(rows, cols))
