@@ -12,14 +12,16 @@ What a patched ``QwenImageTransformer2DModel`` runs per block (both streams, dif
    block already did it (``lookahead``, below); the gate is never materialised, the later ops
    select it from the index;
 3. attention (processor :class:`FusedQwenBlockAttnProcessor`, set per ``Attention`` module):
-   - ``qk_path="joint"`` (the default, eager and torch.compile): ``fused_dit.joint_linear`` writes
-     the Q/K/V projections straight into the row slices of one joint [B, N, 3D] buffer whose column
-     views are q, k, v: with ``pack_qkv`` one GEMM per stream, else one per projection into its
-     column slice. Then ``joint_qk_norm_rope_`` does QK-RMSNorm + RoPE in place: 3 writes + 2 reads
-     + 2 writes of an [N, D] activation, V never touched again, no cat. Both are opaque ops, so a
-     compiled block runs the same kernels (inductor re-inplaces the in-place op on the buffer it
-     owns). Projections that are modules (a LoRA adapter) are called as modules and their outputs
-     copied into the joint rows (eager) or take the ``cat`` path (torch.compile);
+   - ``qk_path="joint"`` (the default, eager and torch.compile): with ``pack_qkv``,
+     ``fused_dit.joint_linear`` writes each stream's Q/K/V projection (one GEMM) straight into the
+     row slice of one joint [B, N, 3D] buffer whose column views are q, k, v. Then
+     ``joint_qk_norm_rope_`` does QK-RMSNorm + RoPE in place: 3 writes + 2 reads + 2 writes of an
+     [N, D] activation, V never touched again, no cat. Both are opaque ops, so a compiled block runs
+     the same kernels (inductor re-inplaces the in-place op on the buffer it owns; a compiled block
+     whose parameters were replaced after patching gets them concatenated by ``joint_linear``).
+     Eager without packed weights: six GEMMs into the rows of three joint buffers. Projections that
+     are modules (a LoRA adapter) are called as modules and their outputs copied into the joint
+     rows (eager) or take the ``cat`` path (torch.compile);
    - ``qk_path="cat"``: projections as modules, then ``qk_norm_rope_cat`` writes the joint q/k/v in
      one launch (3 + 3 reads + 3 writes);
    - ``fused_dit.attention`` on the joint [B, N, H, D] q/k/v (backend: ``attention_backend``), output
@@ -477,28 +479,33 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
         if st.qk and not fused_qk:
             st.count("QK RMSNorm modules hooked: module calls, RoPE and cat in torch")
         N = Lt + Li
-        if fused_qk and qk_path == "joint" and all(_plain_linear(m) for pr in projs for m in pr):
-            # joint_linear: each stream's q|k|v projection straight into its row slice of one joint
-            # [B, N, 3D] buffer (one GEMM per stream when the stream's weights are packed, e.g. by
-            # pack_qkv), whose column views are q, k, v; then QK-norm + RoPE in place. One opaque op
-            # either way, so torch.compile keeps it free of copies too.
-            tw = [m.weight for m, _ in projs]
-            tb = [m.bias for m, _ in projs]
-            iw = [m.weight for _, m in projs]
-            ib = [m.bias for _, m in projs]
-            packs = None if compiling else st.packed_qkv.get(id(attn))
-            if packs is not None:  # eager: re-pack replaced parameters first (counted in the report)
+        plain = fused_qk and qk_path == "joint" and all(_plain_linear(m) for pr in projs for m in pr)
+        lists = None
+        if plain and compiling:
+            # the parameters as they are: joint_linear finds them packed (patch packed them), or
+            # concatenates them (replaced since, e.g. by model.to: a compiled block cannot re-pack)
+            lists = ([m.weight for m, _ in projs], [m.bias for m, _ in projs],
+                     [m.weight for _, m in projs], [m.bias for _, m in projs])
+        elif plain:
+            packs = st.packed_qkv.get(id(attn))
+            if packs is not None:  # re-packs replaced parameters first (counted in the report)
                 wt, wi = packs[0].get(st, "text q/k/v"), packs[1].get(st, "image q/k/v")
-                if wt is not None and wi is not None:  # already the packed views: no second check
-                    tw, tb, iw, ib = [wt[0]], [wt[1]], [wi[0]], [wi[1]]
-            buf = torch.ops.fused_dit.joint_linear.default(txt, img, tw, tb, iw, ib)
+                if wt is not None and wi is not None:
+                    lists = ([wt[0]], [wt[1]], [wi[0]], [wi[1]])
+        if lists is not None:
+            # joint_linear: each stream's q|k|v projection straight into its row slice of one joint
+            # [B, N, 3D] buffer, one GEMM per stream, whose column views are q, k, v; then QK-norm +
+            # RoPE in place. Opaque ops, so torch.compile keeps them free of copies too.
+            buf = torch.ops.fused_dit.joint_linear.default(txt, img, *lists)
             c = [0]
             for _, m in projs:
                 c.append(c[-1] + m.out_features)
             q, k, v = (buf[..., c[j]:c[j + 1]].unflatten(-1, (-1, hd)) for j in range(3))
             torch.ops.fused_dit.joint_qk_norm_rope_.default(q, k, Lt, *weights, txt_tab, img_tab, eps, True)
         elif fused_qk and qk_path == "joint" and not compiling:
-            # a projection is a module (e.g. a LoRA adapter): its output is copied into the joint rows
+            # eager, weights not packed (pack_qkv=False, or parameters an offloading hook replaces
+            # every forward): six GEMMs into the rows of three joint buffers. A projection that is a
+            # module (e.g. a LoRA adapter) is called and its output copied into its joint rows.
             bufs = []
             for lin_t, lin_i in projs:
                 buf = img.new_empty((B, N, lin_i.out_features))
