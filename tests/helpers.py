@@ -1,7 +1,10 @@
 """Shared test helpers: random inputs (never zeros), poisoned outputs, error metrics."""
 from __future__ import annotations
 
+import pytest
 import torch
+
+from fused_dit_ops._validation import FusedDitInputError
 
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23}
 
@@ -37,3 +40,11 @@ def randn(*shape, dtype=torch.float32, device="cpu", std=1.0):
 def strided_rows(B, L, C, *, dtype, device="cpu", pad=8):
     """[B, L, C] view with a row stride of C + pad (a slice of a wider buffer)."""
     return randn(B, L, C + pad, dtype=dtype, device=device)[..., :C]
+
+
+def expect_input_error(fn, *match):
+    """fn() raises FusedDitInputError whose message contains every string in ``match``."""
+    with pytest.raises(FusedDitInputError) as e:
+        fn()
+    for m in match:
+        assert m in str(e.value), str(e.value)
