@@ -69,7 +69,7 @@ import torch.nn.functional as F
 
 from .. import reference as _ref
 from .._validation import FusedDitInputError
-from ..ops.linear import packed_rows
+from ..ops.linear import joint_linear_unchecked, packed_rows
 from ..rope_tables import cos_sin_from_complex
 from .diffusers_attention import FusedQwenDoubleStreamAttnProcessor
 
@@ -495,8 +495,13 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
         if lists is not None:
             # joint_linear: each stream's q|k|v projection straight into its row slice of one joint
             # [B, N, 3D] buffer, one GEMM per stream, whose column views are q, k, v; then QK-norm +
-            # RoPE in place. Opaque ops, so torch.compile keeps them free of copies too.
-            buf = torch.ops.fused_dit.joint_linear.default(txt, img, *lists)
+            # RoPE in place. Opaque ops, so torch.compile keeps them free of copies too; eager calls
+            # the implementation directly (its inputs are built here: dispatch and checks would
+            # only add host time, which small images are bound by)
+            if compiling:
+                buf = torch.ops.fused_dit.joint_linear.default(txt, img, *lists)
+            else:
+                buf = joint_linear_unchecked(txt, img, *lists)
             c = [0]
             for _, m in projs:
                 c.append(c[-1] + m.out_features)

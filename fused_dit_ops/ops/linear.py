@@ -109,10 +109,13 @@ def _project_into(x, ws, bs, out, r0, r1):
             torch.mm(x[i], w.t(), out=out[i, r0:r1])
 
 
-@torch.library.impl(f"{_NS}::joint_linear", "CUDA")
-def _joint_linear_cuda(txt, img, txt_weights, txt_biases, img_weights, img_biases):
-    B, Lt, Li, _, ns = _check_joint_linear(txt, img, txt_weights, txt_biases, img_weights, img_biases)
-    out = txt.new_empty((B, Lt + Li, sum(ns)))
+def joint_linear_unchecked(txt, img, txt_weights, txt_biases, img_weights, img_biases):
+    """The CUDA implementation without the input checks (any device that has addmm): for callers
+    that built the inputs themselves and call it outside torch.compile, e.g. the patched diffusers
+    block in eager mode, where the op's dispatch and checks would be host time and nothing else."""
+    B, Lt, _ = txt.shape
+    Li = img.shape[1]
+    out = txt.new_empty((B, Lt + Li, sum(w.shape[0] for w in txt_weights)))
     if out.numel() == 0:
         return out
     if Lt:
@@ -120,6 +123,12 @@ def _joint_linear_cuda(txt, img, txt_weights, txt_biases, img_weights, img_biase
     if Li:
         _project_into(img, img_weights, img_biases, out, Lt, Lt + Li)
     return out
+
+
+@torch.library.impl(f"{_NS}::joint_linear", "CUDA")
+def _joint_linear_cuda(txt, img, txt_weights, txt_biases, img_weights, img_biases):
+    _check_joint_linear(txt, img, txt_weights, txt_biases, img_weights, img_biases)
+    return joint_linear_unchecked(txt, img, txt_weights, txt_biases, img_weights, img_biases)
 
 
 # --- CPU: the reference ---------------------------------------------------------------------------
