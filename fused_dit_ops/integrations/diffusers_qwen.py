@@ -379,8 +379,6 @@ class _PackedLinears:
             if bias is not None:
                 l_.bias.data = bias[j * n:(j + 1) * n]
 
-    _rows_of_one = staticmethod(packed_rows)  # the joint_linear op's packing test
-
     def same_modules(self) -> bool:
         lins = self._modules_now()
         return all(a is b for a, b in zip(lins, self.lins)) and all(_plain_linear(l_) for l_ in lins)
@@ -391,12 +389,12 @@ class _PackedLinears:
         if not self.same_modules():
             return None
         params = [l_._parameters for l_ in self.lins]  # plain Linears: skips Module.__getattr__
-        w = self._rows_of_one([p["weight"] for p in params])
+        w = packed_rows([p["weight"] for p in params])
         if w is None:
             return None
         if params[0]["bias"] is None:
             return w, None
-        b = self._rows_of_one([p["bias"] for p in params])
+        b = packed_rows([p["bias"] for p in params])
         return None if b is None else (w, b)
 
     def get(self, st, what):
@@ -434,7 +432,7 @@ class _PackedLinears:
     def unpack(self):
         """Give each parameter its own storage back (values unchanged) where they still share one."""
         for ps in ([l_.weight for l_ in self.lins], [l_.bias for l_ in self.lins]):
-            if ps[0] is not None and self._rows_of_one(ps) is not None:
+            if ps[0] is not None and packed_rows(ps) is not None:
                 for p in ps:
                     p.data = p.data.clone()
 
@@ -479,16 +477,16 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
         if st.qk and not fused_qk:
             st.count("QK RMSNorm modules hooked: module calls, RoPE and cat in torch")
         N = Lt + Li
-        plain = fused_qk and qk_path == "joint" and all(_plain_linear(m) for pr in projs for m in pr)
+        joint = fused_qk and qk_path == "joint"
         lists = None
-        if plain and compiling:
+        if joint and compiling and all(_plain_linear(m) for pr in projs for m in pr):
             # the parameters as they are: joint_linear finds them packed (patch packed them), or
             # concatenates them (replaced since, e.g. by model.to: a compiled block cannot re-pack)
             lists = ([m.weight for m, _ in projs], [m.bias for m, _ in projs],
                      [m.weight for _, m in projs], [m.bias for _, m in projs])
-        elif plain:
+        elif joint and not compiling:
             packs = st.packed_qkv.get(id(attn))
-            if packs is not None:  # re-packs replaced parameters first (counted in the report)
+            if packs is not None:  # checks the modules are still plain, re-packs replaced parameters
                 wt, wi = packs[0].get(st, "text q/k/v"), packs[1].get(st, "image q/k/v")
                 if wt is not None and wi is not None:
                     lists = ([wt[0]], [wt[1]], [wi[0]], [wi[1]])
@@ -507,7 +505,7 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
                 c.append(c[-1] + m.out_features)
             q, k, v = (buf[..., c[j]:c[j + 1]].unflatten(-1, (-1, hd)) for j in range(3))
             torch.ops.fused_dit.joint_qk_norm_rope_.default(q, k, Lt, *weights, txt_tab, img_tab, eps, True)
-        elif fused_qk and qk_path == "joint" and not compiling:
+        elif joint and not compiling:
             # eager, weights not packed (pack_qkv=False, or parameters an offloading hook replaces
             # every forward): six GEMMs into the rows of three joint buffers. A projection that is a
             # module (e.g. a LoRA adapter) is called and its output copied into its joint rows.
