@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .. import attention_dispatch as _attn_dispatch
 from .. import reference as _ref
 from .._validation import FusedDitInputError
 from ..ops.linear import joint_linear_unchecked, packed_rows
@@ -312,6 +313,131 @@ def _no_hooks(*mods) -> bool:
     return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in mods)
 
 
+def _no_global_hooks() -> bool:
+    """No forward (pre-)hooks registered for every module (``nn.modules.module.register_module_*``):
+    a module the block does not call through ``__call__`` must not have any to skip."""
+    mm = torch.nn.modules.module
+    return not (mm._global_forward_hooks or mm._global_forward_pre_hooks)
+
+
+def _children(m) -> list:
+    """A container's submodules in order (``list(seq)`` without Sequential's slow ``__getitem__``)."""
+    return list(m._modules.values())
+
+
+def _skippable_dropout(m) -> bool:
+    """An ``nn.Dropout`` that is the identity here (eval mode or p == 0) and has no hooks."""
+    return type(m) is torch.nn.Dropout and (not m.training or m.p == 0) and _no_hooks(m)
+
+
+# --- the ops the block calls: through torch.ops, or the launchers directly (eager CUDA inference) ---
+
+def _direct(x) -> bool:
+    """May the block call the kernels' launchers itself for this call, instead of ``torch.ops``?
+
+    Only for eager CUDA inference: no autograd (the ops have no backward; through ``torch.ops`` a
+    grad-requiring call keeps failing loudly), not while torch.compile traces, no Python dispatch
+    mode (FlopCounterMode, fake tensors, ...) that must see each op, and not under torch.profiler
+    (whose op names and input shapes ``fused_dit_ops profile`` reads). Dispatch plus each op's own
+    input checks cost 40-80 us of host time per call on the GPU hosts here, and small images are
+    bound by host time; the block checks what comes from outside it instead, once per call
+    (:func:`_streams_ok`, :func:`_joint_qk_ok`), and takes ``torch.ops`` whenever those checks fail,
+    so a bad input still gets the op's own error message."""
+    return (not torch.compiler.is_compiling() and x.is_cuda and not torch.is_grad_enabled()
+            and not torch._C._len_torch_dispatch_stack() and not torch.autograd._profiler_enabled())
+
+
+def _act_ok(t, dt, device, shape) -> bool:
+    """[B, L, C] activation the modulation kernels take: dtype, device, shape, last dim contiguous."""
+    return t.dtype == dt and t.device == device and t.shape == shape and t.stride(-1) == 1
+
+
+def _streams_ok(h, e, index, img_mod, txt_mod) -> bool:
+    """The modulation ops' checks for the block's inputs (both streams, the zero_cond_t index, the
+    [rows, 6C] modulation outputs whose column chunks are shift/scale/gate)."""
+    dt, dev = h.dtype, h.device
+    if dt not in _DTYPES or h.dim() != 3 or e.dim() != 3 or e.dtype != dt or e.device != dev:
+        return False
+    B, Li, C = h.shape
+    if C % 8 or e.shape[0] != B or e.shape[2] != C or h.stride(2) != 1 or e.stride(2) != 1:
+        return False
+    if index is not None and (index.dtype not in (torch.int32, torch.int64) or index.dim() != 2
+                              or tuple(index.shape) != (B, Li) or index.device != dev):
+        return False
+    return _mods_ok(img_mod, txt_mod, h, index)
+
+
+def _mods_ok(img_mod, txt_mod, h, index) -> bool:
+    """img_mod [B or 2B (with the index), 6C] and txt_mod [B, 6C] in h's dtype and device, last dim
+    contiguous: their six column chunks are valid modulation params of both streams."""
+    B, C = h.shape[0], h.shape[2]
+    for m, rows in ((img_mod, 2 * B if index is not None else B), (txt_mod, B)):
+        if (m.dim() != 2 or tuple(m.shape) != (rows, 6 * C) or m.dtype != h.dtype or m.device != h.device
+                or m.stride(1) != 1):
+            return False
+    return True
+
+
+def _joint_qk_ok(weights, tables, D, Lt, Li, dev) -> bool:
+    """``joint_qk_norm_rope_``'s checks for what the processor does not build itself: the four
+    RMSNorm weights [D] and the fp32 cos|sin tables (text, image) [P, R] (R even, <= D, one row
+    per token)."""
+    for w in weights:
+        if (w is None or w.dim() != 1 or w.shape[0] != D or w.dtype not in _DTYPES or w.device != dev
+                or w.stride(0) != 1):
+            return False
+    R = tables[0].shape[-1]
+    for tab, L in zip(tables, (Lt, Li)):
+        if (tab.dtype != torch.float32 or tab.dim() != 2 or tab.device != dev or tab.shape[1] != R
+                or tab.shape[0] < L or tab.stride(1) != 1):
+            return False
+    return D % 2 == 0 and 0 < R <= D and R % 2 == 0
+
+
+_DISPATCH = None
+_DIRECT = None
+
+
+def _dispatch_ops():
+    """The block's fused ops through ``torch.ops`` (what torch.compile traces and the CPU runs)."""
+    global _DISPATCH
+    if _DISPATCH is None:
+        o = torch.ops.fused_dit
+        _DISPATCH = types.SimpleNamespace(
+            norm_scale_shift=o.norm_scale_shift.default,
+            dual_norm_scale_shift=o.dual_norm_scale_shift.default,
+            gate_residual_norm_scale_shift=o.gate_residual_norm_scale_shift.default,
+            dual_gate_residual_norm_scale_shift=o.dual_gate_residual_norm_scale_shift.default,
+            joint_qk_norm_rope_=o.joint_qk_norm_rope_.default)
+    return _DISPATCH
+
+
+def _direct_ops():
+    """The same callables (same signatures) on the kernels' launchers: no dispatch, no checks."""
+    global _DIRECT
+    if _DIRECT is None:
+        from ..kernels import modulation as km
+        from ..kernels import rope as kr
+
+        def joint_qk_norm_rope_(q, k, txt_len, wqt, wkt, wqi, wki, txt_tab, img_tab, eps=1e-6, interleaved=True):
+            kr.joint_qk_norm_rope_(q, k, txt_len, (wqt, wkt, wqi, wki), (txt_tab, img_tab), eps, interleaved)
+
+        _DIRECT = types.SimpleNamespace(
+            norm_scale_shift=km.norm_scale_shift,
+            dual_norm_scale_shift=km.dual_norm_scale_shift,
+            gate_residual_norm_scale_shift=km.gate_residual_norm_scale_shift,
+            dual_gate_residual_norm_scale_shift=km.dual_gate_residual_norm_scale_shift,
+            joint_qk_norm_rope_=joint_qk_norm_rope_)
+    return _DIRECT
+
+
+def _attention_direct(q, k, v, backend):
+    """``fused_dit.attention`` minus dispatch and checks: q, k, v are views of the joint buffer the
+    processor just wrote (shapes, dtype and layout are its own)."""
+    out = _attn_dispatch.RUNNERS[_attn_dispatch.select(q, k, v, False, backend)](q, k, v, None, False)
+    return out if out.is_contiguous() else out.contiguous()
+
+
 class _PackedLinears:
     """Same-shape Linear weights packed into one [k*n, in] matrix (and [k*n] bias), so that k
     projections of one input run as one GEMM: a stream's q/k/v (the text stream's three small-M GEMMs
@@ -450,15 +576,19 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
         self._parallel_config = getattr(stock, "_parallel_config", None)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
-                 attention_mask=None, image_rotary_emb=None):
+                 attention_mask=None, image_rotary_emb=None, *, direct=None):
         st = self.state
         if (st.mode_stock or encoder_hidden_states_mask is not None or attention_mask is not None
                 or not _is_tables(image_rotary_emb) or self._parallel_config is not None):
             return self.stock(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
                               attention_mask, image_rotary_emb)
-        return self.fused(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        if direct is None:
+            direct = _direct(hidden_states)
+        return self.fused(attn, hidden_states, encoder_hidden_states, image_rotary_emb, direct)
 
-    def fused(self, attn, img, txt, tables):
+    def fused(self, attn, img, txt, tables, direct=False):
+        """The fused attention of a patched block. ``direct``: eager CUDA inference (:func:`_direct`),
+        the block's own ops may skip ``torch.ops`` where their inputs pass the block's checks."""
         st = self.state
         img_tab, txt_tab = tables
         B, Li, _ = img.shape
@@ -504,7 +634,8 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
             for _, m in projs:
                 c.append(c[-1] + m.out_features)
             q, k, v = (buf[..., c[j]:c[j + 1]].unflatten(-1, (-1, hd)) for j in range(3))
-            torch.ops.fused_dit.joint_qk_norm_rope_.default(q, k, Lt, *weights, txt_tab, img_tab, eps, True)
+            ops = _direct_ops() if direct and _joint_qk_ok(weights, (txt_tab, img_tab), hd, Lt, Li, img.device) else _dispatch_ops()
+            ops.joint_qk_norm_rope_(q, k, Lt, *weights, txt_tab, img_tab, eps, True)
         elif joint and not compiling:
             # eager, weights not packed (pack_qkv=False, or parameters an offloading hook replaces
             # every forward): six GEMMs into the rows of three joint buffers. A projection that is a
@@ -530,7 +661,9 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
             iq = _ref.apply_rope(attn.norm_q(i[0]), img_tab).to(i[0].dtype)
             ik = _ref.apply_rope(attn.norm_k(i[1]), img_tab).to(i[1].dtype)
             q, k, v = torch.cat([tq, iq], 1), torch.cat([tk, ik], 1), torch.cat([t[2], i[2]], 1)
-        if st.attention:
+        if st.attention and direct:
+            out = _attention_direct(q, k, v, self.backend)  # q, k, v: views of our own joint buffers
+        elif st.attention:
             out = torch.ops.fused_dit.attention.default(q, k, v, None, False, self.backend)
         else:
             from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -538,11 +671,20 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
                                         backend=self._attention_backend, parallel_config=None)
         out = out.flatten(2, 3).to(q.dtype)
         # Row views (contiguous when B == 1): no split copies.
-        img_out = attn.to_out[0](out[:, Lt:])
-        if len(attn.to_out) > 1:
-            img_out = attn.to_out[1](img_out)
-        txt_out = attn.to_add_out(out[:, :Lt])
+        to_out = _children(attn.to_out)
+        img_out = _call_linear(to_out[0], out[:, Lt:])
+        for m in to_out[1:]:
+            if not _skippable_dropout(m):
+                img_out = m(img_out)
+        txt_out = _call_linear(attn.to_add_out, out[:, :Lt])
         return img_out, txt_out
+
+
+def _call_linear(lin, x):
+    """``lin(x)``; a bare Linear without hooks as ``F.linear`` (the same call minus ``Module.__call__``)."""
+    if _plain_linear(lin) and _no_global_hooks():
+        return F.linear(x, lin.weight, lin.bias)
+    return lin(x)
 
 
 def _linear_into(x2d, lin, out2d):
@@ -565,16 +707,18 @@ def fused_mlp(ff, x: torch.Tensor) -> torch.Tensor:
     stock module; so does any FeedForward that is not (GELU-tanh proj with bias, Dropout, Linear).
     """
     from diffusers.models.activations import GELU
-    net = getattr(ff, "net", None)
-    if (not x.is_cuda or net is None or len(net) < 3 or not isinstance(net[0], GELU)
-            or net[0].approximate != "tanh" or not _plain_linear(net[0].proj) or net[0].proj.bias is None
-            or not _no_hooks(ff, net, net[0]) or not isinstance(net[1], torch.nn.Dropout)
-            or any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in net)
-            or len(net) > 3 and not isinstance(net[3], torch.nn.Dropout)):
+    net = ff._modules.get("net")
+    mods = _children(net) if net is not None else ()
+    if (not x.is_cuda or len(mods) < 3 or len(mods) > 4 or type(mods[0]) is not GELU
+            or mods[0].approximate != "tanh" or not _no_hooks(ff, net, mods[0]) or not _no_global_hooks()):
         return ff(x)
-    proj = net[0].proj
+    proj = mods[0]._modules.get("proj")
+    if (not _plain_linear(proj) or proj.bias is None or not _skippable_dropout(mods[1])
+            or len(mods) == 4 and not _skippable_dropout(mods[3])):
+        return ff(x)
+    # GELU(proj(x)) in one cuBLASLt call; the Dropouts are identities (eval mode or p == 0)
     h = torch._addmm_activation(proj.bias, x.reshape(-1, x.shape[-1]), proj.weight.t(), use_gelu=True)
-    return net[2](h).view(*x.shape[:-1], -1)
+    return _call_linear(mods[2], h).view(*x.shape[:-1], -1)
 
 
 def _stock_block_forward():
@@ -609,15 +753,17 @@ def _dual_ok(img, txt) -> bool:
             and img.device == txt.device)
 
 
-def _grns_pair(dual, h, upd, gate, shift, scale, index, eps, e, t_upd, t_gate, t_shift, t_scale, t_eps):
+def _grns_pair(ops, dual, h, upd, gate, shift, scale, index, eps, e, t_upd, t_gate, t_shift, t_scale, t_eps):
     """gate_residual_norm_scale_shift of the image stream (with the index) and the text stream:
-    one launch (dual op) or two."""
+    one launch (dual op) or two. ``ops``: :func:`_direct_ops` when the streams and modulation
+    params passed :func:`_streams_ok`; the updates (module outputs) are checked here."""
+    if ops is _DIRECT and not (_act_ok(upd, h.dtype, h.device, h.shape) and _act_ok(t_upd, e.dtype, e.device, e.shape)):
+        ops = _dispatch_ops()
     if dual:
-        return torch.ops.fused_dit.dual_gate_residual_norm_scale_shift.default(
+        return ops.dual_gate_residual_norm_scale_shift(
             h, upd, gate, shift, scale, index, eps, e, t_upd, t_gate, t_shift, t_scale, None, t_eps)
-    h, m = torch.ops.fused_dit.gate_residual_norm_scale_shift.default(h, upd, gate, shift, scale, index, eps)
-    e, tm = torch.ops.fused_dit.gate_residual_norm_scale_shift.default(e, t_upd, t_gate, t_shift, t_scale, None,
-                                                                       t_eps)
+    h, m = ops.gate_residual_norm_scale_shift(h, upd, gate, shift, scale, index, eps)
+    e, tm = ops.gate_residual_norm_scale_shift(e, t_upd, t_gate, t_shift, t_scale, None, t_eps)
     return h, m, e, tm
 
 
@@ -645,13 +791,28 @@ def _lookahead_target(st: _State, block, h):
 def _mod_containers_ok(block) -> bool:
     """img_mod / txt_mod are still Sequential(SiLU, Linear) without hooks (the packed GEMV replaces
     the whole module call; the Linears themselves are checked by the pack)."""
-    mods = (block.img_mod, block.txt_mod)
-    return all(type(m) is torch.nn.Sequential and len(m) == 2 and type(m[0]) is torch.nn.SiLU
-               and _no_hooks(m, m[0]) for m in mods)
+    for m in (block.img_mod, block.txt_mod):
+        if type(m) is not torch.nn.Sequential:
+            return False
+        c = _children(m)
+        if len(c) != 2 or type(c[0]) is not torch.nn.SiLU or not _no_hooks(m, c[0]):
+            return False
+    return True
 
 
 def _mod_packable(block) -> bool:
     return _mod_containers_ok(block) and _PackedLinears.packable([block.img_mod[1], block.txt_mod[1]])
+
+
+def _call_attn(attn, img_m, txt_m, tables, direct):
+    """``attn(hidden_states=img_m, encoder_hidden_states=txt_m, image_rotary_emb=tables)``. When the
+    Attention module has no hooks and still has our processor, the processor's fused path is called
+    directly: diffusers' ``Attention.forward`` inspects the processor's signature on every call (a
+    tenth of the eager block's host time at small image sizes) only to filter these kwargs."""
+    proc = attn.processor
+    if type(proc) is FusedQwenBlockAttnProcessor and _no_hooks(attn) and _no_global_hooks():
+        return proc(attn, img_m, txt_m, None, None, tables, direct=direct)
+    return attn(hidden_states=img_m, encoder_hidden_states=txt_m, image_rotary_emb=tables)
 
 
 def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask=None,
@@ -674,25 +835,26 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidd
     else:
         img_mod, txt_mod = _modulation_params(self, st, temb)
 
+    # eager CUDA inference on inputs that pass the ops' checks: call the launchers directly
+    direct = _direct(hidden_states)
     if st.modulation:
+        ops = (_direct_ops() if direct and _streams_ok(hidden_states, encoder_hidden_states, index, img_mod, txt_mod)
+               else _dispatch_ops())
         i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = img_mod.chunk(6, dim=-1)
         t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = txt_mod.chunk(6, dim=-1)
         dual = st.dual_launch and _dual_ok(hidden_states, encoder_hidden_states)
         if pre is not None:
             img_m, txt_m = pre.img_m, pre.txt_m
         elif dual:
-            img_m, txt_m = torch.ops.fused_dit.dual_norm_scale_shift.default(
+            img_m, txt_m = ops.dual_norm_scale_shift(
                 hidden_states, i_sh1, i_sc1, index, eps_i1, encoder_hidden_states, t_sh1, t_sc1, None, eps_t1,
                 "layer")
         else:
-            img_m = torch.ops.fused_dit.norm_scale_shift.default(hidden_states, i_sh1, i_sc1, index, None, None,
-                                                                 eps_i1, "layer")
-            txt_m = torch.ops.fused_dit.norm_scale_shift.default(encoder_hidden_states, t_sh1, t_sc1, None, None,
-                                                                 None, eps_t1, "layer")
-        img_attn, txt_attn = self.attn(hidden_states=img_m, encoder_hidden_states=txt_m,
-                                       image_rotary_emb=tables)
+            img_m = ops.norm_scale_shift(hidden_states, i_sh1, i_sc1, index, None, None, eps_i1, "layer")
+            txt_m = ops.norm_scale_shift(encoder_hidden_states, t_sh1, t_sc1, None, None, None, eps_t1, "layer")
+        img_attn, txt_attn = _call_attn(self.attn, img_m, txt_m, tables, direct)
         hidden_states, img_m2, encoder_hidden_states, txt_m2 = _grns_pair(
-            dual, hidden_states, img_attn, i_g1, i_sh2, i_sc2, index, self.img_norm2.eps,
+            ops, dual, hidden_states, img_attn, i_g1, i_sh2, i_sc2, index, self.img_norm2.eps,
             encoder_hidden_states, txt_attn, t_g1, t_sh2, t_sc2, self.txt_norm2.eps)
         mlp = fused_mlp if st.mlp else (lambda ff, x: ff(x))
         img_y, txt_y = mlp(self.img_mlp, img_m2), mlp(self.txt_mlp, txt_m2)
@@ -706,8 +868,9 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidd
             n_img_mod, n_txt_mod = _modulation_params(nxt, st, temb)
             n_i_sh1, n_i_sc1 = n_img_mod.chunk(6, dim=-1)[:2]
             n_t_sh1, n_t_sc1 = n_txt_mod.chunk(6, dim=-1)[:2]
+            n_ops = ops if ops is not _DIRECT or _mods_ok(n_img_mod, n_txt_mod, hidden_states, index) else _dispatch_ops()
             hidden_states, n_img_m, encoder_hidden_states, n_txt_m = _grns_pair(
-                dual, hidden_states, img_y, i_g2, n_i_sh1, n_i_sc1, index, nxt.img_norm1.eps,
+                n_ops, dual, hidden_states, img_y, i_g2, n_i_sh1, n_i_sc1, index, nxt.img_norm1.eps,
                 encoder_hidden_states, txt_y, t_g2, n_t_sh1, n_t_sc1, nxt.txt_norm1.eps)
             st.prenorm = _Prenorm(nxt, hidden_states, encoder_hidden_states, temb, index,
                                   n_img_mod, n_txt_mod, n_img_m, n_txt_m)
@@ -720,8 +883,7 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidd
         txt_mod1, txt_mod2 = txt_mod.chunk(2, dim=-1)
         img_m, img_g1 = self._modulate(self.img_norm1(hidden_states), img_mod1, index)
         txt_m, txt_g1 = self._modulate(self.txt_norm1(encoder_hidden_states), txt_mod1)
-        img_attn, txt_attn = self.attn(hidden_states=img_m, encoder_hidden_states=txt_m,
-                                       image_rotary_emb=tables)
+        img_attn, txt_attn = _call_attn(self.attn, img_m, txt_m, tables, direct)
         hidden_states = hidden_states + img_g1 * img_attn
         encoder_hidden_states = encoder_hidden_states + txt_g1 * txt_attn
         img_m2, img_g2 = self._modulate(self.img_norm2(hidden_states), img_mod2, index)

@@ -33,15 +33,18 @@ def packed_rows(ts):
     if not ts or any(t is None for t in ts):
         return None
     t0 = ts[0]
+    if len(ts) == 1:  # already one tensor (the patched block passes its packed views like this)
+        return t0 if t0.is_contiguous() else None
     step = t0.numel() * t0.element_size()
     p0 = t0.data_ptr()
     for j, t in enumerate(ts):
         if t.data_ptr() != p0 + j * step or not t.is_contiguous() or t.shape != t0.shape or t.dtype != t0.dtype:
             return None
-    if len(ts) > 1:
-        s0 = t0.untyped_storage().data_ptr()
-        if any(t.untyped_storage().data_ptr() != s0 for t in ts[1:]):
-            return None
+    # consecutive addresses; the view must also stay inside t0's storage (else they are separate
+    # allocations that happen to be adjacent)
+    st = t0.untyped_storage()
+    if p0 + len(ts) * step > st.data_ptr() + st.nbytes():
+        return None
     shape = (len(ts) * t0.shape[0],) + tuple(t0.shape[1:])
     return t0.detach().as_strided(shape, t0.stride(), t0.storage_offset())
 
