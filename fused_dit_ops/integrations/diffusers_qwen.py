@@ -310,7 +310,10 @@ def _plain_linear(m) -> bool:
 def _no_hooks(*mods) -> bool:
     """No torch forward (pre-)hooks and no instance-level ``forward`` (how diffusers' HookRegistry,
     e.g. layerwise casting or group offloading, and accelerate hooks wrap a module)."""
-    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in mods)
+    for m in mods:  # a loop, not any(<genexpr>): called ~20 times per block, on the eager host path
+        if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+            return False
+    return True
 
 
 def _no_global_hooks() -> bool:

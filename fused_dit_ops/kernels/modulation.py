@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import cdiv, launch, next_power_of_2
 
 
 @triton.jit
@@ -395,7 +395,7 @@ def _norm_config(C: int) -> dict:
     # One row per program, each row gathering its own parameter row (PARAM_GATHER): the fewest
     # registers, so the most rows in flight per SM. H100 sweep (C 3072): 38.5 us vs 48.6 us for
     # both parameter sets held in registers (bench/results/modulation-*-20261124T013953.json).
-    block_c = triton.next_power_of_2(C)
+    block_c = next_power_of_2(C)
     block_m = max(1, min(4, 4096 // block_c))
     num_warps = 8 if block_c >= 8192 else 4
     return {"BLOCK_M": block_m, "BLOCK_C": block_c, "ITERS": 1, "PARAM_GATHER": True, "STREAM_STORES": True,
@@ -433,7 +433,7 @@ def scale_shift_gate(x, shift, scale, gate, index=None, config=None):
     split_outputs = kw0.pop("SPLIT_OUTPUTS", True)
     bm, bc, iters, extra, kw = _split(kw0)
     idx, sib, sil = _index_args(index, x)
-    grid = (triton.cdiv(L, bm * iters) * triton.cdiv(C, bc) * (2 if split_outputs else 1), B)
+    grid = (cdiv(L, bm * iters) * cdiv(C, bc) * (2 if split_outputs else 1), B)
     with _device_guard(x):
         launch(_scale_shift_gate_kernel, grid,
                (x, shift, scale, gate, idx, y, g, L, C, B,
@@ -450,7 +450,7 @@ def norm_scale_shift(x, shift, scale, index=None, weight=None, bias=None, eps=1e
         return y
     bm, bc, iters, extra, kw = _split(config or _norm_config(C), norm=True)
     idx, sib, sil = _index_args(index, x)
-    grid = (triton.cdiv(L, bm * iters), B)
+    grid = (cdiv(L, bm * iters), B)
     with _device_guard(x):
         launch(_norm_scale_shift_kernel, grid,
                (x, shift, scale, idx, x if weight is None else weight, x if bias is None else bias, y,
@@ -469,7 +469,7 @@ def gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index=N
         return r_out, y
     bm, bc, iters, extra, kw = _split(config or _norm_config(C), norm=True)
     idx, sib, sil = _index_args(index, residual)
-    grid = (triton.cdiv(L, bm * iters), B)
+    grid = (cdiv(L, bm * iters), B)
     with _device_guard(residual):
         launch(_gate_residual_norm_scale_shift_kernel, grid,
                (residual, update, gate, shift, scale, idx, r_out, y, L, C, B, float(eps),
@@ -486,7 +486,7 @@ def gate_residual(residual, update, gate, index=None, config=None):
         return out
     bm, bc, iters, extra, kw = _split(config or ELEMENTWISE_CONFIG)
     idx, sib, sil = _index_args(index, residual)
-    grid = (triton.cdiv(L, bm * iters) * triton.cdiv(C, bc), B)
+    grid = (cdiv(L, bm * iters) * cdiv(C, bc), B)
     with _device_guard(residual):
         launch(_gate_residual_kernel, grid,
                (residual, update, gate, idx, out, L, C, B,
@@ -505,8 +505,8 @@ def dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm
     if B == 0 or C == 0 or La + Lb == 0:
         return ya, yb
     bm, bc, iters, extra, kw = _split(config or _norm_config(C), norm=True)
-    n_a = triton.cdiv(La, bm * iters)
-    grid = (n_a + triton.cdiv(Lb, bm * iters), B)
+    n_a = cdiv(La, bm * iters)
+    grid = (n_a + cdiv(Lb, bm * iters), B)
     i_a, s_iab, s_ial = _index_args(ia, xa)
     i_b, s_ibb, s_ibl = _index_args(ib, xb)
     with _device_guard(xa):
@@ -529,8 +529,8 @@ def dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub,
     if B == 0 or C == 0 or La + Lb == 0:
         return roa, ya, rob, yb
     bm, bc, iters, extra, kw = _split(config or _norm_config(C), norm=True)
-    n_a = triton.cdiv(La, bm * iters)
-    grid = (n_a + triton.cdiv(Lb, bm * iters), B)
+    n_a = cdiv(La, bm * iters)
+    grid = (n_a + cdiv(Lb, bm * iters), B)
     i_a, s_iab, s_ial = _index_args(ia, ra)
     i_b, s_ibb, s_ibl = _index_args(ib, rb)
     with _device_guard(ra):

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, next_power_of_2
 from ._launch import launch as launch_kernel
 
 
@@ -205,7 +206,7 @@ def _block_h(H: int) -> int:
     for bh in (8, 4, 2):
         if H % bh == 0:
             return bh
-    return min(8, triton.next_power_of_2(H))
+    return min(8, next_power_of_2(H))
 
 
 def _device_guard(t: torch.Tensor):
@@ -258,7 +259,7 @@ def launch(a, b, out, *, weights=None, tables=None, positions=(None, None), eps=
         tables = (dummy, dummy)
     pa, spa_b, spa_l = _pos_args(positions[0])
     pb, spb_b, spb_l = _pos_args(positions[1])
-    grid = (La + Lb, triton.cdiv(H, bh), B)
+    grid = (La + Lb, cdiv(H, bh), B)
     with _device_guard(qa):
         launch_kernel(
             _joint_qk_kernel, grid,
@@ -270,8 +271,8 @@ def launch(a, b, out, *, weights=None, tables=None, positions=(None, None), eps=
              *_strides(b[0]), *_strides(b[1]), *_strides(b[2]),
              *_strides(out[0]), *_strides(out[1]), *_strides(out[2]),
              tables[0].stride(0), tables[1].stride(0), spa_b, spa_l, spb_b, spb_l),
-            (D, triton.next_power_of_2(D), max(half, 1) if R else 1,
-             triton.next_power_of_2(max(half, 1)), tail, triton.next_power_of_2(max(tail, 1)), bh,
+            (D, next_power_of_2(D), max(half, 1) if R else 1,
+             next_power_of_2(max(half, 1)), tail, next_power_of_2(max(tail, 1)), bh,
              interleaved, norm, rope, wround,
              positions[0] is not None, positions[1] is not None, has_v),
             dict(num_warps=nw, **cfg))
