@@ -49,15 +49,21 @@ def gpu_ms_graph(call, reps=20):
     return times[len(times) // 2]
 
 
-def host_ms(call, n=8):
+def host_times(call, n=8):
+    """(wall ms, this thread's CPU ms) per call while the GPU is kept busy. The CPU time leaves out
+    time the thread was descheduled, which the shared GPU hosts add to wall time at random."""
     torch.cuda.synchronize()
     torch.cuda._sleep(int(2e9))  # ~1 s of GPU spin so that launches never wait on the GPU
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.thread_time()
     for _ in range(n):
         call()
-    dt = (time.perf_counter() - t) / n * 1e3
+    dt, dc = (time.perf_counter() - t) / n * 1e3, (time.thread_time() - c) / n * 1e3
     torch.cuda.synchronize()
-    return dt
+    return dt, dc
+
+
+def host_ms(call, n=8):
+    return host_times(call, n)[0]
 
 
 def e2e_ms(call, n=20):

@@ -5,7 +5,8 @@ that time moves by tens of percent between processes and machines on the GPU hos
 alternates stock and patched in one process: each round unpatches, times the stock block, patches
 again and times the patched block (patching is outside the timed regions), and reports medians and
 the median of the per-round ratios patched / stock. Measures, per call:
-  host_ms : host time with the GPU kept busy (``block_diag.host_ms``);
+  host_ms : host time with the GPU kept busy (``block_diag.host_times``), and host_cpu_ms the
+            thread's CPU time over the same calls (less sensitive to the host's scheduling noise);
   e2e_ms  : back-to-back calls, wall clock (``block_diag.e2e_ms``).
 Writes block-host-paired<tag>.json to $OUT or --out.
 """
@@ -20,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from block_diag import e2e_ms, host_ms  # noqa: E402
+from block_diag import e2e_ms, host_times  # noqa: E402
 
 
 def main():
@@ -57,22 +58,23 @@ def main():
         fdo.unpatch(model)
         s_call()
         torch.cuda.synchronize()
-        s = {"host_ms": host_ms(s_call), "e2e_ms": e2e_ms(s_call)}
+        s = dict(zip(("host_ms", "host_cpu_ms"), host_times(s_call)), e2e_ms=e2e_ms(s_call))
         fdo.patch(model)
         p_call()
         torch.cuda.synchronize()
-        p = {"host_ms": host_ms(p_call), "e2e_ms": e2e_ms(p_call)}
+        p = dict(zip(("host_ms", "host_cpu_ms"), host_times(p_call)), e2e_ms=e2e_ms(p_call))
         rows.append({"round": r, "stock": s, "patched": p})
-        print(f"round {r}: stock host {s['host_ms']:.3f} e2e {s['e2e_ms']:.3f} | patched host {p['host_ms']:.3f} "
-              f"e2e {p['e2e_ms']:.3f} ms", flush=True)
+        print(f"round {r}: stock host {s['host_ms']:.3f} (cpu {s['host_cpu_ms']:.3f}) e2e {s['e2e_ms']:.3f} | "
+              f"patched host {p['host_ms']:.3f} (cpu {p['host_cpu_ms']:.3f}) e2e {p['e2e_ms']:.3f} ms", flush=True)
     fdo.unpatch(model)
 
     def med(f):
         return statistics.median(f(x) for x in rows)
 
     summary = {f"{w}_{k}": med(lambda x, w=w, k=k: x[w][k]) for w in ("stock", "patched")
-               for k in ("host_ms", "e2e_ms")}
+               for k in ("host_ms", "host_cpu_ms", "e2e_ms")}
     summary["ratio_host"] = med(lambda x: x["patched"]["host_ms"] / x["stock"]["host_ms"])
+    summary["ratio_host_cpu"] = med(lambda x: x["patched"]["host_cpu_ms"] / x["stock"]["host_cpu_ms"])
     summary["ratio_e2e"] = med(lambda x: x["patched"]["e2e_ms"] / x["stock"]["e2e_ms"])
     print("medians: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     res = {"img_tokens": args.img_tokens, "rounds": rows, "median": summary, "env": harness.env_info(),

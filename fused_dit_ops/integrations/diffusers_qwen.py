@@ -42,6 +42,18 @@ the stock model forward once per forward. Joint q/k/v buffers are allocated insi
 caching allocator makes that free, while buffers passed into a compiled block would be mutated graph
 inputs (copied back by AOTAutograd and excluded from CUDA graphs).
 
+Host time (eager). At small image sizes the eager block is bound by host time, not the GPU. In eager
+CUDA inference (no autograd, no torch.compile tracing, no dispatch mode, no torch.profiler) the
+block calls the Triton launchers and the attention runner itself instead of ``torch.ops`` (dispatch
+plus each op's input checks: 40-80 us of host time per op on the GPU hosts here), after checking
+once per call what comes from outside the block: both streams, the index and the modulation params
+(``_streams_ok``), the QK-norm weights and RoPE tables (``_joint_qk_ok``), the module outputs the
+gated residuals read. Any of those failing sends that call through ``torch.ops``, so bad inputs
+still get the ops' own errors. It also calls the attention processor without diffusers'
+``Attention.forward`` (which inspects the processor's signature on every call) and bare Linears as
+``F.linear``, when no hooks are registered on them. Under torch.profiler the ops go through
+``torch.ops`` as before, so a layer profile names them.
+
 Weights are used directly (packed GEMMs, ``out=`` GEMMs, the fc1 GELU epilogue) only for bare
 ``nn.Linear`` modules without hooks, checked on every call: a module wrapped or replaced after
 patching (a LoRA adapter, a quantized Linear) is called as a module, and parameters replaced by
