@@ -97,6 +97,30 @@ def test_direct_never_on_cpu_or_with_autograd():
         assert not dq._direct(x)  # CPU tensors: the ops' CPU references through torch.ops
 
 
+def test_compile_before_any_eager_call():
+    """Compiling the patched blocks before any eager forward of the fused block (on the GPU the
+    eager calls take the direct launchers, so a compiled block can be the first to use the torch.ops
+    namespace; building it lazily there broke fullgraph tracing, seen in `bench block`)."""
+    from torch._dynamo.utils import counters
+    from fused_dit_ops.demo import compile_blocks, uncompile_blocks
+    assert isinstance(dq._dispatch_ops(), types.SimpleNamespace)  # exists from import on
+    m = build_qwen_image_transformer("tiny", seed=1)
+    kw = make_qwen_inputs(m, seed=2)
+    ref = _run(m, kw)
+    fdo.patch(m)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(m, fullgraph=True, backend="aot_eager")
+    try:
+        out = _run(m, kw)
+    finally:
+        uncompile_blocks(m)
+        torch._dynamo.reset()
+        fdo.unpatch(m)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert rel_err(out, ref) < CPU_FP32_REL
+
+
 # --- the direct path on CPU tensors: Triton kernels in the interpreter ---------------------------
 
 class _Spy:

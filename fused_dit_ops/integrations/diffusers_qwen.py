@@ -409,21 +409,19 @@ def _joint_qk_ok(weights, tables, D, Lt, Li, dev) -> bool:
     return D % 2 == 0 and 0 < R <= D and R % 2 == 0
 
 
-_DISPATCH = None
+# built at import (the schemas are declared by then): dynamo cannot trace its construction, and a
+# compiled block may be the first caller (eager CUDA calls take the direct launchers instead)
+_DISPATCH = types.SimpleNamespace(
+    norm_scale_shift=torch.ops.fused_dit.norm_scale_shift.default,
+    dual_norm_scale_shift=torch.ops.fused_dit.dual_norm_scale_shift.default,
+    gate_residual_norm_scale_shift=torch.ops.fused_dit.gate_residual_norm_scale_shift.default,
+    dual_gate_residual_norm_scale_shift=torch.ops.fused_dit.dual_gate_residual_norm_scale_shift.default,
+    joint_qk_norm_rope_=torch.ops.fused_dit.joint_qk_norm_rope_.default)
 _DIRECT = None
 
 
 def _dispatch_ops():
     """The block's fused ops through ``torch.ops`` (what torch.compile traces and the CPU runs)."""
-    global _DISPATCH
-    if _DISPATCH is None:
-        o = torch.ops.fused_dit
-        _DISPATCH = types.SimpleNamespace(
-            norm_scale_shift=o.norm_scale_shift.default,
-            dual_norm_scale_shift=o.dual_norm_scale_shift.default,
-            gate_residual_norm_scale_shift=o.gate_residual_norm_scale_shift.default,
-            dual_gate_residual_norm_scale_shift=o.dual_gate_residual_norm_scale_shift.default,
-            joint_qk_norm_rope_=o.joint_qk_norm_rope_.default)
     return _DISPATCH
 
 
