@@ -83,6 +83,36 @@ def test_packed_rows():
     assert torch.equal(packed_rows([b[:4], b[4:8], b[8:]]), b)
 
 
+def test_packed_rows_single_and_adjacent_storages():
+    w = torch.randn(8, 16)
+    assert packed_rows([w]) is not None and packed_rows([w]).data_ptr() == w.data_ptr()
+    # two separate allocations that happen to be adjacent are not one storage: never viewed as one
+    big = torch.randn(16, 16)
+    a = torch.empty(0).set_(big.untyped_storage(), 0, (8, 16))
+    b2 = torch.empty(0).set_(torch.UntypedStorage(8 * 16 * 4), 0, (8, 16))
+    assert packed_rows([a, b2]) is None
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_unchecked_impl_takes_grad_requiring_params(packed):
+    """The CUDA implementation's GEMMs write into the joint buffer (addmm out=), which autograd
+    refuses for inputs that require grad; the op is forward-only, so it detaches its weights (the
+    patched block's module parameters are such inputs when a caller runs with grad enabled)."""
+    from fused_dit_ops.ops.linear import joint_linear_unchecked
+    K, N = 16, 8
+    ws = [torch.nn.Parameter(randn(N, K)) for _ in range(4)]
+    bs = [torch.nn.Parameter(randn(N)) for _ in range(4)]
+    txt, img = randn(1, 3, K), randn(1, 5, K)
+    if packed:
+        args = ([ws[0]], [bs[0]], [ws[1]], [bs[1]])
+    else:
+        args = (ws[:2], bs[:2], ws[2:], bs[2:])
+    out = joint_linear_unchecked(txt, img, *args)
+    ref = torch.cat([txt @ torch.cat(args[0]).T + torch.cat(args[1]),
+                     img @ torch.cat(args[2]).T + torch.cat(args[3])], 1)
+    assert rel_err(out, ref.detach()) < 1e-6
+
+
 def test_opcheck_cpu():
     for packed, bias in [(True, "all"), (False, "mixed"), (False, "none")]:
         args = make(2, 3, 5, 16, [8, 8, 8], packed=packed, bias=bias)

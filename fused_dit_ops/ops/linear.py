@@ -34,7 +34,7 @@ def packed_rows(ts):
         return None
     t0 = ts[0]
     if len(ts) == 1:  # already one tensor (the patched block passes its packed views like this)
-        return t0 if t0.is_contiguous() else None
+        return t0.detach() if t0.is_contiguous() else None
     step = t0.numel() * t0.element_size()
     p0 = t0.data_ptr()
     for j, t in enumerate(ts):
@@ -102,9 +102,9 @@ def _project_into(x, ws, bs, out, r0, r1):
         # not packed: pack here (one copy of the weights, ~4% of the GEMM's time at Qwen dims).
         # GEMMs into strided column slices would be slower: torch runs them without the bias
         # epilogue, broadcasting each bias into the output first (bench qkv: 862 vs 730 us)
-        w = torch.cat(list(ws), 0)
+        w = torch.cat([t.detach() for t in ws], 0)  # forward-only op: addmm(out=) refuses grad inputs
         if any(t is not None for t in bs):
-            b = torch.cat([t if t is not None else t_w.new_zeros(t_w.shape[0]) for t, t_w in zip(bs, ws)], 0)
+            b = torch.cat([t.detach() if t is not None else t_w.new_zeros(t_w.shape[0]) for t, t_w in zip(bs, ws)], 0)
     for i in range(x.shape[0]):
         if b is not None:
             torch.addmm(b, x[i], w.t(), out=out[i, r0:r1])
