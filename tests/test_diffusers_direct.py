@@ -91,7 +91,7 @@ def test_joint_qk_ok():
                                torch.device("cpu"))  # R > D
 
 
-def test_direct_never_on_cpu_or_with_autograd():
+def test_direct_never_on_cpu():
     x = torch.randn(2, 3)
     with torch.no_grad():
         assert not dq._direct(x)  # CPU tensors: the ops' CPU references through torch.ops

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
 import json
 import os
 import pstats
@@ -135,7 +134,7 @@ def main():
                     help="token count per image, target first (default 4096 4096)")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--cprofile-calls", type=int, default=5, help="calls profiled by cProfile (patched block)")
+    ap.add_argument("--cprofile-calls", type=int, default=5, help="calls profiled by cProfile (stock and patched block; more than ~5 can fill the launch queue behind the GPU sleep)")
     args = ap.parse_args()
 
     from fused_dit_ops.bench.block import capture_block_call

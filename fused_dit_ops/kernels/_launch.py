@@ -28,6 +28,7 @@ try:
 except ImportError:  # pragma: no cover
     _JITFunction = ()
 
+
 def cdiv(a: int, b: int) -> int:
     """``triton.cdiv`` for host code: Triton's is a ConstexprFunction, ~10 us per call on a slow host."""
     return -(-a // b)
