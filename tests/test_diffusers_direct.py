@@ -161,6 +161,39 @@ def test_interpreted_direct_path_matches_stock(monkeypatch, zero_cond_t):
                          "dual_gate_residual_norm_scale_shift": 3}, spy.calls
 
 
+@pytest.mark.interpret
+def test_interpreted_direct_attention_only_on_the_blocks_own_buffers(monkeypatch):
+    """The attention launch skips the op's checks only where q, k, v are the joint buffers the block
+    wrote itself; with hooked QK-norm modules (stock-norm path: q, k, v from module calls) the
+    block calls ``fused_dit.attention`` and its checks."""
+    m = build_qwen_image_transformer("tiny", num_layers=2, seed=3)
+    kw = make_qwen_inputs(m, batch=1, seed=4)
+    ref = _run(m, kw)
+    fdo.patch(m)
+    monkeypatch.setattr(dq, "_direct", lambda x: not torch.is_grad_enabled())  # CPU tensors allowed here
+    calls = {"direct": 0, "op": 0}
+    real_direct, real_op = dq._attention_direct, torch.ops.fused_dit.attention.default
+
+    def direct(*a):
+        calls["direct"] += 1
+        return real_direct(*a)
+
+    def op(*a):
+        calls["op"] += 1
+        return real_op(*a)
+
+    monkeypatch.setattr(dq, "_attention_direct", direct)
+    monkeypatch.setattr(torch.ops.fused_dit.attention, "default", op)
+    assert rel_err(_run(m, kw), ref) < 1e-5
+    assert calls == {"direct": 2, "op": 0}, calls  # joint path: both blocks launch directly
+    hooks = [blk.attn.norm_q.register_forward_hook(lambda mod, i, o: o) for blk in m.transformer_blocks]
+    calls.update(direct=0, op=0)
+    assert rel_err(_run(m, kw), ref) < 1e-5
+    assert calls == {"direct": 0, "op": 2}, calls  # stock-norm path: through the op
+    for h in hooks:
+        h.remove()
+
+
 # --- GPU ------------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -674,8 +674,10 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
             iq = _ref.apply_rope(attn.norm_q(i[0]), img_tab).to(i[0].dtype)
             ik = _ref.apply_rope(attn.norm_k(i[1]), img_tab).to(i[1].dtype)
             q, k, v = torch.cat([tq, iq], 1), torch.cat([tk, ik], 1), torch.cat([t[2], i[2]], 1)
-        if st.attention and direct:
-            out = _attention_direct(q, k, v, self.backend)  # q, k, v: views of our own joint buffers
+        if st.attention and direct and joint:
+            # q, k, v: views of the joint buffers built above (dtype, shapes and layout are the
+            # block's own). The other paths take q, k, v from module calls: the op checks them
+            out = _attention_direct(q, k, v, self.backend)
         elif st.attention:
             out = torch.ops.fused_dit.attention.default(q, k, v, None, False, self.backend)
         else:
