@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fused_dit_ops import profiler
-from fused_dit_ops.bench import BENCHES, _configs
+from fused_dit_ops.bench import BENCHES, _configs, harness
 from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs
 
 
@@ -225,6 +225,34 @@ def test_configs_normalize():
         _configs.normalize("fast")
     assert _configs.is_patched("patched-eager+noreuse") and not _configs.is_compiled("patched-eager+noreuse")
     assert _configs.parse_providers("stock,patched-eager+noreuse", "t") == ["stock", "patched-eager+noreuse"]
+
+
+def test_provider_modifiers_are_patch_options():
+    base, opts = _configs.split_modifiers("patched-eager+nopack+nomlp")
+    assert base == "patched-eager"
+    assert opts == {"pack_qkv": False, "ops": ("modulation", "qk_norm_rope", "attention")}
+    assert _configs.split_modifiers("stock-compile") == ("stock-compile", {})
+    with pytest.raises(ValueError, match=r"unknown provider modifier 'fast'.*\+nopack"):
+        _configs.split_modifiers("patched-eager+fast")
+    with pytest.raises(ValueError, match="patched providers only"):
+        _configs.split_modifiers("stock-eager+nopack")
+    with pytest.raises(ValueError):  # checked when the list is parsed, before any model is built
+        _configs.parse_providers("stock,patched-eager+fast", "t")
+
+
+def test_energy_probe_without_nvml_or_cuda_is_none(monkeypatch):
+    monkeypatch.setattr(harness, "_nvml_handle", lambda: None)
+    assert harness.energy_per_call(lambda: None) is None
+
+
+@pytest.mark.gpu
+def test_energy_probe_on_gpu():
+    x = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+    e = harness.energy_per_call(lambda: x @ x, seconds=0.3)
+    if e is None:
+        pytest.skip("no NVML energy counter here (pynvml missing or GPU too old)")
+    assert e["calls"] >= 3 and e["j_per_call"] > 0 and e["ms_per_call_b2b"] > 0
+    assert 10 < e["avg_power_w"] < 2000, e  # a busy GPU draws tens to hundreds of watts
 
 
 def test_bench_registered():

@@ -72,18 +72,44 @@ def uncompile(model) -> None:
     torch._dynamo.reset()
 
 
-def apply(model, name: str, *, fullgraph: bool = True, reuse_mod: bool = False) -> dict:
+# "patched-eager+nopack+nomlp": patch options for A/B runs of the benches, one word each
+MODIFIERS = {
+    "noreuse": {"reuse_mod": False},  # every forward runs its modulation GEMVs
+    "nopack": {"pack_qkv": False},  # three q/k/v GEMMs per stream (N = D each) instead of one packed
+    "nomlp": {"ops": ("modulation", "qk_norm_rope", "attention")},  # stock FeedForward (GELU kernel)
+    "nodual": {"dual_launch": False},  # one launch per stream for each norm op
+    "nolookahead": {"lookahead": False},  # each block does its own norm1 + modulation
+}
+
+
+def split_modifiers(provider: str) -> tuple[str, dict]:
+    """("patched-eager", patch kwargs) from "patched-eager+nopack+..."; modifiers need a patched
+    provider. Raises ValueError naming the unknown modifier and the known ones."""
+    base, *mods = provider.strip().split("+")
+    kwargs: dict = {}
+    for m in mods:
+        if m not in MODIFIERS:
+            raise ValueError(f"unknown provider modifier {m!r} in {provider!r} (known: "
+                             f"{', '.join('+' + k for k in MODIFIERS)})")
+        kwargs.update(MODIFIERS[m])
+    if mods and not normalize(base).startswith("patched"):
+        raise ValueError(f"provider {provider!r}: modifiers apply to patched providers only")
+    return base, kwargs
+
+
+def apply(model, name: str, *, fullgraph: bool = True, reuse_mod: bool = False, **patch_kwargs) -> dict:
     """Put ``model`` into configuration ``name`` (in place). Returns a small info dict.
 
     ``reuse_mod`` (patched): let a forward reuse the previous forward's modulation GEMVs when the
     temb is equal. Off by default: callers that repeat one identical forward (demo, profile) would
     otherwise time a forward without its GEMVs; ``bench model``, whose steps have their own
-    timesteps as a sampler's do, turns it on (cond computes, uncond reuses)."""
+    timesteps as a sampler's do, turns it on (cond computes, uncond reuses). ``patch_kwargs``:
+    further :func:`fused_dit_ops.patch` options (see :data:`MODIFIERS`)."""
     name = normalize(name)
     info: dict = {"config": name}
     if is_patched(name):
         patch, _ = _patch_api()
-        report = patch(model, reuse_mod=reuse_mod)
+        report = patch(model, **{"reuse_mod": reuse_mod, **patch_kwargs})
         info["patch"] = str(report)
     if is_compiled(name):
         info["compile"] = compile_blocks(model, fullgraph=fullgraph)
@@ -142,7 +168,7 @@ def parse_providers(spec: str, who: str) -> list[str]:
     import sys
     providers = [p.strip() for p in spec.split(",") if p.strip()]
     for p in providers:
-        normalize(p.partition("+")[0])  # "+modifier": see the tool's --providers help
+        split_modifiers(p)  # a bad name or "+modifier" fails here, before any model is built
     if any(is_patched(p) for p in providers) and not patch_available():
         print(f"{who}: fused_dit_ops.patch() is not available; dropping the patched providers", file=sys.stderr)
         providers = [p for p in providers if not is_patched(p)]

@@ -64,10 +64,11 @@ def _clone(v):
 
 
 def run_provider(model, inputs: dict, provider: str, device: str, rep_ms: int,
-                 cooldown_s: float = 0.0) -> tuple[dict, torch.Tensor]:
-    name = _configs.normalize(provider)
+                 cooldown_s: float = 0.0, energy_s: float = 0.0) -> tuple[dict, torch.Tensor]:
+    base_name, opts = _configs.split_modifiers(provider)  # e.g. "patched-eager+nopack"
+    name = _configs.normalize(base_name)
     base = "patched" if _configs.is_patched(name) else "stock"
-    _configs.apply(model, base)
+    _configs.apply(model, base, **opts)
     try:
         block, args, kwargs = capture_block_call(model, inputs)
         how = _configs.compile_blocks(model) if _configs.is_compiled(name) else ""
@@ -87,6 +88,9 @@ def run_provider(model, inputs: dict, provider: str, device: str, rep_ms: int,
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
             gpu["gpu_after"] = harness.gpu_state()
+            energy = harness.energy_per_call(call, energy_s)
+            if energy is not None:
+                gpu.update(energy)
         # output on fresh copies of the inputs (a block may update its inputs in place)
         out = call(tuple(_clone(a) for a in args), {k: _clone(v) for k, v in kwargs.items()})
         img = out[1] if isinstance(out, (tuple, list)) else out
@@ -101,7 +105,9 @@ def run_provider(model, inputs: dict, provider: str, device: str, rep_ms: int,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fused_dit_ops bench block", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list from {', '.join(PROVIDERS)}")
+    ap.add_argument("--providers", default=",".join(PROVIDERS),
+                    help=f"comma list from {', '.join(PROVIDERS)}; a patched one may end in patch options "
+                         f"({', '.join('+' + m for m in _configs.MODIFIERS)}), e.g. patched-eager+nopack")
     ap.add_argument("--config", default="edit-2511", help="model config (default edit-2511)")
     ap.add_argument("--tokens", default=None, help="image tokens, target first (default 4096,4096)")
     ap.add_argument("--txt-len", type=int, default=None, help="text tokens (default 208)")
@@ -115,6 +121,9 @@ def main(argv=None) -> int:
                     help="seconds of GPU idle before timing each provider (default 0: each provider "
                          "starts as warm as the previous one left the GPU); the GPU's temperature and "
                          "SM clock before and after each timing are recorded either way")
+    ap.add_argument("--energy-s", type=float, default=1.0,
+                    help="after each timing, call the block back to back this long and record joules per "
+                         "call and average power from the GPU's energy counter (NVML; 0: off)")
     ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
     args = ap.parse_args(argv)
     device = _configs.resolve_device(args.device, args.tiny, "bench block")
@@ -142,13 +151,13 @@ def main(argv=None) -> int:
             print(f" round {rnd + 1}/{args.rounds}: {', '.join(order)}")
         for p in order:
             try:
-                row, img = run_provider(model, inputs, p, device, args.rep_ms, args.cooldown)
+                row, img = run_provider(model, inputs, p, device, args.rep_ms, args.cooldown, args.energy_s)
             except Exception as e:  # keep the other providers' numbers
                 print(f"  {p}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
                 rows.append({"provider": p, "error": f"{type(e).__name__}: {e}", "round": rnd})
                 continue
             row["round"] = rnd
-            if ref is None and _configs.normalize(p) == "stock":
+            if ref is None and _configs.normalize(p.partition("+")[0]) == "stock":
                 ref = img
                 for r_, im in pending.values():  # providers timed before the first stock one
                     r_["max_rel_diff_vs_stock"] = _configs.rel_err(im, ref)
@@ -159,16 +168,21 @@ def main(argv=None) -> int:
             rows.append(row)
             g = row.get("gpu_before")
             at = f", GPU {g['temp_c']} C / {g['sm_mhz']} MHz at start" if g else ""
-            print(f"  {p}: {row['ms']:.3f} ms (first call {row['first_call_s']:.1f} s{at})")
+            en = (f"; {row['j_per_call']:.2f} J/call at {row['avg_power_w']:.0f} W back to back"
+                  if row.get("j_per_call") is not None else "")
+            print(f"  {p}: {row['ms']:.3f} ms (first call {row['first_call_s']:.1f} s{at}{en})")
     pending.clear()
     if args.rounds > 1:
-        rows = harness.merge_rounds(rows, ["ms"])
+        rows = harness.merge_rounds(rows, ["ms"] + (["j_per_call", "avg_power_w", "ms_per_call_b2b"]
+                                                    if all("j_per_call" in r for r in rows if "ms" in r) else []))
     base = next((r["ms"] for r in rows if r.get("provider") == "stock-eager" and "ms" in r), None)
     for r in rows:
         if "ms" in r:
             r["speedup_vs_stock_eager"] = base / r["ms"] if base else None
     harness.add_ratio(rows, "ms", "stock-compile", "ratio_vs_stock_compile")
+    harness.add_ratio(rows, "j_per_call", "stock-compile", "energy_ratio_vs_stock_compile")
     print(harness.format_table(rows, ["provider", "ms", "speedup_vs_stock_eager", "ratio_vs_stock_compile",
+                                      "j_per_call", "avg_power_w", "energy_ratio_vs_stock_compile",
                                       "first_call_s", "max_rel_diff_vs_stock", "error"]))
     pe = next((r["ms"] for r in rows if r.get("provider") == "patched-eager" and "ms" in r), None)
     verdict = None
@@ -178,7 +192,7 @@ def main(argv=None) -> int:
     path = harness.write_results("block" + ("-tiny" if args.tiny else ""), rows,
                                  extra={"shape": shape, "device": device, "target_ms_patched_eager": TARGET_MS,
                                         "target_met": verdict, "reference_ms": REFERENCE_MS,
-                                        "rounds": args.rounds, "rep_ms": args.rep_ms,
+                                        "rounds": args.rounds, "rep_ms": args.rep_ms, "energy_s": args.energy_s,
                                         "cooldown_s": args.cooldown},
                                  out_dir=args.out)
     print(f"results: {path}")

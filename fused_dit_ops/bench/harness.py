@@ -183,6 +183,64 @@ def gpu_state() -> dict | None:
         return None
 
 
+_NVML: dict = {}
+
+
+def _nvml_handle():
+    """NVML handle of the current CUDA device (matched by UUID, so CUDA_VISIBLE_DEVICES is
+    respected), or None without CUDA or ``pynvml`` (package ``nvidia-ml-py``)."""
+    if not torch.cuda.is_available():
+        return None
+    idx = torch.cuda.current_device()
+    if idx not in _NVML:
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            try:
+                h = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{torch.cuda.get_device_properties(idx).uuid}")
+            except Exception:  # no UUID in this torch build: the index (right unless devices are masked)
+                h = pynvml.nvmlDeviceGetHandleByIndex(idx)
+            pynvml.nvmlDeviceGetTotalEnergyConsumption(h)  # Volta and later; raises elsewhere
+            _NVML[idx] = (pynvml, h)
+        except Exception:
+            _NVML[idx] = None
+    return _NVML[idx]
+
+
+def energy_per_call(fn: Callable[[], object], seconds: float = 1.0) -> dict | None:
+    """fn() called back to back for about ``seconds``: the GPU's energy counter (NVML, mJ) read
+    before and after, CUDA events around the calls. Returns joules per call, the average power
+    (W) and ms per call over that window, and the enforced power limit (W); None where NVML is
+    unavailable. On a GPU at its power cap, time per call follows energy per call (average power
+    ~ the limit), so an A/B in joules says what a change saves once the clocks settle."""
+    nv = _nvml_handle()
+    if nv is None or seconds <= 0:
+        return None
+    import time
+    pynvml, h = nv
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    n = max(3, int(seconds / max(time.perf_counter() - t0, 1e-5)))
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    mj0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
+    e0.record()
+    for _ in range(n):
+        fn()
+    e1.record()
+    torch.cuda.synchronize()
+    mj1 = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
+    ms = e0.elapsed_time(e1)
+    joules = (mj1 - mj0) / 1e3
+    try:
+        limit_w = pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1e3
+    except Exception:
+        limit_w = None
+    return {"j_per_call": joules / n, "avg_power_w": joules / (ms / 1e3) if ms > 0 else None,
+            "ms_per_call_b2b": ms / n, "calls": n, "power_limit_w": limit_w}
+
+
 def cool_down(seconds: float) -> dict | None:
     """Idle the GPU for ``seconds`` (after finishing queued work) and return :func:`gpu_state` after."""
     import time

@@ -61,15 +61,13 @@ class _Timer:
 
 def run_provider(model, cond: dict, uncond: dict, provider: str, device: str, *, warmup: int, steps: int,
                  dynamic: bool, cooldown_s: float = 0.0) -> tuple[dict, torch.Tensor]:
-    base, _, mod = provider.partition("+")  # "patched-eager+noreuse": patch(reuse_mod=False), for A/B runs
-    if mod not in ("", "noreuse"):
-        raise ValueError(f"unknown provider modifier {mod!r} in {provider!r} (known: +noreuse)")
+    base, opts = _configs.split_modifiers(provider)  # e.g. "patched-eager+noreuse", for A/B runs
     name = _configs.normalize(base)
     timer = _Timer(device)
     ctx = contextlib.nullcontext()
     if _configs.is_compiled(name) and not dynamic:
         ctx = torch._dynamo.config.patch(automatic_dynamic_shapes=False)
-    info = _configs.apply(model, name, reuse_mod=mod != "noreuse")
+    info = _configs.apply(model, name, **{"reuse_mod": True, **opts})
     # one timestep per step (descending, as a sampler's), the same tensor for cond and uncond
     t0v = float(cond["timestep"].flatten()[0])
     ts = [torch.full_like(cond["timestep"], t0v * (1 - 0.9 * i / (warmup + steps))) for i in range(warmup + steps)]
@@ -116,8 +114,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fused_dit_ops bench model", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--providers", default=",".join(PROVIDERS),
-                    help=f"comma list from {', '.join(PROVIDERS)}; a patched one may end in '+noreuse' "
-                         "(patch(reuse_mod=False)); a name may repeat (interleaved A/B)")
+                    help=f"comma list from {', '.join(PROVIDERS)}; a patched one may end in patch options "
+                         f"({', '.join('+' + m for m in _configs.MODIFIERS)}, e.g. '+noreuse': "
+                         "patch(reuse_mod=False)); a name may repeat (interleaved A/B)")
     ap.add_argument("--layers", type=int, default=None, help="model depth (default 60; --tiny: 2)")
     ap.add_argument("--config", default="edit-2511", help="model config (default edit-2511)")
     ap.add_argument("--tokens", default=None, help="image tokens, target first (default 4096,4096)")
