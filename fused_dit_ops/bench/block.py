@@ -121,7 +121,7 @@ def main(argv=None) -> int:
                     help="seconds of GPU idle before timing each provider (default 0: each provider "
                          "starts as warm as the previous one left the GPU); the GPU's temperature and "
                          "SM clock before and after each timing are recorded either way")
-    ap.add_argument("--energy-s", type=float, default=1.0,
+    ap.add_argument("--energy-s", type=float, default=2.0,
                     help="after each timing, call the block back to back this long and record joules per "
                          "call and average power from the GPU's energy counter (NVML; 0: off)")
     ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")

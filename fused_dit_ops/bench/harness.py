@@ -212,12 +212,15 @@ def energy_per_call(fn: Callable[[], object], seconds: float = 1.0) -> dict | No
     before and after, CUDA events around the calls. Returns joules per call, the average power
     (W) and ms per call over that window, and the enforced power limit (W); None where NVML is
     unavailable. On a GPU at its power cap, time per call follows energy per call (average power
-    ~ the limit), so an A/B in joules says what a change saves once the clocks settle."""
+    ~ the limit). The counter moves in steps: over a 1-2 s window, readings of one workload differ
+    by 5-10% (an H200 here showed averages of 632-749 W under a 700 W cap), so compare medians of
+    several rounds."""
     nv = _nvml_handle()
     if nv is None or seconds <= 0:
         return None
     import time
     pynvml, h = nv
+    fn()  # warm-up (handles, JIT), then one timed call sizes the loop
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
