@@ -273,17 +273,20 @@ def test_bench_block_and_model_refuse_without_cuda_or_tiny(capsys):
 
 def test_bench_block_tiny_cpu(tmp_path):
     from fused_dit_ops.bench import block
-    rc = block.main(["--device", "cpu", "--tiny", "--providers", "stock-eager,patched-eager,patched-compile",
-                     "--out", str(tmp_path)])
+    rc = block.main(["--device", "cpu", "--tiny", "--providers",
+                     "stock-eager,patched-eager,patched-compile,patched-eager+nopack+nomlp", "--out", str(tmp_path)])
     assert rc == 0
     (path,) = tmp_path.glob("block-tiny-*.json")
     doc = json.loads(path.read_text())
     rows = {r["provider"]: r for r in doc["rows"]}
-    assert set(rows) == {"stock-eager", "patched-eager", "patched-compile"}
+    assert set(rows) == {"stock-eager", "patched-eager", "patched-compile", "patched-eager+nopack+nomlp"}
     for r in rows.values():
         assert "error" not in r, r
         assert r["ms"] > 0
         assert r["max_rel_diff_vs_stock"] < 1e-3
+    assert rows["patched-eager+nopack+nomlp"]["patch_options"] == {
+        "pack_qkv": False, "ops": ["modulation", "qk_norm_rope", "attention"]}
+    assert "patch_options" not in rows["patched-eager"]
     assert doc["shape"]["zero_cond_t"] and doc["shape"]["img_tokens"] == 32
 
 
@@ -297,6 +300,7 @@ def test_bench_model_tiny_cpu(tmp_path):
     doc = json.loads(path.read_text())
     rows = {r["provider"]: r for r in doc["rows"]}
     assert set(rows) == {"stock-eager", "stock-compile", "patched-eager", "patched-eager+noreuse"}
+    assert rows["patched-eager+noreuse"]["patch_options"] == {"reuse_mod": False}
     for r in rows.values():
         assert "error" not in r, r
         assert r["ms_cond"] > 0 and r["ms_uncond"] > 0

@@ -97,6 +97,11 @@ def split_modifiers(provider: str) -> tuple[str, dict]:
     return base, kwargs
 
 
+def options_row(opts: dict) -> dict:
+    """``{"patch_options": opts}`` (JSON-ready) for a result row, or {} without modifiers."""
+    return {"patch_options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}} if opts else {}
+
+
 def apply(model, name: str, *, fullgraph: bool = True, reuse_mod: bool = False, **patch_kwargs) -> dict:
     """Put ``model`` into configuration ``name`` (in place). Returns a small info dict.
 

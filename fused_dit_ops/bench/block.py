@@ -94,7 +94,8 @@ def run_provider(model, inputs: dict, provider: str, device: str, rep_ms: int,
         # output on fresh copies of the inputs (a block may update its inputs in place)
         out = call(tuple(_clone(a) for a in args), {k: _clone(v) for k, v in kwargs.items()})
         img = out[1] if isinstance(out, (tuple, list)) else out
-        return ({"provider": provider, "ms": us / 1e3, "first_call_s": first_s, "compile": how, **gpu},
+        return ({"provider": provider, "ms": us / 1e3, "first_call_s": first_s, "compile": how,
+                 **_configs.options_row(opts), **gpu},
                 img.detach())
     finally:
         _configs.reset(model, name)

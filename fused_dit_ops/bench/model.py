@@ -106,7 +106,7 @@ def run_provider(model, cond: dict, uncond: dict, provider: str, device: str, *,
     med = statistics.median
     row = {"provider": provider, "ms_cond": med(cond_ms), "ms_uncond": med(uncond_ms),
            "ms_forward": 0.5 * (med(cond_ms) + med(uncond_ms)), "s_per_step": med(step_ms) / 1e3,
-           "warmup_s": warm_s, "compile": info.get("compile", ""), **gpu}
+           "warmup_s": warm_s, "compile": info.get("compile", ""), **_configs.options_row(opts), **gpu}
     return row, out
 
 
