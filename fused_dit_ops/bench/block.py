@@ -12,9 +12,13 @@ on them alone. Providers:
 - ``patched-compile``: patched, then compiled.
 
 Reported: median ms (``triton.testing.do_bench``, L2 flushed), speedup over stock eager, the
-first-call (compile) seconds, and the max relative difference of the image output from stock
-eager. Targets on an H100: patched eager <= 4.3 ms (stock eager 6.54, stock compile 4.93,
-fastest published framework 5.1). ``--device cpu --tiny``: a smoke run of the same code.
+first-call (compile) seconds, the max relative difference of the image output from stock
+eager and, where NVML is importable, joules per call and average power over ``--energy-s``
+seconds of back-to-back calls (the GPUs here run this block at their power cap, where time
+follows energy). ``--providers patched-eager+nopack`` and the like time ``patch`` options
+against each other (``_configs.MODIFIERS``). Targets on an H100: patched eager <= 4.3 ms (stock
+eager 6.54, stock compile 4.93, fastest published framework 5.1). ``--device cpu --tiny``: a
+smoke run of the same code.
 """
 from __future__ import annotations
 
