@@ -114,7 +114,7 @@ def apply(model, name: str, *, fullgraph: bool = True, reuse_mod: bool = False, 
     info: dict = {"config": name}
     if is_patched(name):
         patch, _ = _patch_api()
-        report = patch(model, **{"reuse_mod": reuse_mod, **patch_kwargs})
+        report = patch(model, reuse_mod=reuse_mod, **patch_kwargs)
         info["patch"] = str(report)
     if is_compiled(name):
         info["compile"] = compile_blocks(model, fullgraph=fullgraph)
