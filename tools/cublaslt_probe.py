@@ -7,7 +7,12 @@
    algorithms against torch (addmm / _addmm_activation), to see whether the heuristic's first
    choice leaves time on the table.
 
-Usage: PYTHONPATH=$PWD python tools/cublaslt_probe.py [--topn 16] [--iters 20]
+3. ``--sustained S``: the image GEMMs only, each algorithm run back to back for S seconds after a
+   heat-up (the GPU at its power cap, as in ``bench block``), with NVML energy per call, in rotated
+   rounds: whether an algorithm that is no faster on a cool GPU draws less energy, and so runs
+   faster under the cap.
+
+Usage: PYTHONPATH=$PWD python tools/cublaslt_probe.py [--topn 16] [--iters 20] [--sustained 1.5]
 Writes JSON to $OUT (or bench/results).
 """
 from __future__ import annotations
@@ -53,6 +58,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--topn", type=int, default=16)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--sustained", type=float, default=0.0)
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     from torch.utils.cpp_extension import load
     t0 = time.time()
@@ -60,6 +67,8 @@ def main():
                extra_ldflags=["-lcublasLt"], extra_cuda_cflags=["-O2"], verbose=False)
     print(f"built in {time.time() - t0:.0f} s", flush=True)
     dev, dt = "cuda", torch.bfloat16
+    if args.sustained > 0:
+        return sustained(ext, args)
     doc = dict(benchmark="cuBLASLt probe: pointer modes / epilogues; top-N algorithms vs torch",
                tool="tools/cublaslt_probe.py", env=env_info(), modes={}, gemms=[])
     dummy_b = torch.zeros(12288, device=dev, dtype=torch.float32)
@@ -123,6 +132,56 @@ def main():
               f"  ({len(ts)} algos)  diff {err:.2e}  all {[round(t, 1) for t in ts]}", flush=True)
     d = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "..", "bench", "results")
     path = os.path.join(d, f"cublaslt-probe-{time.strftime('%Y%m%dT%H%M', time.gmtime())}.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    print("json:", path)
+
+
+def sustained(ext, args):
+    """Each image GEMM's top-N algorithms (and torch) timed back to back under the power cap."""
+    import statistics
+    from fused_dit_ops.bench import harness
+    dev, dt = "cuda", torch.bfloat16
+    doc = dict(benchmark="cuBLASLt top-N algorithms under sustained load (power cap): us and mJ per call",
+               tool="tools/cublaslt_probe.py --sustained", env=env_info(), args=vars(args), gemms=[])
+    for name, (rows, K, N, ep) in GEMMS.items():
+        if rows < 1024:
+            continue
+        x = torch.randn(rows, K, device=dev, dtype=dt)
+        w = torch.randn(N, K, device=dev, dtype=dt) * 0.02
+        b = torch.randn(N, device=dev, dtype=dt) * 0.02
+        out = torch.empty(rows, N, device=dev, dtype=dt)
+        n_alg = len(ext.tune(x, w, b, ep, args.topn, 1, out, None, None, 10 ** 6))
+        it = args.iters
+        if ep == GELU_BIAS:
+            def ref():
+                for _ in range(it):
+                    torch._addmm_activation(b, x, w.t(), use_gelu=True)
+        else:
+            def ref():
+                for _ in range(it):
+                    torch.addmm(b, x, w.t())
+        cands = {"torch": ref}
+        for i in range(n_alg):
+            cands[f"lt#{i}"] = (lambda i=i: ext.tune(x, w, b, ep, args.topn, it, out, None, None, i))
+        res = {c: [] for c in cands}
+        for r, order in harness.rotated_rounds(list(cands), args.rounds):
+            for c in order:
+                harness.energy_per_call(cands[c], 0.4)
+                e = harness.energy_per_call(cands[c], args.sustained)
+                res[c].append((e["ms_per_call_b2b"] * 1e3 / it, e["j_per_call"] * 1e3 / it, e["avg_power_w"]))
+        row = dict(gemm=name, rows=rows, K=K, N=N, epilogue=ep, algos={})
+        for c, vals in res.items():
+            us = statistics.median(v[0] for v in vals)
+            mj = statistics.median(v[1] for v in vals)
+            pw = statistics.median(v[2] for v in vals)
+            row["algos"][c] = dict(us=us, mj=mj, w=pw, us_all=[v[0] for v in vals])
+        base = row["algos"]["torch"]["us"]
+        line = "  ".join(f"{c} {a['us']:.0f}us/{a['mj']:.0f}mJ ({a['us'] / base:.3f})" for c, a in row["algos"].items())
+        print(f"{name:14s} {line}", flush=True)
+        doc["gemms"].append(row)
+    d = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "..", "bench", "results")
+    path = os.path.join(d, f"cublaslt-sustained-{time.strftime('%Y%m%dT%H%M', time.gmtime())}.json")
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     print("json:", path)
