@@ -6,7 +6,8 @@ the rope ops just gather row ``positions[l]``. These builders reproduce the mode
 - :func:`qwen_image_rope_tables`: diffusers ``QwenEmbedRope(theta=10000, axes_dim=(16, 56, 56),
   scale_rope=True)`` output, converted to cos|sin (angles in fp32 exactly as diffusers computes
   them, so the tables equal its complex64 freqs up to cos/sin rounding);
-- :func:`cos_sin_from_complex`: any complex freqs tensor [..., R/2] -> fp32 [..., R];
+- :func:`cos_sin_from_complex`: any complex freqs tensor [..., R/2] -> fp32 [..., R] (and
+  :func:`complex_from_cos_sin` back);
 - :func:`flux_rope_table`: diffusers ``FluxPosEmbed(theta=10000, axes_dim=(16, 56, 56))`` for
   position ids [S, 3] (angles in float64, as diffusers does on CUDA/CPU).
 """
@@ -25,6 +26,15 @@ def cos_sin_from_complex(freqs: torch.Tensor) -> torch.Tensor:
     if not torch.is_complex(freqs):
         raise TypeError(f"cos_sin_from_complex: 'freqs' must be a complex tensor, got {freqs.dtype}")
     return torch.cat([freqs.real, freqs.imag], dim=-1).to(torch.float32).contiguous()
+
+
+def complex_from_cos_sin(table: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`cos_sin_from_complex`: fp32 [..., R] cos|sin -> complex64 [..., R/2]."""
+    if torch.is_complex(table) or table.shape[-1] % 2:
+        raise TypeError(f"complex_from_cos_sin: 'table' must be a real [..., R] tensor with even R, got "
+                        f"{table.dtype} {tuple(table.shape)}")
+    c, s = table.float().chunk(2, dim=-1)
+    return torch.complex(c, s)
 
 
 def _inv_freq(dim: int, theta: float) -> torch.Tensor:

@@ -83,7 +83,7 @@ from .. import attention_dispatch as _attn_dispatch
 from .. import reference as _ref
 from .._validation import FusedDitInputError
 from ..ops.linear import joint_linear_unchecked, packed_rows
-from ..rope_tables import cos_sin_from_complex
+from ..rope_tables import complex_from_cos_sin, cos_sin_from_complex
 from .diffusers_attention import FusedQwenDoubleStreamAttnProcessor
 
 log = logging.getLogger(__name__)
@@ -350,8 +350,8 @@ def _skippable_dropout(m) -> bool:
 def _direct(x) -> bool:
     """May the block call the kernels' launchers itself for this call, instead of ``torch.ops``?
 
-    Only for eager CUDA inference: no autograd (the ops have no backward; through ``torch.ops`` a
-    grad-requiring call keeps failing loudly), not while torch.compile traces, no Python dispatch
+    Only for eager CUDA inference: grad mode off (the ops have no backward; a model forward that
+    autograd records runs stock, see :func:`_model_forward`), not while torch.compile traces, no Python dispatch
     mode (FlopCounterMode, fake tensors, ...) that must see each op, and not under torch.profiler
     (whose op names and input shapes ``fused_dit_ops profile`` reads). Dispatch plus each op's own
     input checks cost 40-80 us of host time per call on the GPU hosts here, and small images are
@@ -554,6 +554,9 @@ class _PackedLinears:
                 return None
             self._pack()
             self.repacked_at = st.forwards
+            # new parameters: outputs cached from the old ones (reuse_mod) are stale, even where
+            # the new tensors' version counters equal the old ones' (fresh tensors start at 0)
+            st.clear_mod_cache()
             wb = self.packed()
             if wb is not None:
                 st.count(f"{what} re-packed (parameters were replaced, e.g. by model.to)")
@@ -563,9 +566,12 @@ class _PackedLinears:
         return None
 
     def versions(self) -> tuple:
-        """The parameters' version counters: in-place writes through them (``load_state_dict``,
-        ``param.mul_`` under no_grad) bump these; writes through ``.data`` do not."""
-        return tuple((l_.weight._version, l_.bias._version if l_.bias is not None else 0) for l_ in self.lins)
+        """The parameters' identities and version counters: in-place writes through them
+        (``load_state_dict``, ``param.mul_`` under no_grad) bump the counters, replaced parameters
+        (``load_state_dict(assign=True)``, ``model.to``) change the identities; writes through
+        ``.data`` change neither."""
+        return tuple((id(l_.weight), l_.weight._version, id(l_.bias), l_.bias._version if l_.bias is not None else 0)
+                     for l_ in self.lins)
 
     @torch.no_grad()
     def unpack(self):
@@ -585,14 +591,32 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
         super().__init__(backend)
         self.state = state
         self.stock = stock
-        self._attention_backend = getattr(stock, "_attention_backend", None)
-        self._parallel_config = getattr(stock, "_parallel_config", None)
+
+    # diffusers sets these on the processor (set_attention_backend, enable_parallelism): they go to
+    # the stock processor, which the fallback below calls, and are read from it
+    @property
+    def _attention_backend(self):
+        return getattr(self.stock, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, value):
+        self.stock._attention_backend = value
+
+    @property
+    def _parallel_config(self):
+        return getattr(self.stock, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value):
+        self.stock._parallel_config = value
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None, *, direct=None):
         st = self.state
         if (st.mode_stock or encoder_hidden_states_mask is not None or attention_mask is not None
                 or not _is_tables(image_rotary_emb) or self._parallel_config is not None):
+            if _is_tables(image_rotary_emb):  # the stock processor takes diffusers' complex freqs
+                image_rotary_emb = tuple(complex_from_cos_sin(t) for t in image_rotary_emb)
             return self.stock(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
                               attention_mask, image_rotary_emb)
         if direct is None:
@@ -837,6 +861,11 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidd
     st: _State = getattr(self, _ATTR)
     if (st.mode_stock or encoder_hidden_states_mask is not None or image_rotary_emb is None
             or joint_attention_kwargs):
+        if not st.mode_stock and not torch.compiler.is_compiling():
+            st.count("block called with " + ("encoder_hidden_states_mask" if encoder_hidden_states_mask is not None
+                                             else "no image_rotary_emb" if image_rotary_emb is None
+                                             else f"attention_kwargs {sorted(joint_attention_kwargs)}")
+                     + " (stock block forward)")
         return _stock_block_forward()(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
                                       temb, image_rotary_emb, joint_attention_kwargs, modulate_index)
     tables = st.rope_tables(image_rotary_emb)
@@ -969,6 +998,12 @@ def _model_forward(self, *args, **kwargs):
             st.count("text mask with padding (stock forward)")
             with st.stock():
                 return st.orig_model_forward(*args, **kwargs)
+    if not st.mode_stock and not torch.compiler.is_compiling():
+        why_par = _parallel_reason(self)
+        if why_par:
+            st.count(why_par.replace(": stock forward", " after patch (stock forward)"))
+            with st.stock():
+                return st.orig_model_forward(*args, **kwargs)
     # the activations' dtype decides (weights may be stored in another one, e.g. fp8 under
     # diffusers' layerwise casting, whose hooked Linears the fused path calls as modules)
     x = kwargs.get("hidden_states", args[0] if args else None)
@@ -977,17 +1012,39 @@ def _model_forward(self, *args, **kwargs):
                  "fused ops take fp32/bf16/fp16): stock forward")
         with st.stock():
             return st.orig_model_forward(*args, **kwargs)
+    if not st.mode_stock and not torch.compiler.is_compiling() and _needs_autograd(self, args, kwargs):
+        # the fused ops are inference-only (no backward): a forward that autograd records runs stock,
+        # so that gradients are right (training, LoRA fine-tuning); inference belongs under no_grad
+        st.count("autograd: grad mode on and parameters or inputs require grad (stock forward; "
+                 "run inference under torch.no_grad() or torch.inference_mode())")
+        with st.stock():
+            return st.orig_model_forward(*args, **kwargs)
     if st.verify_pending and not st.mode_stock and not torch.compiler.is_compiling():
         st.verify_pending = False
         with torch.no_grad():
             with st.stock():
                 ref = _first_tensor(st.orig_model_forward(*args, **kwargs))
-            out = st.orig_model_forward(*args, **kwargs)
+            out = _fused_model_forward(st, args, kwargs)  # the path every later forward takes
         st.report.verify = verify_stats(_first_tensor(out), ref)
         log.warning("fused_dit_ops.patch verify: %s", st.report.verify)
         return out
     if st.mode_stock or torch.compiler.is_compiling():
         return st.orig_model_forward(*args, **kwargs)
+    return _fused_model_forward(st, args, kwargs)
+
+
+def _needs_autograd(model, args, kwargs) -> bool:
+    """Would autograd record this forward: grad mode on and a parameter or tensor input requiring grad."""
+    if not torch.is_grad_enabled():
+        return False
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            return True
+    return any(p.requires_grad for p in model.parameters())
+
+
+def _fused_model_forward(st: _State, args, kwargs):
+    """An eager fused model forward, with its per-forward state (look-ahead, modulation reuse)."""
     st.in_forward, st.lookahead, st.prenorm = True, bool(st.next_block), None
     st.forwards += 1
     try:
@@ -1027,6 +1084,20 @@ def _parse_ops(ops):
     if bad:
         raise ValueError(f"unknown ops {bad}; choose from {OPS} or 'all'")
     return set(ops)
+
+
+def _parallel_reason(model):
+    """Why diffusers' context/tensor parallelism (``enable_parallelism`` or ``from_pretrained(...,
+    parallel_config=...)``) rules out the fused blocks, or None. Context parallelism replaces the
+    attention itself (all-to-all / ring) and tensor parallelism shards the Linears: the fused block
+    does neither, so such a model runs stock."""
+    if getattr(model, "_parallel_config", None) is not None:
+        return "diffusers parallelism is enabled on the model (parallel_config): stock forward"
+    for b in model.transformer_blocks:
+        proc = getattr(getattr(b, "attn", None), "processor", None)
+        if getattr(proc, "_parallel_config", None) is not None:
+            return "context parallelism is enabled on the attention processors (parallel_config): stock forward"
+    return None
 
 
 def _block_reason(block):
@@ -1134,6 +1205,10 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
         return report
     if not ops_set:
         report.stock["model"] = "ops=[] selects no fused op"
+        return report
+    why_par = _parallel_reason(model)
+    if why_par:
+        report.stock["model"] = why_par
         return report
     ok_blocks = []
     for i, block in enumerate(model.transformer_blocks):
@@ -1250,7 +1325,8 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
         report.stock["mlp"] = ("not selected in ops (stock FeedForward)" if "mlp" not in ops_set
                                else "needs 'modulation' (stock FeedForward)")
     elif dev is None or dev.type != "cuda":
-        report.stock["mlp"] = "GELU epilogue is CUDA-only: stock FeedForward on CPU"
+        report.stock["mlp"] = (f"GELU epilogue is CUDA-only: stock FeedForward while the model runs on {dev} "
+                               "(the epilogue applies once it runs on CUDA)")
 
     if probe:
         blk = ok_blocks[0][1]
@@ -1262,7 +1338,14 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
             report.stock["probe"] = (f"skipped: the block's parameters are on {sorted(map(str, devs))}, the "
                                      f"model computes on {dev} (offloading hooks move them)")
         else:
-            why = _probe(model, blk)
+            try:
+                why = _probe(model, blk)
+            except BaseException:
+                unpatch(model)  # never leave a half-patched model behind an exception
+                raise
+            if dev.type != "cuda" and torch.cuda.is_available():
+                report.stock["probe"] = (f"ran on {dev} (the reference implementations): patch after moving the "
+                                         "model to the GPU to probe the CUDA kernels")
         if why:
             unpatch(model)
             report.swapped.clear()
