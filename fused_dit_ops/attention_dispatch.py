@@ -458,7 +458,8 @@ def select(q, k, v, causal: bool, backend: str | None = None) -> str:
     """The backend that ``fused_dit.attention`` runs for these inputs (cached per metadata key)."""
     forced, source = requested_backend(backend)
     dev = q.device
-    key = (dev, q.dtype, q.shape, k.shape, causal, forced,
+    # strides and v's shape too: torch's SDPA can_use_* checks (cached below) read the layout
+    key = (dev, q.dtype, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), causal, forced,
            dev.type == "cuda" and _misaligned(q, k, v))
     hit = _SELECTED.get(key)
     if hit is not None:

@@ -213,11 +213,12 @@ def test_block_stock_fallbacks_are_counted(tiny):
     assert not report.runtime
 
 
-def test_autograd_forward_runs_stock_with_right_gradients():
-    kw = make_qwen_inputs(build_qwen_image_transformer("tiny", seed=8), seed=45)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_autograd_forward_runs_stock_with_right_gradients(device):
+    kw = make_qwen_inputs(build_qwen_image_transformer("tiny", seed=8, device=device), seed=45)
     grads = []
     for patched in (False, True):
-        m = build_qwen_image_transformer("tiny", seed=8).requires_grad_(True)
+        m = build_qwen_image_transformer("tiny", seed=8, device=device).requires_grad_(True)
         report = fdo.patch(m) if patched else None
         out = m(**kw)[0]
         out.square().mean().backward()
@@ -232,3 +233,40 @@ def test_autograd_forward_runs_stock_with_right_gradients():
     for s, p in zip(*grads):
         torch.testing.assert_close(p, s, rtol=1e-5, atol=1e-6)
 
+
+
+class _SubclassWeight(torch.Tensor):
+    """Stands for a tensor-subclass weight (torchao's quantized tensors, a DTensor shard): an
+    ``nn.Linear`` holding one must be called as a module, never packed or used raw."""
+
+
+def _subclass_weights(lin):
+    lin.weight = torch.nn.Parameter(torch.Tensor._make_subclass(_SubclassWeight, lin.weight.detach()),
+                                    requires_grad=False)
+
+
+@pytest.mark.parametrize("when", ["before_patch", "after_patch"])
+def test_tensor_subclass_weights_are_called_as_modules(tiny, when):
+    kw = make_qwen_inputs(tiny, seed=46)
+    blk = tiny.transformer_blocks[1]
+    lins = [blk.attn.to_q, blk.attn.add_k_proj, blk.img_mod[1]]
+    if when == "before_patch":
+        for lin in lins:
+            _subclass_weights(lin)
+    ref = _run(tiny, kw)
+    report = fdo.patch(tiny)
+    if when == "after_patch":
+        for lin in lins:
+            _subclass_weights(lin)
+        ref = None
+    assert all(not dq._plain_linear(lin) for lin in lins)
+    assert all(type(lin.weight) is _SubclassWeight for lin in lins)  # never re-packed into plain storage
+    out = _run(tiny, kw)
+    if ref is None:
+        fdo.unpatch(tiny)
+        ref = _run(tiny, kw)
+    assert rel_err(out, ref) < CPU_FP32_REL
+    if when == "before_patch":
+        assert "pack_qkv" in report.stock and "pack_mod" in report.stock, report
+    else:
+        assert any("not packed now" in k for k in report.runtime), report.runtime

@@ -313,10 +313,16 @@ def as_rope_tables(image_rotary_emb):
 
 
 def _plain_linear(m) -> bool:
-    """A bare ``nn.Linear`` without hooks: its output is exactly x @ W.T + b, so its parameters may be
-    used directly (in a packed GEMM, an ``out=`` GEMM or a GEMM epilogue). Anything else (a LoRA /
-    adapter wrapper such as PEFT's, a quantized or hooked Linear) must be called as a module."""
-    return type(m) is torch.nn.Linear and _no_hooks(m)
+    """A bare ``nn.Linear`` without hooks and with plain dense parameters: its output is exactly
+    x @ W.T + b, so its parameters may be used directly (in a packed GEMM, an ``out=`` GEMM or a
+    GEMM epilogue). Anything else (a LoRA / adapter wrapper such as PEFT's, a hooked Linear, or an
+    ``nn.Linear`` whose weight is a tensor subclass: torchao's quantized weights, a DTensor shard)
+    must be called as a module."""
+    if type(m) is not torch.nn.Linear or not _no_hooks(m):
+        return False
+    ps = m._parameters  # skips Module.__getattr__; a tensor-subclass parameter is not an nn.Parameter
+    b = ps.get("bias")
+    return type(ps.get("weight")) is torch.nn.Parameter and (b is None or type(b) is torch.nn.Parameter)
 
 
 def _no_hooks(*mods) -> bool:
