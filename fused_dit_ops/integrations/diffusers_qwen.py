@@ -1099,10 +1099,12 @@ def _parallel_reason(model):
     does neither, so such a model runs stock."""
     if getattr(model, "_parallel_config", None) is not None:
         return "diffusers parallelism is enabled on the model (parallel_config): stock forward"
-    for b in model.transformer_blocks:
-        proc = getattr(getattr(b, "attn", None), "processor", None)
-        if getattr(proc, "_parallel_config", None) is not None:
-            return "context parallelism is enabled on the attention processors (parallel_config): stock forward"
+    # enable_parallelism sets every attention processor in one loop: the first block's tells (a
+    # per-forward check, so not all 60)
+    blocks = model.transformer_blocks
+    proc = getattr(getattr(blocks[0], "attn", None), "processor", None) if len(blocks) else None
+    if getattr(proc, "_parallel_config", None) is not None:
+        return "context parallelism is enabled on the attention processors (parallel_config): stock forward"
     return None
 
 
