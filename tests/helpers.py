@@ -48,3 +48,32 @@ def expect_input_error(fn, *match):
         fn()
     for m in match:
         assert m in str(e.value), str(e.value)
+
+
+# patched vs stock tiny Qwen-Image model, CPU fp32: measured rel_fro ~2.5e-7, max_abs ~7e-6 at |out| ~15
+QWEN_CPU_FP32_REL = 2e-6
+
+
+@pytest.fixture
+def tiny():
+    """A tiny random diffusers Qwen-Image transformer (CPU, fp32)."""
+    from fused_dit_ops.models import build_qwen_image_transformer
+    return build_qwen_image_transformer("tiny", seed=3)
+
+
+def run_no_grad(model, kw):
+    """A diffusers transformer's first output, under torch.no_grad() (as pipelines call it)."""
+    with torch.no_grad():
+        return model(**kw)[0]
+
+
+@pytest.fixture
+def native_diffusers_backend():
+    """``model.set_attention_backend`` sets a process-wide active backend in diffusers (a test in
+    test_attention.py leaves "_flash_3" active); a stock reference must run diffusers' default.
+    Test modules that compare against stock use it autouse (``pytestmark``)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    old = _AttentionBackendRegistry._active_backend
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+    yield
+    _AttentionBackendRegistry.set_active_backend(old)

@@ -17,31 +17,10 @@ import fused_dit_ops as fdo  # noqa: E402
 from fused_dit_ops.integrations import diffusers_qwen as dq  # noqa: E402
 from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs  # noqa: E402
 
-from helpers import rel_err  # noqa: E402
+from helpers import QWEN_CPU_FP32_REL as CPU_FP32_REL, native_diffusers_backend, rel_err, run_no_grad, tiny  # noqa: E402,F401
 
-# Measured on CPU fp32 (tiny model): rel_fro ~2.5e-7, max_abs ~7e-6 at |out| ~15.
-CPU_FP32_REL = 2e-6
-
-
-def _run(model, kw):
-    with torch.no_grad():
-        return model(**kw)[0]
-
-
-@pytest.fixture(autouse=True)
-def _native_diffusers_backend():
-    """``model.set_attention_backend`` sets a process-wide active backend in diffusers (a test in
-    test_attention.py leaves "_flash_3" active); the stock reference must run diffusers' default."""
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-    old = _AttentionBackendRegistry._active_backend
-    _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
-    yield
-    _AttentionBackendRegistry.set_active_backend(old)
-
-
-@pytest.fixture
-def tiny():
-    return build_qwen_image_transformer("tiny", seed=3)
+_run = run_no_grad
+pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
 
 
 @pytest.mark.parametrize("zero_cond_t", [True, False])

@@ -21,28 +21,10 @@ import fused_dit_ops as fdo  # noqa: E402
 from fused_dit_ops.integrations import diffusers_qwen as dq  # noqa: E402
 from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs  # noqa: E402
 
-from helpers import rel_err  # noqa: E402
+from helpers import QWEN_CPU_FP32_REL as CPU_FP32_REL, native_diffusers_backend, rel_err, run_no_grad, tiny  # noqa: E402,F401
 
-CPU_FP32_REL = 2e-6
-
-
-def _run(model, kw):
-    with torch.no_grad():
-        return model(**kw)[0]
-
-
-@pytest.fixture(autouse=True)
-def _native_diffusers_backend():
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-    old = _AttentionBackendRegistry._active_backend
-    _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
-    yield
-    _AttentionBackendRegistry.set_active_backend(old)
-
-
-@pytest.fixture
-def tiny():
-    return build_qwen_image_transformer("tiny", seed=3)
+_run = run_no_grad
+pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
 
 
 class _FakeParallelConfig:  # stands for diffusers' ParallelConfig; only its identity matters here

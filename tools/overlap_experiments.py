@@ -88,31 +88,27 @@ def main():
         fc1(xi, w["img"]["fc1"]); ht = fc1(xt, w["txt"]["fc1"]); lin(ht, w["txt"]["fc2"]); lin(_hi, w["img"]["fc2"])
         F.linear(temb, wmod, bmod); mem()
 
+    def both(side_fn, main_fn, join=True):
+        """side_fn on the side stream (after the main stream's work so far) alongside main_fn."""
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            side_fn()
+        main_fn()
+        if join:
+            main.wait_stream(side)
+
     def make_ovl(c, m):
         def ovl():
-            main = torch.cuda.current_stream()
             set_carve(c)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                lin(xt, w["txt"]["qkv"])
-            lin(xi, w["img"]["qkv"])
-            main.wait_stream(side)
+            both(lambda: lin(xt, w["txt"]["qkv"]), lambda: lin(xi, w["img"]["qkv"]))
             mem()
-            side.wait_stream(main)
-            with torch.cuda.stream(side):  # the next block's modulation: depends on temb only
-                F.linear(temb, wmod, bmod)
-            attn(m)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                lin(xt, w["txt"]["out"])
-            lin(xi, w["img"]["out"])
-            main.wait_stream(side)
+            # the next block's modulation (depends on temb only) alongside attention, joined below
+            both(lambda: F.linear(temb, wmod, bmod), lambda: attn(m), join=False)
+            both(lambda: lin(xt, w["txt"]["out"]), lambda: lin(xi, w["img"]["out"]))
             mem()
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                ht = fc1(xt, w["txt"]["fc1"]); lin(ht, w["txt"]["fc2"])
-            fc1(xi, w["img"]["fc1"]); lin(_hi, w["img"]["fc2"])
-            main.wait_stream(side)
+            both(lambda: lin(fc1(xt, w["txt"]["fc1"]), w["txt"]["fc2"]),
+                 lambda: (fc1(xi, w["img"]["fc1"]), lin(_hi, w["img"]["fc2"])))
             mem()
             set_carve(0)
         return ovl
