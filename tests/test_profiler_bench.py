@@ -395,3 +395,30 @@ def test_profile_cuda_small():
     _check_profiles(profiles, names)
     for p in profiles:
         assert p.device == "cuda" and p.span_us and p.span_us > 0
+
+
+def test_target_verdict_only_at_the_benchmark_shape():
+    from fused_dit_ops.bench import _configs
+    from fused_dit_ops.bench.block import BENCHMARK_SHAPE, TARGET_MS, TARGET_RATIO
+    shape = dict(BENCHMARK_SHAPE, zero_cond_t=True)
+    v = _configs.target_verdict
+    assert v(shape, BENCHMARK_SHAPE, 4.2, 0.9, TARGET_MS, TARGET_RATIO, "NVIDIA H100 80GB HBM3")["target_met"] is True
+    assert v(shape, BENCHMARK_SHAPE, 4.4, 0.8, TARGET_MS, TARGET_RATIO, "NVIDIA H100 80GB HBM3")["target_met"] is False
+    # another GPU: the ratio to stock compile decides, not the H100's milliseconds
+    r = v(shape, BENCHMARK_SHAPE, 4.2, 0.88, TARGET_MS, TARGET_RATIO, "NVIDIA H200")
+    assert r["target_met"] is False and "ratio" in r["target_basis"]
+    assert v(shape, BENCHMARK_SHAPE, 4.4, 0.86, TARGET_MS, TARGET_RATIO, "NVIDIA H200")["target_met"] is True
+    assert v(shape, BENCHMARK_SHAPE, 4.2, None, TARGET_MS, TARGET_RATIO, "NVIDIA H200")["target_met"] is None
+    # off the benchmark shape: no verdict, whatever the time
+    for change in ({"img_tokens": 2048}, {"txt_len": 50}, {"dtype": "torch.float16"}, {"config": "qwen-image"}):
+        r = v(dict(shape, **change), BENCHMARK_SHAPE, 1.0, 0.5, TARGET_MS, TARGET_RATIO, "NVIDIA H100 80GB HBM3")
+        assert r["target_met"] is None and "not the benchmark shape" in r["target_basis"], change
+
+
+def test_bench_block_tiny_writes_no_verdict(tmp_path):
+    import json
+    from fused_dit_ops.bench import block
+    assert block.main(["--device", "cpu", "--tiny", "--providers", "stock-eager,patched-eager", "--rep-ms", "5",
+                       "--energy-s", "0", "--out", str(tmp_path)]) == 0
+    d = json.load(open(next(tmp_path.glob("block-tiny-*.json"))))
+    assert d["target_met"] is None and "not the benchmark shape" in d["target_basis"]

@@ -178,3 +178,24 @@ def parse_providers(spec: str, who: str) -> list[str]:
         print(f"{who}: fused_dit_ops.patch() is not available; dropping the patched providers", file=sys.stderr)
         providers = [p for p in providers if not is_patched(p)]
     return providers
+
+
+def target_verdict(shape: dict, benchmark_shape: dict, ms: float | None, ratio: float | None,
+                   target_ms: float, target_ratio: float, gpu: str | None) -> dict:
+    """The issue's verdict on a run. Its targets are absolute times on an H100 at the benchmark
+    shape; on another GPU only the ratio to stock compile on the same GPU compares (the H100
+    target's own ratio: e.g. 4.3 / 4.93 ms for the block). Off the benchmark shape there is no
+    verdict. Returns {"target_met": True/False/None, "target_basis": why}."""
+    off = {k: shape.get(k) for k, v in benchmark_shape.items() if shape.get(k) != v}
+    if off:
+        return {"target_met": None, "target_basis": f"n/a: not the benchmark shape ({off} instead of "
+                                                     f"{ {k: benchmark_shape[k] for k in off} })"}
+    if ms is None:
+        return {"target_met": None, "target_basis": "n/a: no patched time"}
+    if gpu and "H100" in gpu:
+        return {"target_met": ms <= target_ms, "target_basis": f"absolute on an H100: <= {target_ms:g} ms"}
+    if ratio is None:
+        return {"target_met": None, "target_basis": f"n/a on {gpu or 'this device'}: the H100 times do not "
+                                                    "apply and no stock-compile row gives the ratio"}
+    return {"target_met": ratio <= target_ratio,
+            "target_basis": f"ratio to stock compile on {gpu}: <= {target_ratio:.3f} (the H100 target's ratio)"}
