@@ -48,7 +48,8 @@ _ELEMENTWISE = {
 # fused_dit ops: number of activation-sized outputs written (in-place / out= variants: 0, their
 # outputs are already among the inputs); attention is compute-bound (absent here).
 _FUSED_WRITES = {
-    "scale_shift_gate": 1, "norm_scale_shift": 1, "gate_residual_norm_scale_shift": 2, "gate_residual": 1,
+    "scale_shift_gate": 2,  # y and the materialised per-token gate
+    "norm_scale_shift": 1, "gate_residual_norm_scale_shift": 2, "gate_residual": 1,
     "rope": None, "joint_qkv_cat": "sum", "joint_qkv_cat_out": 0, "qk_norm_rope_cat": "sum",
     "qk_norm_rope_cat_out": 0, "joint_qk_norm_rope_": None,
     # two streams: each writes as many bytes as its 3-D activations ([B, L, C] inputs) hold
