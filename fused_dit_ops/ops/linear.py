@@ -97,13 +97,16 @@ def _project_into(x, ws, bs, out, r0, r1):
     """out[:, r0:r1] = x @ cat(ws).T + cat(bs): one GEMM (bias in the cuBLASLt epilogue) per batch
     element, straight into the contiguous row slice."""
     w = packed_rows(ws)
-    b = packed_rows(bs) if all(t is not None for t in bs) else None
-    if w is None or (b is None and any(t is not None for t in bs)):
+    if w is None:
         # not packed: pack here (one copy of the weights, ~4% of the GEMM's time at Qwen dims).
         # GEMMs into strided column slices would be slower: torch runs them without the bias
         # epilogue, broadcasting each bias into the output first (bench qkv: 862 vs 730 us)
         w = torch.cat([t.detach() for t in ws], 0)  # forward-only op: addmm(out=) refuses grad inputs
-        if any(t is not None for t in bs):
+    # the biases on their own: packed weights are never copied because the biases are not
+    b = None
+    if any(t is not None for t in bs):
+        b = packed_rows(bs) if all(t is not None for t in bs) else None
+        if b is None:  # a few KB
             b = torch.cat([t.detach() if t is not None else t_w.new_zeros(t_w.shape[0]) for t, t_w in zip(bs, ws)], 0)
     for i in range(x.shape[0]):
         if b is not None:
