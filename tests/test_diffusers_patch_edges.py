@@ -252,3 +252,14 @@ def test_tensor_subclass_weights_are_called_as_modules(tiny, when):
         assert "pack_qkv" in report.stock and "pack_mod" in report.stock, report
     else:
         assert any("not packed now" in k for k in report.runtime), report.runtime
+
+
+def test_mixed_dtype_qk_norm_weights_use_the_module_path(tiny):
+    kw = make_qwen_inputs(tiny, seed=47)
+    with torch.no_grad():
+        tiny.transformer_blocks[0].attn.norm_added_q.weight.data = tiny.transformer_blocks[0].attn.norm_added_q.weight.bfloat16()
+    ref = _run(tiny, kw)
+    report = fdo.patch(tiny)
+    out = _run(tiny, kw)
+    assert rel_err(out, ref) < CPU_FP32_REL
+    assert any("mixed dtypes" in k for k in report.runtime), report.runtime

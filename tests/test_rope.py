@@ -313,6 +313,8 @@ def test_joint_bad_inputs():
     _bad(lambda: fdo.qk_norm_rope_cat(*ins, *ws, tt, random_table(5, 8)), "same width")
     _bad(lambda: fdo.qk_norm_rope_cat(*ins, ws[0][:8], *ws[1:], tt, it), "txt_q_weight")
     _bad(lambda: fdo.qk_norm_rope_cat(*ins, *ws, tt, it, eps=0.0), "eps")
+    # one rounding for all four norms (diffusers rounds to each weight's dtype): mixed dtypes refused
+    _bad(lambda: fdo.qk_norm_rope_cat(*ins, ws[0].float(), *ws[1:], tt, it), "share one dtype", "'txt_q_weight' float32")
     jq, jk = randn(1, 8, 2, 16), randn(1, 8, 2, 16)
     _bad(lambda: fdo.joint_qk_norm_rope_(jq, jk, 9, *[w.float() for w in ws], tt, it), "txt_len")
 

@@ -649,6 +649,9 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
         fused_qk = st.qk and _no_hooks(attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k)
         if st.qk and not fused_qk:
             st.count("QK RMSNorm modules hooked: module calls, RoPE and cat in torch")
+        elif fused_qk and not (weights[0].dtype == weights[1].dtype == weights[2].dtype == weights[3].dtype):
+            fused_qk = False  # the fused kernels round once, to one weight dtype
+            st.count("QK RMSNorm weights of mixed dtypes: module calls, RoPE and cat in torch")
         N = Lt + Li
         joint = fused_qk and qk_path == "joint"
         lists = None

@@ -82,8 +82,13 @@ def _check_outs(op, outs, B, N, H, D, ref_t):
 def _check_norm_rope_params(op, D, Lt, Li, ref_t, weights, txt_cos_sin, img_cos_sin, eps):
     if D % 2 != 0:
         fail(op, f"head_dim must be even, got {D}")
-    for name, w in zip(("txt_q_weight", "txt_k_weight", "img_q_weight", "img_k_weight"), weights):
+    names = ("txt_q_weight", "txt_k_weight", "img_q_weight", "img_k_weight")
+    for name, w in zip(names, weights):
         check_head_weight(op, name, w, D, ref_t)
+    # the kernel applies diffusers' RMSNorm rounding (to the weight's dtype) once for all four
+    if len({w.dtype for w in weights}) != 1:
+        fail(op, "the four RMSNorm weights must share one dtype, got "
+                 + ", ".join(f"'{n}' {str(w.dtype).replace('torch.', '')}" for n, w in zip(names, weights)))
     Rt = check_cos_sin_cache(op, "txt_cos_sin", txt_cos_sin, D, ref_t, min_rows=Lt)
     Ri = check_cos_sin_cache(op, "img_cos_sin", img_cos_sin, D, ref_t, min_rows=Li)
     if Rt != Ri:
