@@ -1,5 +1,6 @@
 """The command line: env and check run and report every op (CPU here; the GPU tier on CUDA)."""
 import pytest
+import torch
 
 from fused_dit_ops.__main__ import main
 from fused_dit_ops._schemas import SCHEMAS
@@ -23,8 +24,17 @@ def test_check_passes_on_cpu(capsys):
 
 
 @pytest.mark.gpu
-def test_check_passes_on_gpu(capsys):
-    assert main(["check", "--device", "cuda"]) == 0, capsys.readouterr().out
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_check_passes_on_gpu(capsys, device):
+    assert main(["check", "--device", device]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[1,8192,3072]" in out  # the GPU shapes for "cuda:0" too
+
+
+def test_check_without_cuda_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["check", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().out
 
 
 def test_unknown_bench_is_an_error(capsys):
