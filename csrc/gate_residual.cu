@@ -1,6 +1,7 @@
-// torch binding of gate_residual: fused_dit::gate_residual on CUDA (TORCH_LIBRARY_IMPL).
-// The Python layer validates inputs with argument-naming messages before dispatch; the
-// TORCH_CHECKs here guard direct torch.ops calls so no kernel ever reads out of bounds.
+// torch binding of gate_residual: the private fused_dit::_gate_residual_cuda (TORCH_LIBRARY_IMPL),
+// which fused_dit::gate_residual's CUDA implementation calls after the Python input checks
+// (argument-naming FusedDitInputError). The TORCH_CHECKs here only keep a direct call of the
+// private op from ever reading out of bounds.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -112,7 +113,7 @@ at::Tensor gate_residual_cuda(const at::Tensor& residual, const at::Tensor& upda
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_dit, CUDA, m) {
-  m.impl("gate_residual", &gate_residual_cuda);
+  m.impl("_gate_residual_cuda", &gate_residual_cuda);
 }
 
 }  // namespace fused_dit

@@ -1,6 +1,7 @@
-// torch binding of joint_qkv_cat / joint_qkv_cat_out on CUDA (TORCH_LIBRARY_IMPL).
-// The Python layer validates inputs with argument-naming messages; the TORCH_CHECKs here guard
-// direct torch.ops calls so the kernel never reads or writes out of bounds.
+// torch binding of joint_qkv_cat / joint_qkv_cat_out: the private fused_dit::_joint_qkv_cat_cuda /
+// _joint_qkv_cat_out_cuda (TORCH_LIBRARY_IMPL), which the public ops' CUDA implementations call
+// after the Python input checks (argument-naming FusedDitInputError). The TORCH_CHECKs here only
+// keep a direct call of the private ops from ever reading or writing out of bounds.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -125,8 +126,8 @@ void joint_qkv_cat_out_cuda(const at::Tensor& tq, const at::Tensor& tk, const at
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_dit, CUDA, m) {
-  m.impl("joint_qkv_cat", &joint_qkv_cat_cuda);
-  m.impl("joint_qkv_cat_out", &joint_qkv_cat_out_cuda);
+  m.impl("_joint_qkv_cat_cuda", &joint_qkv_cat_cuda);
+  m.impl("_joint_qkv_cat_out_cuda", &joint_qkv_cat_out_cuda);
 }
 
 }  // namespace fused_dit

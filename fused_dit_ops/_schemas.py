@@ -51,6 +51,13 @@ SCHEMAS: dict[str, str] = {
     "attention": "(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False,"
     " str? backend=None) -> Tensor",
 }
+# Private ops: the C++ kernels of fused_dit_ops._C (csrc/), registered for CUDA only. The public op's
+# CUDA implementation runs the Python input checks (FusedDitInputError, the same message eagerly
+# and while tracing) and then calls them; never called directly, never traced (no fake).
+PRIVATE_CPP = {"gate_residual": "_gate_residual_cuda", "joint_qkv_cat": "_joint_qkv_cat_cuda",
+               "joint_qkv_cat_out": "_joint_qkv_cat_out_cuda"}
+for _public, _private in PRIVATE_CPP.items():
+    SCHEMAS[_private] = SCHEMAS[_public]
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 for _name, _schema in SCHEMAS.items():

@@ -41,8 +41,15 @@ def sections() -> list[tuple[str, list[tuple[str, str]]]]:
         ver.append(("GPU", "none (torch.cuda.is_available() is False)"))
     ext = [("fused_dit_ops._C", "loaded" if _extension.C_LOADED else f"not loaded: {_extension.C_ERROR}")]
     impls = []
+    from ._schemas import PRIVATE_CPP
     for name in SCHEMAS:
-        cuda = "C++" if _extension.C_LOADED and _is_cpp(name) else "Triton/Python"
+        if name.startswith("_"):
+            continue  # the private C++ entry points, reported with their public op
+        private = PRIVATE_CPP.get(name)
+        if private is not None and _extension.C_LOADED and _is_cpp(private):
+            cuda = "C++ (checks in Python)"
+        else:
+            cuda = "C++" if _extension.C_LOADED and _is_cpp(name) else "Triton/Python"
         has = torch._C._dispatch_has_kernel_for_dispatch_key(qualname(name), "CUDA")
         impls.append((name, f"CUDA: {cuda if has else 'none'}; CPU: reference"))
     opt = [(k, _probe(mod) + f"  [{why}]") for k, (mod, why) in OPTIONAL_PACKAGES.items()]

@@ -381,6 +381,26 @@ def test_gpu_cpp_and_triton_gate_residual_agree():
 
 
 @pytest.mark.gpu
+def test_gpu_bad_input_is_fused_dit_input_error_with_or_without_cpp():
+    """The C++ kernels sit behind private ops: torch.ops.fused_dit.gate_residual / joint_qkv_cat run
+    the Python checks first, so a bad input raises FusedDitInputError, as on CPU and while tracing."""
+    from fused_dit_ops import FusedDitInputError
+    from fused_dit_ops._schemas import PRIVATE_CPP
+    r, u, g, idx = make_inputs("gate_residual", 1, 64, 256, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(FusedDitInputError, match="gate"):
+        torch.ops.fused_dit.gate_residual(r, u, g[:, :128], idx)
+    t = torch.randn(1, 5, 2, 16, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(FusedDitInputError, match="img_v"):
+        torch.ops.fused_dit.joint_qkv_cat(t, t, t, t, t, t.float())
+    from fused_dit_ops import _extension
+    if _extension.C_LOADED:  # and the C++ kernels are the ones that run
+        for public, private in PRIVATE_CPP.items():
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_dit::{private}", "CUDA"), private
+        from fused_dit_ops.ops import modulation as om, rope as orope
+        assert om._GATE_RESIDUAL_CPP is not None and orope._CAT_CPP is not None and orope._CAT_OUT_CPP is not None
+
+
+@pytest.mark.gpu
 def test_gpu_multi_device_guard():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")

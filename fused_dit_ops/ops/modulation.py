@@ -121,13 +121,19 @@ def _dual_gate_residual_norm_scale_shift_cuda(ra, ua, ga, sha, sca, ia, eps_a, r
     return k.dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
 
 
-if not has_cuda_kernel("gate_residual"):
-    # fused_dit_ops._C is not built here: the Triton kernel serves CUDA (reported by `env`).
-    @torch.library.impl(f"{_NS}::gate_residual", "CUDA")
-    def _gate_residual_cuda(residual, update, gate, index=None):
-        from ..kernels import modulation as k
-        _check_gate_residual(residual, update, gate, index)
-        return k.gate_residual(residual, update, gate, index)
+# the C++ kernel (fused_dit_ops._C) when built, else the Triton one (reported by `env`); the checks
+# run here either way
+_GATE_RESIDUAL_CPP = (torch.ops.fused_dit._gate_residual_cuda.default if has_cuda_kernel("_gate_residual_cuda")
+                      else None)
+
+
+@torch.library.impl(f"{_NS}::gate_residual", "CUDA")
+def _gate_residual_cuda(residual, update, gate, index=None):
+    _check_gate_residual(residual, update, gate, index)
+    if _GATE_RESIDUAL_CPP is not None:
+        return _GATE_RESIDUAL_CPP(residual, update, gate, index)
+    from ..kernels import modulation as k
+    return k.gate_residual(residual, update, gate, index)
 
 
 # --- CPU: the reference (fp32 math) ---------------------------------------------------------------

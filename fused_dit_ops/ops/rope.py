@@ -238,23 +238,33 @@ def _alloc_joint(t, N):
     return t.new_empty((B, N, H, D))
 
 
-if not has_cuda_kernel("joint_qkv_cat"):
-    # fused_dit_ops._C is not built here: the Triton kernel serves CUDA (reported by `env`).
-    @torch.library.impl(f"{_NS}::joint_qkv_cat", "CUDA")
-    def _joint_qkv_cat_cuda(txt_q, txt_k, txt_v, img_q, img_k, img_v):
-        from ..kernels import rope as kr
-        B, Lt, Li, H, D = _check_joint_inputs("joint_qkv_cat", txt_q, txt_k, txt_v, img_q, img_k, img_v)
-        outs = tuple(_alloc_joint(t, Lt + Li) for t in (txt_q, txt_k, txt_v))
-        kr.joint_qkv_cat_out((txt_q, txt_k, txt_v), (img_q, img_k, img_v), outs)
-        return outs
+# the C++ kernels (fused_dit_ops._C) when built, else the Triton one (reported by `env`); the checks
+# run here either way
+_CAT_CPP = (torch.ops.fused_dit._joint_qkv_cat_cuda.default if has_cuda_kernel("_joint_qkv_cat_cuda") else None)
+_CAT_OUT_CPP = (torch.ops.fused_dit._joint_qkv_cat_out_cuda.default if has_cuda_kernel("_joint_qkv_cat_out_cuda")
+                else None)
 
-if not has_cuda_kernel("joint_qkv_cat_out"):
-    @torch.library.impl(f"{_NS}::joint_qkv_cat_out", "CUDA")
-    def _joint_qkv_cat_out_cuda(txt_q, txt_k, txt_v, img_q, img_k, img_v, q_out, k_out, v_out):
-        from ..kernels import rope as kr
-        B, Lt, Li, H, D = _check_joint_inputs("joint_qkv_cat_out", txt_q, txt_k, txt_v, img_q, img_k, img_v)
-        _check_outs("joint_qkv_cat_out", (q_out, k_out, v_out), B, Lt + Li, H, D, txt_q)
-        kr.joint_qkv_cat_out((txt_q, txt_k, txt_v), (img_q, img_k, img_v), (q_out, k_out, v_out))
+
+@torch.library.impl(f"{_NS}::joint_qkv_cat", "CUDA")
+def _joint_qkv_cat_cuda(txt_q, txt_k, txt_v, img_q, img_k, img_v):
+    B, Lt, Li, H, D = _check_joint_inputs("joint_qkv_cat", txt_q, txt_k, txt_v, img_q, img_k, img_v)
+    if _CAT_CPP is not None:
+        return _CAT_CPP(txt_q, txt_k, txt_v, img_q, img_k, img_v)
+    from ..kernels import rope as kr
+    outs = tuple(_alloc_joint(t, Lt + Li) for t in (txt_q, txt_k, txt_v))
+    kr.joint_qkv_cat_out((txt_q, txt_k, txt_v), (img_q, img_k, img_v), outs)
+    return outs
+
+
+@torch.library.impl(f"{_NS}::joint_qkv_cat_out", "CUDA")
+def _joint_qkv_cat_out_cuda(txt_q, txt_k, txt_v, img_q, img_k, img_v, q_out, k_out, v_out):
+    B, Lt, Li, H, D = _check_joint_inputs("joint_qkv_cat_out", txt_q, txt_k, txt_v, img_q, img_k, img_v)
+    _check_outs("joint_qkv_cat_out", (q_out, k_out, v_out), B, Lt + Li, H, D, txt_q)
+    if _CAT_OUT_CPP is not None:
+        _CAT_OUT_CPP(txt_q, txt_k, txt_v, img_q, img_k, img_v, q_out, k_out, v_out)
+        return
+    from ..kernels import rope as kr
+    kr.joint_qkv_cat_out((txt_q, txt_k, txt_v), (img_q, img_k, img_v), (q_out, k_out, v_out))
 
 
 @torch.library.impl(f"{_NS}::qk_norm_rope_cat", "CUDA")
@@ -465,7 +475,7 @@ def rope_backend_report() -> list[tuple[str, str]]:
         auto = f"triton (flashinfer not importable: {why})"
     if req == "flashinfer" and not ok:
         auto = f"flashinfer forced but not importable ({why}): rope on CUDA will raise"
-    cat = ("C++ (fused_dit_ops._C)" if has_cuda_kernel("joint_qkv_cat") and _is_cpp("joint_qkv_cat")
+    cat = ("C++ (fused_dit_ops._C)" if _CAT_CPP is not None
            else "Triton (no _C)")
     return [(f"{ROPE_BACKEND_ENV}", req), ("rope CUDA backend", auto), ("joint_qkv_cat CUDA", cat),
             ("qk_norm_rope_cat CUDA", "Triton (one launch)")]
