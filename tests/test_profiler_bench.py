@@ -414,6 +414,10 @@ def test_target_verdict_only_at_the_benchmark_shape():
     assert r["target_met"] is False and "ratio" in r["target_basis"]
     assert v(shape, BENCHMARK_SHAPE, 4.4, 0.86, TARGET_MS, TARGET_RATIO, "NVIDIA H200")["target_met"] is True
     assert v(shape, BENCHMARK_SHAPE, 4.2, None, TARGET_MS, TARGET_RATIO, "NVIDIA H200")["target_met"] is None
+    # the printed line (CPU here: no GPU name, so no verdict at the benchmark shape)
+    r = _configs.report_target({"ms": 4.2, "ratio_vs_stock_compile": 0.85}, "ms", shape, BENCHMARK_SHAPE,
+                               TARGET_MS, TARGET_RATIO, "cpu", "patched eager <= 4.3 ms")
+    assert r["target_met"] is None and "n/a on this device" in r["target_basis"]
     # off the benchmark shape: no verdict, whatever the time
     for change in ({"img_tokens": 2048}, {"txt_len": 50}, {"dtype": "torch.float16"}, {"config": "qwen-image"}):
         r = v(dict(shape, **change), BENCHMARK_SHAPE, 1.0, 0.5, TARGET_MS, TARGET_RATIO, "NVIDIA H100 80GB HBM3")

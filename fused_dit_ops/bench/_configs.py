@@ -180,6 +180,21 @@ def parse_providers(spec: str, who: str) -> list[str]:
     return providers
 
 
+def report_target(row: dict | None, key: str, shape: dict, benchmark_shape: dict, target_ms: float,
+                  target_ratio: float, device, what: str, quiet: bool = False) -> dict:
+    """:func:`target_verdict` for the patched-eager ``row`` (time in ``row[key]`` ms), printed as one
+    line unless ``quiet`` or there is no row."""
+    dev = torch.device(device)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    ratio = row.get("ratio_vs_stock_compile") if row else None
+    v = target_verdict(shape, benchmark_shape, row[key] if row else None, ratio, target_ms, target_ratio, gpu)
+    if row is not None and not quiet:
+        met = {True: "met", False: "NOT met", None: "no verdict"}[v["target_met"]]
+        print(f"target: {what} on an H100 ({v['target_basis']}): {met} ({row[key]:.3f} ms, ratio "
+              f"{ratio if ratio is not None else float('nan'):.3f})")
+    return v
+
+
 def target_verdict(shape: dict, benchmark_shape: dict, ms: float | None, ratio: float | None,
                    target_ms: float, target_ratio: float, gpu: str | None) -> dict:
     """The issue's verdict on a run. Its targets are absolute times on an H100 at the benchmark
@@ -194,7 +209,7 @@ def target_verdict(shape: dict, benchmark_shape: dict, ms: float | None, ratio: 
         return {"target_met": None, "target_basis": "n/a: no patched time"}
     if gpu and "H100" in gpu:
         return {"target_met": ms <= target_ms, "target_basis": f"absolute on an H100: <= {target_ms:g} ms"}
-    if ratio is None:
+    if gpu is None or ratio is None:
         return {"target_met": None, "target_basis": f"n/a on {gpu or 'this device'}: the H100 times do not "
                                                     "apply and no stock-compile row gives the ratio"}
     return {"target_met": ratio <= target_ratio,

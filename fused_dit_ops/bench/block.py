@@ -193,13 +193,8 @@ def main(argv=None) -> int:
                                       "j_per_call", "avg_power_w", "energy_ratio_vs_stock_compile",
                                       "first_call_s", "max_rel_diff_vs_stock", "error"]))
     pe = next((r for r in rows if r.get("provider") == "patched-eager" and "ms" in r), None)
-    gpu = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else None
-    v = _configs.target_verdict(shape, BENCHMARK_SHAPE, pe and pe["ms"], pe and pe.get("ratio_vs_stock_compile"),
-                                TARGET_MS, TARGET_RATIO, gpu)
-    if pe is not None and not args.tiny:
-        met = {True: "met", False: "NOT met", None: "no verdict"}[v["target_met"]]
-        print(f"target: patched eager <= {TARGET_MS} ms on an H100 ({v['target_basis']}): {met} "
-              f"({pe['ms']:.3f} ms, ratio {pe.get('ratio_vs_stock_compile') or float('nan'):.3f})")
+    v = _configs.report_target(pe, "ms", shape, BENCHMARK_SHAPE, TARGET_MS, TARGET_RATIO, device,
+                               f"patched eager <= {TARGET_MS} ms", quiet=args.tiny)
     verdict = v["target_met"]
     path = harness.write_results("block" + ("-tiny" if args.tiny else ""), rows,
                                  extra={"shape": shape, "device": device, "target_ms_patched_eager": TARGET_MS,

@@ -205,14 +205,9 @@ def main(argv=None) -> int:
     # the target is for patched eager with the default options (A/B modifiers are not candidates)
     b = next((r for r in rows if "+" not in r["provider"] and _configs.normalize(r["provider"]) == "patched"
               and "ms_forward" in r), None)
-    gpu = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else None
-    v = _configs.target_verdict(shape, BENCHMARK_SHAPE, b and b["ms_forward"], b and b.get("ratio_vs_stock_compile"),
-                                TARGET_FORWARD_MS, TARGET_RATIO, gpu)
-    if b is not None and not args.tiny:
-        met = {True: "met", False: "NOT met", None: "no verdict"}[v["target_met"]]
-        print(f"target: patched eager forward <= {TARGET_FORWARD_MS:.0f} ms (<= {TARGET_STEP_S} s per CFG step) "
-              f"on an H100 ({v['target_basis']}): {met} ({b['ms_forward']:.1f} ms, {b['s_per_step']:.3f} s/step, "
-              f"ratio {b.get('ratio_vs_stock_compile') or float('nan'):.3f})")
+    v = _configs.report_target(b, "ms_forward", shape, BENCHMARK_SHAPE, TARGET_FORWARD_MS, TARGET_RATIO, device,
+                               f"patched eager forward <= {TARGET_FORWARD_MS:.0f} ms (<= {TARGET_STEP_S} s per "
+                               "CFG step)", quiet=args.tiny)
     verdict = v["target_met"]
     if torch.device(device).type == "cuda":
         shape["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
