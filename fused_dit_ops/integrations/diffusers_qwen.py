@@ -588,6 +588,11 @@ class _PackedLinears:
                     p.data = p.data.clone()
 
 
+def _on_stock_processor(name):
+    """A processor attribute that lives on the wrapped stock processor (``self.stock``)."""
+    return property(lambda self: getattr(self.stock, name, None), lambda self, v: setattr(self.stock, name, v))
+
+
 class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
     """The processor a patched block uses. With real RoPE tables (what a patched model's ``pos_embed``
     returns) and no text mask it runs the fused path (module doc, step 3); otherwise — stock mode,
@@ -600,21 +605,8 @@ class FusedQwenBlockAttnProcessor(FusedQwenDoubleStreamAttnProcessor):
 
     # diffusers sets these on the processor (set_attention_backend, enable_parallelism): they go to
     # the stock processor, which the fallback below calls, and are read from it
-    @property
-    def _attention_backend(self):
-        return getattr(self.stock, "_attention_backend", None)
-
-    @_attention_backend.setter
-    def _attention_backend(self, value):
-        self.stock._attention_backend = value
-
-    @property
-    def _parallel_config(self):
-        return getattr(self.stock, "_parallel_config", None)
-
-    @_parallel_config.setter
-    def _parallel_config(self, value):
-        self.stock._parallel_config = value
+    _attention_backend = _on_stock_processor("_attention_backend")
+    _parallel_config = _on_stock_processor("_parallel_config")
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None, *, direct=None):

@@ -475,12 +475,7 @@ def rope_backend_report() -> list[tuple[str, str]]:
         auto = f"triton (flashinfer not importable: {why})"
     if req == "flashinfer" and not ok:
         auto = f"flashinfer forced but not importable ({why}): rope on CUDA will raise"
-    cat = ("C++ (fused_dit_ops._C)" if _CAT_CPP is not None
-           else "Triton (no _C)")
+    cat = "C++ (fused_dit_ops._C)" if _CAT_CPP is not None else "Triton (no _C)"
     return [(f"{ROPE_BACKEND_ENV}", req), ("rope CUDA backend", auto), ("joint_qkv_cat CUDA", cat),
             ("qk_norm_rope_cat CUDA", "Triton (one launch)")]
 
-
-def _is_cpp(op):
-    from ..env import _is_cpp as f
-    return f(op)
