@@ -45,8 +45,11 @@ def _norm(x: torch.Tensor, weight, bias, eps: float, norm: str) -> torch.Tensor:
 def scale_shift_gate(x, shift, scale, gate, index=None):
     ct = _compute_dtype(x.dtype)
     y = x.to(ct) * (1 + select_params(scale, index).to(ct)) + select_params(shift, index).to(ct)
-    g = select_params(gate, index).expand(x.shape)
-    return y.to(x.dtype).contiguous(), g.contiguous()
+    # a new tensor, never a view of ``gate``: ``.contiguous()`` of an expand that is already
+    # contiguous (L == 1, B == 1 chunk rows, empty) would return the caller's gate itself
+    g = torch.empty(x.shape, dtype=gate.dtype, device=x.device)
+    g.copy_(select_params(gate, index).expand(x.shape))
+    return y.to(x.dtype).contiguous(), g
 
 
 def norm_scale_shift(x, shift, scale, index=None, weight=None, bias=None, eps=1e-6, norm="layer"):
