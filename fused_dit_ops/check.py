@@ -137,8 +137,8 @@ def run_check(device: str | None = None, small: bool = False) -> int:
         print(f"fused_dit_ops check: bad --device {device!r}: {e}")
         return 2
     if dev.type == "cuda" and not torch.cuda.is_available():
-        print(f"fused_dit_ops check: --device {device} but CUDA is not available here "
-              f"(torch {torch.__version__}); run it without --device for the CPU check")
+        print(f"fused_dit_ops check: --device {device}, but CUDA is not available (torch {torch.__version__}); "
+              "run it without --device for the CPU check")
         return 2
     rows, failed = [], 0
     for label, run, oracle, tol in cases(device, small):

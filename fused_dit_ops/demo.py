@@ -8,7 +8,9 @@ compile. Prints ms per forward and per layer, speedups and the output error agai
 GPU default: 4 real layers (``--layers 60`` for the whole model), bf16, L_img 8192 (4096 target +
 4096 reference tokens, the zero_cond_t 0/1 index) + L_txt 208, CUDA-event timing (median of
 ``--iters`` forwards after warm-up). CPU (or ``--device cpu``): the tiny config, fp32, wall-clock
-timing with torch.compile's ``aot_eager`` backend (checks the wiring; CPU times mean little).
+timing with torch.compile's ``aot_eager`` backend. On the CPU every fused op runs its PyTorch
+reference implementation, so the CPU run checks that the patched model computes what the stock
+one does; its timings say nothing about GPU speed.
 """
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ import sys
 import time
 
 import torch
+
+CPU_NOTE = ("note: CPU run of the tiny config. It checks that the patched model matches the stock one "
+            "(rel_err); the timings say nothing about GPU speed (on the CPU the fused ops run their "
+            "PyTorch reference code). Run it on a CUDA GPU for the speed comparison.")
 
 
 def _progress(total, desc):
@@ -113,6 +119,8 @@ def run_demo(device=None, layers=None, config="edit-2511", img_tokens=None, txt_
     if gpu:
         H, hd = model.config.num_attention_heads, model.config.attention_head_dim
         warmup_attention(seq_lens=(L_img + L_txt,), heads=H, head_dim=hd, dtype=dtype, device=device)
+    if not quiet and not gpu:
+        print(CPU_NOTE)
     if not quiet:
         print(f"demo: {config} transformer, {n_layers} layers, {str(dtype).replace('torch.', '')}, {device}; "
               f"L_img {L_img} (images {kw['img_shapes'][0]}), L_txt {L_txt}; "
@@ -163,6 +171,8 @@ def run_demo(device=None, layers=None, config="edit-2511", img_tokens=None, txt_
               "rel_err = Frobenius relative error of the output vs stock eager")
         if report is not None:
             print(report)
+        if not gpu:
+            print(CPU_NOTE)
     if out_dir:
         from .bench.harness import write_results
         extra = dict(config=config, layers=n_layers, dtype=str(dtype), L_img=L_img, L_txt=L_txt, iters=iters,
@@ -179,7 +189,9 @@ def _tokens(s):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fused_dit_ops demo", description=__doc__,
+    from .bench.harness import plain_doc
+    p = argparse.ArgumentParser(prog="python -m fused_dit_ops demo",
+                                description=plain_doc(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda or cpu (cpu: tiny config)")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (GPU default 4; 60 = whole model)")

@@ -7,13 +7,17 @@ cuts out the kernels of one transformer block (``--layer``) and prints them side
 count, time, share of the block, the totals, and for memory-bound kernels the bandwidth-floor
 ratio (minimum bytes moved / (measured copy bandwidth x time); 100% = as fast as a copy).
 
-How one block is cut out: the block's class is swapped, for the profiled forward only, for a
-subclass whose ``__call__`` wraps the call in ``torch.profiler.record_function`` (outside any
-compiled region, so it works with ``compile_repeated_blocks`` too). On CUDA the call is also
+How one block is cut out: for the profiled forward only, the block is replaced in its parent by
+a wrapper that runs the call inside ``torch.profiler.record_function`` (outside any compiled
+region, so it works with ``compile_repeated_blocks`` too). On CUDA the call is also
 bracketed by ``torch.cuda.synchronize()``, so the block's kernels run inside its time range; a
 kernel is assigned to the block when the CPU launch that produced it (matched by correlation id)
 lies inside the range, or, for a kernel without a matched launch, when its midpoint does. On CPU
 the "kernels" are the CPU ops of the range, each counted with its self time.
+
+Without a CUDA GPU (or with ``--device cpu``) it profiles the tiny config on the CPU: the rows
+are CPU ops with their self time. That checks the tool and the patched model's wiring; it says
+nothing about GPU kernels.
 
 The same functions work on any model: see ``docs/profiler.md`` (:func:`profile_layer`,
 :func:`format_comparison`).
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import sys
 from collections import Counter, deque, OrderedDict
@@ -311,6 +316,15 @@ def mark_block(block: torch.nn.Module, label: str = MARK, sync: bool = False, ro
         block.__class__ = cls
 
 
+def quiet_profiler_logs() -> None:
+    """On a machine without a usable CUDA device, keep libkineto (torch.profiler's backend) from
+    printing its C++ log lines, e.g. "gpuGetDeviceCount failed with code 35" from a CUDA build of
+    torch without a driver, which say nothing about a CPU profile. Sets ``KINETO_LOG_LEVEL`` unless
+    the user set it; kineto reads it when the process first starts a profiler."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above kineto's highest level: no log lines
+
+
 # -- extraction ---------------------------------------------------------------------------------------
 
 def _is_device_event(e) -> bool:
@@ -430,6 +444,8 @@ def profile_layer(run: Callable[[], object], block: torch.nn.Module, *, model: t
     cuda = torch.device(device).type == "cuda"
     sync = cuda if sync is None else sync
     label = label or MARK
+    if not cuda:
+        quiet_profiler_logs()
 
     def _sync():
         if cuda:
@@ -599,7 +615,9 @@ def run_profile(a: str = "stock", b: str = "patched", *, config: str | None = No
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fused_dit_ops profile", description=__doc__,
+    from .bench.harness import plain_doc
+    ap = argparse.ArgumentParser(prog="python -m fused_dit_ops profile",
+                                 description=plain_doc(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a", default="stock", help="first configuration: stock, patched, stock-compile, "
                                                   "patched-compile (default stock)")
@@ -618,9 +636,18 @@ def main(argv=None) -> int:
     ap.add_argument("--png", default=None, help="write a bar chart there (needs matplotlib)")
     ap.add_argument("--json", default=None, help="write the kernels and the table there as JSON")
     args = ap.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        print(f"fused_dit_ops profile: --device {device}, but CUDA is not available (torch {torch.__version__}); "
+              "run it without --device for the CPU check of the tool")
+        return 2
+    if torch.device(device).type != "cuda":
+        quiet_profiler_logs()
+        print("note: no CUDA GPU in use: profiling the tiny config on the CPU. The rows are CPU ops with their "
+              "self time; this checks the tool, it says nothing about GPU kernels (run it on a CUDA GPU).")
 
     profiles, names, meta = run_profile(args.a, args.b, config=args.config, layers=args.layers, layer=args.layer,
-                                        device=args.device, dtype=args.dtype, tokens=args.tokens,
+                                        device=device, dtype=args.dtype, tokens=args.tokens,
                                         txt_len=args.txt_len, warmup=args.warmup, trace=args.trace)
     from .bench import harness
     bw = harness.device_copy_bandwidth_bytes_per_s(meta["device"])

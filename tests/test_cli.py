@@ -1,4 +1,6 @@
-"""The command line: env and check run and report every op (CPU here; the GPU tier on CUDA)."""
+"""The command line: help texts, env, check, bench, demo and profile (CPU; the GPU tier on CUDA)."""
+import re
+
 import pytest
 import torch
 
@@ -40,3 +42,69 @@ def test_check_without_cuda_is_a_clear_error(capsys, monkeypatch):
 def test_unknown_bench_is_an_error(capsys):
     assert main(["bench", "nope"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_top_level_help_lists_every_command(capsys):
+    from fused_dit_ops.__main__ import COMMANDS
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("env", "check", "bench", "profile", "demo"):
+        assert f"\n  {name} " in out, name  # one line per command in the description
+    assert {n for n, _ in COMMANDS} == {"env", "check", "bench", "profile", "demo"}
+    assert "``" not in out and ":func:" not in out  # plain text, no reST markup
+    assert main([]) == 2  # no command: the same help, on stderr
+    assert "profile" in capsys.readouterr().err
+
+
+def test_bench_without_a_name_lists_the_benchmarks(capsys):
+    from fused_dit_ops.bench import BENCHES, DESCRIPTIONS
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert "required: name" not in err
+    for name in BENCHES:
+        assert f"  {name}  " in err or f"  {name} " in err, name
+        assert DESCRIPTIONS[name] in err
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in BENCHES)
+    assert main(["bench", "nope"]) == 2
+    assert "modulation" in capsys.readouterr().err  # the list again
+
+
+def test_subcommand_help_is_plain_text(capsys):
+    for argv in (["demo", "--help"], ["profile", "--help"], ["bench", "block", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage:" in out and "``" not in out and ":func:" not in out, argv
+        assert "SPEC" not in out and not re.search(r"\bhere\b", out), argv
+
+
+def test_demo_on_cpu_says_cpu_timings_mean_nothing_for_gpus(capsys):
+    assert main(["demo", "--device", "cpu", "--iters", "1", "--warmup", "0", "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    assert "patched eager" in out
+    assert "say nothing about GPU speed" in out
+    assert out.rstrip().endswith("for the speed comparison.")  # the note is the last thing on screen
+
+
+def test_profile_on_cpu_prints_no_kineto_log_lines(tmp_path):
+    """libkineto (torch.profiler) logs from C++ straight to the terminal: on a machine without a GPU
+    a CUDA build of torch prints "gpuGetDeviceCount failed with code 35", a CPU build its USDT/STAGE
+    lines. The CPU profile sets KINETO_LOG_LEVEL (unless the user did) so that none appear."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU, even where there is one
+    r = subprocess.run([sys.executable, "-m", "fused_dit_ops", "profile", "--layers", "2", "--layer", "1",
+                        "--warmup", "0", "--top", "5"], capture_output=True, text=True, env=env, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "gpuGetDeviceCount" not in out
+    assert not re.search(r"^(ERROR|WARNING|INFO|STAGE|USDT):", out, re.M), out
+    assert "says nothing about GPU kernels" in r.stdout
+    assert "TOTAL" in r.stdout

@@ -1,12 +1,19 @@
 """Benchmarks: ``python -m fused_dit_ops bench <name>``. Each module has ``main(argv) -> int``."""
 BENCHES = {
     "modulation": "fused_dit_ops.bench.modulation",
-    # -- RoPE / joint QKV (issue 3) --
     "rope": "fused_dit_ops.bench.rope",
     "qkv": "fused_dit_ops.bench.qkv",
-    # -- attention (issue 4) --
     "attention": "fused_dit_ops.bench.attention",
-    # -- end to end (issue 7): one block, the whole transformer --
     "block": "fused_dit_ops.bench.block",
     "model": "fused_dit_ops.bench.model",
+}
+
+# one line each, for `python -m fused_dit_ops bench` (the modules' --help say more)
+DESCRIPTIONS = {
+    "modulation": "the four adaLN modulation ops vs eager and torch.compile (GPU)",
+    "rope": "RoPE on q and k of both streams: eager, compile, FlashInfer, fused (GPU)",
+    "qkv": "joint QKV path: concat, QK-norm + RoPE + concat, q/k/v projections (GPU)",
+    "attention": "every attention backend, the automatic choice and the shim's overhead (GPU)",
+    "block": "one Qwen-Image-Edit-2511 block: stock/patched x eager/compile (GPU; --device cpu --tiny: smoke run)",
+    "model": "the 60-layer transformer, one CFG step per iteration (GPU, ~41 GB; --device cpu --tiny: smoke run)",
 }

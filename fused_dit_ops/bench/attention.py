@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     from .. import attention_dispatch as disp
     from ..shapes import ATTENTION
 
-    p = argparse.ArgumentParser(prog="python -m fused_dit_ops bench attention", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fused_dit_ops bench attention",
+                                description=harness.plain_doc(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(ATTENTION), help=f"comma list of {', '.join(ATTENTION)}")
     p.add_argument("--backends", default=",".join(disp.BACKENDS), help="comma list of backends to time")
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown backends {bad}; choose from {', '.join(disp.BACKENDS)}")
 
-    print("backends here:")
+    print("attention backends on this device:")
     for b in disp.attention_backends(dtype=dtype):
         print(f"  {b.name:10s} {'yes  [' + b.impl + ']' if b.available else 'no: ' + b.reason}")
 

@@ -14,7 +14,7 @@ on them alone. Providers:
 Reported: median ms (``triton.testing.do_bench``, L2 flushed), speedup over stock eager, the
 first-call (compile) seconds, the max relative difference of the image output from stock
 eager and, where NVML is importable, joules per call and average power over ``--energy-s``
-seconds of back-to-back calls (the GPUs here run this block at their power cap, where time
+seconds of back-to-back calls (an H100 or H200 runs this block at its power cap, where time
 follows energy). ``--providers patched-eager+nopack`` and the like time ``patch`` options
 against each other (``_configs.MODIFIERS``). Targets on an H100: patched eager <= 4.3 ms (stock
 eager 6.54, stock compile 4.93, fastest published framework 5.1). ``--device cpu --tiny``: a
@@ -111,7 +111,8 @@ def run_provider(model, inputs: dict, provider: str, device: str, rep_ms: int,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fused_dit_ops bench block", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m fused_dit_ops bench block",
+                                 description=harness.plain_doc(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--providers", default=",".join(PROVIDERS),
                     help=f"comma list from {', '.join(PROVIDERS)}; a patched one may end in patch options "

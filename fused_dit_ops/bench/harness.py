@@ -213,7 +213,7 @@ def energy_per_call(fn: Callable[[], object], seconds: float = 1.0) -> dict | No
     (W) and ms per call over that window, and the enforced power limit (W); None where NVML is
     unavailable. On a GPU at its power cap, time per call follows energy per call (average power
     ~ the limit). The counter moves in steps: over a 1-2 s window, readings of one workload differ
-    by 5-10% (an H200 here showed averages of 632-749 W under a 700 W cap), so compare medians of
+    by 5-10% (on an H200: averages of 632-749 W under a 700 W cap), so compare medians of
     several rounds."""
     nv = _nvml_handle()
     if nv is None or seconds <= 0:
@@ -312,6 +312,14 @@ def write_results(name: str, rows: list[dict], extra: dict | None = None,
     path = out / f"{name}-{gpu}-{stamp}.json"
     path.write_text(json.dumps(doc, indent=1))
     return path
+
+
+def plain_doc(doc: str | None) -> str:
+    """A module docstring as plain text for ``--help``: reST roles and inline-literal backticks
+    removed (``x`` -> x, :func:`f` -> f)."""
+    import re
+    text = re.sub(r":(?:func|class|mod|meth|attr|data):`~?([^`]+)`", r"\1", doc or "")
+    return text.replace("``", "")
 
 
 def format_table(rows: Sequence[dict], columns: Iterable[str]) -> str:

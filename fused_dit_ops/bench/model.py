@@ -15,7 +15,7 @@ A CFG step is two forwards, as the Edit pipeline runs them: the conditional one 
 descending schedule), shared by its two forwards: work that depends only on the timestep may be
 reused within a step, never across steps (``patch``'s ``reuse_mod``: the uncond forward reuses
 the cond forward's modulation GEMVs). Each provider: ``--warmup`` steps (compilation happens
-here; with two text lengths the compiled block is specialised once per length unless
+in them; with two text lengths the compiled block is specialised once per length unless
 ``--dynamic``), then ``--steps`` timed steps (CUDA events). Reported: ms per forward (cond, uncond, mean), s per
 CFG step, speedup over stock eager, warm-up seconds, and the output's max relative difference
 from stock eager. Targets on an H100: forward <= 265 ms, i.e. <= 0.53 s per CFG step (published
@@ -37,7 +37,7 @@ from . import _configs, harness
 PROVIDERS = ("stock-eager", "stock-compile", "patched-eager", "patched-compile")
 TARGET_FORWARD_MS = 265.0
 TARGET_STEP_S = 0.53
-# the same against stock compile (318 ms on the H100, SPEC.md): the comparison across GPUs
+# the same against stock compile (318 ms, the H100 reference the target was set against): compares across GPUs
 TARGET_RATIO = TARGET_FORWARD_MS / 318.0
 BENCHMARK_SHAPE = {"config": "edit-2511", "layers": 60, "dtype": "torch.bfloat16", "img_tokens": 8192,
                    "img_shapes": [[1, 64, 64], [1, 64, 64]], "txt_len_cond": 225, "txt_len_uncond": 208}
@@ -115,7 +115,8 @@ def run_provider(model, cond: dict, uncond: dict, provider: str, device: str, *,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fused_dit_ops bench model", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m fused_dit_ops bench model",
+                                 description=harness.plain_doc(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--providers", default=",".join(PROVIDERS),
                     help=f"comma list from {', '.join(PROVIDERS)}; a patched one may end in patch options "

@@ -143,7 +143,9 @@ def run_dual(dtype, rounds: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fused_dit_ops bench modulation", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m fused_dit_ops bench modulation",
+                                 description=harness.plain_doc(__doc__),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="qwen-edit-img,qwen-edit-txt,flux-img,wan14b,odd-L",
                     help=f"comma list from: {', '.join(STREAMS)}")
     ap.add_argument("--ops", default=",".join(OPS))

@@ -19,7 +19,7 @@ Part ``proj`` (the q/k/v projections of both streams into joint q, k, v; K = H*D
                    ``patch(pack_qkv=True)`` leaves them): one GEMM per stream into one buffer
   fused-separate   ``joint_linear`` with separate weights: one GEMM per projection into its columns
 Floors: read q, k, v and write the joint buffers (+ tables) at this run's copy bandwidth; for
-``proj`` the GEMM FLOPs at 800 TFLOP/s (SPEC.md's reference rate).
+``proj`` the GEMM FLOPs at 800 TFLOP/s (a reference rate for bf16 GEMMs on Hopper).
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def _run(part, name, provs, nbytes_fn, bw, rows, baselines, skip_compile, flops=
         except Exception as e:  # noqa: BLE001
             print(f"[{part} {name}] skip {prov}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
-        if flops is not None:  # compute-bound part: floor at SPEC.md's 800 TFLOP/s
+        if flops is not None:  # compute-bound part: floor at 800 TFLOP/s
             floor = flops / 800e12 * 1e6
             rows.append(dict(part=part, shape=name, provider=prov, us=us, TFLOPs=flops / us / 1e6,
                              floor_us=floor, pct_floor=100 * floor / us))
@@ -170,7 +170,8 @@ def _run(part, name, provs, nbytes_fn, bw, rows, baselines, skip_compile, flops=
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fused_dit_ops bench qkv", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fused_dit_ops bench qkv",
+                                description=harness.plain_doc(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(k for k, v in SHAPES.items() if v[1] > 0),
                    help="comma list of " + ", ".join(SHAPES) + " (wan14b has no text stream)")

@@ -4,7 +4,7 @@ Providers (each skipped with a printed reason when unavailable):
   eager      diffusers ``apply_rotary_emb_qwen(use_real=False)`` (complex multiply) x4
   compile    torch.compile of the same
   flashinfer FlashInfer ``apply_rope_with_cos_sin_cache_inplace`` called raw, per stream
-  fi-img     FlashInfer raw on the image stream only (the SPEC's 79 us reference)
+  fi-img     FlashInfer raw on the image stream only (for comparison with FlashInfer's own figures)
   fused      ``fused_dit_ops.rope`` per stream (auto backend), and ``fused-triton`` (Triton forced)
 Floor: read + write q and k of both streams + the table rows, at the copy bandwidth of this run.
 """
@@ -94,7 +94,8 @@ def providers(x):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fused_dit_ops bench rope", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fused_dit_ops bench rope",
+                                description=harness.plain_doc(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
     p.add_argument("--out", default=None, help="directory for the JSON results (default bench/results)")
