@@ -15,7 +15,7 @@ test-interpret:
 check:
 	$(PY) -m fused_dit_ops check
 
-# Optional SGLang tier: run `bash tools/sglang_env.sh` first (creates .venv-sglang).
+# Optional SGLang tier: run `bash scripts/sglang_env.sh` first (creates .venv-sglang).
 SGLANG_PY ?= .venv-sglang/bin/python
 .PHONY: test-sglang
 test-sglang:

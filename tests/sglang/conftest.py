@@ -1,8 +1,8 @@
-"""Optional SGLang tier (`make test-sglang`, in the venv made by tools/sglang_env.sh; on the GPU
-machine `bash tools/sglang_gpu_run.sh`).
+"""Optional SGLang tier (`make test-sglang`, in the venv made by scripts/sglang_env.sh; on a GPU
+see docs/sglang.md).
 
 Without sglang importable, every module here skips (:func:`skip_without_sglang`), so the main
-`make test` is unaffected; with ``FUSED_DIT_SGLANG_REQUIRED=1`` (the GPU runner sets it) a failing
+`make test` is unaffected; with ``FUSED_DIT_SGLANG_REQUIRED=1`` (set it for a GPU run) a failing
 SGLang import is an error instead of a skip. With sglang: puts TEST-ONLY import stubs at the END of
 sys.path for what is missing (``stubs/``: triton, torchvision, when not installed; ``stubs_cuda/``:
 sgl_kernel, only when SGLang takes its CUDA import branches and no real sgl_kernel is installed),
@@ -64,7 +64,7 @@ def skip_without_sglang() -> None:
         import sglang.multimodal_gen  # noqa: F401  (an ImportError here is the finding)
         return
     pytest.importorskip("sglang.multimodal_gen",
-                        reason="sglang not installed: run `bash tools/sglang_env.sh && make test-sglang`")
+                        reason="sglang not installed: run `bash scripts/sglang_env.sh && make test-sglang`")
 
 
 def pytest_configure(config):

@@ -1,7 +1,7 @@
 """Plugin discovery through the entry point and SGLang's own plugin lifecycle (fresh processes).
 
-Needs fused-dit-ops' distribution metadata (the entry point) on sys.path: the editable install of
-tools/sglang_env.sh here, the dist-info that tools/sglang_gpu_run.sh writes on the GPU machine.
+Needs fused-dit-ops' distribution metadata (the entry point) on sys.path, e.g. the editable install
+that scripts/sglang_env.sh makes.
 On a CUDA machine the child process runs the layer on CUDA tensors.
 """
 import pytest

@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# One GPU-machine session: deps, build (setup.py + CMake + sdist), env, check, tests, sanitizer,
-# benchmarks. Logs and JSON go to $OUT. Usage (device tool, carry .devdeps):
-#   FUSED_DIT_GIT_COMMIT=<sha> bash tools/gpu_session.sh [steps...]
-# steps default: build test sanitize bench-modulation
+# GPU test and benchmark driver: build, `env`, `check`, the test tiers, compute-sanitizer and the
+# benchmarks on a CUDA machine, one step after another. Logs and JSON results go to $OUT.
+#
+#   bash scripts/gpu_run.sh                                  # build test sanitize bench-modulation
+#   bash scripts/gpu_run.sh build test-gpu-only bench-block  # any steps, in order
+#   OUT=/tmp/gpu-out BENCH_ARGS="--rounds 3" bash scripts/gpu_run.sh bench-block
+#
+# Steps: build (pip install -e with the CUDA extension required, then `env`; the CMake build and
+# the sdist are built in the background and reported at the end), check, test (every tier, then
+# the Triton interpreter tier), test-gpu-only (`-m gpu`, TEST_K=<expr> narrows it), test-patch
+# (the diffusers-patch GPU tests with their measured errors), test-triton-only (GPU tests of the
+# C++ ops with FUSED_DIT_DISABLE_C=1), sanitize (compute-sanitizer memcheck of every kernel launch,
+# scripts/sanitize_kernels.py), profile, demo (DEMO_ARGS), bench-<name> (BENCH_ARGS; names:
+# `python -m fused_dit_ops bench`).
+#
+# Environment: OUT (default /tmp/out); FUSED_DIT_GIT_COMMIT names the commit recorded in the
+# benchmark JSON when the tree's .git is missing or not the checkout's (the JSON's source_digest,
+# a hash of the files that ran, is recorded either way). For a machine without a package index,
+# site-packages archives in .devdeps/*.tar.xz (e.g. diffusers, accelerate) are unpacked and put on
+# PYTHONPATH.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FUSED_DIT_BENCH_DIR="$OUT"
-if [ -f .devdeps/deps.tar.xz ]; then
-  mkdir -p /tmp/site && tar -xJf .devdeps/deps.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
-fi
-# accelerate (+ psutil, pyyaml) for the offloading tests: tools/devdeps_extra.sh packs them
-if [ -f .devdeps/extra.tar.xz ]; then
-  mkdir -p /tmp/site-extra && tar -xJf .devdeps/extra.tar.xz -C /tmp/site-extra && export PYTHONPATH=$PYTHONPATH:/tmp/site-extra
-fi
+for archive in .devdeps/*.tar.xz; do
+  [ -f "$archive" ] || continue
+  site=/tmp/site-$(basename "$archive" .tar.xz)
+  mkdir -p "$site" && tar -xJf "$archive" -C "$site" && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$site"
+done
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 steps=${*:-build test sanitize bench-modulation}
-# the device's copy of .git can be stale: name the commit from the real checkout; the JSON's
-# source_digest (a hash of the package files that ran) is recorded either way
-[ -z "${FUSED_DIT_GIT_COMMIT:-}" ] && echo "gpu_session: FUSED_DIT_GIT_COMMIT unset; git here says $(git rev-parse --short HEAD 2>/dev/null || echo none), which may be stale" >&2
 t0=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
 for step in $steps; do
@@ -55,10 +67,9 @@ for step in $steps; do
     stamp "tests with FUSED_DIT_DISABLE_C=1"
     FUSED_DIT_DISABLE_C=1 python -m pytest -q -x tests -k "gpu and gate_residual" -p no:cacheprovider 2>&1 | tail -3
     ;;
-  overhead) stamp overhead; python tools/profile_overhead.py 2>&1 | tee "$OUT/overhead.txt" ;;
   sanitize)
     stamp sanitize
-    compute-sanitizer --tool memcheck --print-limit 20 python tools/sanitize_kernels.py 2>&1 | tail -25 | tee "$OUT/sanitizer.txt"
+    compute-sanitizer --tool memcheck --print-limit 20 python scripts/sanitize_kernels.py 2>&1 | tail -25 | tee "$OUT/sanitizer.txt"
     ;;
   bench-*)
     # the build step's CMake/sdist jobs run in the background: an eager benchmark shares the host

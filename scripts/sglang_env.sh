@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Create (idempotently) the optional SGLang test environment used by `make test-sglang`.
 #
-#   bash tools/sglang_env.sh            # creates .venv-sglang (git-ignored) in the repo root
-#   SGLANG_VENV=/some/dir bash tools/sglang_env.sh
+#   bash scripts/sglang_env.sh            # creates .venv-sglang (git-ignored) in the repo root
+#   SGLANG_VENV=/some/dir bash scripts/sglang_env.sh
 #
-# Contents: torch 2.13.0 (CPU wheel from this machine's disk), sglang==0.5.23 installed with
+# Contents: torch 2.13.0 (as pip resolves it; the tier runs on the CPU), sglang==0.5.23 installed with
 # --no-deps (it declares torch==2.14.1, which we do not want: a 3 GB CUDA build), the light
 # runtime dependencies that `sglang.multimodal_gen` needs to import (pins follow sglang's own
 # Requires-Dist), pytest, and fused-dit-ops itself (editable, no deps, no build isolation).

@@ -1,6 +1,6 @@
 """Launch every CUDA kernel of the package once on small shapes, for compute-sanitizer:
 
-    compute-sanitizer --tool memcheck python tools/sanitize_kernels.py
+    compute-sanitizer --tool memcheck python scripts/sanitize_kernels.py
 
 Ragged sizes (L, C not multiples of the tiles), strided views and both index dtypes, so that an
 out-of-bounds access at an edge would be reported. Prints one line per launch."""
