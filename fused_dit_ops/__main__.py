@@ -106,5 +106,27 @@ def main(argv=None) -> int:
     return {"env": _cmd_env, "check": _cmd_check}[args.cmd](args)
 
 
+def cli(argv=None) -> int:
+    """``main`` for a terminal: a missing optional package is one line naming its install line, and
+    a reader that closes the pipe early (``| head``) ends the command quietly."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rc = main(argv)
+        sys.stdout.flush()
+        return rc
+    except ModuleNotFoundError as e:
+        from ._optional import missing_message
+        msg = missing_message(e, f"{PROG} {argv[0] if argv else ''}".rstrip())
+        if msg is None:
+            raise
+        print(msg, file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # the reader is gone: nothing more to say, and Python's own flush at exit must not fail
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
