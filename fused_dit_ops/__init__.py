@@ -14,7 +14,7 @@ from .attention_dispatch import (AttentionBackendError, AttentionFallbackWarning
 from .ops.linear import joint_linear
 from .ops.rope import joint_qk_norm_rope_, joint_qkv_cat, qk_norm_rope_cat, rope, warmup_rope
 from .rope_tables import cos_sin_from_complex, flux_ids, flux_rope_table, qwen_image_rope_tables
-from .integrations.diffusers_qwen import PatchReport, patch, unpatch
+from .integrations.engine import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 

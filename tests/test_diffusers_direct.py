@@ -1,10 +1,10 @@
-"""The patched block's direct launches: in eager CUDA inference it calls the kernels' launchers
-itself instead of ``torch.ops`` (no dispatch, no per-op checks), after checking what comes from
-outside the block once (``_streams_ok`` / ``_joint_qk_ok``).
+"""The ops' eager fast path as the patched block uses it (``fused_dit_ops.ops._eager``): in eager CUDA
+inference each op runs its own input check and then its launcher, without ``torch.ops`` dispatch.
 
-CPU: the checks themselves; the decision (autograd, profiler, dispatch modes); the interpreter
-tier runs the direct path on CPU tensors (Triton interpreter). GPU: the direct path is taken,
-gives bit-identical outputs to ``torch.ops``, and bad inputs still get the ops' own errors.
+CPU: the direct launchers raise the ops' own errors; the decision (autograd, profiler, dispatch
+modes); the interpreter tier runs the direct path on CPU tensors (Triton interpreter). GPU: the
+direct path is taken, gives bit-identical outputs to ``torch.ops``, and bad inputs still get the
+ops' own errors.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import fused_dit_ops as fdo  # noqa: E402
-from fused_dit_ops.integrations import diffusers_qwen as dq  # noqa: E402
+from fused_dit_ops.ops import _eager  # noqa: E402
 from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs  # noqa: E402
 
 from helpers import expect_input_error, rel_err  # noqa: E402
@@ -29,7 +29,7 @@ def _run(model, kw):
         return model(**kw)[0]
 
 
-# --- the block's input checks (metadata only: any device) ---------------------------------------
+# --- the ops' eager fast path: the op's own checks, then the launcher -----------------------------
 
 def _streams(B=2, Li=12, Lt=5, C=16, dtype=torch.float32, index=True):
     h = torch.randn(B, Li, C, dtype=dtype)
@@ -40,15 +40,22 @@ def _streams(B=2, Li=12, Lt=5, C=16, dtype=torch.float32, index=True):
     return h, e, idx, img_mod, txt_mod
 
 
-@pytest.mark.parametrize("index", [True, False])
-def test_streams_ok_accepts_the_blocks_own_layout(index):
-    assert dq._streams_ok(*_streams(index=index))
+def _dual_norm_args(h, e, idx, im, tm):
+    C = e.shape[-1]
+    return (h, im[:, :C], im[:, C:2 * C], idx, 1e-6, e, tm[:, :C], tm[:, C:2 * C], None, 1e-6, "layer")
+
+
+def test_direct_namespace_mirrors_dispatch():
+    """Same names on both namespaces, so the integration never branches on which one it got."""
+    assert set(vars(_eager.direct())) == set(vars(_eager.DISPATCH))
 
 
 @pytest.mark.parametrize("bad", ["h_dtype", "e_dtype", "h_lastdim", "C_not_8", "batch", "index_dtype",
-                                 "index_shape", "img_mod_rows", "txt_mod_cols", "mod_dtype", "mod_lastdim",
-                                 "h_2d"])
-def test_streams_ok_rejects(bad):
+                                 "index_shape", "img_mod_rows", "mod_dtype", "mod_lastdim", "h_2d"])
+def test_direct_path_raises_the_ops_own_errors(bad):
+    """What the removed shadow checks caught: the direct launchers run each op's own validator
+    first, so a bad input gets the op's FusedDitInputError (same text as through torch.ops) before
+    any kernel is touched (metadata only: CPU tensors suffice)."""
     h, e, idx, im, tm = _streams()
     if bad == "h_dtype":
         h = h.double()
@@ -66,35 +73,37 @@ def test_streams_ok_rejects(bad):
         idx = idx[:, :-1]
     elif bad == "img_mod_rows":
         im = im[:2]
-    elif bad == "txt_mod_cols":
-        tm = tm[:, :-8]
     elif bad == "mod_dtype":
         im = im.double()
     elif bad == "mod_lastdim":
-        im = torch.randn(6 * 16, 4).t()
+        im = torch.randn(12 * 16, 4).t()
     elif bad == "h_2d":
         h = h[0]
-    assert not dq._streams_ok(h, e, idx, im, tm)
+    args = _dual_norm_args(h, e, idx, im, tm)
+    with pytest.raises(fdo.FusedDitInputError) as via_op:
+        torch.ops.fused_dit.dual_norm_scale_shift.default(*args)
+    expect_input_error(lambda: _eager.direct().dual_norm_scale_shift(*args), str(via_op.value))
 
 
-def test_joint_qk_ok():
-    D, Lt, Li = 8, 3, 5
+def test_direct_joint_qk_checks():
+    D, H, Lt, Li = 8, 2, 3, 5
+    q, k = torch.randn(1, Lt + Li, H, D), torch.randn(1, Lt + Li, H, D)
     ws = [torch.randn(D) for _ in range(4)]
     tabs = (torch.randn(Lt, D), torch.randn(Li, D))
-    assert dq._joint_qk_ok(ws, tabs, D, Lt, Li, torch.device("cpu"))
-    assert not dq._joint_qk_ok(ws[:3] + [None], tabs, D, Lt, Li, torch.device("cpu"))
-    assert not dq._joint_qk_ok(ws[:3] + [torch.randn(D + 1)], tabs, D, Lt, Li, torch.device("cpu"))
-    assert not dq._joint_qk_ok(ws, (tabs[0], tabs[1][:-1]), D, Lt, Li, torch.device("cpu"))  # a row short
-    assert not dq._joint_qk_ok(ws, (tabs[0].double(), tabs[1]), D, Lt, Li, torch.device("cpu"))
-    assert not dq._joint_qk_ok(ws, (torch.randn(Lt, 6), tabs[1]), D, Lt, Li, torch.device("cpu"))  # widths
-    assert not dq._joint_qk_ok(ws, (torch.randn(Lt, D + 2), torch.randn(Li, D + 2)), D, Lt, Li,
-                               torch.device("cpu"))  # R > D
+    for bad_ws, bad_tabs in ((ws[:3] + [torch.randn(D + 1)], tabs), (ws, (tabs[0], tabs[1][:-1])),
+                             (ws, (tabs[0].double(), tabs[1])), (ws, (torch.randn(Lt, 6), tabs[1])),
+                             (ws, (torch.randn(Lt, D + 2), torch.randn(Li, D + 2)))):
+        args = (q, k, Lt, *bad_ws, *bad_tabs, 1e-6, True)
+        with pytest.raises(fdo.FusedDitInputError) as via_op:
+            torch.ops.fused_dit.joint_qk_norm_rope_.default(*args)
+        expect_input_error(lambda: _eager.direct().joint_qk_norm_rope_(*args), str(via_op.value))
 
 
 def test_direct_never_on_cpu():
     x = torch.randn(2, 3)
     with torch.no_grad():
-        assert not dq._direct(x)  # CPU tensors: the ops' CPU references through torch.ops
+        assert not _eager.fast(x)  # CPU tensors: the ops' CPU references through torch.ops
+        assert _eager.ops_for(x) is _eager.DISPATCH
 
 
 def test_compile_before_any_eager_call():
@@ -103,7 +112,7 @@ def test_compile_before_any_eager_call():
     namespace; building it lazily there broke fullgraph tracing, seen in `bench block`)."""
     from torch._dynamo.utils import counters
     from fused_dit_ops.demo import compile_blocks, uncompile_blocks
-    assert isinstance(dq._dispatch_ops(), types.SimpleNamespace)  # exists from import on
+    assert isinstance(_eager.DISPATCH, types.SimpleNamespace)  # exists from import on
     m = build_qwen_image_transformer("tiny", seed=1)
     kw = make_qwen_inputs(m, seed=2)
     ref = _run(m, kw)
@@ -128,9 +137,8 @@ class _Spy:
 
     def __init__(self, ops):
         self.calls = {}
-        for name in ("norm_scale_shift", "dual_norm_scale_shift", "gate_residual_norm_scale_shift",
-                     "dual_gate_residual_norm_scale_shift", "joint_qk_norm_rope_"):
-            setattr(self, name, self._wrap(name, getattr(ops, name)))
+        for name, fn in vars(ops).items():
+            setattr(self, name, self._wrap(name, fn))
 
     def _wrap(self, name, fn):
         def call(*a, **k):
@@ -139,9 +147,13 @@ class _Spy:
         return call
 
 
+_DIRECT_CALLS = {"dual_norm_scale_shift": 1, "joint_qk_norm_rope_": 2, "dual_gate_residual_norm_scale_shift": 3,
+                 "gate_residual": 2, "joint_linear_unchecked": 2, "attention_unchecked": 2}
+
+
 def _spy_direct(monkeypatch):
-    spy = _Spy(dq._direct_ops())
-    monkeypatch.setattr(dq, "_DIRECT", spy)
+    spy = _Spy(_eager.direct())
+    monkeypatch.setattr(_eager, "_DIRECT", spy)
     return spy
 
 
@@ -153,12 +165,12 @@ def test_interpreted_direct_path_matches_stock(monkeypatch, zero_cond_t):
     ref = _run(m, kw)
     fdo.patch(m)
     spy = _spy_direct(monkeypatch)
-    monkeypatch.setattr(dq, "_direct", lambda x: not torch.is_grad_enabled())  # CPU tensors allowed here
+    monkeypatch.setattr(_eager, "fast", lambda x: not torch.is_grad_enabled())  # CPU tensors allowed here
     out = _run(m, kw)
     assert rel_err(out, ref) < 1e-5
-    # block 0: dual norm, QK, dual grns into block 1's norm1 (look-ahead); block 1: QK, dual grns
-    assert spy.calls == {"dual_norm_scale_shift": 1, "joint_qk_norm_rope_": 2,
-                         "dual_gate_residual_norm_scale_shift": 3}, spy.calls
+    # block 0: dual norm, QK, dual grns into block 1's norm1 (look-ahead); block 1: QK, dual grns,
+    # gate_residual per stream; each block one joint_linear and one attention on its own buffer
+    assert spy.calls == _DIRECT_CALLS, spy.calls
 
 
 @pytest.mark.interpret
@@ -170,26 +182,15 @@ def test_interpreted_direct_attention_only_on_the_blocks_own_buffers(monkeypatch
     kw = make_qwen_inputs(m, batch=1, seed=4)
     ref = _run(m, kw)
     fdo.patch(m)
-    monkeypatch.setattr(dq, "_direct", lambda x: not torch.is_grad_enabled())  # CPU tensors allowed here
-    calls = {"direct": 0, "op": 0}
-    real_direct, real_op = dq._attention_direct, torch.ops.fused_dit.attention.default
-
-    def direct(*a):
-        calls["direct"] += 1
-        return real_direct(*a)
-
-    def op(*a):
-        calls["op"] += 1
-        return real_op(*a)
-
-    monkeypatch.setattr(dq, "_attention_direct", direct)
-    monkeypatch.setattr(torch.ops.fused_dit.attention, "default", op)
+    monkeypatch.setattr(_eager, "fast", lambda x: not torch.is_grad_enabled())  # CPU tensors allowed here
+    spy = _spy_direct(monkeypatch)
+    calls = spy.calls
     assert rel_err(_run(m, kw), ref) < 1e-5
-    assert calls == {"direct": 2, "op": 0}, calls  # joint path: both blocks launch directly
+    assert calls["attention_unchecked"] == 2 and "attention" not in calls, calls  # joint path: both blocks unchecked
     hooks = [blk.attn.norm_q.register_forward_hook(lambda mod, i, o: o) for blk in m.transformer_blocks]
-    calls.update(direct=0, op=0)
+    calls.clear()
     assert rel_err(_run(m, kw), ref) < 1e-5
-    assert calls == {"direct": 0, "op": 2}, calls  # stock-norm path: through the op
+    assert calls["attention"] == 2 and "attention_unchecked" not in calls, calls  # stock-norm path: checked op
     for h in hooks:
         h.remove()
 
@@ -212,9 +213,8 @@ def test_gpu_direct_path_taken_and_bit_identical(monkeypatch, gpu_model):
     fdo.patch(m)
     spy = _spy_direct(monkeypatch)
     direct = _run(m, kw)
-    assert spy.calls == {"dual_norm_scale_shift": 1, "joint_qk_norm_rope_": 2,
-                         "dual_gate_residual_norm_scale_shift": 3}, spy.calls
-    monkeypatch.setattr(dq, "_direct", lambda x: False)
+    assert spy.calls == _DIRECT_CALLS, spy.calls
+    monkeypatch.setattr(_eager, "fast", lambda x: False)
     via_ops = _run(m, kw)
     assert spy.calls["joint_qk_norm_rope_"] == 2  # the torch.ops run did not touch the launchers
     assert torch.equal(direct, via_ops)  # the same kernels with the same arguments

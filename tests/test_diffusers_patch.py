@@ -15,6 +15,8 @@ pytest.importorskip("diffusers")
 
 import fused_dit_ops as fdo  # noqa: E402
 from fused_dit_ops.integrations import diffusers_qwen as dq  # noqa: E402
+from fused_dit_ops.integrations import double_stream, engine  # noqa: E402
+from fused_dit_ops.integrations.engine import patch_ab  # noqa: E402
 from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs  # noqa: E402
 
 from helpers import QWEN_CPU_FP32_REL as CPU_FP32_REL, native_diffusers_backend, rel_err, run_no_grad, tiny  # noqa: E402,F401
@@ -30,7 +32,7 @@ def test_tiny_patched_matches_stock(zero_cond_t, batch, qk_path):
     m = build_qwen_image_transformer("tiny", zero_cond_t=zero_cond_t, seed=1)
     kw = make_qwen_inputs(m, batch=batch, seed=2)
     ref = _run(m, kw)
-    report = fdo.patch(m, qk_path=qk_path)
+    report = patch_ab(m, qk_path=qk_path)
     # the GELU-epilogue MLP is CUDA-only; a CPU model patched on a GPU machine also gets the note
     # that its probe ran on the CPU
     assert set(report.stock) <= ({"mlp", "probe"} if torch.cuda.is_available() else {"mlp"}), report
@@ -50,7 +52,7 @@ def test_op_subsets(tiny, ops):
     ref = _run(tiny, kw)
     report = fdo.patch(tiny, ops=ops)
     assert rel_err(_run(tiny, kw), ref) < CPU_FP32_REL
-    left = set(dq.OPS) - ({ops} if isinstance(ops, str) else set(ops))
+    left = set(engine.OPS) - ({ops} if isinstance(ops, str) else set(ops))
     assert left <= set(report.stock)
 
 
@@ -73,7 +75,7 @@ def test_packed_qkv_shares_storage_and_unpacks(tiny):
     kw = make_qwen_inputs(tiny, seed=7)
     ref = _run(tiny, kw)
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
-    report = fdo.patch(tiny, qk_path="joint")
+    report = patch_ab(tiny, qk_path="joint")
     assert any("packed" in s for s in report.swapped), report
     a = tiny.transformer_blocks[0].attn
     # the three Linear weights are row views of one packed matrix: no second copy
@@ -89,17 +91,17 @@ def test_packed_qkv_shares_storage_and_unpacks(tiny):
 
 def test_packed_qkv_without_packing_matches(tiny):
     kw = make_qwen_inputs(tiny, seed=8)
-    fdo.patch(tiny, qk_path="joint", pack_qkv=False)
-    assert "pack_qkv" in fdo.patch(tiny, qk_path="joint", pack_qkv=False).stock
+    patch_ab(tiny, qk_path="joint", pack_qkv=False)
+    assert "pack_qkv" in patch_ab(tiny, qk_path="joint", pack_qkv=False).stock
     out_sep = _run(tiny, kw)
-    fdo.patch(tiny, qk_path="joint")
+    patch_ab(tiny, qk_path="joint")
     torch.testing.assert_close(_run(tiny, kw), out_sep, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_qkv_follows_load_state_dict_and_detects_replaced_params(tiny):
     kw = make_qwen_inputs(tiny, seed=9)
     other = build_qwen_image_transformer("tiny", seed=11)
-    report = fdo.patch(tiny, qk_path="joint")
+    report = patch_ab(tiny, qk_path="joint")
     tiny.load_state_dict(other.state_dict())  # copies into the views: the pack sees new weights
     torch.testing.assert_close(_run(tiny, kw), _run(other, kw), rtol=1e-4, atol=1e-4)
     # .data replaced (as model.to(...) or an unfused LoRA does): the block re-packs the new values
@@ -126,9 +128,9 @@ def test_packed_mod_shares_storage_matches_and_unpacks(zero_cond_t):
     b = m.transformer_blocks[0]
     assert _storage(b.img_mod[1].weight) == _storage(b.txt_mod[1].weight)
     assert rel_err(_run(m, kw), ref) < CPU_FP32_REL
-    fdo.patch(m, pack_mod=False)
+    patch_ab(m, pack_mod=False)
     assert _storage(b.img_mod[1].weight) != _storage(b.txt_mod[1].weight)
-    assert "pack_mod" in fdo.patch(m, pack_mod=False).stock
+    assert "pack_mod" in patch_ab(m, pack_mod=False).stock
     out_sep = _run(m, kw)
     fdo.patch(m)
     torch.testing.assert_close(_run(m, kw), out_sep, rtol=1e-5, atol=1e-5)
@@ -495,7 +497,7 @@ def test_hook_added_after_patch_survives_unpatch(tiny, caplog):
     with caplog.at_level("WARNING"):
         assert fdo.unpatch(tiny)
     assert "wrappers are kept" in caplog.text
-    assert not dq.is_patched(tiny)
+    assert not engine.is_patched(tiny)
     assert rel_err(_run(tiny, kw), ref) < CPU_FP32_REL and hook.calls == 2
     _, calls = _op_calls(tiny, kw)
     assert not any(calls.values()), calls  # stock from now on
@@ -546,7 +548,7 @@ def test_lookahead_fuses_block_ends(zero_cond_t, dual_launch):
     m = build_qwen_image_transformer("tiny", zero_cond_t=zero_cond_t, seed=5)  # 2 layers
     kw = make_qwen_inputs(m, batch=2, seed=14)
     ref = _run(m, kw)
-    report = fdo.patch(m, dual_launch=dual_launch)
+    report = patch_ab(m, dual_launch=dual_launch)
     assert any("next block's norm1" in s for s in report.swapped), report
     out, calls = _op_calls(m, kw)
     assert rel_err(out, ref) < CPU_FP32_REL
@@ -555,7 +557,7 @@ def test_lookahead_fuses_block_ends(zero_cond_t, dual_launch):
     want = _calls(gr=2, dnss=1, dgrns=3) if dual_launch else _calls(nss=2, gr=2, grns=6)
     assert calls == want, calls
     assert m._fused_dit_state.prenorm is None  # nothing held past the forward
-    fdo.patch(m, lookahead=False, dual_launch=dual_launch)
+    patch_ab(m, lookahead=False, dual_launch=dual_launch)
     out2, calls2 = _op_calls(m, kw)
     want = _calls(gr=4, dnss=2, dgrns=2) if dual_launch else _calls(nss=4, gr=4, grns=4)
     assert calls2 == want, calls2
@@ -563,7 +565,7 @@ def test_lookahead_fuses_block_ends(zero_cond_t, dual_launch):
     # a block called on its own (outside a model forward) does its own norm1 and leaves nothing
     fdo.patch(m)
     st = m._fused_dit_state
-    assert dq._probe(m, m.transformer_blocks[0]) is None
+    assert engine._probe(m, m.transformer_blocks[0]) is None
     assert not st.lookahead and st.prenorm is None
 
 
@@ -589,15 +591,15 @@ def test_lookahead_not_into_a_hooked_block(tiny):
 
 
 def test_prenorm_used_only_for_the_same_unmodified_inputs(tiny):
-    st = dq._State(set(dq.OPS), "auto", dq.PatchReport(), False)
+    st = engine.State(dq.FAMILY, set(engine.OPS), engine.SWITCHES, engine.PatchReport(), False)
     blk, other = tiny.transformer_blocks[0], tiny.transformer_blocks[1]
     h, e, temb, idx = torch.randn(1, 4, 8), torch.randn(1, 2, 8), torch.randn(2, 8), None
 
     def stash():
-        st.prenorm = dq._Prenorm(blk, h, e, temb, idx, None, None, "img_m", "txt_m")
+        st.prenorm = engine.Prenorm(blk, (h, e, temb, idx), (None, None), ("img_m", "txt_m"))
 
     stash()
-    assert st.take_prenorm(blk, h, e, temb, idx).img_m == "img_m"
+    assert st.take_prenorm(blk, h, e, temb, idx).outs[0] == "img_m"
     assert st.prenorm is None  # taken once
     stash()
     assert st.take_prenorm(other, h, e, temb, idx) is None  # for another block
@@ -620,7 +622,7 @@ def _count_mod_gemvs(monkeypatch, st):
             calls.append(1)
         return real(x, w, b)
 
-    monkeypatch.setattr(dq.F, "linear", linear)
+    monkeypatch.setattr(double_stream.F, "linear", linear)
     return calls
 
 
@@ -668,7 +670,7 @@ def test_mod_reuse_across_cfg_forwards(monkeypatch, zero_cond_t, device):
     # a block called on its own never uses or fills the cache; unpatch drops it
     fdo.patch(m)
     st = m._fused_dit_state
-    assert dq._probe(m, m.transformer_blocks[0]) is None and not st.mod_cache
+    assert engine._probe(m, m.transformer_blocks[0]) is None and not st.mod_cache
     _run(m, cond)
     assert len(st.mod_cache) == n and st._mod_hit is None  # the per-forward decision is dropped
     fdo.unpatch(m)
@@ -676,7 +678,7 @@ def test_mod_reuse_across_cfg_forwards(monkeypatch, zero_cond_t, device):
 
 
 def test_silu_once_per_forward_cache():
-    st = dq._State(set(dq.OPS), "auto", dq.PatchReport(), False)
+    st = engine.State(dq.FAMILY, set(engine.OPS), engine.SWITCHES, engine.PatchReport(), False)
     t = torch.randn(2, 8)
     a = st.silu(t)
     assert st.silu(t) is a  # same object, unchanged: reused by the next block
@@ -698,7 +700,7 @@ def test_unpatch_restores_bit_exact(tiny):
     assert torch.equal(_run(tiny, kw), ref)
     assert [b.attn.processor for b in tiny.transformer_blocks] == procs
     for mod in [tiny, tiny.pos_embed, *tiny.transformer_blocks]:
-        assert "forward" not in mod.__dict__ and dq._ATTR not in mod.__dict__
+        assert "forward" not in mod.__dict__ and engine.ATTR not in mod.__dict__
     assert not fdo.unpatch(tiny)
 
 
@@ -718,9 +720,9 @@ def test_pipeline_like_object(tiny):
     class Pipe:
         transformer = tiny
     report = fdo.patch(Pipe())
-    assert dq.is_patched(tiny) and report.swapped
+    assert engine.is_patched(tiny) and report.swapped
     fdo.unpatch(Pipe())
-    assert not dq.is_patched(tiny)
+    assert not engine.is_patched(tiny)
     with pytest.raises(TypeError):
         fdo.patch(torch.nn.Linear(2, 2))
 
@@ -757,7 +759,7 @@ def test_unsupported_dtype_stays_stock():
     m = build_qwen_image_transformer("tiny", dtype=torch.float64)
     report = fdo.patch(m)
     assert "model" in report.stock and "dtype" in report.stock["model"]
-    assert not dq.is_patched(m)
+    assert not engine.is_patched(m)
 
 
 def test_custom_processor_block_stays_stock(tiny):
@@ -955,7 +957,7 @@ def test_gpu_fused_mlp_matches_feedforward():
     x = torch.randn(1, 4096, 3072, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         stock = ff(x)
-        fused = dq.fused_mlp(ff, x)
+        fused = double_stream.fused_mlp(ff, x)
         ff64 = FeedForward(dim=3072, dim_out=3072, activation_fn="gelu-approximate").to("cuda", torch.float64)
         ff64.load_state_dict({k: v.double() for k, v in ff.state_dict().items()})
         exact = ff64(x.double())

@@ -19,6 +19,8 @@ pytest.importorskip("diffusers")
 
 import fused_dit_ops as fdo  # noqa: E402
 from fused_dit_ops.integrations import diffusers_qwen as dq  # noqa: E402
+from fused_dit_ops.integrations import double_stream, engine  # noqa: E402
+from fused_dit_ops.integrations.engine import patch_ab  # noqa: E402
 from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs  # noqa: E402
 
 from helpers import QWEN_CPU_FP32_REL as CPU_FP32_REL, native_diffusers_backend, rel_err, run_no_grad, tiny  # noqa: E402,F401
@@ -86,7 +88,7 @@ def test_parallelism_enabled_before_patch_leaves_model_stock(tiny, where):
     else:
         _set_cp_like_enable_parallelism(tiny, cfg)
     report = fdo.patch(tiny)  # no probe forward through the parallel processors
-    assert not dq.is_patched(tiny)
+    assert not engine.is_patched(tiny)
     assert "parallel" in report.stock.get("model", ""), report
     assert not report.swapped
 
@@ -131,10 +133,10 @@ def test_complex_from_cos_sin_inverts():
 def test_probe_error_leaves_model_unpatched(tiny, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("probe exploded")
-    monkeypatch.setattr(dq, "_probe", boom)
+    monkeypatch.setattr(engine, "_probe", boom)
     with pytest.raises(RuntimeError, match="probe exploded"):
         fdo.patch(tiny)
-    assert not dq.is_patched(tiny)
+    assert not engine.is_patched(tiny)
     blk = tiny.transformer_blocks[0]
     assert "forward" not in blk.__dict__
     assert type(blk.attn.processor).__name__ == "QwenDoubleStreamAttnProcessor2_0"
@@ -163,12 +165,12 @@ def test_reuse_mod_never_returns_outputs_of_replaced_weights():
 
 def test_verify_runs_the_lookahead_path(tiny, monkeypatch):
     made = []
-    orig = dq._Prenorm.__init__
+    orig = engine.Prenorm.__init__
 
     def counting(self, *a, **k):
         made.append(1)
         orig(self, *a, **k)
-    monkeypatch.setattr(dq._Prenorm, "__init__", counting)
+    monkeypatch.setattr(engine.Prenorm, "__init__", counting)
     kw = make_qwen_inputs(tiny, seed=43)
     report = fdo.patch(tiny, verify=True)
     _run(tiny, kw)
@@ -241,7 +243,7 @@ def test_tensor_subclass_weights_are_called_as_modules(tiny, when):
         for lin in lins:
             _subclass_weights(lin)
         ref = None
-    assert all(not dq._plain_linear(lin) for lin in lins)
+    assert all(not engine.plain_linear(lin) for lin in lins)
     assert all(type(lin.weight) is _SubclassWeight for lin in lins)  # never re-packed into plain storage
     out = _run(tiny, kw)
     if ref is None:

@@ -38,12 +38,17 @@ def is_compiled(name: str) -> bool:
 
 
 def _patch_api():
+    """(patch with the A/B switches of MODIFIERS, unpatch)."""
     import fused_dit_ops
-    patch, unpatch = getattr(fused_dit_ops, "patch", None), getattr(fused_dit_ops, "unpatch", None)
-    if patch is None or unpatch is None:
+    unpatch = getattr(fused_dit_ops, "unpatch", None)
+    try:
+        from fused_dit_ops.integrations.engine import patch_ab
+    except ImportError:
+        patch_ab = None
+    if patch_ab is None or unpatch is None:
         raise RuntimeError("fused_dit_ops.patch()/unpatch() are not available in this checkout; "
                            "use the stock configurations")
-    return patch, unpatch
+    return patch_ab, unpatch
 
 
 def patch_available() -> bool:
@@ -75,7 +80,7 @@ def uncompile(model) -> None:
 # "patched-eager+nopack+nomlp": patch options for A/B runs of the benches, one word each
 MODIFIERS = {
     "noreuse": {"reuse_mod": False},  # every forward runs its modulation GEMVs
-    "nopack": {"pack_qkv": False},  # three q/k/v GEMMs per stream (N = D each) instead of one packed
+    "nopack": {"pack_qkv": False},  # joint_linear concatenates the q/k/v weights per call instead of packed ones
     "nomlp": {"ops": ("modulation", "qk_norm_rope", "attention")},  # stock FeedForward (GELU kernel)
     "nodual": {"dual_launch": False},  # one launch per stream for each norm op
     "nolookahead": {"lookahead": False},  # each block does its own norm1 + modulation
@@ -109,7 +114,8 @@ def apply(model, name: str, *, fullgraph: bool = True, reuse_mod: bool = False, 
     temb is equal. Off by default: callers that repeat one identical forward (demo, profile) would
     otherwise time a forward without its GEMVs; ``bench model``, whose steps have their own
     timesteps as a sampler's do, turns it on (cond computes, uncond reuses). ``patch_kwargs``:
-    further :func:`fused_dit_ops.patch` options (see :data:`MODIFIERS`)."""
+    further :func:`fused_dit_ops.patch` options and the A/B switches of
+    ``fused_dit_ops.integrations.engine.patch_ab`` (see :data:`MODIFIERS`)."""
     name = normalize(name)
     info: dict = {"config": name}
     if is_patched(name):
