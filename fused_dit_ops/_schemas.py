@@ -40,7 +40,7 @@ SCHEMAS: dict[str, str] = {
     " Tensor img_v, Tensor txt_q_weight, Tensor txt_k_weight, Tensor img_q_weight, Tensor img_k_weight,"
     " Tensor txt_cos_sin, Tensor img_cos_sin, Tensor(a!) q_out, Tensor(b!) k_out, Tensor(c!) v_out,"
     " float eps=1e-06, bool interleaved=True) -> ()",
-    "joint_qk_norm_rope_": "(Tensor(a!) q, Tensor(b!) k, int txt_len, Tensor txt_q_weight,"
+    "joint_qk_norm_rope_": "(Tensor(a!) q, Tensor(b!) k, SymInt txt_len, Tensor txt_q_weight,"
     " Tensor txt_k_weight, Tensor img_q_weight, Tensor img_k_weight, Tensor txt_cos_sin,"
     " Tensor img_cos_sin, float eps=1e-06, bool interleaved=True) -> ()",
     # two token streams, each through its own (possibly packed) projection, written into one joint

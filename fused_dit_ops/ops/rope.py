@@ -438,7 +438,9 @@ def joint_qk_norm_rope_(q, k, txt_len, txt_q_weight, txt_k_weight, img_q_weight,
     """In place on joint q, k [B, N, H, D] (e.g. filled by the Q/K projections writing straight into
     row slices): rows < txt_len get the text RMSNorm weight and table (row t), rows >= txt_len the
     image ones (row l - txt_len). One launch. Returns (q, k)."""
-    torch.ops.fused_dit.joint_qk_norm_rope_.default(q, k, int(txt_len), txt_q_weight, txt_k_weight,
+    # a SymInt (a traced length) stays symbolic: int() would specialise the graph on its value
+    txt_len = txt_len if isinstance(txt_len, torch.SymInt) else int(txt_len)
+    torch.ops.fused_dit.joint_qk_norm_rope_.default(q, k, txt_len, txt_q_weight, txt_k_weight,
                                                     img_q_weight, img_k_weight, txt_cos_sin, img_cos_sin,
                                                     eps, interleaved)
     return q, k
