@@ -5,6 +5,7 @@ their ``--device cpu --tiny`` smoke mode. GPU-marked tests exercise the CUDA eve
 """
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -423,3 +424,28 @@ def test_target_verdict_only_at_the_benchmark_shape():
         r = v(dict(shape, **change), BENCHMARK_SHAPE, 1.0, 0.5, TARGET_MS, TARGET_RATIO, "NVIDIA H100 80GB HBM3")
         assert r["target_met"] is None and "not the benchmark shape" in r["target_basis"], change
 
+
+
+def test_plain_doc_strips_rest_markup():
+    text = harness.plain_doc("Run ``bench block``; see :func:`profile_layer` and :class:`~a.b.C`.")
+    assert text == "Run bench block; see profile_layer and a.b.C."
+    assert harness.plain_doc(None) == ""
+
+
+def test_quiet_profiler_logs_only_without_cuda(monkeypatch):
+    monkeypatch.delenv("KINETO_LOG_LEVEL", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    profiler.quiet_profiler_logs()
+    assert "KINETO_LOG_LEVEL" not in os.environ  # a GPU: kineto's own messages stay
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    profiler.quiet_profiler_logs()
+    assert os.environ["KINETO_LOG_LEVEL"] == "6"
+    monkeypatch.setenv("KINETO_LOG_LEVEL", "2")  # the user's choice wins
+    profiler.quiet_profiler_logs()
+    assert os.environ["KINETO_LOG_LEVEL"] == "2"
+
+
+def test_every_benchmark_has_a_one_line_description():
+    from fused_dit_ops.bench import DESCRIPTIONS
+    assert set(DESCRIPTIONS) == set(BENCHES)
+    assert all(d and "\n" not in d for d in DESCRIPTIONS.values())
