@@ -80,13 +80,14 @@ class Capabilities:
     cudnn: bool = False                      # torch has cuDNN and a cuDNN SDPA backend
     sdpa_gqa: bool = True                    # F.scaled_dot_product_attention has enable_gqa
     missing: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (backend, why)
+    device_error: str = ""                   # the device could not be probed: why (no CUDA backend then)
 
     def why_missing(self, name: str) -> str:
         return dict(self.missing).get(name, "not installed")
 
 
 class Reason(NamedTuple):
-    kind: str   # "package" | "device" | "arch" | "input"
+    kind: str   # "package" | "device" | "arch" | "input" | "probe" (a capability probe raised)
     text: str
 
 
@@ -103,10 +104,22 @@ def _import(name: str):
         return None, f"{type(e).__name__}: {msg}"
 
 
+def _exc(e: BaseException) -> str:
+    msg = str(e).splitlines()[0][:160] if str(e) else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _has(m, attr: str) -> bool:
+    try:  # a module's __getattr__ may raise anything
+        return m is not None and hasattr(m, attr)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _fa3_module():
     for mod, _dist in _FA3_MODULES:
         m, _ = _import(mod)
-        if m is not None and hasattr(m, "flash_attn_func"):
+        if _has(m, "flash_attn_func"):
             return m
     return None
 
@@ -115,46 +128,73 @@ def _fa3_dtypes(modname: str) -> frozenset:
     if modname == "fa3_fwd_interface":
         # fa3-fwd records its build flags; 0.0.3 disables FP16 (bf16 + fp8 only).
         cfg, _ = _import("fa3_fwd_config")
-        flags = (getattr(cfg, "CONFIG", {}) or {}).get("build_flags", {}) if cfg else {}
-        no_fp16 = flags.get("FLASHATTENTION_DISABLE_FP16", True)
+        try:
+            flags = (getattr(cfg, "CONFIG", {}) or {}).get("build_flags", {}) if cfg else {}
+            no_fp16 = flags.get("FLASHATTENTION_DISABLE_FP16", True)
+        except Exception:  # noqa: BLE001  (an odd config: assume the 0.0.3 build, bf16 only)
+            no_fp16 = True
         return frozenset({torch.bfloat16} if no_fp16 else {torch.bfloat16, torch.float16})
     return frozenset({torch.bfloat16, torch.float16})
 
 
 def _fa4_module():
     m, _ = _import("flash_attn.cute")
-    return m if m is not None and hasattr(m, "flash_attn_func") else None
+    return m if _has(m, "flash_attn_func") else None
 
 
 def _fa2_module():
     m, _ = _import("flash_attn")
-    ver = str(getattr(m, "__version__", "")) if m is not None else ""
-    return m if m is not None and ver.startswith("2.") and hasattr(m, "flash_attn_func") else None
+    try:
+        ver = str(getattr(m, "__version__", "")) if m is not None else ""
+    except Exception:  # noqa: BLE001
+        ver = ""
+    return m if ver.startswith("2.") and _has(m, "flash_attn_func") else None
 
 
 @lru_cache(maxsize=None)
 def _runtime_caps(device_type: str, index: int | None) -> Capabilities:
+    """Probe the machine. Never raises: a probe that raises leaves its backend unavailable with
+    the exception as the reason (e.g. a CUDA build of torch on a machine without a driver)."""
     missing = []
     if device_type != "cuda":
         return Capabilities(device_type=device_type)
-    sm = torch.cuda.get_device_capability(index)
-    fa3 = _fa3_module()
-    if fa3 is None:
-        why = "; ".join(f"{mod} ({dist}): {_import(mod)[1] or 'no flash_attn_func'}"
-                        for mod, dist in _FA3_MODULES)
-        missing.append(("fa3", f"not importable: {why}"))
-    fa4 = _fa4_module()
-    if fa4 is None:
-        missing.append(("fa4", f"flash_attn.cute (flash-attn-4) not importable: "
-                               f"{_import('flash_attn.cute')[1] or 'no flash_attn_func'}"))
-    cudnn = bool(torch.backends.cudnn.is_available()) and hasattr(torch.backends.cuda,
-                                                                  "can_use_cudnn_attention")
-    if not cudnn:
-        missing.append(("cudnn", "torch has no cuDNN (torch.backends.cudnn.is_available() is False)"))
+    try:
+        sm = tuple(torch.cuda.get_device_capability(index))
+    except Exception as e:  # noqa: BLE001
+        return Capabilities(device_type="cuda", device_error=f"the CUDA device could not be probed "
+                                                             f"(torch.cuda.get_device_capability raised {_exc(e)})")
+    fa3 = fa4 = None
+    try:
+        fa3 = _fa3_module()
+        if fa3 is None:
+            why = "; ".join(f"{mod} ({dist}): {_import(mod)[1] or 'no flash_attn_func'}"
+                            for mod, dist in _FA3_MODULES)
+            missing.append(("fa3", f"not importable: {why}"))
+    except Exception as e:  # noqa: BLE001
+        missing.append(("fa3", f"probing it raised {_exc(e)}"))
+    try:
+        fa4 = _fa4_module()
+        if fa4 is None:
+            missing.append(("fa4", f"flash_attn.cute (flash-attn-4) not importable: "
+                                   f"{_import('flash_attn.cute')[1] or 'no flash_attn_func'}"))
+    except Exception as e:  # noqa: BLE001
+        missing.append(("fa4", f"probing it raised {_exc(e)}"))
+    try:
+        cudnn = bool(torch.backends.cudnn.is_available()) and hasattr(torch.backends.cuda,
+                                                                      "can_use_cudnn_attention")
+        if not cudnn:
+            missing.append(("cudnn", "torch has no cuDNN (torch.backends.cudnn.is_available() is False)"))
+    except Exception as e:  # noqa: BLE001
+        cudnn = False
+        missing.append(("cudnn", f"torch.backends.cudnn.is_available() raised {_exc(e)}"))
+    try:
+        fa2 = _fa2_module() is not None
+    except Exception:  # noqa: BLE001  (SDPA's FA2 still runs; only the package fallback is off)
+        fa2 = False
     return Capabilities(
-        device_type="cuda", sm=tuple(sm), fa3=fa3.__name__ if fa3 is not None else None,
+        device_type="cuda", sm=sm, fa3=fa3.__name__ if fa3 is not None else None,
         fa3_dtypes=_fa3_dtypes(fa3.__name__) if fa3 is not None else frozenset(),
-        fa4=fa4 is not None, flash_attn2=_fa2_module() is not None, cudnn=cudnn,
+        fa4=fa4 is not None, flash_attn2=fa2, cudnn=cudnn,
         sdpa_gqa=_sdpa_has_gqa(), missing=tuple(missing))
 
 
@@ -168,8 +208,13 @@ def runtime_capabilities(device: torch.device | str | None = None) -> Capabiliti
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    index = device.index if device.index is not None else (
-        torch.cuda.current_device() if device.type == "cuda" else None)
+    index = device.index
+    if index is None and device.type == "cuda":
+        try:
+            index = torch.cuda.current_device()
+        except Exception as e:  # noqa: BLE001  (no driver, or torch without CUDA: nothing but math)
+            return Capabilities(device_type="cuda", device_error=f"the CUDA device could not be probed "
+                                                                 f"(torch.cuda.current_device raised {_exc(e)})")
     return _runtime_caps(device.type, index)
 
 
@@ -186,6 +231,8 @@ def static_reason(name: str, caps: Capabilities, dtype: torch.dtype, head_dim: i
         return None
     if caps.device_type != "cuda":
         return Reason("device", f"{name}: needs a CUDA device (got {caps.device_type})")
+    if caps.device_error:
+        return Reason("probe", f"{name}: {caps.device_error}")
     sm = caps.sm or (0, 0)
     smtxt = f"sm{sm[0]}{sm[1]}"
     if name == "fa3":
@@ -293,10 +340,13 @@ def _sdpa_reason(name: str, q, k, v, causal: bool) -> Reason | None:
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if gqa and not _sdpa_has_gqa():
         return Reason("input", f"{name}: GQA needs torch >= 2.5")
-    params = torch.backends.cuda.SDPAParams(qt, kt, vt, None, 0.0, causal, gqa)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        ok = fn(params, True)
+        try:
+            ok = fn(torch.backends.cuda.SDPAParams(qt, kt, vt, None, 0.0, causal, gqa), True)
+        except Exception as e:  # noqa: BLE001  (e.g. a CUDA build of torch without a driver)
+            return Reason("probe", f"{name}: torch.backends.cuda.{_SDPA_CHECK[name]} raised {_exc(e)}; "
+                                   f"treated as unavailable")
     if ok:
         return None
     msgs = "; ".join(str(w.message).strip() for w in rec)[:300]
@@ -361,7 +411,7 @@ def _fa3_raw_forward(mod):
                 if (names[:3] == ["q", "k", "v"] and {"softmax_scale", "is_causal", "num_splits"} <= set(names)
                         and len(cand._schema.returns) == 4):
                     op = cand
-            except (AttributeError, RuntimeError):
+            except Exception:  # noqa: BLE001  (not there, or its schema unreadable: flash_attn_func)
                 op = None
         _FA3_RAW[key] = op
     return _FA3_RAW[key]
@@ -546,23 +596,39 @@ def attention_backends(device: torch.device | str | None = None, dtype: torch.dt
 
     Default metadata: the Qwen-Image joint attention (bf16, 24 heads x 128, no GQA, non-causal)
     on cuda if available, else cpu. On CUDA, torch's SDPA checks run on small empty tensors.
+    Never raises for a backend: one whose probe raises is listed unavailable with the exception.
     """
     caps = runtime_capabilities(device)
     kv_heads = kv_heads or heads
     dev = torch.device(device) if device is not None else torch.device(caps.device_type)
     q = k = v = None
-    if caps.device_type == "cuda":
-        q = torch.empty(1, seq_len, heads, head_dim, dtype=dtype, device=dev)
-        k = torch.empty(1, seq_len, kv_heads, head_dim, dtype=dtype, device=dev)
-        v = torch.empty_like(k)
+    device_error = caps.device_error
+    if caps.device_type == "cuda" and not device_error:
+        try:
+            q, k, v = _probe_tensors(dev, dtype, seq_len, heads, kv_heads, head_dim)
+        except Exception as e:  # noqa: BLE001
+            device_error = f"no probe tensors could be made on {dev} ({_exc(e)})"
     out = []
     for name in BACKENDS:
-        if q is not None:
-            r = runtime_reason(name, caps, q, k, v, causal)
-        else:
-            r = static_reason(name, caps, dtype, head_dim, kv_heads != heads, causal)
+        try:
+            if device_error:
+                # nothing can run on a device that cannot be probed, math included
+                r = Reason("probe", f"{name}: {device_error}")
+            elif q is not None:
+                r = runtime_reason(name, caps, q, k, v, causal)
+            else:
+                r = static_reason(name, caps, dtype, head_dim, kv_heads != heads, causal)
+        except Exception as e:  # noqa: BLE001
+            r = Reason("probe", f"{name}: probing it raised {_exc(e)}")
         out.append(BackendStatus(name, r is None, "" if r is None else r.text, _impl(name, caps)))
     return out
+
+
+def _probe_tensors(dev, dtype, seq_len, heads, kv_heads, head_dim):
+    """Small uninitialised q, k, v for torch's SDPA checks (metadata only)."""
+    q = torch.empty(1, seq_len, heads, head_dim, dtype=dtype, device=dev)
+    k = torch.empty(1, seq_len, kv_heads, head_dim, dtype=dtype, device=dev)
+    return q, k, torch.empty_like(k)
 
 
 # --- warm-up (before CUDA-graph capture) ---------------------------------------------------------

@@ -580,6 +580,11 @@ def test_sdpa_check_api_on_cpu_tensors():
     q, k, v = qkv(1, 16, 4, 64, Hkv=2, dtype=BF16)
     for name in ("cudnn", "fa2", "efficient"):
         r = disp._sdpa_reason(name, q, k, v, False)
+        if r is not None and r.kind == "probe":
+            # a CUDA build of torch without a driver: the check itself raises (AcceleratorError);
+            # the backend is then unavailable with that reason (tests/test_backend_probes.py)
+            assert r.text.startswith(f"{name}: torch.backends.cuda.{disp._SDPA_CHECK[name]} raised"), r
+            continue
         assert r is not None and r.text.startswith(f"{name}: torch SDPA refuses"), r
 
 
