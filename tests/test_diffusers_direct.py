@@ -45,14 +45,18 @@ def _dual_norm_args(h, e, idx, im, tm):
     return (h, im[:, :C], im[:, C:2 * C], idx, 1e-6, e, tm[:, :C], tm[:, C:2 * C], None, 1e-6, "layer")
 
 
-def test_direct_namespace_mirrors_dispatch():
-    """Same names on both namespaces, so the integration never branches on which one it got."""
-    assert set(vars(_eager.direct())) == set(vars(_eager.DISPATCH))
+def test_fast_path_functions_are_the_ops():
+    """Every function of the fast path has an op of its name and calls it off the fast path."""
+    names = [n for n, f in vars(_eager).items() if callable(f) and not n.startswith("_") and f.__module__ == _eager.__name__]
+    assert set(names) - {"fast"} == set(_FAST) | {"qk_norm_rope_cat", "attention"}
+    for n in names:
+        if n != "fast":
+            assert hasattr(torch.ops.fused_dit, n.replace("_unchecked", "")), n
 
 
 @pytest.mark.parametrize("bad", ["h_dtype", "e_dtype", "h_lastdim", "C_not_8", "batch", "index_dtype",
                                  "index_shape", "img_mod_rows", "mod_dtype", "mod_lastdim", "h_2d"])
-def test_direct_path_raises_the_ops_own_errors(bad):
+def test_direct_path_raises_the_ops_own_errors(bad, monkeypatch):
     """What the removed shadow checks caught: the direct launchers run each op's own validator
     first, so a bad input gets the op's FusedDitInputError (same text as through torch.ops) before
     any kernel is touched (metadata only: CPU tensors suffice)."""
@@ -82,10 +86,11 @@ def test_direct_path_raises_the_ops_own_errors(bad):
     args = _dual_norm_args(h, e, idx, im, tm)
     with pytest.raises(fdo.FusedDitInputError) as via_op:
         torch.ops.fused_dit.dual_norm_scale_shift.default(*args)
-    expect_input_error(lambda: _eager.direct().dual_norm_scale_shift(*args), str(via_op.value))
+    monkeypatch.setattr(_eager, "fast", lambda x: True)  # the fast path on CPU tensors: checks raise first
+    expect_input_error(lambda: _eager.dual_norm_scale_shift(*args), str(via_op.value))
 
 
-def test_direct_joint_qk_checks():
+def test_direct_joint_qk_checks(monkeypatch):
     D, H, Lt, Li = 8, 2, 3, 5
     q, k = torch.randn(1, Lt + Li, H, D), torch.randn(1, Lt + Li, H, D)
     ws = [torch.randn(D) for _ in range(4)]
@@ -96,14 +101,15 @@ def test_direct_joint_qk_checks():
         args = (q, k, Lt, *bad_ws, *bad_tabs, 1e-6, True)
         with pytest.raises(fdo.FusedDitInputError) as via_op:
             torch.ops.fused_dit.joint_qk_norm_rope_.default(*args)
-        expect_input_error(lambda: _eager.direct().joint_qk_norm_rope_(*args), str(via_op.value))
+        with monkeypatch.context() as mp:
+            mp.setattr(_eager, "fast", lambda x: True)
+            expect_input_error(lambda: _eager.joint_qk_norm_rope_(*args), str(via_op.value))
 
 
 def test_direct_never_on_cpu():
     x = torch.randn(2, 3)
     with torch.no_grad():
         assert not _eager.fast(x)  # CPU tensors: the ops' CPU references through torch.ops
-        assert _eager.ops_for(x) is _eager.DISPATCH
 
 
 def test_compile_before_any_eager_call():
@@ -112,7 +118,7 @@ def test_compile_before_any_eager_call():
     namespace; building it lazily there broke fullgraph tracing, seen in `bench block`)."""
     from torch._dynamo.utils import counters
     from fused_dit_ops.demo import compile_blocks, uncompile_blocks
-    assert isinstance(_eager.DISPATCH, types.SimpleNamespace)  # exists from import on
+    assert isinstance(_eager._DNSS, torch._ops.OpOverload)  # resolved from import on
     m = build_qwen_image_transformer("tiny", seed=1)
     kw = make_qwen_inputs(m, seed=2)
     ref = _run(m, kw)
@@ -132,29 +138,28 @@ def test_compile_before_any_eager_call():
 
 # --- the direct path on CPU tensors: Triton kernels in the interpreter ---------------------------
 
-class _Spy:
-    """A namespace with the direct launchers, counting calls."""
-
-    def __init__(self, ops):
-        self.calls = {}
-        for name, fn in vars(ops).items():
-            setattr(self, name, self._wrap(name, fn))
-
-    def _wrap(self, name, fn):
-        def call(*a, **k):
-            self.calls[name] = self.calls.get(name, 0) + 1
-            return fn(*a, **k)
-        return call
-
-
+# the fast-path functions (the others always call the op)
+_FAST = ("norm_scale_shift", "dual_norm_scale_shift", "gate_residual_norm_scale_shift",
+         "dual_gate_residual_norm_scale_shift", "gate_residual", "joint_qk_norm_rope_", "joint_linear_unchecked",
+         "attention_unchecked")
 _DIRECT_CALLS = {"dual_norm_scale_shift": 1, "joint_qk_norm_rope_": 2, "dual_gate_residual_norm_scale_shift": 3,
                  "gate_residual": 2, "joint_linear_unchecked": 2, "attention_unchecked": 2}
 
 
 def _spy_direct(monkeypatch):
-    spy = _Spy(_eager.direct())
-    monkeypatch.setattr(_eager, "_DIRECT", spy)
-    return spy
+    """Counts the calls of the fast-path functions that take the fast path (``_eager.fast``)."""
+    calls = {}
+
+    def wrap(name, fn):
+        def call(*a, **k):
+            if _eager.fast(a[0]):
+                calls[name] = calls.get(name, 0) + 1
+            return fn(*a, **k)
+        return call
+
+    for name in _FAST:
+        monkeypatch.setattr(_eager, name, wrap(name, getattr(_eager, name)))
+    return types.SimpleNamespace(calls=calls)
 
 
 @pytest.mark.interpret
@@ -183,8 +188,11 @@ def test_interpreted_direct_attention_only_on_the_blocks_own_buffers(monkeypatch
     ref = _run(m, kw)
     fdo.patch(m)
     monkeypatch.setattr(_eager, "fast", lambda x: not torch.is_grad_enabled())  # CPU tensors allowed here
-    spy = _spy_direct(monkeypatch)
-    calls = spy.calls
+    calls = {}
+    for name in ("attention", "attention_unchecked"):
+        real = getattr(_eager, name)
+        monkeypatch.setattr(_eager, name, lambda *a, _n=name, _f=real, **k: calls.update({_n: calls.get(_n, 0) + 1})
+                            or _f(*a, **k))
     assert rel_err(_run(m, kw), ref) < 1e-5
     assert calls["attention_unchecked"] == 2 and "attention" not in calls, calls  # joint path: both blocks unchecked
     hooks = [blk.attn.norm_q.register_forward_hook(lambda mod, i, o: o) for blk in m.transformer_blocks]

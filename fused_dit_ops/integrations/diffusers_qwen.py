@@ -63,7 +63,7 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidd
                      + " (stock block forward)")
         return _stock_block_forward()(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
                                       temb, image_rotary_emb, joint_attention_kwargs, modulate_index)
-    h, e = double_stream.forward(self, st, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+    h, e = double_stream.run_block(self, st, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                  modulate_index)
     return e, h
 

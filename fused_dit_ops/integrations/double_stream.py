@@ -19,7 +19,7 @@ Per block, for the family's two :class:`~.engine.Stream` descriptions (eager and
    clips its outputs, which the next norm1 must see);
 6. fp16: both streams clipped to +-65504, as diffusers does.
 
-The ops come from :func:`fused_dit_ops.ops._eager.ops_for`: eager CUDA inference launches them
+The ops are called through :mod:`fused_dit_ops.ops._eager`: eager CUDA inference launches them
 without dispatch after each op's own check; torch.compile and CPU go through ``torch.ops``.
 """
 from __future__ import annotations
@@ -34,8 +34,15 @@ from . import engine as E
 
 # --- patch time -----------------------------------------------------------------------------------
 
+# what this block kind implements of a family description (a new value: implement it here first)
+KIND_TAKES = dict(mod_source=("block_linear",), norm=("layer", "rms"), qk_norm=("head",), mlp=("gelu_tanh",))
+
+
 def block_reason(block, fam):
     """Why this block cannot be patched (None: it can)."""
+    for f, ok in KIND_TAKES.items():
+        if getattr(fam, f) not in ok:
+            return f"{fam.name}: {f}={getattr(fam, f)!r} is not implemented for double-stream blocks (takes {ok})"
     fwd = block.__dict__.get("forward")
     if (fwd is not None and getattr(fwd, "__func__", None) is not fam.block_forward
             and E.hooked_inner_ref(block, fam) is None):
@@ -226,10 +233,9 @@ class JointAttnProcessor:
                 image_rotary_emb = st.family.rope_stock(image_rotary_emb)
             return self.stock(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
                               attention_mask, image_rotary_emb)
-        return self.fused(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
-                          _eager.ops_for(hidden_states))
+        return self.fused(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
 
-    def fused(self, attn, img, txt, tables, ops):
+    def fused(self, attn, img, txt, tables):
         st = self.state
         si, stx = st.family.streams
         img_tab, txt_tab = tables
@@ -262,24 +268,24 @@ class JointAttnProcessor:
         if lists is not None:
             # each stream's q|k|v projection into its rows of one joint [B, N, 3D] buffer (one GEMM per
             # stream), whose column views are q, k, v; then QK-norm + RoPE in place
-            buf = ops.joint_linear_unchecked(txt, img, *lists)
+            buf = _eager.joint_linear_unchecked(txt, img, *lists)
             c = [0]
             for _, m in projs:
                 c.append(c[-1] + m.out_features)
             q, k, v = (buf[..., c[j]:c[j + 1]].unflatten(-1, (-1, hd)) for j in range(3))
-            ops.joint_qk_norm_rope_(q, k, Lt, *weights, txt_tab, img_tab, eps, st.family.rope_interleaved)
+            _eager.joint_qk_norm_rope_(q, k, Lt, *weights, txt_tab, img_tab, eps, st.family.rope_interleaved)
         else:
             t = [p[0](txt).unflatten(-1, (-1, hd)) for p in projs]
             i = [p[1](img).unflatten(-1, (-1, hd)) for p in projs]
             if fused_qk:
-                q, k, v = ops.qk_norm_rope_cat(*t, *i, *weights, txt_tab, img_tab, eps, st.family.rope_interleaved)
+                q, k, v = _eager.qk_norm_rope_cat(*t, *i, *weights, txt_tab, img_tab, eps, st.family.rope_interleaved)
             else:  # stock RMSNorm modules, RoPE from the tables in torch (fp32 math), torch.cat
                 rq = [_ref.apply_rope(n(x), tab).to(x.dtype)
                       for n, x, tab in zip(norms, (t[0], t[1], i[0], i[1]), (txt_tab, txt_tab, img_tab, img_tab))]
                 q, k, v = torch.cat([rq[0], rq[2]], 1), torch.cat([rq[1], rq[3]], 1), torch.cat([t[2], i[2]], 1)
         if st.attention:
-            # on the direct path, q, k, v of the joint buffer skip the op's checks (built just above)
-            attend = ops.attention_unchecked if lists is not None else ops.attention
+            # on the fast path, q, k, v of the joint buffer skip the op's checks (built just above)
+            attend = _eager.attention_unchecked if lists is not None else _eager.attention
             out = attend(q, k, v, None, False, self.backend)
         else:
             from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -297,14 +303,14 @@ class JointAttnProcessor:
         return img_out, txt_out
 
 
-def _call_attn(attn, img_m, txt_m, tables, ops):
+def _call_attn(attn, img_m, txt_m, tables):
     """The processor's fused path directly when the Attention module has no hooks and still has our
     processor (diffusers' ``Attention.forward`` inspects the processor's signature on every call);
     else the module call."""
     proc = attn.processor
-    if type(proc) is JointAttnProcessor and E.no_hooks(attn) and E.no_global_hooks() \
-            and not proc.state.mode_stock and proc._parallel_config is None:
-        return proc.fused(attn, img_m, txt_m, tables, ops)
+    if (type(proc) is JointAttnProcessor and E.no_hooks(attn) and E.no_global_hooks()
+            and not proc.state.mode_stock and proc._parallel_config is None):
+        return proc.fused(attn, img_m, txt_m, tables)
     return attn(hidden_states=img_m, encoder_hidden_states=txt_m, image_rotary_emb=tables)
 
 
@@ -332,13 +338,13 @@ def fused_mlp(ff, x: torch.Tensor) -> torch.Tensor:
 
 # --- block forward ----------------------------------------------------------------------------------
 
-def _grns_pair(ops, dual, h, upd, g, sh, sc, index, eps, e, t_upd, t_g, t_sh, t_sc, t_eps):
+def _grns_pair(dual, h, upd, g, sh, sc, index, eps, e, t_upd, t_g, t_sh, t_sc, t_eps):
     """gate_residual_norm_scale_shift of both streams: one launch (dual op) or two."""
     if dual:
-        return ops.dual_gate_residual_norm_scale_shift(h, upd, g, sh, sc, index, eps, e, t_upd, t_g, t_sh, t_sc,
-                                                       None, t_eps)
-    h, m = ops.gate_residual_norm_scale_shift(h, upd, g, sh, sc, index, eps)
-    e, tm = ops.gate_residual_norm_scale_shift(e, t_upd, t_g, t_sh, t_sc, None, t_eps)
+        return _eager.dual_gate_residual_norm_scale_shift(h, upd, g, sh, sc, index, eps, e, t_upd, t_g, t_sh, t_sc,
+                                                          None, t_eps)
+    h, m = _eager.gate_residual_norm_scale_shift(h, upd, g, sh, sc, index, eps)
+    e, tm = _eager.gate_residual_norm_scale_shift(e, t_upd, t_g, t_sh, t_sc, None, t_eps)
     return h, m, e, tm
 
 
@@ -363,13 +369,12 @@ def _lookahead_target(st, block, h):
     return nxt if ws[0].device == h.device else None
 
 
-def forward(block, st, h, e, temb, rot, index):
+def run_block(block, st, h, e, temb, rot, index):
     """The fused double-stream block: (h, e) -> (h, e) (image, text)."""
     fam = st.family
     si, stx = fam.streams
     tables = st.rope_tables(rot)
     compiling = torch.compiler.is_compiling()
-    ops = _eager.ops_for(h)
     pre = (st.take_prenorm(block, h, e, temb, index)
            if st.modulation and not compiling and st.prenorm is not None else None)
     img_mod, txt_mod = pre.mods if pre is not None else modulation_params(block, st, temb)
@@ -384,13 +389,13 @@ def forward(block, st, h, e, temb, rot, index):
         if pre is not None:
             img_m, txt_m = pre.outs
         elif dual:
-            img_m, txt_m = ops.dual_norm_scale_shift(h, i_sh1, i_sc1, index, eps_i1, e, t_sh1, t_sc1, None, eps_t1,
-                                                     fam.norm)
+            img_m, txt_m = _eager.dual_norm_scale_shift(h, i_sh1, i_sc1, index, eps_i1, e, t_sh1, t_sc1, None,
+                                                        eps_t1, fam.norm)
         else:
-            img_m = ops.norm_scale_shift(h, i_sh1, i_sc1, index, None, None, eps_i1, fam.norm)
-            txt_m = ops.norm_scale_shift(e, t_sh1, t_sc1, None, None, None, eps_t1, fam.norm)
-        img_attn, txt_attn = _call_attn(attn, img_m, txt_m, tables, ops)
-        h, img_m2, e, txt_m2 = _grns_pair(ops, dual, h, img_attn, i_g1, i_sh2, i_sc2, index,
+            img_m = _eager.norm_scale_shift(h, i_sh1, i_sc1, index, None, None, eps_i1, fam.norm)
+            txt_m = _eager.norm_scale_shift(e, t_sh1, t_sc1, None, None, None, eps_t1, fam.norm)
+        img_attn, txt_attn = _call_attn(attn, img_m, txt_m, tables)
+        h, img_m2, e, txt_m2 = _grns_pair(dual, h, img_attn, i_g1, i_sh2, i_sc2, index,
                                           getattr(block, si.norm2).eps, e, txt_attn, t_g1, t_sh2, t_sc2,
                                           getattr(block, stx.norm2).eps)
         mlp = fused_mlp if st.mlp else (lambda ff, x: ff(x))
@@ -403,18 +408,18 @@ def forward(block, st, h, e, temb, rot, index):
             n_img_mod, n_txt_mod = modulation_params(nxt, st, temb)
             n_i = _chunks(n_img_mod, order)
             n_t = _chunks(n_txt_mod, order)
-            h, n_img_m, e, n_txt_m = _grns_pair(ops, dual, h, img_y, i_g2, n_i[0], n_i[1], index,
+            h, n_img_m, e, n_txt_m = _grns_pair(dual, h, img_y, i_g2, n_i[0], n_i[1], index,
                                                 getattr(nxt, si.norm1).eps, e, txt_y, t_g2, n_t[0], n_t[1],
                                                 getattr(nxt, stx.norm1).eps)
             st.prenorm = E.Prenorm(nxt, (h, e, temb, index), (n_img_mod, n_txt_mod), (n_img_m, n_txt_m))
         else:
-            h = ops.gate_residual(h, img_y, i_g2, index)
-            e = ops.gate_residual(e, txt_y, t_g2, None)
+            h = _eager.gate_residual(h, img_y, i_g2, index)
+            e = _eager.gate_residual(e, txt_y, t_g2, None)
     else:  # stock norm modules, modulation math in torch, fused attention only
         i, t = _chunks(img_mod, order), _chunks(txt_mod, order)
         img_m, img_g1 = _modulate(getattr(block, si.norm1)(h), *i[:3], index)
         txt_m, txt_g1 = _modulate(getattr(block, stx.norm1)(e), *t[:3])
-        img_attn, txt_attn = _call_attn(attn, img_m, txt_m, tables, ops)
+        img_attn, txt_attn = _call_attn(attn, img_m, txt_m, tables)
         h = h + img_g1 * img_attn
         e = e + txt_g1 * txt_attn
         img_m2, img_g2 = _modulate(getattr(block, si.norm2)(h), *i[3:], index)

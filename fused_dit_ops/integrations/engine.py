@@ -72,7 +72,6 @@ class Family:
     rope_tables: Callable = None  # stock RoPE output -> (img_table, txt_table) fp32 cos|sin
     rope_stock: Callable = None  # tables -> what the stock processor takes
     rope_key: Callable = None  # (args, kwargs) -> cache key of the RoPE module's call, or None
-    text_first: bool = True  # joint sequence [text, image]
     mask_kwarg: str = "encoder_hidden_states_mask"  # the model forward's text mask
     mask_pos: int = 2  # its position in the model forward
     mlp: str = "gelu_tanh"  # diffusers FeedForward(activation_fn="gelu-approximate")
