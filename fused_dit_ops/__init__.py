@@ -12,7 +12,8 @@ from .ops.attention import attention
 from .attention_dispatch import (AttentionBackendError, AttentionFallbackWarning, attention_backend,
                                  attention_backends, warmup_attention)
 from .ops.linear import joint_linear
-from .ops.rope import joint_qk_norm_rope_, joint_qkv_cat, qk_norm_rope_cat, rope, warmup_rope
+from .ops.qkv_cat import joint_qkv_cat
+from .ops.rope import joint_qk_norm_rope_, qk_norm_rope_cat, rope, warmup_rope
 from .rope_tables import cos_sin_from_complex, flux_ids, flux_rope_table, qwen_image_rope_tables
 from .integrations.engine import PatchReport, patch, unpatch
 

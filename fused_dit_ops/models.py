@@ -166,11 +166,3 @@ def make_qwen_inputs(model, img_tokens: Sequence | None = None, txt_len: int | N
         return_dict=False,
     )
     return kw
-
-
-def image_token_count(kwargs: dict) -> int:
-    return kwargs["hidden_states"].shape[1]
-
-
-def text_token_count(kwargs: dict) -> int:
-    return kwargs["encoder_hidden_states"].shape[1]

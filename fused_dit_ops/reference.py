@@ -177,29 +177,6 @@ def qk_norm_rope_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v, txt_q_weight, txt
     return joint_qkv_cat(tq, tk, txt_v, iq, ik, img_v)
 
 
-def diffusers_qk_norm_rope_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v, txt_q_weight, txt_k_weight,
-                               img_q_weight, img_k_weight, txt_freqs, img_freqs, eps=1e-6):
-    """The diffusers ``QwenDoubleStreamAttnProcessor2_0`` chain, as written upstream (eager):
-    RMSNorm x4 -> complex-multiply RoPE x4 (``apply_rotary_emb_qwen(use_real=False)``) -> 3 cats.
-    ``*_freqs`` are the complex [L, D/2] tables of ``QwenEmbedRope``."""
-    def norm(x, w):
-        var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        h = x * torch.rsqrt(var + eps)
-        if w.dtype in (torch.float16, torch.bfloat16):
-            h = h.to(w.dtype)
-        return h * w
-
-    def rot(x, freqs):
-        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-        return torch.view_as_real(xc * freqs.unsqueeze(1)).flatten(3).type_as(x)
-
-    tq = rot(norm(txt_q, txt_q_weight), txt_freqs)
-    tk = rot(norm(txt_k, txt_k_weight), txt_freqs)
-    iq = rot(norm(img_q, img_q_weight), img_freqs)
-    ik = rot(norm(img_k, img_k_weight), img_freqs)
-    return (torch.cat([tq, iq], dim=1), torch.cat([tk, ik], dim=1), torch.cat([txt_v, img_v], dim=1))
-
-
 # --- the eager diffusers expressions (bf16 arithmetic as written upstream), for benchmarks -----
 
 def diffusers_modulate(x, mod_params, index=None):
@@ -214,11 +191,6 @@ def diffusers_modulate(x, mod_params, index=None):
     else:
         shift_r, scale_r, gate_r = shift.unsqueeze(1), scale.unsqueeze(1), gate.unsqueeze(1)
     return x * (1 + scale_r) + shift_r, gate_r
-
-
-def diffusers_layer_norm(x, eps=1e-6):
-    """``nn.LayerNorm(C, elementwise_affine=False, eps)`` as the block's norm1/norm2."""
-    return F.layer_norm(x, (x.shape[-1],), eps=eps)
 
 
 # --- attention ---

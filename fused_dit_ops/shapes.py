@@ -48,7 +48,3 @@ ATTENTION: dict[str, AttentionShape] = {s.name: s for s in [
     AttentionShape("wan14b", 1, 32760, 40, 128),
     AttentionShape("short", 1, 1024, 24, 128),
 ]}
-
-# Qwen-Image(-Edit) transformer dims (diffusers QwenImageTransformer2DModel config).
-QWEN_IMAGE = dict(dim=3072, heads=24, head_dim=128, layers=60, axes_dims_rope=(16, 56, 56), theta=10000,
-                  eps=1e-6, mlp_ratio=4)

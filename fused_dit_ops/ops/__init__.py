@@ -1,5 +1,6 @@
 """Op registrations. Importing a module here registers its CUDA, CPU and fake implementations."""
 from . import modulation  # noqa: F401
 from . import attention  # noqa: F401
+from . import qkv_cat  # noqa: F401
 from . import rope  # noqa: F401
 from . import linear  # noqa: F401

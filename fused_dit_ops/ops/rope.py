@@ -1,4 +1,4 @@
-"""RoPE and the joint QKV path: validation, CUDA (FlashInfer / Triton / C++), CPU (reference), fake.
+"""RoPE and the joint QK norm + RoPE path (the plain copy ``joint_qkv_cat`` is in ``qkv_cat.py``): validation, CUDA (FlashInfer / Triton / C++), CPU (reference), fake.
 
 Ops (schemas in ``fused_dit_ops._schemas``):
 
@@ -7,9 +7,6 @@ Ops (schemas in ``fused_dit_ops._schemas``):
   when importable and it can take the input, else our Triton kernel. Choice: ``backend`` argument,
   else env ``FUSED_DIT_ROPE_BACKEND`` (auto | flashinfer | triton), else auto. A forced backend that
   cannot take the input raises with the reason.
-- ``joint_qkv_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v) -> (q, k, v)`` and
-  ``joint_qkv_cat_out(..., q_out!, k_out!, v_out!)``: [B, Lt + Li, H, D] = cat([txt, img], 1) of each,
-  one launch (C++ kernel when ``fused_dit_ops._C`` is built, else the Triton kernel).
 - ``qk_norm_rope_cat(...)`` / ``qk_norm_rope_cat_out(...)``: per-stream RMSNorm of q and k over
   head_dim (diffusers roundings) -> RoPE (table row l for token l) -> joint q/k/v, one launch.
 - ``joint_qk_norm_rope_(q!, k!, txt_len, ...)``: the same norm + RoPE in place on an already-joint
@@ -26,9 +23,10 @@ import os
 import torch
 
 from .. import reference as ref
-from .._extension import has_cuda_kernel
 from .._validation import (check_cos_sin_cache, check_head_weight, check_heads, check_positions,
                            check_same_heads, fail)
+# the joint-input checks are shared with the copy op joint_qkv_cat, which lives in qkv_cat.py
+from .qkv_cat import _CAT_CPP, _CAT_OUT_CPP, _alloc_joint, _check_joint_inputs, _check_outs  # noqa: F401
 
 _NS = "fused_dit"
 ROPE_BACKENDS = ("auto", "flashinfer", "triton")
@@ -56,27 +54,6 @@ def _check_rope(q, k, cache, positions, interleaved, backend):
     check_positions(op, positions, B, L, cache.shape[0], q)
     if backend is not None and backend not in ROPE_BACKENDS:
         fail(op, f"'backend' must be one of {ROPE_BACKENDS} or None, got {backend!r}")
-
-
-def _check_joint_inputs(op, txt_q, txt_k, txt_v, img_q, img_k, img_v):
-    check_heads(op, "txt_q", txt_q, ndim=4)
-    B, Lt, H, D = txt_q.shape
-    check_same_heads(op, "txt_k", txt_k, "txt_q", txt_q, seq_dim=None)
-    check_same_heads(op, "txt_v", txt_v, "txt_q", txt_q, seq_dim=None)
-    check_same_heads(op, "img_q", img_q, "txt_q", txt_q, seq_dim=1)
-    check_same_heads(op, "img_k", img_k, "img_q", img_q, seq_dim=None)
-    check_same_heads(op, "img_v", img_v, "img_q", img_q, seq_dim=None)
-    return B, Lt, img_q.shape[1], H, D
-
-
-def _check_outs(op, outs, B, N, H, D, ref_t):
-    for name, o in zip(("q_out", "k_out", "v_out"), outs):
-        check_heads(op, name, o, ndim=4)
-        if tuple(o.shape) != (B, N, H, D):
-            fail(op, f"'{name}' must have shape [B, Lt + Li, H, D] = [{B}, {N}, {H}, {D}], got "
-                     f"{list(o.shape)}")
-        from .._validation import check_like
-        check_like(op, name, o, "txt_q", ref_t)
 
 
 def _check_norm_rope_params(op, D, Lt, Li, ref_t, weights, txt_cos_sin, img_cos_sin, eps):
@@ -233,40 +210,6 @@ def _rope_cuda(q, k, cos_sin_cache, positions=None, interleaved=True, backend=No
         _rope_triton(q, k, cos_sin_cache, positions, interleaved)
 
 
-def _alloc_joint(t, N):
-    B, _, H, D = t.shape
-    return t.new_empty((B, N, H, D))
-
-
-# the C++ kernels (fused_dit_ops._C) when built, else the Triton one (reported by `env`); the checks
-# run here either way
-_CAT_CPP = (torch.ops.fused_dit._joint_qkv_cat_cuda.default if has_cuda_kernel("_joint_qkv_cat_cuda") else None)
-_CAT_OUT_CPP = (torch.ops.fused_dit._joint_qkv_cat_out_cuda.default if has_cuda_kernel("_joint_qkv_cat_out_cuda")
-                else None)
-
-
-@torch.library.impl(f"{_NS}::joint_qkv_cat", "CUDA")
-def _joint_qkv_cat_cuda(txt_q, txt_k, txt_v, img_q, img_k, img_v):
-    B, Lt, Li, H, D = _check_joint_inputs("joint_qkv_cat", txt_q, txt_k, txt_v, img_q, img_k, img_v)
-    if _CAT_CPP is not None:
-        return _CAT_CPP(txt_q, txt_k, txt_v, img_q, img_k, img_v)
-    from ..kernels import rope as kr
-    outs = tuple(_alloc_joint(t, Lt + Li) for t in (txt_q, txt_k, txt_v))
-    kr.joint_qkv_cat_out((txt_q, txt_k, txt_v), (img_q, img_k, img_v), outs)
-    return outs
-
-
-@torch.library.impl(f"{_NS}::joint_qkv_cat_out", "CUDA")
-def _joint_qkv_cat_out_cuda(txt_q, txt_k, txt_v, img_q, img_k, img_v, q_out, k_out, v_out):
-    B, Lt, Li, H, D = _check_joint_inputs("joint_qkv_cat_out", txt_q, txt_k, txt_v, img_q, img_k, img_v)
-    _check_outs("joint_qkv_cat_out", (q_out, k_out, v_out), B, Lt + Li, H, D, txt_q)
-    if _CAT_OUT_CPP is not None:
-        _CAT_OUT_CPP(txt_q, txt_k, txt_v, img_q, img_k, img_v, q_out, k_out, v_out)
-        return
-    from ..kernels import rope as kr
-    kr.joint_qkv_cat_out((txt_q, txt_k, txt_v), (img_q, img_k, img_v), (q_out, k_out, v_out))
-
-
 @torch.library.impl(f"{_NS}::qk_norm_rope_cat", "CUDA")
 def _qk_norm_rope_cat_cuda(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
                            txt_cos_sin, img_cos_sin, eps=1e-6, interleaved=True):
@@ -307,21 +250,6 @@ def _rope_cpu(q, k, cos_sin_cache, positions=None, interleaved=True, backend=Non
     k.copy_(ko)
 
 
-@torch.library.impl(f"{_NS}::joint_qkv_cat", "CPU")
-def _joint_qkv_cat_cpu(txt_q, txt_k, txt_v, img_q, img_k, img_v):
-    _check_joint_inputs("joint_qkv_cat", txt_q, txt_k, txt_v, img_q, img_k, img_v)
-    return ref.joint_qkv_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v)
-
-
-@torch.library.impl(f"{_NS}::joint_qkv_cat_out", "CPU")
-def _joint_qkv_cat_out_cpu(txt_q, txt_k, txt_v, img_q, img_k, img_v, q_out, k_out, v_out):
-    B, Lt, Li, H, D = _check_joint_inputs("joint_qkv_cat_out", txt_q, txt_k, txt_v, img_q, img_k, img_v)
-    _check_outs("joint_qkv_cat_out", (q_out, k_out, v_out), B, Lt + Li, H, D, txt_q)
-    for o, t, i in ((q_out, txt_q, img_q), (k_out, txt_k, img_k), (v_out, txt_v, img_v)):
-        o[:, :Lt].copy_(t)
-        o[:, Lt:].copy_(i)
-
-
 @torch.library.impl(f"{_NS}::qk_norm_rope_cat", "CPU")
 def _qk_norm_rope_cat_cpu(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
                           txt_cos_sin, img_cos_sin, eps=1e-6, interleaved=True):
@@ -360,18 +288,6 @@ def _rope_fake(q, k, cos_sin_cache, positions=None, interleaved=True, backend=No
     _check_rope(q, k, cos_sin_cache, positions, interleaved, backend)
 
 
-@torch.library.register_fake(f"{_NS}::joint_qkv_cat")
-def _joint_qkv_cat_fake(txt_q, txt_k, txt_v, img_q, img_k, img_v):
-    B, Lt, Li, H, D = _check_joint_inputs("joint_qkv_cat", txt_q, txt_k, txt_v, img_q, img_k, img_v)
-    return tuple(_alloc_joint(t, Lt + Li) for t in (txt_q, txt_k, txt_v))
-
-
-@torch.library.register_fake(f"{_NS}::joint_qkv_cat_out")
-def _joint_qkv_cat_out_fake(txt_q, txt_k, txt_v, img_q, img_k, img_v, q_out, k_out, v_out):
-    B, Lt, Li, H, D = _check_joint_inputs("joint_qkv_cat_out", txt_q, txt_k, txt_v, img_q, img_k, img_v)
-    _check_outs("joint_qkv_cat_out", (q_out, k_out, v_out), B, Lt + Li, H, D, txt_q)
-
-
 @torch.library.register_fake(f"{_NS}::qk_norm_rope_cat")
 def _qk_norm_rope_cat_fake(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
                            txt_cos_sin, img_cos_sin, eps=1e-6, interleaved=True):
@@ -403,16 +319,6 @@ def rope(q, k, cos_sin_cache, positions=None, interleaved=True, backend=None):
     ``backend`` / env FUSED_DIT_ROPE_BACKEND (auto | flashinfer | triton). Returns (q, k)."""
     torch.ops.fused_dit.rope.default(q, k, cos_sin_cache, positions, interleaved, backend)
     return q, k
-
-
-def joint_qkv_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v, out=None):
-    """(q, k, v) joint [B, Lt + Li, H, D] = cat([txt, img], dim=1) of each, in one launch. Inputs
-    [B, L, H, D] with any batch/token/head strides (e.g. V a chunk of packed QKV). ``out``: a
-    (q_out, k_out, v_out) triple of caller-given buffers to write into (returned)."""
-    if out is None:
-        return torch.ops.fused_dit.joint_qkv_cat.default(txt_q, txt_k, txt_v, img_q, img_k, img_v)
-    torch.ops.fused_dit.joint_qkv_cat_out.default(txt_q, txt_k, txt_v, img_q, img_k, img_v, *out)
-    return tuple(out)
 
 
 def qk_norm_rope_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v, txt_q_weight, txt_k_weight,
