@@ -50,16 +50,42 @@ _ELEMENTWISE = {
     "_softmax", "view_as_real", "view_as_complex", "sum", "mean", "fill_", "zero_",
     "_to_copy", "clone", "contiguous", "copy_", "cat", "stack", "index_select", "gather",
 }
-# fused_dit ops: number of activation-sized outputs written (in-place / out= variants: 0, their
-# outputs are already among the inputs); attention is compute-bound (absent here).
-_FUSED_WRITES = {
-    "scale_shift_gate": 2,  # y and the materialised per-token gate
-    "norm_scale_shift": 1, "gate_residual_norm_scale_shift": 2, "gate_residual": 1,
-    "rope": None, "joint_qkv_cat": "sum", "joint_qkv_cat_out": 0, "qk_norm_rope_cat": "sum",
-    "qk_norm_rope_cat_out": 0, "joint_qk_norm_rope_": None,
-    # two streams: each writes as many bytes as its 3-D activations ([B, L, C] inputs) hold
-    "dual_norm_scale_shift": "3d", "dual_gate_residual_norm_scale_shift": "3d",
-}
+# fused_dit ops that are compute-bound (GEMMs, attention); every other op is memory-bound
+_COMPUTE_BOUND = ("attention", "joint_linear")
+
+
+def _writes_of(schema: str):
+    """What a fused_dit op writes beyond reading its tensor inputs, from its schema (the op
+    definitions in ``fused_dit_ops._schemas``, so a new op cannot be missing here):
+
+    - no returns: ``("inplace", positions)`` for the tensor inputs it mutates in place (read and
+      written), or 0 when every mutated input is an ``*_out`` buffer (its bytes are the write);
+    - two streams (arguments suffixed ``_a`` / ``_b``): "3d", each output as large as its stream's
+      3-D activations;
+    - joint outputs (arguments prefixed ``txt_`` / ``img_``): "sum", the outputs are the six q/k/v
+      activations concatenated;
+    - else the number of returned tensors, each as large as the largest input."""
+    s = torch._C.parse_schema("fused_dit::op" + schema)
+    names = [a.name for a in s.arguments]
+    if not s.returns:
+        tensors = [a for a in s.arguments if str(a.type).startswith("Tensor")]
+        mutated = [i for i, a in enumerate(tensors) if a.alias_info is not None and a.alias_info.is_write]
+        if all(tensors[i].name.endswith("_out") for i in mutated):
+            return 0
+        return ("inplace", tuple(mutated))
+    if any(n.endswith("_a") for n in names) and any(n.endswith("_b") for n in names):
+        return "3d"
+    if any(n.startswith("txt_") for n in names) and any(n.startswith("img_") for n in names):
+        return "sum"
+    return len(s.returns)
+
+
+def _fused_writes() -> dict:
+    from ._schemas import SCHEMAS
+    return {name: _writes_of(schema) for name, schema in SCHEMAS.items() if name not in _COMPUTE_BOUND}
+
+
+_FUSED_WRITES = _fused_writes()
 # kernel-name hints for GPU kernels whose launching op is unknown or opaque (e.g. inductor's)
 _MEMBOUND_KERNEL = re.compile(r"elementwise|reduce_kernel|layer_norm|rms_norm|norm_kernel|cat_|CatArray|"
                               r"copy|Memcpy|Memset|triton_poi|triton_per|triton_red|_scale_shift|"
@@ -132,8 +158,8 @@ def op_min_bytes(op: str, shapes, dtypes) -> int | None:
     ns, base = _op_base(op)
     if ns == "fused_dit":
         w = _FUSED_WRITES[base]
-        if w is None:  # in place on the first two tensors (q, k): read + write them
-            return reads + sum(sizes[:2])
+        if isinstance(w, tuple):  # in place: the mutated tensors are read and written
+            return reads + sum(sizes[i] for i in w[1] if i < len(sizes))
         if w == "sum":  # the six activations are written once more (cat outputs)
             return reads + sum(sizes[:6])
         if w == "3d":
