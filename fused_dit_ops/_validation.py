@@ -13,7 +13,23 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 class FusedDitInputError(ValueError):
-    """Raised when an op's input violates its contract (before any kernel launch)."""
+    """Raised when an op's input violates its contract (before any kernel launch).
+
+    Under ``torch.compile`` the check runs while tracing, and torch re-raises it wrapped in its own
+    ``torch._dynamo.exc.TorchRuntimeError`` (the message text is kept): ``except FusedDitInputError``
+    does not catch that. :meth:`find` gets the original from the exception chain."""
+
+    @staticmethod
+    def find(exc: BaseException | None) -> "FusedDitInputError | None":
+        """``exc`` itself, or the FusedDitInputError that caused it (``__cause__`` / ``__context__``
+        chain, as torch.compile raises it), or None."""
+        seen = set()
+        while exc is not None and id(exc) not in seen:
+            if isinstance(exc, FusedDitInputError):
+                return exc
+            seen.add(id(exc))
+            exc = exc.__cause__ or exc.__context__
+        return None
 
 
 def fail(op: str, msg: str) -> None:
@@ -36,6 +52,37 @@ def check_tensor(op: str, name: str, t, *, ndim: int | tuple[int, ...] | None = 
     if dtypes is not None and t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         fail(op, f"'{name}' must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+
+
+def _names(names) -> str:
+    q = [f"'{n}'" for n in names]
+    return q[0] if len(q) == 1 else ", ".join(q[:-1]) + " and " + q[-1]
+
+
+def check_one_device(op: str, *named) -> None:
+    """Every tensor among ``(name, value)`` pairs on one device (non-tensors are skipped: their own
+    check names them). On a mismatch the message names the odd one(s) out: the tensors that are not
+    on the device most of the others share, whichever argument comes first."""
+    tensors = [(n, t) for n, t in named if isinstance(t, torch.Tensor)]
+    if len(tensors) < 2:
+        return
+    d0 = tensors[0][1].device
+    if all(t.device == d0 for _, t in tensors[1:]):
+        return
+    counts: dict = {}
+    for _, t in tensors:
+        counts[t.device] = counts.get(t.device, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:  # no majority: list them all
+        fail(op, "all tensors must be on one device, got "
+                 + ", ".join(f"'{n}' on {t.device}" for n, t in tensors))
+    common = ranked[0][0]
+    odd = [(n, t) for n, t in tensors if t.device != common]
+    rest = [n for n, t in tensors if t.device == common]
+    where = ", ".join(sorted({str(t.device) for _, t in odd}))
+    others = _names(rest) if len(rest) <= 5 else f"the other {len(rest)} tensors"
+    fail(op, f"{_names(n for n, _ in odd)} {'is' if len(odd) == 1 else 'are'} on {where} but "
+             f"{others} {'is' if len(rest) == 1 else 'are'} on {common}; all tensors must be on one device")
 
 
 def check_like(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor,

@@ -104,7 +104,7 @@ def test_bad_dtype_device_stride_name_the_argument():
         fdo.dual_norm_scale_shift(*n)
     n = list(_dual_args(NSS, *_streams(NSS, 9, 4)))
     n[5] = n[5].to("meta")  # x_b on another device than x_a (and its own params)
-    with pytest.raises(FusedDitInputError, match="'shift_b' is on cpu but 'x_b' is on meta"):
+    with pytest.raises(FusedDitInputError, match="'x_b' is on meta but the other 6 tensors are on cpu"):
         fdo.dual_norm_scale_shift(*n)
 
 

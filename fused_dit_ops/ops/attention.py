@@ -16,7 +16,7 @@ import math
 import torch
 
 from .. import attention_dispatch as dispatch
-from .._validation import check_last_dim_contiguous, check_like, check_tensor, fail
+from .._validation import check_last_dim_contiguous, check_like, check_one_device, check_tensor, fail
 
 _NS = "fused_dit"
 _OP = "attention"
@@ -28,22 +28,22 @@ def _shape(t) -> list:
 
 
 def _check_attention(q, k, v, softmax_scale, causal, backend):
+    check_one_device(_OP, ("q", q), ("k", k), ("v", v))
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(_OP, name, t, ndim=4, dtypes=_DTYPES)
     check_like(_OP, "k", k, "q", q)
     check_like(_OP, "v", v, "q", q)
     B, Sq, H, D = q.shape
-    if k.shape != v.shape:
-        fail(_OP, f"'v' must have the shape of 'k' {_shape(k)} ([B, Sk, Hkv, D]), got {_shape(v)}")
     Bk, Sk, Hkv, Dk = k.shape
+    # k against q first, then v against k: the message names the argument that breaks the rule
     if Bk != B:
         fail(_OP, f"'k' batch size must equal q's B={B}, got k of shape {_shape(k)}")
     if Dk != D:
         fail(_OP, f"'k' head_dim must equal q's D={D}, got k of shape {_shape(k)}")
-    if Hkv == 0 or H % Hkv:
+    if Hkv == 0 and H != 0 or Hkv != 0 and H % Hkv:
         fail(_OP, f"'k' heads Hkv must divide q's heads H={H} (GQA), got Hkv={Hkv}")
-    if min(B, Sq, Sk, H, D) == 0:
-        fail(_OP, f"empty inputs are not supported: q {_shape(q)}, k {_shape(k)}")
+    if v.shape != k.shape:
+        fail(_OP, f"'v' must have the shape of 'k' {_shape(k)} ([B, Sk, Hkv, D]), got {_shape(v)}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_last_dim_contiguous(_OP, name, t)
     if causal and Sq != Sk:
@@ -58,6 +58,10 @@ def _check_attention(q, k, v, softmax_scale, causal, backend):
 
 def _attention_impl(q, k, v, softmax_scale=None, causal=False, backend=None):
     _check_attention(q, k, v, softmax_scale, causal, backend)
+    if q.numel() == 0:  # B, Sq, H or D is 0: nothing to compute (as every other op, no launch)
+        return q.new_empty(q.shape)
+    if k.shape[1] == 0:  # no keys: softmax over an empty set, zeros (what SDPA returns)
+        return q.new_zeros(q.shape)
     name = dispatch.select(q, k, v, causal, backend)
     out = dispatch.RUNNERS[name](q, k, v, softmax_scale, causal)
     # The fake says contiguous [B, Sq, H, D]: FA3/FA4 and SDPA's fused kernels already return

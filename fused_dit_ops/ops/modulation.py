@@ -10,7 +10,7 @@ import torch
 
 from .. import reference as ref
 from .._extension import has_cuda_kernel
-from .._validation import (check_activation, check_index, check_like, check_param,
+from .._validation import (check_activation, check_index, check_like, check_one_device, check_param,
                            check_same_activation, check_vector, fail)
 
 _NS = "fused_dit"
@@ -20,6 +20,7 @@ _NS = "fused_dit"
 
 def _check_scale_shift_gate(x, shift, scale, gate, index):
     op = "scale_shift_gate"
+    check_one_device(op, ("x", x), ("shift", shift), ("scale", scale), ("gate", gate), ("index", index))
     B, L, C = check_activation(op, "x", x)
     check_index(op, index, B, L, "x", x)
     for name, p in (("shift", shift), ("scale", scale), ("gate", gate)):
@@ -29,6 +30,8 @@ def _check_scale_shift_gate(x, shift, scale, gate, index):
 def _check_norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm, op="norm_scale_shift", sfx=""):
     """``sfx``: the stream suffix of the dual op's argument names ("_a" / "_b")."""
     xn, ixn = "x" + sfx, "index" + sfx
+    check_one_device(op, (xn, x), ("shift" + sfx, shift), ("scale" + sfx, scale), (ixn, index),
+                     ("weight", weight), ("bias", bias))
     B, L, C = check_activation(op, xn, x)
     check_index(op, index, B, L, xn, x, name=ixn)
     for name, p in (("shift", shift), ("scale", scale)):
@@ -43,8 +46,10 @@ def _check_norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm, op=
         fail(op, f"'eps{sfx}' must be > 0, got {eps}")
 
 
-def _check_gate_residual(residual, update, gate, index, op="gate_residual", sfx=""):
+def _check_gate_residual(residual, update, gate, index, op="gate_residual", sfx="", *more):
+    """``more``: further (name, tensor) pairs that must share the device (shift and scale)."""
     rn, ixn = "residual" + sfx, "index" + sfx
+    check_one_device(op, (rn, residual), ("update" + sfx, update), ("gate" + sfx, gate), (ixn, index), *more)
     B, L, C = check_activation(op, rn, residual)
     check_same_activation(op, "update" + sfx, update, rn, residual)
     check_index(op, index, B, L, rn, residual, name=ixn)
@@ -54,7 +59,8 @@ def _check_gate_residual(residual, update, gate, index, op="gate_residual", sfx=
 
 def _check_gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps,
                                           op="gate_residual_norm_scale_shift", sfx=""):
-    B, L, C = _check_gate_residual(residual, update, gate, index, op, sfx)
+    B, L, C = _check_gate_residual(residual, update, gate, index, op, sfx,
+                                   ("shift" + sfx, shift), ("scale" + sfx, scale))
     for name, p in (("shift", shift), ("scale", scale)):
         check_param(op, name + sfx, p, B, C, index is not None, "residual" + sfx, residual,
                     index_name="index" + sfx)
@@ -72,6 +78,8 @@ def _check_dual_pair(op, a, b, a_name, b_name):
 
 def _check_dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm):
     op = "dual_norm_scale_shift"
+    check_one_device(op, ("x_a", xa), ("shift_a", sha), ("scale_a", sca), ("index_a", ia),
+                     ("x_b", xb), ("shift_b", shb), ("scale_b", scb), ("index_b", ib))
     _check_norm_scale_shift(xa, sha, sca, ia, None, None, eps_a, norm, op, "_a")
     _check_norm_scale_shift(xb, shb, scb, ib, None, None, eps_b, norm, op, "_b")
     _check_dual_pair(op, xa, xb, "x_a", "x_b")
@@ -79,6 +87,9 @@ def _check_dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_
 
 def _check_dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b):
     op = "dual_gate_residual_norm_scale_shift"
+    check_one_device(op, ("residual_a", ra), ("update_a", ua), ("gate_a", ga), ("shift_a", sha), ("scale_a", sca),
+                     ("index_a", ia), ("residual_b", rb), ("update_b", ub), ("gate_b", gb), ("shift_b", shb),
+                     ("scale_b", scb), ("index_b", ib))
     _check_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, op, "_a")
     _check_gate_residual_norm_scale_shift(rb, ub, gb, shb, scb, ib, eps_b, op, "_b")
     _check_dual_pair(op, ra, rb, "residual_a", "residual_b")

@@ -33,14 +33,19 @@ ROPE_BACKENDS = ("auto", "flashinfer", "triton")
 ROPE_BACKEND_ENV = "FUSED_DIT_ROPE_BACKEND"
 FLASHINFER_HEAD_DIMS = (64, 128, 256, 512)
 
+from .._validation import check_like, check_one_device  # noqa: E402
+
 
 # --- validators ---------------------------------------------------------------------------------
 
 def _check_rope(q, k, cache, positions, interleaved, backend):
     op = "rope"
+    check_one_device(op, ("q", q), ("k", k), ("cos_sin_cache", cache), ("positions", positions))
     check_heads(op, "q", q)
-    check_heads(op, "k", k, ndim=q.dim())
-    from .._validation import check_like
+    check_heads(op, "k", k)
+    if k.dim() != q.dim():
+        fail(op, f"'q' is {q.dim()}-D {list(q.shape)} but 'k' is {k.dim()}-D {list(k.shape)}; q and k must "
+                 f"both be [B, L, H, D] or both [L, H, D]")
     check_like(op, "k", k, "q", q)
     if k.shape[:-2] != q.shape[:-2] or k.shape[-2] != q.shape[-2] or k.shape[-1] != q.shape[-1]:
         fail(op, f"'k' must have the shape of 'q' {list(q.shape)} (same tokens, heads and head_dim), "
@@ -54,6 +59,7 @@ def _check_rope(q, k, cache, positions, interleaved, backend):
     check_positions(op, positions, B, L, cache.shape[0], q)
     if backend is not None and backend not in ROPE_BACKENDS:
         fail(op, f"'backend' must be one of {ROPE_BACKENDS} or None, got {backend!r}")
+    _check_backend_device(q, backend)
 
 
 def _check_norm_rope_params(op, D, Lt, Li, ref_t, weights, txt_cos_sin, img_cos_sin, eps):
@@ -76,6 +82,10 @@ def _check_norm_rope_params(op, D, Lt, Li, ref_t, weights, txt_cos_sin, img_cos_
 
 def _check_qk_norm_rope_cat(op, txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
                             txt_cos_sin, img_cos_sin, eps, outs=None):
+    check_one_device(op, ("txt_q", txt_q), ("txt_k", txt_k), ("txt_v", txt_v), ("img_q", img_q), ("img_k", img_k),
+                     ("img_v", img_v), ("txt_q_weight", wqt), ("txt_k_weight", wkt), ("img_q_weight", wqi),
+                     ("img_k_weight", wki), ("txt_cos_sin", txt_cos_sin), ("img_cos_sin", img_cos_sin),
+                     *zip(("q_out", "k_out", "v_out"), outs or ()))
     B, Lt, Li, H, D = _check_joint_inputs(op, txt_q, txt_k, txt_v, img_q, img_k, img_v)
     _check_norm_rope_params(op, D, Lt, Li, txt_q, (wqt, wkt, wqi, wki), txt_cos_sin, img_cos_sin, eps)
     if outs is not None:
@@ -85,6 +95,8 @@ def _check_qk_norm_rope_cat(op, txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, w
 
 def _check_joint_qk_norm_rope(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, img_cos_sin, eps):
     op = "joint_qk_norm_rope_"
+    check_one_device(op, ("q", q), ("k", k), ("txt_q_weight", wqt), ("txt_k_weight", wkt), ("img_q_weight", wqi),
+                     ("img_k_weight", wki), ("txt_cos_sin", txt_cos_sin), ("img_cos_sin", img_cos_sin))
     check_heads(op, "q", q, ndim=4)
     check_same_heads(op, "k", k, "q", q, seq_dim=None)
     B, N, H, D = q.shape
@@ -110,9 +122,22 @@ def flashinfer_status() -> tuple[bool, str]:
 def requested_rope_backend(backend: str | None = None) -> str:
     b = backend if backend is not None else os.environ.get(ROPE_BACKEND_ENV, "auto") or "auto"
     if b not in ROPE_BACKENDS:
-        fail("rope", f"backend {b!r} (from {'the argument' if backend else ROPE_BACKEND_ENV}) must be one "
-                     f"of {ROPE_BACKENDS}")
+        fail("rope", f"backend {b!r} (from {'the argument' if backend is not None else '$' + ROPE_BACKEND_ENV}) "
+                     f"must be one of {ROPE_BACKENDS}")
     return b
+
+
+def _check_backend_device(q, backend) -> None:
+    """The requested backend (argument, else $FUSED_DIT_ROPE_BACKEND) is a known one, and a forced
+    one can serve q's device: FlashInfer and the Triton kernel run CUDA tensors only (a meta or fake
+    tensor of any device passes: shapes only)."""
+    req = requested_rope_backend(backend)
+    if req != "auto" and q.device.type not in ("cuda", "meta"):
+        how = ("pass backend=None or 'auto'" if backend is not None
+               else f"unset ${ROPE_BACKEND_ENV} or set it to 'auto'")
+        fail("rope", f"backend {req!r} (from {'the argument' if backend is not None else '$' + ROPE_BACKEND_ENV}) "
+                     f"cannot serve {q.device.type} tensors: it runs CUDA tensors only (on {q.device.type} the "
+                     f"reference implementation runs); {how}")
 
 
 def _as_flat(t: torch.Tensor):
@@ -335,6 +360,9 @@ def qk_norm_rope_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v, txt_q_weight, txt
             img_k_weight, txt_cos_sin, img_cos_sin)
     if out is None:
         return torch.ops.fused_dit.qk_norm_rope_cat.default(*args, eps, interleaved)
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        got = f"{type(out).__name__} of length {len(out)}" if isinstance(out, (tuple, list)) else type(out).__name__
+        fail("qk_norm_rope_cat", f"'out' must be a (q_out, k_out, v_out) triple, got a {got}")
     torch.ops.fused_dit.qk_norm_rope_cat_out.default(*args, *out, eps, interleaved)
     return tuple(out)
 
