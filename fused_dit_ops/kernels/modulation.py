@@ -63,7 +63,7 @@ def _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX: tl.conste
 @triton.jit
 def _store(ptr, v, mask, STREAM: tl.constexpr):
     """Store; STREAM marks the lines evict-first in L2 (st.global.cs): outputs are not re-read by
-    this kernel, and on the H100 the norm kernels run ~3 us faster with it (tools/mod_experiments.py)."""
+    this kernel, and on the H100 the norm kernels run ~3 us faster with it (docs/performance.md)."""
     if STREAM:
         tl.store(ptr, v, mask=mask, cache_modifier=".cs")
     else:
@@ -140,7 +140,7 @@ def _scale_shift_gate_kernel(
 ):
     # SPLIT_OUTPUTS: the grid is doubled; the first half of each batch's programs write y (read x),
     # the second half only the selected gate (parameter rows, no activation read). One write stream
-    # per program: on the H100 53.0 us vs 53.5 for both outputs per program (tools/mod_experiments.py).
+    # per program: on the H100 53.0 us vs 53.5 for both outputs per program (docs/performance.md).
     pid = tl.program_id(0)
     if SPLIT_OUTPUTS:
         n_tiles = tl.cdiv(L, BLOCK_M * ITERS) * tl.cdiv(C, BLOCK_C)
@@ -385,7 +385,7 @@ def _gate_residual_kernel(
 # Elementwise kernels: 2-D tiles, a program covers ITERS x BLOCK_M rows of one column block and
 # loads its parameter rows once. Norm kernels hold whole rows (BLOCK_C = next_pow2(C)).
 
-# Streaming stores: H100, Qwen image stream, 5 interleaved rounds (tools/mod_experiments.py):
+# Streaming stores: H100, Qwen image stream, 5 interleaved rounds (docs/performance.md):
 # scale_shift_gate 53.5-54.3 us with vs 53.8-54.7 without; Triton gate_residual 51.8-52.0 vs 53.2-53.4.
 ELEMENTWISE_CONFIG = {"BLOCK_M": 1, "BLOCK_C": 1024, "ITERS": 1, "STREAM_STORES": True, "num_warps": 4}
 SCALE_SHIFT_GATE_CONFIG = dict(ELEMENTWISE_CONFIG, SPLIT_OUTPUTS=True)
