@@ -723,8 +723,27 @@ def test_pipeline_like_object(tiny):
     assert engine.is_patched(tiny) and report.swapped
     fdo.unpatch(Pipe())
     assert not engine.is_patched(tiny)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="supported family .*QwenImageTransformer2DModel.* got Linear"):
         fdo.patch(torch.nn.Linear(2, 2))
+
+
+def test_report_heading_counts_the_lines_it_lists(tiny):
+    text = str(fdo.patch(tiny)).splitlines()
+    i = next(j for j, line in enumerate(text) if line.startswith("  swapped ("))
+    n = int(text[i].split("(")[1].split(")")[0])
+    listed = [line for line in text[i + 1:] if line.startswith("    ")]
+    k = next((j for j, line in enumerate(text[i + 1:]) if not line.startswith("    ")), len(text) - i - 1)
+    assert n == k == len(listed[:k]) and n >= 5, text
+
+
+def test_a_description_value_the_block_kind_lacks_keeps_blocks_stock(tiny, monkeypatch):
+    """A family described with something the double-stream kind does not implement yet is told so
+    per block instead of running a wrong block."""
+    import dataclasses
+    monkeypatch.setattr(dq, "FAMILY", dataclasses.replace(dq.FAMILY, mod_source="model_linear"))
+    report = fdo.patch(tiny)
+    assert not engine.is_patched(tiny) and not report.swapped
+    assert "mod_source='model_linear' is not implemented" in report.stock["transformer_blocks.0"], report
 
 
 def test_report_and_verify(tiny):

@@ -255,13 +255,14 @@ class JointAttnProcessor:
             fused_qk = False
             st.count("QK RMSNorm weights of mixed dtypes: module calls, RoPE and cat in torch")
         lists = None
-        if fused_qk and st.qk_path == "joint" and all(E.plain_linear(m) for pr in projs for m in pr):
+        if fused_qk and st.qk_path == "joint":
             packs = None if compiling else st.packed_qkv.get(id(attn))
             if packs is not None:  # checks the modules are still plain, re-packs replaced parameters
                 wt, wi = packs[0].get(st, "text q/k/v"), packs[1].get(st, "image q/k/v")
                 if wt is not None and wi is not None:
                     lists = ([wt[0]], [wt[1]], [wi[0]], [wi[1]])
-            if lists is None:  # not packed: joint_linear concatenates them (its own fallback)
+            if lists is None and all(E.plain_linear(m) for pr in projs for m in pr):
+                # not packed: joint_linear concatenates them (its own fallback)
                 lists = tuple([getattr(m, n) for m in col] for n, col in
                               (("weight", [t for t, _ in projs]), ("bias", [t for t, _ in projs]),
                                ("weight", [i for _, i in projs]), ("bias", [i for _, i in projs])))
