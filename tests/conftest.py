@@ -3,7 +3,9 @@
 - plain tests: CPU reference, opcheck, compile, bad inputs, integrations (always run);
 - ``@pytest.mark.interpret``: Triton kernels on CPU tensors; run only when TRITON_INTERPRET=1
   (the env var must be set before triton is imported, hence a second pytest process);
-- ``@pytest.mark.gpu``: need CUDA; skipped cleanly without it.
+- ``@pytest.mark.gpu``: need CUDA; skipped cleanly without it;
+- ``@pytest.mark.slow``: a subprocess smoke run of a script (tens of seconds); ``-m "not slow"``
+  leaves them out.
 """
 import os
 import zlib
@@ -12,6 +14,10 @@ import pytest
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a subprocess smoke run of a script (tens of seconds)")
 
 
 def pytest_collection_modifyitems(config, items):
