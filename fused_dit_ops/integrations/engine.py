@@ -67,7 +67,7 @@ class Family:
     mod_chunks: tuple = ("shift1", "scale1", "gate1", "shift2", "scale2", "gate2")
     norm: str = "layer"  # norm1/norm2 kind ("layer" | "rms"), not affine, fp32 compute, eps from the module
     qk_norm: str = "head"  # RMSNorm over head_dim ("head") or over all heads ("across_heads")
-    rope_module: str = "pos_embed"  # called once per model forward; its output goes to every block
+    rope_module: str = None  # path of the RoPE module: called once per model forward, output to every block
     rope_interleaved: bool = True
     rope_tables: Callable = None  # stock RoPE output -> (img_table, txt_table) fp32 cos|sin
     rope_stock: Callable = None  # tables -> what the stock processor takes
@@ -159,7 +159,7 @@ def _fmt(v):
 
 
 def _summarise(names):
-    """'transformer_blocks.0' ... 'transformer_blocks.59' collapsed into one line per block list."""
+    """'<list>.0' ... '<list>.59' collapsed into one line per block list."""
     out, lists = [], {}
     for n in names:
         head, _, idx = n.rpartition(".")
@@ -382,7 +382,7 @@ def skippable_dropout(m) -> bool:
 class PackedLinears:
     """Same-shape Linear weights packed into one [k*n, in] matrix (and [k*n] bias) so that k
     projections of one input run as one GEMM: a stream's q/k/v, or a block's per-stream modulation
-    Linears (GEMVs over ~113 MB of weights each at Qwen's dims).
+    Linears (GEMVs over ~113 MB of weights each at D = 3072).
 
     The modules keep their Parameters; each parameter's ``.data`` becomes a row view of one packed
     storage (no second copy), so ``load_state_dict`` and in-place edits write through. :meth:`get`
