@@ -36,6 +36,72 @@ def fail(op: str, msg: str) -> None:
     raise FusedDitInputError(f"fused_dit.{op}: {msg}")
 
 
+# --- autograd: the ops are inference-only (no backward) ---------------------------------------------
+# The implementations test ``torch.is_grad_enabled()`` first (one C call), so a call under no_grad or
+# inference_mode pays nothing more. With grad enabled and an input that requires grad, an op that
+# returns new tensors hands them out behind a node whose backward raises, naming the op; an op that
+# writes its inputs in place (nothing to hang a node on) raises before it writes.
+
+_NO_BACKWARD = ("has no backward (the fused_dit ops are for inference): call it under torch.no_grad() or "
+                "torch.inference_mode(); fused_dit_ops.patch(model) runs the stock modules where autograd records")
+
+
+def _requires_grad(args) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.requires_grad:
+                return True
+        elif isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.requires_grad for t in a):
+            return True
+    return False
+
+
+class _NoBackward(torch.autograd.Function):
+    """Identity on the op's outputs; its backward raises. Inputs: op name, number of outputs, the
+    outputs, then the op's tensor inputs (so that autograd links the node to them)."""
+
+    @staticmethod
+    def forward(ctx, op, n, *tensors):
+        ctx.op = op
+        return tuple(t.detach() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fused_dit.{ctx.op} {_NO_BACKWARD}")
+
+
+def no_backward(op: str, out, *inputs):
+    """``out`` (a tensor or a tuple of them) of ``op`` computed from ``inputs`` (tensors, lists of
+    tensors, anything else is skipped). Call it only with grad enabled: when an input requires grad
+    the outputs come back attached to a node whose backward raises, naming the op."""
+    if not _requires_grad(inputs):
+        return out
+    single = isinstance(out, torch.Tensor)
+    outs = (out,) if single else tuple(out)
+    ins = []
+    for a in inputs:
+        if isinstance(a, torch.Tensor):
+            ins.append(a)
+        elif isinstance(a, (list, tuple)):
+            ins += [t for t in a if isinstance(t, torch.Tensor)]
+    res = _NoBackward.apply(op, len(outs), *outs, *ins)
+    return res[0] if single else tuple(res)
+
+
+INPLACE = "this op writes its inputs in place"
+TRACING = ("torch.compile is tracing this op (a compiled graph cannot raise at .backward() through it, so "
+           "it refuses inputs that require grad while grad is enabled)")
+
+
+def refuse_grad(op: str, why: str, *named) -> None:
+    """With grad enabled, no ``(name, tensor)`` may require grad: for an op that writes its inputs in
+    place (``INPLACE``) and for every op's fake while torch.compile traces it (``TRACING``)."""
+    if torch.is_grad_enabled():
+        for name, t in named:
+            if _requires_grad((t,)):
+                fail(op, f"'{name}' requires grad, but {why}; the op {_NO_BACKWARD}")
+
+
 def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 

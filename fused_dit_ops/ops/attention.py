@@ -16,7 +16,8 @@ import math
 import torch
 
 from .. import attention_dispatch as dispatch
-from .._validation import check_last_dim_contiguous, check_like, check_one_device, check_tensor, fail
+from .._validation import (TRACING, check_last_dim_contiguous, check_like, check_one_device, check_tensor, fail,
+                           no_backward, refuse_grad)
 
 _NS = "fused_dit"
 _OP = "attention"
@@ -59,23 +60,29 @@ def _check_attention(q, k, v, softmax_scale, causal, backend):
 def _attention_impl(q, k, v, softmax_scale=None, causal=False, backend=None):
     _check_attention(q, k, v, softmax_scale, causal, backend)
     if q.numel() == 0:  # B, Sq, H or D is 0: nothing to compute (as every other op, no launch)
-        return q.new_empty(q.shape)
-    if k.shape[1] == 0:  # no keys: softmax over an empty set, zeros (what SDPA returns)
-        return q.new_zeros(q.shape)
-    name = dispatch.select(q, k, v, causal, backend)
-    out = dispatch.RUNNERS[name](q, k, v, softmax_scale, causal)
-    # The fake says contiguous [B, Sq, H, D]: FA3/FA4 and SDPA's fused kernels already return
-    # that (SDPA's [B, H, S, D] result is a transpose of a [B, S, H, D] buffer); math does not.
-    return out if out.is_contiguous() else out.contiguous()
+        out = q.new_empty(q.shape)
+    elif k.shape[1] == 0:  # no keys: softmax over an empty set, zeros (what SDPA returns)
+        out = q.new_zeros(q.shape)
+    else:
+        name = dispatch.select(q, k, v, causal, backend)
+        out = dispatch.RUNNERS[name](q, k, v, softmax_scale, causal)
+        # The fake says contiguous [B, Sq, H, D]: FA3/FA4 and SDPA's fused kernels already return
+        # that (SDPA's [B, H, S, D] result is a transpose of a [B, S, H, D] buffer); math does not.
+        out = out if out.is_contiguous() else out.contiguous()
+    return no_backward(_OP, out, q, k, v) if torch.is_grad_enabled() else out
 
 
 torch.library.impl(f"{_NS}::attention", "CUDA")(_attention_impl)
 torch.library.impl(f"{_NS}::attention", "CPU")(_attention_impl)
+# no backward: the Autograd key falls through (free), the implementation hands its output out behind
+# a node whose backward raises (see ops/modulation.py)
+torch.library.impl(f"{_NS}::attention", "Autograd")(torch.library.fallthrough_kernel)
 
 
 @torch.library.register_fake(f"{_NS}::attention")
 def _attention_fake(q, k, v, softmax_scale=None, causal=False, backend=None):
     _check_attention(q, k, v, softmax_scale, causal, backend)
+    refuse_grad(_OP, TRACING, ("q", q), ("k", k), ("v", v))
     return q.new_empty(q.shape)
 
 

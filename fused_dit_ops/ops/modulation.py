@@ -10,8 +10,8 @@ import torch
 
 from .. import reference as ref
 from .._extension import has_cuda_kernel
-from .._validation import (check_activation, check_index, check_like, check_one_device, check_param,
-                           check_same_activation, check_vector, fail)
+from .._validation import (TRACING, check_activation, check_index, check_like, check_one_device, check_param,
+                           check_same_activation, check_vector, fail, no_backward, refuse_grad)
 
 _NS = "fused_dit"
 
@@ -101,35 +101,43 @@ def _check_dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, 
 def _scale_shift_gate_cuda(x, shift, scale, gate, index=None):
     from ..kernels import modulation as k
     _check_scale_shift_gate(x, shift, scale, gate, index)
-    return k.scale_shift_gate(x, shift, scale, gate, index)
+    out = k.scale_shift_gate(x, shift, scale, gate, index)
+    return no_backward("scale_shift_gate", out, x, shift, scale, gate) if torch.is_grad_enabled() else out
 
 
 @torch.library.impl(f"{_NS}::norm_scale_shift", "CUDA")
 def _norm_scale_shift_cuda(x, shift, scale, index=None, weight=None, bias=None, eps=1e-6, norm="layer"):
     from ..kernels import modulation as k
     _check_norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm)
-    return k.norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm)
+    out = k.norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm)
+    return no_backward("norm_scale_shift", out, x, shift, scale, weight, bias) if torch.is_grad_enabled() else out
 
 
 @torch.library.impl(f"{_NS}::gate_residual_norm_scale_shift", "CUDA")
 def _gate_residual_norm_scale_shift_cuda(residual, update, gate, shift, scale, index=None, eps=1e-6):
     from ..kernels import modulation as k
     _check_gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
-    return k.gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
+    out = k.gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
+    return (no_backward("gate_residual_norm_scale_shift", out, residual, update, gate, shift, scale)
+            if torch.is_grad_enabled() else out)
 
 
 @torch.library.impl(f"{_NS}::dual_norm_scale_shift", "CUDA")
 def _dual_norm_scale_shift_cuda(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm="layer"):
     from ..kernels import modulation as k
     _check_dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
-    return k.dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
+    out = k.dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
+    return (no_backward("dual_norm_scale_shift", out, xa, sha, sca, xb, shb, scb)
+            if torch.is_grad_enabled() else out)
 
 
 @torch.library.impl(f"{_NS}::dual_gate_residual_norm_scale_shift", "CUDA")
 def _dual_gate_residual_norm_scale_shift_cuda(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b):
     from ..kernels import modulation as k
     _check_dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
-    return k.dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
+    out = k.dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
+    return (no_backward("dual_gate_residual_norm_scale_shift", out, ra, ua, ga, sha, sca, rb, ub, gb, shb, scb)
+            if torch.is_grad_enabled() else out)
 
 
 # the C++ kernel (fused_dit_ops._C) when built, else the Triton one (reported by `env`); the checks
@@ -142,9 +150,11 @@ _GATE_RESIDUAL_CPP = (torch.ops.fused_dit._gate_residual_cuda.default if has_cud
 def _gate_residual_cuda(residual, update, gate, index=None):
     _check_gate_residual(residual, update, gate, index)
     if _GATE_RESIDUAL_CPP is not None:
-        return _GATE_RESIDUAL_CPP(residual, update, gate, index)
-    from ..kernels import modulation as k
-    return k.gate_residual(residual, update, gate, index)
+        out = _GATE_RESIDUAL_CPP(residual, update, gate, index)
+    else:
+        from ..kernels import modulation as k
+        out = k.gate_residual(residual, update, gate, index)
+    return no_backward("gate_residual", out, residual, update, gate) if torch.is_grad_enabled() else out
 
 
 # --- CPU: the reference (fp32 math) ---------------------------------------------------------------
@@ -152,39 +162,59 @@ def _gate_residual_cuda(residual, update, gate, index=None):
 @torch.library.impl(f"{_NS}::scale_shift_gate", "CPU")
 def _scale_shift_gate_cpu(x, shift, scale, gate, index=None):
     _check_scale_shift_gate(x, shift, scale, gate, index)
-    return ref.scale_shift_gate(x, shift, scale, gate, index)
+    out = ref.scale_shift_gate(x, shift, scale, gate, index)
+    return no_backward("scale_shift_gate", out, x, shift, scale, gate) if torch.is_grad_enabled() else out
 
 
 @torch.library.impl(f"{_NS}::norm_scale_shift", "CPU")
 def _norm_scale_shift_cpu(x, shift, scale, index=None, weight=None, bias=None, eps=1e-6, norm="layer"):
     _check_norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm)
-    return ref.norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm)
+    out = ref.norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm)
+    return no_backward("norm_scale_shift", out, x, shift, scale, weight, bias) if torch.is_grad_enabled() else out
 
 
 @torch.library.impl(f"{_NS}::gate_residual_norm_scale_shift", "CPU")
 def _gate_residual_norm_scale_shift_cpu(residual, update, gate, shift, scale, index=None, eps=1e-6):
     _check_gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
-    return ref.gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
+    out = ref.gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
+    return (no_backward("gate_residual_norm_scale_shift", out, residual, update, gate, shift, scale)
+            if torch.is_grad_enabled() else out)
 
 
 @torch.library.impl(f"{_NS}::gate_residual", "CPU")
 def _gate_residual_cpu(residual, update, gate, index=None):
     _check_gate_residual(residual, update, gate, index)
-    return ref.gate_residual(residual, update, gate, index)
+    out = ref.gate_residual(residual, update, gate, index)
+    return no_backward("gate_residual", out, residual, update, gate) if torch.is_grad_enabled() else out
 
 
 @torch.library.impl(f"{_NS}::dual_norm_scale_shift", "CPU")
 def _dual_norm_scale_shift_cpu(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm="layer"):
     _check_dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
-    return (ref.norm_scale_shift(xa, sha, sca, ia, None, None, eps_a, norm),
-            ref.norm_scale_shift(xb, shb, scb, ib, None, None, eps_b, norm))
+    out = (ref.norm_scale_shift(xa, sha, sca, ia, None, None, eps_a, norm),
+           ref.norm_scale_shift(xb, shb, scb, ib, None, None, eps_b, norm))
+    return (no_backward("dual_norm_scale_shift", out, xa, sha, sca, xb, shb, scb)
+            if torch.is_grad_enabled() else out)
 
 
 @torch.library.impl(f"{_NS}::dual_gate_residual_norm_scale_shift", "CPU")
 def _dual_gate_residual_norm_scale_shift_cpu(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b):
     _check_dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
-    return (*ref.gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a),
-            *ref.gate_residual_norm_scale_shift(rb, ub, gb, shb, scb, ib, eps_b))
+    out = (*ref.gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a),
+           *ref.gate_residual_norm_scale_shift(rb, ub, gb, shb, scb, ib, eps_b))
+    return (no_backward("dual_gate_residual_norm_scale_shift", out, ra, ua, ga, sha, sca, rb, ub, gb, shb, scb)
+            if torch.is_grad_enabled() else out)
+
+
+# --- Autograd: a fallthrough ------------------------------------------------------------------------
+# The ops have no backward. The dispatcher skips the Autograd key (no kernel of ours runs there, which
+# would cost every call: a Python autograd kernel adds ~3 us), so the implementations above run with
+# autograd on: with grad enabled and an input that requires grad, ``no_backward`` hands the outputs out
+# behind a node whose backward raises, naming the op (the fakes refuse such inputs while tracing).
+
+for _op in ("scale_shift_gate", "norm_scale_shift", "gate_residual_norm_scale_shift", "gate_residual",
+            "dual_norm_scale_shift", "dual_gate_residual_norm_scale_shift"):
+    torch.library.impl(f"{_NS}::{_op}", "Autograd")(torch.library.fallthrough_kernel)
 
 
 # --- fake (torch.compile / meta): shapes only, never data -------------------------------------------
@@ -196,36 +226,47 @@ def _new(x):
 @torch.library.register_fake(f"{_NS}::scale_shift_gate")
 def _scale_shift_gate_fake(x, shift, scale, gate, index=None):
     _check_scale_shift_gate(x, shift, scale, gate, index)
+    refuse_grad("scale_shift_gate", TRACING, ("x", x), ("shift", shift), ("scale", scale), ("gate", gate))
     return _new(x), _new(x)
 
 
 @torch.library.register_fake(f"{_NS}::norm_scale_shift")
 def _norm_scale_shift_fake(x, shift, scale, index=None, weight=None, bias=None, eps=1e-6, norm="layer"):
     _check_norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm)
+    refuse_grad("norm_scale_shift", TRACING, ("x", x), ("shift", shift), ("scale", scale), ("weight", weight),
+                ("bias", bias))
     return _new(x)
 
 
 @torch.library.register_fake(f"{_NS}::gate_residual_norm_scale_shift")
 def _gate_residual_norm_scale_shift_fake(residual, update, gate, shift, scale, index=None, eps=1e-6):
     _check_gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
+    refuse_grad("gate_residual_norm_scale_shift", TRACING, ("residual", residual), ("update", update),
+                ("gate", gate), ("shift", shift), ("scale", scale))
     return _new(residual), _new(residual)
 
 
 @torch.library.register_fake(f"{_NS}::gate_residual")
 def _gate_residual_fake(residual, update, gate, index=None):
     _check_gate_residual(residual, update, gate, index)
+    refuse_grad("gate_residual", TRACING, ("residual", residual), ("update", update), ("gate", gate))
     return _new(residual)
 
 
 @torch.library.register_fake(f"{_NS}::dual_norm_scale_shift")
 def _dual_norm_scale_shift_fake(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm="layer"):
     _check_dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
+    refuse_grad("dual_norm_scale_shift", TRACING, ("x_a", xa), ("shift_a", sha), ("scale_a", sca), ("x_b", xb),
+                ("shift_b", shb), ("scale_b", scb))
     return _new(xa), _new(xb)
 
 
 @torch.library.register_fake(f"{_NS}::dual_gate_residual_norm_scale_shift")
 def _dual_gate_residual_norm_scale_shift_fake(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b):
     _check_dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
+    refuse_grad("dual_gate_residual_norm_scale_shift", TRACING, ("residual_a", ra), ("update_a", ua), ("gate_a", ga),
+                ("shift_a", sha), ("scale_a", sca), ("residual_b", rb), ("update_b", ub), ("gate_b", gb),
+                ("shift_b", shb), ("scale_b", scb))
     return _new(ra), _new(ra), _new(rb), _new(rb)
 
 

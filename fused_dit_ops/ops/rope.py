@@ -23,8 +23,8 @@ import os
 import torch
 
 from .. import reference as ref
-from .._validation import (check_cos_sin_cache, check_head_weight, check_heads, check_positions,
-                           check_same_heads, fail)
+from .._validation import (INPLACE, TRACING, check_cos_sin_cache, check_head_weight, check_heads, check_like,
+                           check_one_device, check_positions, check_same_heads, fail, no_backward, refuse_grad)
 # the joint-input checks are shared with the copy op joint_qkv_cat, which lives in qkv_cat.py
 from .qkv_cat import _CAT_CPP, _CAT_OUT_CPP, _alloc_joint, _check_joint_inputs, _check_outs  # noqa: F401
 
@@ -33,14 +33,14 @@ ROPE_BACKENDS = ("auto", "flashinfer", "triton")
 ROPE_BACKEND_ENV = "FUSED_DIT_ROPE_BACKEND"
 FLASHINFER_HEAD_DIMS = (64, 128, 256, 512)
 
-from .._validation import check_like, check_one_device  # noqa: E402
-
 
 # --- validators ---------------------------------------------------------------------------------
 
 def _check_rope(q, k, cache, positions, interleaved, backend):
     op = "rope"
     check_one_device(op, ("q", q), ("k", k), ("cos_sin_cache", cache), ("positions", positions))
+    if torch.is_grad_enabled():
+        refuse_grad(op, INPLACE, ("q", q), ("k", k), ("cos_sin_cache", cache))
     check_heads(op, "q", q)
     check_heads(op, "k", k)
     if k.dim() != q.dim():
@@ -86,6 +86,10 @@ def _check_qk_norm_rope_cat(op, txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, w
                      ("img_v", img_v), ("txt_q_weight", wqt), ("txt_k_weight", wkt), ("img_q_weight", wqi),
                      ("img_k_weight", wki), ("txt_cos_sin", txt_cos_sin), ("img_cos_sin", img_cos_sin),
                      *zip(("q_out", "k_out", "v_out"), outs or ()))
+    if outs is not None and torch.is_grad_enabled():
+        refuse_grad(op, INPLACE, ("txt_q", txt_q), ("txt_k", txt_k), ("txt_v", txt_v), ("img_q", img_q),
+                    ("img_k", img_k), ("img_v", img_v), ("txt_q_weight", wqt), ("txt_k_weight", wkt),
+                    ("img_q_weight", wqi), ("img_k_weight", wki), *zip(("q_out", "k_out", "v_out"), outs))
     B, Lt, Li, H, D = _check_joint_inputs(op, txt_q, txt_k, txt_v, img_q, img_k, img_v)
     _check_norm_rope_params(op, D, Lt, Li, txt_q, (wqt, wkt, wqi, wki), txt_cos_sin, img_cos_sin, eps)
     if outs is not None:
@@ -97,6 +101,9 @@ def _check_joint_qk_norm_rope(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, im
     op = "joint_qk_norm_rope_"
     check_one_device(op, ("q", q), ("k", k), ("txt_q_weight", wqt), ("txt_k_weight", wkt), ("img_q_weight", wqi),
                      ("img_k_weight", wki), ("txt_cos_sin", txt_cos_sin), ("img_cos_sin", img_cos_sin))
+    if torch.is_grad_enabled():
+        refuse_grad(op, INPLACE, ("q", q), ("k", k), ("txt_q_weight", wqt), ("txt_k_weight", wkt),
+                    ("img_q_weight", wqi), ("img_k_weight", wki))
     check_heads(op, "q", q, ndim=4)
     check_same_heads(op, "k", k, "q", q, seq_dim=None)
     B, N, H, D = q.shape
@@ -244,7 +251,8 @@ def _qk_norm_rope_cat_cuda(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, w
     outs = tuple(_alloc_joint(t, Lt + Li) for t in (txt_q, txt_k, txt_v))
     kr.qk_norm_rope_cat_out((txt_q, txt_k, txt_v), (img_q, img_k, img_v), outs, (wqt, wkt, wqi, wki),
                             (txt_cos_sin, img_cos_sin), eps, interleaved)
-    return outs
+    return (no_backward("qk_norm_rope_cat", outs, txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki)
+            if torch.is_grad_enabled() else outs)
 
 
 @torch.library.impl(f"{_NS}::qk_norm_rope_cat_out", "CUDA")
@@ -280,8 +288,10 @@ def _qk_norm_rope_cat_cpu(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wq
                           txt_cos_sin, img_cos_sin, eps=1e-6, interleaved=True):
     _check_qk_norm_rope_cat("qk_norm_rope_cat", txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi,
                             wki, txt_cos_sin, img_cos_sin, eps)
-    return ref.qk_norm_rope_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
+    outs = ref.qk_norm_rope_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
                                 txt_cos_sin, img_cos_sin, eps, interleaved)
+    return (no_backward("qk_norm_rope_cat", outs, txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki)
+            if torch.is_grad_enabled() else outs)
 
 
 @torch.library.impl(f"{_NS}::qk_norm_rope_cat_out", "CPU")
@@ -306,6 +316,14 @@ def _joint_qk_norm_rope_cpu(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, img_
         x[:, txt_len:].copy_(i)
 
 
+# --- Autograd: a fallthrough (no backward; see ops/modulation.py) -----------------------------------
+# qk_norm_rope_cat hands its outputs out behind a node whose backward raises; the in-place ops refuse
+# inputs that require grad (with grad enabled) before they write.
+
+for _op in ("rope", "qk_norm_rope_cat", "qk_norm_rope_cat_out", "joint_qk_norm_rope_"):
+    torch.library.impl(f"{_NS}::{_op}", "Autograd")(torch.library.fallthrough_kernel)
+
+
 # --- fake: shapes only ------------------------------------------------------------------------------
 
 @torch.library.register_fake(f"{_NS}::rope")
@@ -318,6 +336,9 @@ def _qk_norm_rope_cat_fake(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, w
                            txt_cos_sin, img_cos_sin, eps=1e-6, interleaved=True):
     B, Lt, Li, H, D = _check_qk_norm_rope_cat("qk_norm_rope_cat", txt_q, txt_k, txt_v, img_q, img_k, img_v,
                                               wqt, wkt, wqi, wki, txt_cos_sin, img_cos_sin, eps)
+    refuse_grad("qk_norm_rope_cat", TRACING, ("txt_q", txt_q), ("txt_k", txt_k), ("txt_v", txt_v), ("img_q", img_q),
+                ("img_k", img_k), ("img_v", img_v), ("txt_q_weight", wqt), ("txt_k_weight", wkt),
+                ("img_q_weight", wqi), ("img_k_weight", wki))
     return tuple(_alloc_joint(t, Lt + Li) for t in (txt_q, txt_k, txt_v))
 
 

@@ -1,0 +1,123 @@
+"""The ops have no backward (inference only). With grad enabled and an input that requires grad:
+an op that returns new tensors runs, and ``.backward()`` through its outputs raises, naming the op
+and saying to run under no_grad; an op that writes its inputs in place raises before it writes;
+while torch.compile traces, every op refuses such inputs (a compiled graph cannot raise at
+backward). Under no_grad / inference_mode nothing changes."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import fused_dit_ops as fdo
+from fused_dit_ops import FusedDitInputError
+from helpers import randn
+
+C, H, D = 16, 2, 8
+
+
+def _functional():
+    """(op name, callable, args): ops returning new tensors; args[0] is the tensor made to require grad."""
+    x, u = randn(2, 3, C), randn(2, 3, C)
+    p = [randn(4, C) for _ in range(3)]
+    idx = torch.randint(0, 2, (2, 3), dtype=torch.int32)
+    xb = randn(2, 5, C)
+    pb = [randn(2, C) for _ in range(3)]
+    yield "scale_shift_gate", fdo.scale_shift_gate, [x, p[0], p[1], p[2], idx]
+    yield "norm_scale_shift", fdo.norm_scale_shift, [x, p[0], p[1], idx]
+    yield "gate_residual", fdo.gate_residual, [x, u, p[2], idx]
+    yield "gate_residual_norm_scale_shift", fdo.gate_residual_norm_scale_shift, [x, u, p[2], p[0], p[1], idx]
+    yield "dual_norm_scale_shift", fdo.dual_norm_scale_shift, [x, p[0], p[1], idx, 1e-6, xb, pb[0], pb[1], None, 1e-6]
+    yield ("dual_gate_residual_norm_scale_shift", fdo.dual_gate_residual_norm_scale_shift,
+           [x, u, p[2], p[0], p[1], idx, 1e-6, xb, randn(2, 5, C), pb[2], pb[0], pb[1], None, 1e-6])
+    t = [randn(1, 3, H, D) for _ in range(3)]
+    i = [randn(1, 4, H, D) for _ in range(3)]
+    w = [randn(D) for _ in range(4)]
+    yield "qk_norm_rope_cat", fdo.qk_norm_rope_cat, [*t, *i, *w, randn(3, D), randn(4, D)]
+    yield "attention", fdo.attention, [randn(1, 5, H, D), randn(1, 5, H, D), randn(1, 5, H, D)]
+
+
+def _inplace():
+    q, k = randn(1, 7, H, D), randn(1, 7, H, D)
+    w = [randn(D) for _ in range(4)]
+    yield "rope", fdo.rope, [q, k, randn(7, D)]
+    yield "joint_qk_norm_rope_", fdo.joint_qk_norm_rope_, [q, k, 3, *w, randn(3, D), randn(4, D)]
+    t = [randn(1, 3, H, D) for _ in range(3)]
+    i = [randn(1, 4, H, D) for _ in range(3)]
+    outs = tuple(randn(1, 7, H, D) for _ in range(3))
+    yield ("qk_norm_rope_cat_out", lambda *a: fdo.qk_norm_rope_cat(*a, out=outs),
+           [*t, *i, *w, randn(3, D), randn(4, D)])
+
+
+FUNCTIONAL = list(_functional())
+INPLACE = list(_inplace())
+
+
+def _outs(out):
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+@pytest.mark.parametrize("name,fn,args", FUNCTIONAL, ids=[c[0] for c in FUNCTIONAL])
+def test_backward_through_an_op_raises_naming_it(name, fn, args):
+    args = list(args)
+    args[0] = args[0].clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no autograd-fallback warning on the way
+        outs = _outs(fn(*args))
+    assert all(o.requires_grad for o in outs)
+    loss = sum(o.float().sum() for o in outs)
+    with pytest.raises(RuntimeError) as e:
+        loss.backward()
+    op = "qk_norm_rope_cat" if name == "qk_norm_rope_cat" else name
+    assert f"fused_dit.{op} has no backward" in str(e.value) and "torch.no_grad()" in str(e.value)
+    assert args[0].grad is None
+    # the same call under no_grad: plain outputs, equal values
+    with torch.no_grad():
+        ref = _outs(fn(*args))
+    for o, r in zip(outs, ref):
+        assert not r.requires_grad and torch.equal(o.detach(), r)
+
+
+@pytest.mark.parametrize("name,fn,args", FUNCTIONAL, ids=[c[0] for c in FUNCTIONAL])
+def test_no_grad_and_inference_mode_unchanged(name, fn, args):
+    args = list(args)
+    args[0] = args[0].clone().requires_grad_(True)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            for o in _outs(fn(*args)):
+                assert not o.requires_grad and o.grad_fn is None
+
+
+@pytest.mark.parametrize("name,fn,args", INPLACE, ids=[c[0] for c in INPLACE])
+def test_inplace_op_on_tensors_that_require_grad_raises_before_writing(name, fn, args):
+    args = list(args)
+    args[0] = args[0].clone().requires_grad_(True)
+    before = args[0].detach().clone()
+    op = "qk_norm_rope_cat_out" if name == "qk_norm_rope_cat_out" else name
+    with pytest.raises(FusedDitInputError) as e:
+        fn(*args)
+    msg = str(e.value)
+    assert msg.startswith(f"fused_dit.{op}:") and "requires grad" in msg and "torch.no_grad()" in msg, msg
+    assert torch.equal(args[0].detach(), before)
+    with torch.no_grad():
+        fn(*args)  # fine without grad
+
+
+@pytest.mark.parametrize("name,fn,args", FUNCTIONAL[:3] + FUNCTIONAL[-2:] + INPLACE[:1],
+                         ids=[c[0] for c in FUNCTIONAL[:3] + FUNCTIONAL[-2:] + INPLACE[:1]])
+def test_compiled_op_refuses_inputs_that_require_grad(name, fn, args):
+    args = list(args)
+    args[0] = args[0].clone().requires_grad_(True)
+    torch._dynamo.reset()
+    try:
+        f = torch.compile(lambda *a: fn(*a), fullgraph=True, backend="aot_eager")
+        with pytest.raises(Exception) as e:
+            f(*args)
+        err = FusedDitInputError.find(e.value)
+        assert err is not None and "requires grad" in str(err) and "torch.no_grad()" in str(err), e.value
+        torch._dynamo.reset()
+        with torch.no_grad():
+            f(*args)  # compiled under no_grad: fine
+    finally:
+        torch._dynamo.reset()
