@@ -267,7 +267,9 @@ def _run(args, origin) -> int:
         print(f"{part:<12}{r['median_ms']['old']:>10.3f}{r['median_ms']['new']:>10.3f}{r['ratio_new_over_old']:>9.4f}"
               + (f"{host['old']:>10.3f}{host['new']:>10.3f}" if host else " " * 20) + "  "
               + ", ".join(f"{x:.4f}" for x in r["round_ratios"]) + f"  (outputs rel diff {r['rel_diff_new_vs_old']:.2e})")
-    res["verdict"] = ("new within 1% of old (block and model forward at the benchmark shape)" if ok
+    measured = [p for p in ("block", "model") if "median_ms" in res.get(p, {})]
+    res["verdict"] = ("not measured (block and model skipped)" if not measured
+                      else f"new within 1% of old ({' and '.join(measured)} at the benchmark shape)" if ok
                       else "new slower than old by more than 1%")
     print(res["verdict"] + (" (CPU smoke run: not a measurement)" if args.tiny else ""))
     if args.out:
