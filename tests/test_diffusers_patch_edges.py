@@ -265,3 +265,20 @@ def test_mixed_dtype_qk_norm_weights_use_the_module_path(tiny):
     out = _run(tiny, kw)
     assert rel_err(out, ref) < CPU_FP32_REL
     assert any("mixed dtypes" in k for k in report.runtime), report.runtime
+
+
+def test_integrations_reach_kernels_only_through_the_ops_layer():
+    """No integration module imports ``fused_dit_ops.kernels``; the engine and the block kinds name no
+    model (a family's names live in its own module)."""
+    import ast
+    from pathlib import Path
+    pkg = Path(engine.__file__).parent
+    for f in pkg.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [f"{node.module}"] if isinstance(node, ast.ImportFrom) and node.module else [])
+            assert not any("kernels" in n.split(".") for n in names), (f.name, names)
+    for f in ("engine.py", "double_stream.py"):
+        text = (pkg / f).read_text()
+        for name in ("qwen", "zero_cond", "transformer_blocks", "pos_embed", "modulate_index"):
+            assert name not in text.lower(), (f, name)

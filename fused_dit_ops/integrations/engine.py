@@ -1,6 +1,6 @@
 """The integration engine: put a diffusers DiT on fused ops from a family description.
 
-Nothing here names a model. A family module (``diffusers_qwen`` is the first) describes its model
+Nothing here names a model. A family module (listed in ``integrations.FAMILY_MODULES``) describes its model
 with a :class:`Family`: which module lists hold the blocks and of what kind, where each stream's
 modules are, the modulation source and chunk order, the norms, the QK norm, the RoPE tables, the
 attention layout and mask, the MLP, the per-token parameter-set index, plus explicit hooks for what
@@ -32,7 +32,6 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ATTR = "_fused_dit_state"
 # A/B switches of the benchmarks (not in patch's signature; see patch_ab)
 SWITCHES = dict(pack_qkv=True, pack_mod=True, lookahead=True, dual_launch=True, qk_path="joint")
-FAMILY_MODULES = ("diffusers_qwen",)  # a new family: add its module here
 
 
 # --- family description ---------------------------------------------------------------------------
@@ -89,6 +88,7 @@ class Family:
 
 
 def _families():
+    from . import FAMILY_MODULES
     return [importlib.import_module(f"{__package__}.{m}").FAMILY for m in FAMILY_MODULES]
 
 
