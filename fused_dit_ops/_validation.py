@@ -38,9 +38,9 @@ def fail(op: str, msg: str) -> None:
 
 # --- autograd: the ops are inference-only (no backward) ---------------------------------------------
 # The implementations test ``torch.is_grad_enabled()`` first (one C call), so a call under no_grad or
-# inference_mode pays nothing more. With grad enabled and an input that requires grad, an op that
-# returns new tensors hands them out behind a node whose backward raises, naming the op; an op that
-# writes its inputs in place (nothing to hang a node on) raises before it writes.
+# inference_mode pays nothing more. With grad enabled and an input that requires grad, an op hands its
+# outputs out behind a node whose backward raises, naming the op: the new tensors it returns, or the
+# tensors it wrote in place (their history rebased, as an in-place torch op does).
 
 _NO_BACKWARD = ("has no backward (the fused_dit ops are for inference): call it under torch.no_grad() or "
                 "torch.inference_mode(); fused_dit_ops.patch(model) runs the stock modules where autograd records")
@@ -88,14 +88,55 @@ def no_backward(op: str, out, *inputs):
     return res[0] if single else tuple(res)
 
 
-INPLACE = "this op writes its inputs in place"
+class _NoBackwardInplace(torch.autograd.Function):
+    """Marks one tensor the op wrote in place as written by a node whose backward raises. Inputs: op
+    name, the written tensor, then the op's other tensor inputs."""
+
+    @staticmethod
+    def forward(ctx, op, t, *tensors):
+        ctx.op = op
+        ctx.mark_dirty(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fused_dit.{ctx.op} {_NO_BACKWARD}")
+
+
+def no_backward_inplace(op: str, written, *inputs) -> None:
+    """After ``op`` wrote the tensors ``written`` in place (call it only with grad enabled): when one of
+    them or of ``inputs`` requires grad, each written tensor's history ends in a node whose backward
+    raises, naming the op (the caller's tensors themselves, views included)."""
+    if not _requires_grad(tuple(written) + inputs):
+        return
+    flat = []
+    for a in inputs:
+        if isinstance(a, torch.Tensor):
+            flat.append(a)
+        elif isinstance(a, (list, tuple)):
+            flat += [t for t in a if isinstance(t, torch.Tensor)]
+    for t in written:
+        _NoBackwardInplace.apply(op, t, *[u for u in list(written) + flat if u is not t])
+
+
+def refuse_leaf_inplace(op: str, *named) -> None:
+    """Autograd's own rule for an in-place write, said before the launch: no written tensor may be a
+    leaf that requires grad, or a view of one. Call it only with grad enabled."""
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            base = t._base if t._base is not None else t
+            if base.is_leaf:
+                fail(op, f"'{name}' is a leaf tensor that requires grad{'' if base is t else ' (a view of one)'}, "
+                         f"and this op writes it in place, which autograd does not allow; the op {_NO_BACKWARD}")
+
+
 TRACING = ("torch.compile is tracing this op (a compiled graph cannot raise at .backward() through it, so "
            "it refuses inputs that require grad while grad is enabled)")
 
 
 def refuse_grad(op: str, why: str, *named) -> None:
-    """With grad enabled, no ``(name, tensor)`` may require grad: for an op that writes its inputs in
-    place (``INPLACE``) and for every op's fake while torch.compile traces it (``TRACING``)."""
+    """With grad enabled, no ``(name, tensor)`` may require grad (every op's fake while torch.compile
+    traces it: ``TRACING``)."""
     if torch.is_grad_enabled():
         for name, t in named:
             if _requires_grad((t,)):

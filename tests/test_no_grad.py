@@ -90,18 +90,67 @@ def test_no_grad_and_inference_mode_unchanged(name, fn, args):
 
 
 @pytest.mark.parametrize("name,fn,args", INPLACE, ids=[c[0] for c in INPLACE])
-def test_inplace_op_on_tensors_that_require_grad_raises_before_writing(name, fn, args):
-    args = list(args)
-    args[0] = args[0].clone().requires_grad_(True)
-    before = args[0].detach().clone()
-    op = "qk_norm_rope_cat_out" if name == "qk_norm_rope_cat_out" else name
-    with pytest.raises(FusedDitInputError) as e:
-        fn(*args)
+@pytest.mark.parametrize("which", ["written", "weight"])
+def test_inplace_op_runs_and_backward_through_what_it_wrote_raises(name, fn, args, which):
+    """The tensors it wrote get a history ending in a node that raises (as an in-place torch op
+    rebases history): either a written tensor that required grad (a non-leaf), or a plain one written
+    from a weight that requires grad."""
+    args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    if which == "written":
+        leaf = args[0].clone().requires_grad_(True)
+        args[0] = leaf * 1  # a non-leaf that requires grad
+    elif name == "rope":
+        args[2] = args[2].requires_grad_(True)  # the cos|sin table
+    else:
+        pos = next(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() == 1)
+        args[pos] = args[pos].requires_grad_(True)  # the first RMSNorm weight
+    written = [args[0], args[1]] if name != "qk_norm_rope_cat_out" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fn(*args)
+    if written is None:
+        written = list(out)
+    op = name
+    for t in written:
+        assert t.requires_grad and t.grad_fn is not None
+        with pytest.raises(RuntimeError) as e:
+            t.float().sum().backward(retain_graph=True)
+        assert f"fused_dit.{op} has no backward" in str(e.value) and "torch.no_grad()" in str(e.value)
+
+
+def test_inplace_op_on_views_of_a_joint_buffer():
+    """q and k column views of one packed buffer (as the patched block has them): the buffer's
+    history ends in the raising node too."""
+    buf = randn(1, 7, 2 * H * D)
+    q, k = (buf[..., j * H * D:(j + 1) * H * D].unflatten(-1, (H, D)) for j in range(2))
+    w = [randn(D).requires_grad_(True) for _ in range(4)]
+    fdo.joint_qk_norm_rope_(q, k, 3, *w, randn(3, D), randn(4, D))
+    with pytest.raises(RuntimeError, match="fused_dit.joint_qk_norm_rope_ has no backward"):
+        buf.sum().backward()
+
+
+@pytest.mark.parametrize("name,fn,args", INPLACE, ids=[c[0] for c in INPLACE])
+def test_inplace_op_on_a_leaf_that_requires_grad_raises_before_writing(name, fn, args):
+    args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    if name == "qk_norm_rope_cat_out":
+        outs = tuple(randn(1, 7, H, D) for _ in range(3))
+        outs[1].requires_grad_(True)
+        before = outs[1].detach().clone()
+        with pytest.raises(FusedDitInputError) as e:
+            fdo.qk_norm_rope_cat(*args, out=outs)
+        target, arg = outs[1], "k_out"
+    else:
+        args[1] = args[1].requires_grad_(True)
+        before = args[1].detach().clone()
+        with pytest.raises(FusedDitInputError) as e:
+            fn(*args)
+        target, arg = args[1], "k"
     msg = str(e.value)
-    assert msg.startswith(f"fused_dit.{op}:") and "requires grad" in msg and "torch.no_grad()" in msg, msg
-    assert torch.equal(args[0].detach(), before)
+    assert msg.startswith(f"fused_dit.{name}: '{arg}' is a leaf tensor that requires grad"), msg
+    assert "torch.no_grad()" in msg
+    assert torch.equal(target.detach(), before)
     with torch.no_grad():
-        fn(*args)  # fine without grad
+        fn(*args) if name != "qk_norm_rope_cat_out" else fdo.qk_norm_rope_cat(*args, out=outs)
 
 
 @pytest.mark.parametrize("name,fn,args", FUNCTIONAL[:3] + FUNCTIONAL[-2:] + INPLACE[:1],

@@ -23,8 +23,9 @@ import os
 import torch
 
 from .. import reference as ref
-from .._validation import (INPLACE, TRACING, check_cos_sin_cache, check_head_weight, check_heads, check_like,
-                           check_one_device, check_positions, check_same_heads, fail, no_backward, refuse_grad)
+from .._validation import (TRACING, check_cos_sin_cache, check_head_weight, check_heads, check_like,
+                           check_one_device, check_positions, check_same_heads, fail, no_backward,
+                           no_backward_inplace, refuse_grad, refuse_leaf_inplace)
 # the joint-input checks are shared with the copy op joint_qkv_cat, which lives in qkv_cat.py
 from .qkv_cat import _CAT_CPP, _CAT_OUT_CPP, _alloc_joint, _check_joint_inputs, _check_outs  # noqa: F401
 
@@ -40,7 +41,7 @@ def _check_rope(q, k, cache, positions, interleaved, backend):
     op = "rope"
     check_one_device(op, ("q", q), ("k", k), ("cos_sin_cache", cache), ("positions", positions))
     if torch.is_grad_enabled():
-        refuse_grad(op, INPLACE, ("q", q), ("k", k), ("cos_sin_cache", cache))
+        refuse_leaf_inplace(op, ("q", q), ("k", k))
     check_heads(op, "q", q)
     check_heads(op, "k", k)
     if k.dim() != q.dim():
@@ -87,9 +88,7 @@ def _check_qk_norm_rope_cat(op, txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, w
                      ("img_k_weight", wki), ("txt_cos_sin", txt_cos_sin), ("img_cos_sin", img_cos_sin),
                      *zip(("q_out", "k_out", "v_out"), outs or ()))
     if outs is not None and torch.is_grad_enabled():
-        refuse_grad(op, INPLACE, ("txt_q", txt_q), ("txt_k", txt_k), ("txt_v", txt_v), ("img_q", img_q),
-                    ("img_k", img_k), ("img_v", img_v), ("txt_q_weight", wqt), ("txt_k_weight", wkt),
-                    ("img_q_weight", wqi), ("img_k_weight", wki), *zip(("q_out", "k_out", "v_out"), outs))
+        refuse_leaf_inplace(op, *zip(("q_out", "k_out", "v_out"), outs))
     B, Lt, Li, H, D = _check_joint_inputs(op, txt_q, txt_k, txt_v, img_q, img_k, img_v)
     _check_norm_rope_params(op, D, Lt, Li, txt_q, (wqt, wkt, wqi, wki), txt_cos_sin, img_cos_sin, eps)
     if outs is not None:
@@ -102,8 +101,7 @@ def _check_joint_qk_norm_rope(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, im
     check_one_device(op, ("q", q), ("k", k), ("txt_q_weight", wqt), ("txt_k_weight", wkt), ("img_q_weight", wqi),
                      ("img_k_weight", wki), ("txt_cos_sin", txt_cos_sin), ("img_cos_sin", img_cos_sin))
     if torch.is_grad_enabled():
-        refuse_grad(op, INPLACE, ("q", q), ("k", k), ("txt_q_weight", wqt), ("txt_k_weight", wkt),
-                    ("img_q_weight", wqi), ("img_k_weight", wki))
+        refuse_leaf_inplace(op, ("q", q), ("k", k))
     check_heads(op, "q", q, ndim=4)
     check_same_heads(op, "k", k, "q", q, seq_dim=None)
     B, N, H, D = q.shape
@@ -240,6 +238,8 @@ def _rope_cuda(q, k, cos_sin_cache, positions=None, interleaved=True, backend=No
         _rope_flashinfer(q, k, cos_sin_cache, positions, interleaved)
     else:
         _rope_triton(q, k, cos_sin_cache, positions, interleaved)
+    if torch.is_grad_enabled():
+        no_backward_inplace("rope", (q, k), cos_sin_cache)
 
 
 @torch.library.impl(f"{_NS}::qk_norm_rope_cat", "CUDA")
@@ -263,6 +263,9 @@ def _qk_norm_rope_cat_out_cuda(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wk
                             wqi, wki, txt_cos_sin, img_cos_sin, eps, outs=(q_out, k_out, v_out))
     kr.qk_norm_rope_cat_out((txt_q, txt_k, txt_v), (img_q, img_k, img_v), (q_out, k_out, v_out),
                             (wqt, wkt, wqi, wki), (txt_cos_sin, img_cos_sin), eps, interleaved)
+    if torch.is_grad_enabled():
+        no_backward_inplace("qk_norm_rope_cat_out", (q_out, k_out, v_out), txt_q, txt_k, txt_v, img_q, img_k, img_v,
+                            wqt, wkt, wqi, wki)
 
 
 @torch.library.impl(f"{_NS}::joint_qk_norm_rope_", "CUDA")
@@ -271,6 +274,8 @@ def _joint_qk_norm_rope_cuda(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, img
     from ..kernels import rope as kr
     _check_joint_qk_norm_rope(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, img_cos_sin, eps)
     kr.joint_qk_norm_rope_(q, k, txt_len, (wqt, wkt, wqi, wki), (txt_cos_sin, img_cos_sin), eps, interleaved)
+    if torch.is_grad_enabled():
+        no_backward_inplace("joint_qk_norm_rope_", (q, k), wqt, wkt, wqi, wki)
 
 
 # --- CPU: the reference ---------------------------------------------------------------------------
@@ -281,6 +286,8 @@ def _rope_cpu(q, k, cos_sin_cache, positions=None, interleaved=True, backend=Non
     qo, ko = ref.rope(q, k, cos_sin_cache, positions, interleaved)
     q.copy_(qo)
     k.copy_(ko)
+    if torch.is_grad_enabled():
+        no_backward_inplace("rope", (q, k), cos_sin_cache)
 
 
 @torch.library.impl(f"{_NS}::qk_norm_rope_cat", "CPU")
@@ -303,6 +310,9 @@ def _qk_norm_rope_cat_out_cpu(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt
                     ref.qk_norm_rope_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt, wqi, wki,
                                          txt_cos_sin, img_cos_sin, eps, interleaved)):
         o.copy_(r)
+    if torch.is_grad_enabled():
+        no_backward_inplace("qk_norm_rope_cat_out", (q_out, k_out, v_out), txt_q, txt_k, txt_v, img_q, img_k, img_v,
+                            wqt, wkt, wqi, wki)
 
 
 @torch.library.impl(f"{_NS}::joint_qk_norm_rope_", "CPU")
@@ -314,11 +324,13 @@ def _joint_qk_norm_rope_cpu(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, img_
         i = ref.qk_norm_rope(x[:, txt_len:], wi, img_cos_sin, eps, interleaved)
         x[:, :txt_len].copy_(t)
         x[:, txt_len:].copy_(i)
+    if torch.is_grad_enabled():
+        no_backward_inplace("joint_qk_norm_rope_", (q, k), wqt, wkt, wqi, wki)
 
 
 # --- Autograd: a fallthrough (no backward; see ops/modulation.py) -----------------------------------
-# qk_norm_rope_cat hands its outputs out behind a node whose backward raises; the in-place ops refuse
-# inputs that require grad (with grad enabled) before they write.
+# qk_norm_rope_cat hands its outputs out behind a node whose backward raises; the in-place ops rebase
+# the history of what they wrote onto such a node (a leaf that requires grad is refused before the write).
 
 for _op in ("rope", "qk_norm_rope_cat", "qk_norm_rope_cat_out", "joint_qk_norm_rope_"):
     torch.library.impl(f"{_NS}::{_op}", "Autograd")(torch.library.fallthrough_kernel)
@@ -329,6 +341,7 @@ for _op in ("rope", "qk_norm_rope_cat", "qk_norm_rope_cat_out", "joint_qk_norm_r
 @torch.library.register_fake(f"{_NS}::rope")
 def _rope_fake(q, k, cos_sin_cache, positions=None, interleaved=True, backend=None):
     _check_rope(q, k, cos_sin_cache, positions, interleaved, backend)
+    refuse_grad("rope", TRACING, ("q", q), ("k", k), ("cos_sin_cache", cos_sin_cache))
 
 
 @torch.library.register_fake(f"{_NS}::qk_norm_rope_cat")
@@ -347,12 +360,17 @@ def _qk_norm_rope_cat_out_fake(txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wk
                                txt_cos_sin, img_cos_sin, q_out, k_out, v_out, eps=1e-6, interleaved=True):
     _check_qk_norm_rope_cat("qk_norm_rope_cat_out", txt_q, txt_k, txt_v, img_q, img_k, img_v, wqt, wkt,
                             wqi, wki, txt_cos_sin, img_cos_sin, eps, outs=(q_out, k_out, v_out))
+    refuse_grad("qk_norm_rope_cat_out", TRACING, ("txt_q", txt_q), ("txt_k", txt_k), ("txt_v", txt_v),
+                ("img_q", img_q), ("img_k", img_k), ("img_v", img_v), ("txt_q_weight", wqt), ("txt_k_weight", wkt),
+                ("img_q_weight", wqi), ("img_k_weight", wki), ("q_out", q_out), ("k_out", k_out), ("v_out", v_out))
 
 
 @torch.library.register_fake(f"{_NS}::joint_qk_norm_rope_")
 def _joint_qk_norm_rope_fake(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, img_cos_sin, eps=1e-6,
                              interleaved=True):
     _check_joint_qk_norm_rope(q, k, txt_len, wqt, wkt, wqi, wki, txt_cos_sin, img_cos_sin, eps)
+    refuse_grad("joint_qk_norm_rope_", TRACING, ("q", q), ("k", k), ("txt_q_weight", wqt), ("txt_k_weight", wkt),
+                ("img_q_weight", wqi), ("img_k_weight", wki))
 
 
 # --- public Python API ------------------------------------------------------------------------------
