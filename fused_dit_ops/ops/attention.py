@@ -93,5 +93,7 @@ def attention(q, k, v, softmax_scale=None, causal=False, backend=None):
     efficient, math`` to force one (raises if it cannot run the inputs), or None / "auto" for
     the automatic choice (also overridable with ``fused_dit_ops.attention_backend(...)`` or
     ``$FUSED_DIT_ATTN_BACKEND``). ``causal`` (Sq == Sk only) masks keys after the query.
+    Empty inputs give an empty output (no keys, Sk == 0: zeros, as SDPA). No backward: with grad
+    enabled and inputs that require grad, ``.backward()`` through the output raises.
     """
     return torch.ops.fused_dit.attention.default(q, k, v, softmax_scale, causal, backend)

@@ -6,7 +6,8 @@ Ops (schemas in ``fused_dit_ops._schemas``):
   CUDA backend: FlashInfer ``apply_rope_with_cos_sin_cache_inplace`` (is_neox = not interleaved)
   when importable and it can take the input, else our Triton kernel. Choice: ``backend`` argument,
   else env ``FUSED_DIT_ROPE_BACKEND`` (auto | flashinfer | triton), else auto. A forced backend that
-  cannot take the input raises with the reason.
+  cannot take the input raises with the reason, on any device (both run CUDA tensors only: forced on
+  CPU tensors, they raise; an unknown value raises everywhere).
 - ``qk_norm_rope_cat(...)`` / ``qk_norm_rope_cat_out(...)``: per-stream RMSNorm of q and k over
   head_dim (diffusers roundings) -> RoPE (table row l for token l) -> joint q/k/v, one launch.
 - ``joint_qk_norm_rope_(q!, k!, txt_len, ...)``: the same norm + RoPE in place on an already-joint
@@ -380,7 +381,8 @@ def rope(q, k, cos_sin_cache, positions=None, interleaved=True, backend=None):
     row slices of a larger buffer work). ``cos_sin_cache`` fp32 [P, R] (cos of R/2 frequencies, then
     sin; the first R <= D dims rotate); ``positions`` [L] or [B, L] int32/int64 (default arange(L));
     ``interleaved``: pairs (2i, 2i+1) (Qwen, Flux), else half-split (i, i + R/2). CUDA backend:
-    ``backend`` / env FUSED_DIT_ROPE_BACKEND (auto | flashinfer | triton). Returns (q, k)."""
+    ``backend`` / env FUSED_DIT_ROPE_BACKEND (auto | flashinfer | triton; forcing one on CPU tensors
+    raises). Returns (q, k)."""
     torch.ops.fused_dit.rope.default(q, k, cos_sin_cache, positions, interleaved, backend)
     return q, k
 
