@@ -3,7 +3,7 @@ PYTEST ?= $(PY) -m pytest
 
 .PHONY: test test-cpu test-interpret test-gpu check
 
-# The test command (CPU tiers; on a GPU machine the gpu-marked tests run too).
+# The test command (CPU tiers; with CUDA the gpu-marked tests run too).
 test: test-cpu test-interpret
 
 test-cpu:

@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-# name -> (import name, what it is for). Later issues append their backends here.
+# name -> (import name, what it is for)
 OPTIONAL_PACKAGES = {
     "triton": ("triton", "Triton kernels (CUDA)"),
     "flashinfer": ("flashinfer", "RoPE backend"),

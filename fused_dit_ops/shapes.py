@@ -1,8 +1,8 @@
 """One registry of real model shapes, shared by tests, benchmarks and the CLI.
 
-Sources: SPEC §2 (Qwen-Image-Edit-2511: D = 3072 = 24 x 128, L_img 8192 = 4096 target + 4096
+Sources: the diffusers 0.42 model configs (Qwen-Image-Edit-2511: D = 3072 = 24 x 128, L_img 8192 = 4096 target + 4096
 reference, L_txt ~208), Flux.1 (D 3072, 24 x 128, 4096 image + 512 text tokens at 1024^2),
-Wan 2.x 14B (D 5120 = 40 x 128, 32760 tokens for 81 frames at 720p).
+Wan 2.x 14B (D 5120 = 40 x 128, 32760 tokens for 81 frames at 480p).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Test tiers (one command, `make test`, runs the CPU tiers; the GPU machine runs all):
+"""Test tiers (one command, `make test`, runs the CPU tiers; with CUDA the GPU tier runs too):
 
 - plain tests: CPU reference, opcheck, compile, bad inputs, integrations (always run);
 - ``@pytest.mark.interpret``: Triton kernels on CPU tensors; run only when TRITON_INTERPRET=1

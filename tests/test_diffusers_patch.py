@@ -33,7 +33,7 @@ def test_tiny_patched_matches_stock(zero_cond_t, batch, qk_path):
     kw = make_qwen_inputs(m, batch=batch, seed=2)
     ref = _run(m, kw)
     report = patch_ab(m, qk_path=qk_path)
-    # the GELU-epilogue MLP is CUDA-only; a CPU model patched on a GPU machine also gets the note
+    # the GELU-epilogue MLP is CUDA-only; a CPU model patched where CUDA is available also gets the note
     # that its probe ran on the CPU
     assert set(report.stock) <= ({"mlp", "probe"} if torch.cuda.is_available() else {"mlp"}), report
     if torch.cuda.is_available():

@@ -1,4 +1,4 @@
-"""fused_dit_ops.patch on CPU: the edge cases a fresh review of the patch found (session 10).
+"""fused_dit_ops.patch on CPU: edge cases.
 
 - diffusers parallelism (``enable_parallelism`` sets ``_parallel_config`` on the model and on every
   attention processor): the model runs stock, before or after patching, and the stock processor

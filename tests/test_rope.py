@@ -1,4 +1,4 @@
-"""RoPE, table builders, joint_qkv_cat, qk_norm_rope_cat, joint_qk_norm_rope_ (issue 3).
+"""RoPE, table builders, joint_qkv_cat, qk_norm_rope_cat, joint_qk_norm_rope_.
 
 Tiers: plain (CPU reference impls, tables vs diffusers, opcheck, compile, bad inputs);
 ``interpret`` (the Triton kernel on CPU tensors); ``gpu`` (real shapes, both RoPE backends, the C++
@@ -347,7 +347,7 @@ def test_interp_qk_norm_rope_cat_vs_diffusers(dtype):
     want = _diffusers_chain(ins, ws, txt_f, img_f, 1e-6)
     outs = tuple(poison_(torch.empty_like(w)) for w in want)
     kr.qk_norm_rope_cat_out(ins[:3], ins[3:], outs, ws, (txt_t, img_t), 1e-6, True)
-    # interpreter rounds 16-bit casts toward zero: allow one more ulp (SPEC §6)
+    # interpreter rounds 16-bit casts toward zero: allow one more ulp (the interpreter's bf16 stores truncate)
     # at each of the chain's three bf16 roundings (norm, * weight, rope); RoPE's cancellations then
     # turn those into large ulp counts on small outputs, so bf16 is held to an absolute bound at the
     # values' scale here (the GPU tier holds bf16 to 1 ulp of the diffusers chain)

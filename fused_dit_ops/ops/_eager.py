@@ -4,8 +4,8 @@ Each function here has its op's name and positional signature. When :func:`fast`
 tensors, eager, grad mode off, no torch.compile tracing, no Python dispatch mode, no torch.profiler)
 it runs the op's own input check (the validator its registered implementations run, so a bad
 input gets the same ``FusedDitInputError``) and then the op's kernel launcher, skipping the
-dispatcher (40-80 us of host time per op on the GPU hosts here; small images are bound by host
-time). Otherwise it calls ``torch.ops.fused_dit.<op>``: what torch.compile traces, the CPU runs (the
+dispatcher (40-80 us of host time per op measured on H100 hosts; small images are bound by
+host time). Otherwise it calls ``torch.ops.fused_dit.<op>``: what torch.compile traces, the CPU runs (the
 references), and torch.profiler and dispatch modes see.
 
 Two functions skip the check on the fast path, for buffers the caller built itself in the same

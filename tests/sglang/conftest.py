@@ -96,7 +96,7 @@ def device_dtype_params(cpu=None, cuda=None):
     return out
 
 
-# Relative Frobenius error bounds (tests.helpers.rel_err). fp32/bf16 as SPEC section 6; fp16 has 3
+# Relative Frobenius error bounds (tests.helpers.rel_err). fp32/bf16 as the op tests; fp16 has 3
 # more mantissa bits than bf16. AFTER_RESIDUAL: LayerNorm of a residual sum that SGLang rounds
 # twice (gate*x, then + residual) and we once: <= 1 ulp apart before the norm.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}

@@ -7,7 +7,7 @@ when SGLang takes its CUDA branches and no real ``sgl_kernel`` is installed (so 
 
 Importing works (any submodule, any name); CALLING anything raises :class:`SglKernelMissing`, whose
 message names the function. A test that meets it ran an SGLang path that needs sglang-kernel: such
-paths cannot run on the GPU machine and the CUDA tests are written to avoid them.
+paths cannot run without sglang-kernel and the CUDA tests are written to avoid them.
 """
 import importlib.abc
 import importlib.machinery
