@@ -399,8 +399,8 @@ def _fa3_raw_forward(mod):
     """fa3-fwd's registered forward op (``torch.ops.fa3_fwd.fwd``), if its schema is the one we
     call, else None. ``flash_attn_func`` reaches the same op through an autograd.Function and a
     ``torch.library.custom_op`` wrapper that allocates two placeholder tensors per call, none of
-    which an inference call needs: 95.5 against 27.9 us of host time per call on an H100 machine
-    (``tools/profile_overhead.py``, bench/results/host-overhead-*T0912.txt)."""
+    which an inference call needs: 95.5 against 27.9 us of host time per call on an H100 host
+    (docs/performance.md)."""
     key = id(mod)
     if key not in _FA3_RAW:
         op = None
