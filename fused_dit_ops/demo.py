@@ -47,18 +47,23 @@ def _progress(total, desc):
         return _Simple()
 
 
+def _blocks(model):
+    """Every repeated block: ``transformer_blocks`` (and ``single_transformer_blocks`` where present)."""
+    return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", ())]
+
+
 def compile_blocks(model, **kw):
     """``model.compile_repeated_blocks(**kw)`` (diffusers) or the same by hand."""
     if hasattr(model, "compile_repeated_blocks"):
         model.compile_repeated_blocks(**kw)
     else:
-        for b in model.transformer_blocks:
+        for b in _blocks(model):
             b.compile(**kw)
 
 
 def uncompile_blocks(model):
     """Drop what ``nn.Module.compile`` installed on the blocks (eager again)."""
-    for b in model.transformer_blocks:
+    for b in _blocks(model):
         if getattr(b, "_compiled_call_impl", None) is not None:
             b._compiled_call_impl = None
 
@@ -94,15 +99,17 @@ def _err(out, ref):
 
 def run_demo(device=None, layers=None, config="edit-2511", img_tokens=None, txt_len=None, iters=None,
              warmup=None, compile_=True, compile_backend=None, attention_backend=None, dtype=None,
-             out_dir=None, quiet=False) -> list[dict]:
+             out_dir=None, quiet=False, model="qwen") -> list[dict]:
     from . import patch, unpatch
     from .bench.harness import format_table
-    from .models import build_qwen_image_transformer, make_qwen_inputs
+    from .models import build_model_and_inputs
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
     if not gpu:
         config = "tiny"
+    elif model == "flux" and config == "edit-2511":
+        config = "dev"
     dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
     layers = layers or (4 if gpu else None)
     iters = iters or (10 if gpu else 3)
@@ -112,9 +119,9 @@ def run_demo(device=None, layers=None, config="edit-2511", img_tokens=None, txt_
     if gpu:
         from . import warmup_attention, warmup_rope
         warmup_rope(device, dtype)
-    model = build_qwen_image_transformer(config, num_layers=layers, device=device, dtype=dtype)
-    n_layers = len(model.transformer_blocks)
-    kw = make_qwen_inputs(model, img_tokens=img_tokens, txt_len=txt_len, device=device, dtype=dtype)
+    family = model
+    model, kw = build_model_and_inputs(family, config, layers, img_tokens, txt_len, device, dtype)
+    n_layers = len(_blocks(model))
     L_img, L_txt = kw["hidden_states"].shape[1], kw["encoder_hidden_states"].shape[1]
     if gpu:
         H, hd = model.config.num_attention_heads, model.config.attention_head_dim
@@ -122,8 +129,8 @@ def run_demo(device=None, layers=None, config="edit-2511", img_tokens=None, txt_
     if not quiet and not gpu:
         print(CPU_NOTE)
     if not quiet:
-        print(f"demo: {config} transformer, {n_layers} layers, {str(dtype).replace('torch.', '')}, {device}; "
-              f"L_img {L_img} (images {kw['img_shapes'][0]}), L_txt {L_txt}; "
+        print(f"demo: {family} {config} transformer, {n_layers} layers, {str(dtype).replace('torch.', '')}, {device}; "
+              f"L_img {L_img}, L_txt {L_txt}; "
               f"{iters} timed forwards after {warmup} warm-up, compile backend {compile_backend}")
 
     variants = [("stock eager", False, False)]
@@ -175,7 +182,7 @@ def run_demo(device=None, layers=None, config="edit-2511", img_tokens=None, txt_
             print(CPU_NOTE)
     if out_dir:
         from .bench.harness import write_results
-        extra = dict(config=config, layers=n_layers, dtype=str(dtype), L_img=L_img, L_txt=L_txt, iters=iters,
+        extra = dict(model=family, config=config, layers=n_layers, dtype=str(dtype), L_img=L_img, L_txt=L_txt, iters=iters,
                      compile_backend=compile_backend, attention_backend=attention_backend or "auto",
                      patch_report=str(report))
         path = write_results("demo", rows, extra, out_dir)
@@ -193,6 +200,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fused_dit_ops demo",
                                 description=plain_doc(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen", choices=("qwen", "flux"),
+                   help="qwen (Qwen-Image-Edit, default) or flux (Flux.1: --layers N = N double + 2N single "
+                        "blocks, 19 = whole model; default 2; tokens default 4096 image + 512 text)")
     p.add_argument("--device", default=None, help="cuda or cpu (cpu: tiny config)")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (GPU default 4; 60 = whole model)")
     p.add_argument("--config", default="edit-2511", help="edit-2511 | edit-2509 | edit | qwen-image (GPU)")
@@ -207,7 +217,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     run_demo(device=a.device, layers=a.layers, config=a.config, img_tokens=a.img_tokens, txt_len=a.txt_len,
              iters=a.iters, warmup=a.warmup, compile_=not a.no_compile, compile_backend=a.compile_backend,
-             attention_backend=a.attention_backend, out_dir=a.out)
+             attention_backend=a.attention_backend, out_dir=a.out, model=a.model)
     return 0
 
 

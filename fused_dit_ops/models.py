@@ -166,3 +166,113 @@ def make_qwen_inputs(model, img_tokens: Sequence | None = None, txt_len: int | N
         return_dict=False,
     )
     return kw
+
+
+# --- Flux.1 (diffusers FluxTransformer2DModel) ----------------------------------------------------
+
+_FLUX_REAL = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                  axes_dims_rope=(16, 56, 56))
+
+FLUX_CONFIGS: dict[str, dict] = {
+    # FLUX.1-dev (and Kontext-dev: same transformer): guidance-distilled
+    "dev": dict(_FLUX_REAL, guidance_embeds=True),
+    # FLUX.1-schnell
+    "schnell": dict(_FLUX_REAL, guidance_embeds=False),
+    # Tiny: 3 heads x 24 (axes 4+10+10), D = 72, 2 double + 2 single layers; widths not powers of two
+    "tiny": dict(patch_size=1, in_channels=20, num_layers=2, num_single_layers=2, attention_head_dim=24,
+                 num_attention_heads=3, joint_attention_dim=40, pooled_projection_dim=24, guidance_embeds=True,
+                 axes_dims_rope=(4, 10, 10)),
+}
+
+
+def build_flux_transformer(config: str = "dev", num_layers: int | None = None, num_single_layers: int | None = None,
+                           device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+                           init_std: float | None = None, **overrides):
+    """A diffusers ``FluxTransformer2DModel`` with random weights (as :func:`build_qwen_image_transformer`).
+
+    ``config``: "dev" (19 double + 38 single layers, guidance embedding), "schnell", or "tiny".
+    ``num_layers`` / ``num_single_layers`` override the block counts."""
+    from diffusers import FluxTransformer2DModel
+    if config not in FLUX_CONFIGS:
+        raise ValueError(f"unknown Flux config {config!r}; choose from {sorted(FLUX_CONFIGS)}")
+    cfg = dict(FLUX_CONFIGS[config])
+    if num_layers is not None:
+        cfg["num_layers"] = int(num_layers)
+    if num_single_layers is not None:
+        cfg["num_single_layers"] = int(num_single_layers)
+    cfg.update(overrides)
+    device = torch.device(device)
+    with torch.device(device), _default_dtype(dtype):
+        model = FluxTransformer2DModel(**cfg)
+    if init_std is None:
+        init_std = TINY_INIT_STD if config == "tiny" else 0.02
+    init_like_trained(model, init_std, seed)
+    return model.eval().requires_grad_(False)
+
+
+def flux_ids(h: int, w: int, first: int = 0) -> torch.Tensor:
+    """Image position ids [h * w, 3] as the Flux pipelines make them: (first, row, column)."""
+    ids = torch.zeros(h, w, 3)
+    ids[..., 0] = first
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+def make_flux_inputs(model, img_tokens: Sequence | None = None, txt_len: int | None = None, batch: int = 1,
+                     device=None, dtype: torch.dtype | None = None, seed: int = 0, timestep: float = 0.7,
+                     guidance: float = 3.5) -> dict:
+    """Keyword arguments for ``model(**kw)`` (diffusers 0.42 ``FluxTransformer2DModel.forward``).
+
+    ``img_tokens``: token counts of the images, target first; a second image is a reference (Kontext:
+    ids with first coordinate 1). Default (4096,) real (1024 x 1024), (15,) tiny. ``txt_len``:
+    default 512 real, 7 tiny. ``return_dict=False``: ``model(**kw)[0]`` is the output."""
+    cfg = model.config
+    p = next(model.parameters())
+    device = torch.device(device) if device is not None else p.device
+    dtype = dtype or p.dtype
+    tiny = is_tiny(model)
+    if img_tokens is None:
+        img_tokens = (15,) if tiny else (4096,)
+    if isinstance(img_tokens, int):
+        img_tokens = (img_tokens,)
+    if txt_len is None:
+        txt_len = 7 if tiny else 512
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.cat([flux_ids(*_grid(int(n)), first=k) for k, n in enumerate(img_tokens)], 0)
+    L_img = ids.shape[0]
+    kw = dict(
+        hidden_states=torch.randn(batch, L_img, cfg.in_channels, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(batch, txt_len, cfg.joint_attention_dim, generator=g).to(device, dtype),
+        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(device, dtype),
+        timestep=torch.full((batch,), float(timestep), device=device, dtype=dtype),
+        img_ids=ids.to(device),
+        txt_ids=torch.zeros(txt_len, 3, device=device),
+        guidance=(torch.full((batch,), float(guidance), device=device, dtype=dtype)
+                  if cfg.guidance_embeds else None),
+        return_dict=False,
+    )
+    return kw
+
+
+def build_model_and_inputs(family: str, config: str, layers: int | None, img_tokens=None, txt_len=None,
+                           device="cpu", dtype: torch.dtype = torch.float32, batch: int = 1, seed: int = 0):
+    """(model, inputs) of a family ("qwen" or "flux") for the demo and the benchmarks. Flux:
+    ``layers`` double-stream blocks and twice as many single-stream blocks (the real ratio, 19 + 38;
+    GPU default 2 + 4)."""
+    if family == "qwen":
+        m = build_qwen_image_transformer(config, num_layers=layers, device=device, dtype=dtype, seed=seed)
+        return m, make_qwen_inputs(m, img_tokens=img_tokens, txt_len=txt_len, device=device, dtype=dtype,
+                                   batch=batch, seed=seed)
+    if family == "flux":
+        if config not in FLUX_CONFIGS:
+            config = "dev"
+        if layers is None and config != "tiny":
+            layers = 2
+        single = None if layers is None else 2 * int(layers)
+        m = build_flux_transformer(config, num_layers=layers, num_single_layers=single, device=device, dtype=dtype,
+                                   seed=seed)
+        return m, make_flux_inputs(m, img_tokens=img_tokens, txt_len=txt_len, device=device, dtype=dtype,
+                                   batch=batch, seed=seed)
+    raise ValueError(f"unknown model family {family!r}; choose qwen or flux")

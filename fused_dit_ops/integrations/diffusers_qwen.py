@@ -39,7 +39,7 @@ def _rope_key(args, kwargs):
     return repr(fhw), int(txt), str(dev)
 
 
-def _stock_block_forward():
+def _stock_block_forward(block=None):
     from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
     return QwenImageTransformerBlock.forward
 

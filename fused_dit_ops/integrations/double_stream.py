@@ -44,7 +44,7 @@ def block_reason(block, fam):
         if getattr(fam, f) not in ok:
             return f"{fam.name}: {f}={getattr(fam, f)!r} is not implemented for double-stream blocks (takes {ok})"
     fwd = block.__dict__.get("forward")
-    if (fwd is not None and getattr(fwd, "__func__", None) is not fam.block_forward
+    if (fwd is not None and getattr(fwd, "__func__", None) is not fam.forward_for("double")
             and E.hooked_inner_ref(block, fam) is None):
         return ("forward is wrapped on the instance by something other than diffusers' hooks around the "
                 "block's own forward (e.g. an accelerate hook): patch before adding it")
@@ -62,9 +62,11 @@ def block_reason(block, fam):
             if E.get(attn, n) is None:
                 return f"{fam.attn}.{n} is missing"
         for n in (s.norm1, s.norm2):
-            nm = getattr(block, n, None)
+            nm = E.get(block, n)
             if getattr(nm, "weight", None) is not None or not hasattr(nm, "eps"):
                 return f"{n} is not a norm without affine parameters (the fused ops take none)"
+    if getattr(attn, "fused_projections", False):
+        return "attention projections fused (fuse_qkv_projections): unfuse them before patching"
     if attn.inner_dim % attn.heads or (attn.inner_dim // attn.heads) % 2:
         return f"head_dim {attn.inner_dim}/{attn.heads} is not an even integer"
     return None
@@ -77,7 +79,7 @@ def patch_blocks(st, blocks, model, sw, backend):
     for block in blocks:
         attn = getattr(block, fam.attn)
         old = attn.processor
-        attn.set_processor(JointAttnProcessor(st, old, backend))
+        attn.set_processor((fam.processor_class or JointAttnProcessor)(st, old, backend))
         st.procs.append((attn, old))
     if st.qk and st.qk_path == "joint":
         if not sw["pack_qkv"]:
@@ -117,7 +119,7 @@ def patch_blocks(st, blocks, model, sw, backend):
     for block in blocks:
         if _mod_packable(block, fam):
             with torch.no_grad():
-                st.packed_mod[id(block)] = E.PackedLinears(block, (f"{img.mod}.1", f"{txt.mod}.1"))
+                st.packed_mod[id(block)] = E.PackedLinears(block, (img.mod_lin(), txt.mod_lin()))
             n += 1
     if n:
         report.swapped.append(f"{img.mod}/{txt.mod} packed: one modulation GEMV per block, SiLU(temb) "
@@ -145,10 +147,15 @@ def _adjacent(model, fam, a, b):
 # --- modulation -------------------------------------------------------------------------------------
 
 def _mod_containers_ok(block, fam) -> bool:
-    """The streams' modulation modules are still Sequential(SiLU, Linear) without hooks (the packed
-    GEMV replaces the whole module call; the Linears are checked by the pack)."""
+    """The streams' modulation modules are still Sequential(SiLU, Linear) (or, with ``mod_linear``,
+    a module whose SiLU and Linear we apply) without hooks (the packed GEMV replaces the whole module
+    call; the Linears are checked by the pack)."""
     for s in fam.streams:
         m = getattr(block, s.mod)
+        if s.mod_linear is not None:
+            if not E.no_hooks(m) or not isinstance(E.get(block, s.mod_linear), torch.nn.Module):
+                return False
+            continue
         if type(m) is not torch.nn.Sequential:
             return False
         c = E.children(m)
@@ -159,7 +166,7 @@ def _mod_containers_ok(block, fam) -> bool:
 
 def _mod_packable(block, fam) -> bool:
     return (_mod_containers_ok(block, fam)
-            and E.PackedLinears.packable([getattr(block, s.mod)[1] for s in fam.streams]))
+            and E.PackedLinears.packable([E.get(block, s.mod_lin()) for s in fam.streams]))
 
 
 def modulation_params(block, st, temb):
@@ -180,6 +187,9 @@ def modulation_params(block, st, temb):
             st.store_mod(block, pk, temb, both)
         txt_rows = temb.shape[0] // 2 if two_sets else temb.shape[0]
         return both[:, :pk.n], both[:txt_rows, pk.n:]
+    if img.mod_linear is not None:  # Linear(SiLU(temb)) of an adaLN module: the Linears as modules
+        x = st.silu(temb) if not torch.compiler.is_compiling() else F.silu(temb)
+        return E.get(block, img.mod_linear)(x), E.get(block, txt.mod_linear)(x)
     img_mod = getattr(block, img.mod)(temb)
     if two_sets:
         temb = torch.chunk(temb, 2, dim=0)[0]
@@ -238,8 +248,8 @@ class JointAttnProcessor:
     def fused(self, attn, img, txt, tables):
         st = self.state
         si, stx = st.family.streams
-        img_tab, txt_tab = tables
         Lt = txt.shape[1]
+        img_tab, txt_tab = (tables[Lt:], tables[:Lt]) if st.family.rope_joint else tables
         hd = attn.inner_dim // attn.heads
         eps = getattr(attn, si.q_norm).eps
         norms = [getattr(attn, n) for n in (stx.q_norm, stx.k_norm, si.q_norm, si.k_norm)]
@@ -309,7 +319,7 @@ def _call_attn(attn, img_m, txt_m, tables):
     processor (diffusers' ``Attention.forward`` inspects the processor's signature on every call);
     else the module call."""
     proc = attn.processor
-    if (type(proc) is JointAttnProcessor and E.no_hooks(attn) and E.no_global_hooks()
+    if (isinstance(proc, JointAttnProcessor) and E.no_hooks(attn) and E.no_global_hooks()
             and not proc.state.mode_stock and proc._parallel_config is None):
         return proc.fused(attn, img_m, txt_m, tables)
     return attn(hidden_states=img_m, encoder_hidden_states=txt_m, image_rotary_emb=tables)
@@ -356,15 +366,20 @@ def _lookahead_target(st, block, h):
     nxt = st.next_block.get(id(block))
     if nxt is None:
         return None
-    if getattr(nxt.__dict__.get("forward"), "__func__", None) is not st.family.block_forward:
+    if getattr(nxt.__dict__.get("forward"), "__func__", None) is not st.family.forward_for("double"):
         return None
     if (nxt._forward_pre_hooks or nxt._forward_hooks or hasattr(nxt, "_hf_hook")
             or hasattr(nxt, "_diffusers_hook")):
         return None
-    mods = [getattr(nxt, s.mod) for s in st.family.streams]
-    if not all(isinstance(m, torch.nn.Sequential) and len(m) == 2 for m in mods):
-        return None
-    ws = [getattr(m[1], "weight", None) for m in mods]
+    if st.family.streams[0].mod_linear is not None:
+        if not _mod_containers_ok(nxt, st.family):
+            return None
+        ws = [getattr(E.get(nxt, s.mod_linear), "weight", None) for s in st.family.streams]
+    else:
+        mods = [getattr(nxt, s.mod) for s in st.family.streams]
+        if not all(isinstance(m, torch.nn.Sequential) and len(m) == 2 for m in mods):
+            return None
+        ws = [getattr(m[1], "weight", None) for m in mods]
     if not all(isinstance(x, torch.Tensor) for x in ws) or ws[0].device != ws[1].device:
         return None
     return nxt if ws[0].device == h.device else None
@@ -379,7 +394,7 @@ def run_block(block, st, h, e, temb, rot, index):
     pre = (st.take_prenorm(block, h, e, temb, index)
            if st.modulation and not compiling and st.prenorm is not None else None)
     img_mod, txt_mod = pre.mods if pre is not None else modulation_params(block, st, temb)
-    eps_i1, eps_t1 = getattr(block, si.norm1).eps, getattr(block, stx.norm1).eps
+    eps_i1, eps_t1 = E.get(block, si.norm1).eps, E.get(block, stx.norm1).eps
     attn = getattr(block, fam.attn)
     order = st.order
     if st.modulation:
@@ -397,8 +412,8 @@ def run_block(block, st, h, e, temb, rot, index):
             txt_m = _eager.norm_scale_shift(e, t_sh1, t_sc1, None, None, None, eps_t1, fam.norm)
         img_attn, txt_attn = _call_attn(attn, img_m, txt_m, tables)
         h, img_m2, e, txt_m2 = _grns_pair(dual, h, img_attn, i_g1, i_sh2, i_sc2, index,
-                                          getattr(block, si.norm2).eps, e, txt_attn, t_g1, t_sh2, t_sc2,
-                                          getattr(block, stx.norm2).eps)
+                                          E.get(block, si.norm2).eps, e, txt_attn, t_g1, t_sh2, t_sc2,
+                                          E.get(block, stx.norm2).eps)
         mlp = fused_mlp if st.mlp else (lambda ff, x: ff(x))
         img_y, txt_y = mlp(getattr(block, si.mlp), img_m2), mlp(getattr(block, stx.mlp), txt_m2)
         nxt = None
@@ -410,22 +425,22 @@ def run_block(block, st, h, e, temb, rot, index):
             n_i = _chunks(n_img_mod, order)
             n_t = _chunks(n_txt_mod, order)
             h, n_img_m, e, n_txt_m = _grns_pair(dual, h, img_y, i_g2, n_i[0], n_i[1], index,
-                                                getattr(nxt, si.norm1).eps, e, txt_y, t_g2, n_t[0], n_t[1],
-                                                getattr(nxt, stx.norm1).eps)
+                                                E.get(nxt, si.norm1).eps, e, txt_y, t_g2, n_t[0], n_t[1],
+                                                E.get(nxt, stx.norm1).eps)
             st.prenorm = E.Prenorm(nxt, (h, e, temb, index), (n_img_mod, n_txt_mod), (n_img_m, n_txt_m))
         else:
             h = _eager.gate_residual(h, img_y, i_g2, index)
             e = _eager.gate_residual(e, txt_y, t_g2, None)
     else:  # stock norm modules, modulation math in torch, fused attention only
         i, t = _chunks(img_mod, order), _chunks(txt_mod, order)
-        img_m, img_g1 = _modulate(getattr(block, si.norm1)(h), *i[:3], index)
-        txt_m, txt_g1 = _modulate(getattr(block, stx.norm1)(e), *t[:3])
+        img_m, img_g1 = _modulate(E.get(block, si.norm1)(h), *i[:3], index)
+        txt_m, txt_g1 = _modulate(E.get(block, stx.norm1)(e), *t[:3])
         img_attn, txt_attn = _call_attn(attn, img_m, txt_m, tables)
         h = h + img_g1 * img_attn
         e = e + txt_g1 * txt_attn
-        img_m2, img_g2 = _modulate(getattr(block, si.norm2)(h), *i[3:], index)
+        img_m2, img_g2 = _modulate(E.get(block, si.norm2)(h), *i[3:], index)
         h = h + img_g2 * getattr(block, si.mlp)(img_m2)
-        txt_m2, txt_g2 = _modulate(getattr(block, stx.norm2)(e), *t[3:])
+        txt_m2, txt_g2 = _modulate(E.get(block, stx.norm2)(e), *t[3:])
         e = e + txt_g2 * getattr(block, stx.mlp)(txt_m2)
     if e.dtype == torch.float16:
         e = e.clip(-65504, 65504)

@@ -50,6 +50,12 @@ class Stream:
     q_norm: str
     k_norm: str
     out: str  # output projection (path inside the Attention module)
+    # the modulation Linear (path inside the block) when ``mod`` is not Sequential(SiLU, Linear) but a
+    # module that applies Linear(SiLU(temb)) and its norm (an adaLN-Zero module): None = f"{mod}.1"
+    mod_linear: str = None
+
+    def mod_lin(self) -> str:
+        return self.mod_linear or f"{self.mod}.1"
 
 
 @dataclass(frozen=True)
@@ -57,8 +63,8 @@ class Family:
     """What the engine needs to know about one model family (see docs/architecture.md)."""
     name: str
     model_classes: tuple  # class names (diffusers)
-    block_lists: tuple  # ((attribute, kind), ...); kinds: "double" (double_stream.py), later "single", "self_cross"
-    streams: tuple  # (image Stream, text Stream)
+    block_lists: tuple  # ((attribute, kind), ...); kinds: "double" (double_stream.py), "single" (single_stream.py)
+    streams: tuple  # (image Stream, text Stream) of the double-stream blocks
     attn: str = "attn"  # the block's Attention module
     # modulation: "block_linear" (per-block Sequential(SiLU, Linear) on temb); families to come
     # add "model_linear" (one model-level projection) and "table_plus_temb" (learned table + temb)
@@ -71,20 +77,60 @@ class Family:
     rope_tables: Callable = None  # stock RoPE output -> (img_table, txt_table) fp32 cos|sin
     rope_stock: Callable = None  # tables -> what the stock processor takes
     rope_key: Callable = None  # (args, kwargs) -> cache key of the RoPE module's call, or None
-    mask_kwarg: str = "encoder_hidden_states_mask"  # the model forward's text mask
+    # the RoPE module's output covers the joint sequence [text, image] (one table, split per block at
+    # the text length) instead of (image, text) tables; is_tables: tells the fused tables from the
+    # stock output (None: engine.is_tables, real (not complex) tensors)
+    rope_joint: bool = False
+    is_tables: Callable = None
+    mask_kwarg: str = "encoder_hidden_states_mask"  # the model forward's text mask (None: it has none)
     mask_pos: int = 2  # its position in the model forward
     mlp: str = "gelu_tanh"  # diffusers FeedForward(activation_fn="gelu-approximate")
     index_flag: str = None  # block attribute: the block gets a per-token parameter-set index (2 sets)
+    # single-stream blocks (kind "single"): paths inside the block, and the chunk order of its modulation
+    single: "Single" = None
     # hooks
     block_forward: Callable = None  # the fused forward with the stock signature (bound per block)
-    stock_block_forward: Callable = None  # () -> the class's forward
+    stock_block_forward: Callable = None  # (block) -> the class's forward
+    processor_class: Callable = None  # the double-stream processor class (None: double_stream.JointAttnProcessor)
+    # the fused forward of kind "single" blocks when they need their own (torch.compile keys its
+    # cache on the code object: one function for two block classes would recompile); None: block_forward
+    single_block_forward: Callable = None
     stock_processors: Callable = None  # () -> processor classes the fused processor replaces
     probe_call: Callable = None  # (model, block) -> (args, kwargs) of a tiny block call
     describe: Callable = None  # model -> extra "key=value" text for the report
 
+    def forward_for(self, kind):
+        return self.single_block_forward if kind == "single" and self.single_block_forward else self.block_forward
+
+    def tables_ok(self, rot) -> bool:
+        return self.is_tables(rot) if self.is_tables is not None else is_tables(rot)
+
     def chunk_order(self):
         return tuple(self.mod_chunks.index(c) for c in
                      ("shift1", "scale1", "gate1", "shift2", "scale2", "gate2"))
+
+
+@dataclass(frozen=True)
+class Single:
+    """A single-stream block (text and image concatenated, one set of weights; kind "single"): the
+    attention's q/k/v and QK norms (paths inside ``attn``), the MLP input projection whose output
+    goes through ``mlp_act`` (next to the attention, from the same normed input), and ``out`` over
+    [attention | activated MLP] (no attention output projection)."""
+    mod: str  # the adaLN module (Linear(SiLU(temb)) + its norm)
+    mod_linear: str  # its Linear (3 chunks)
+    norm: str  # its norm (path inside the block)
+    q: str = "to_q"
+    k: str = "to_k"
+    v: str = "to_v"
+    q_norm: str = "norm_q"
+    k_norm: str = "norm_k"
+    mlp_in: str = "proj_mlp"
+    mlp_act: str = "gelu_tanh"
+    out: str = "proj_out"
+    chunks: tuple = ("shift", "scale", "gate")
+
+    def chunk_order(self):
+        return tuple(self.chunks.index(c) for c in ("shift", "scale", "gate"))
 
 
 def _families():
@@ -118,7 +164,7 @@ def blocks_of(model, family):
 
 
 def _kind(kind):
-    return importlib.import_module(f"{__package__}.{ {'double': 'double_stream'}[kind]}")
+    return importlib.import_module(f"{__package__}.{ {'double': 'double_stream', 'single': 'single_stream'}[kind]}")
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -209,6 +255,7 @@ class State:
         self.orig_rope_forward = None
         self.prev_forward: dict = {}  # id(module) -> instance-level forward it had before patching
         self.patched_blocks: list = []
+        self.block_fn: dict = {}  # id(block) -> the fused forward function bound on it
         self.procs: list = []  # (attn module, original processor)
         self.inner_refs: list = []  # (block, diffusers HookFunctionReference, attribute, original forward)
         self.packed_qkv: dict = {}  # id(attn) -> (text, image) PackedLinears
@@ -238,7 +285,7 @@ class State:
         """Real cos|sin tables for the fused ops; the stock RoPE output (what the blocks get when
         some block stays stock, or a block called alone) is converted once per forward, cached on
         the identity of its tensors (eager, not while capturing a CUDA graph)."""
-        if is_tables(rot) or torch.compiler.is_compiling():
+        if self.family.tables_ok(rot) or torch.compiler.is_compiling():
             return self.family.rope_tables(rot)
         c = self._tables_of
         if c is not None and len(c[0]) == len(rot) and all(a is b for a, b in zip(c[0], rot)):
@@ -392,9 +439,10 @@ class PackedLinears:
     replaced (``model.to``, an offloading hook) are re-packed at the next eager use (not while a CUDA
     graph is captured or torch.compile traces), and nothing keeps the old storage alive."""
 
-    def __init__(self, root, paths):
+    def __init__(self, root, paths, mixed=False):
         self.root = root
         self.paths = tuple(paths)
+        self.mixed = mixed  # Linears of different output sizes (same input size)
         self.lins = self._modules_now()
         self.n = self.lins[0].weight.shape[0]
         self.repacked_at = None  # st.forwards at the last re-pack
@@ -405,12 +453,13 @@ class PackedLinears:
         return [get(self.root, p) for p in self.paths]
 
     @staticmethod
-    def packable(lins) -> bool:
+    def packable(lins, mixed=False) -> bool:
         if not all(plain_linear(l_) for l_ in lins):
             return False
         w0 = lins[0].weight
         has_b = lins[0].bias is not None
-        return (all(l_.weight.shape == w0.shape and l_.weight.dtype == w0.dtype
+        return (all((l_.weight.shape[1:] == w0.shape[1:] if mixed else l_.weight.shape == w0.shape)
+                    and l_.weight.dtype == w0.dtype
                     and l_.weight.device == w0.device for l_ in lins)
                 and all((l_.bias is not None) == has_b for l_ in lins)
                 and all(l_.bias is None or (l_.bias.dtype == w0.dtype and l_.bias.device == w0.device)
@@ -418,7 +467,6 @@ class PackedLinears:
 
     @torch.no_grad()
     def _pack(self):
-        n = self.n
         weight = torch.cat([l_.weight.detach() for l_ in self.lins], 0)
         bias = (torch.cat([l_.bias.detach() for l_ in self.lins], 0) if self.lins[0].bias is not None
                 else None)
@@ -428,10 +476,13 @@ class PackedLinears:
                 # stream; it may come from another stream (group offloading onloads on a side stream)
                 if t is not None and t.is_cuda:
                     t.data.record_stream(torch.cuda.current_stream(t.device))
-        for j, l_ in enumerate(self.lins):
-            l_.weight.data = weight[j * n:(j + 1) * n]
+        r = 0
+        for l_ in self.lins:
+            n = l_.weight.shape[0]
+            l_.weight.data = weight[r:r + n]
             if bias is not None:
-                l_.bias.data = bias[j * n:(j + 1) * n]
+                l_.bias.data = bias[r:r + n]
+            r += n
 
     def same_modules(self) -> bool:
         lins = self._modules_now()
@@ -442,12 +493,13 @@ class PackedLinears:
         if not self.same_modules():
             return None
         params = [l_._parameters for l_ in self.lins]
-        w = packed_rows([p["weight"] for p in params])
+        rows = _mixed_rows if self.mixed else packed_rows
+        w = rows([p["weight"] for p in params])
         if w is None:
             return None
         if params[0]["bias"] is None:
             return w, None
-        b = packed_rows([p["bias"] for p in params])
+        b = rows([p["bias"] for p in params])
         return None if b is None else (w, b)
 
     def get(self, st, what):
@@ -456,7 +508,7 @@ class PackedLinears:
         wb = self.packed()
         if wb is not None:
             return wb
-        if (self.same_modules() and self.packable(self.lins) and not torch.compiler.is_compiling()
+        if (self.same_modules() and self.packable(self.lins, self.mixed) and not torch.compiler.is_compiling()
                 and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
             if self.repacked_at is not None and st.forwards - self.repacked_at <= 1:
                 # replaced again one forward later (an offloading hook): each re-pack would copy the
@@ -487,9 +539,26 @@ class PackedLinears:
     def unpack(self):
         """Give each parameter its own storage back (values unchanged) where they still share one."""
         for ps in ([l_.weight for l_ in self.lins], [l_.bias for l_ in self.lins]):
-            if ps[0] is not None and packed_rows(ps) is not None:
+            if ps[0] is not None and (_mixed_rows if self.mixed else packed_rows)(ps) is not None:
                 for p in ps:
                     p.data = p.data.clone()
+
+
+def _mixed_rows(ts):
+    """The [sum n_j, ...] view covering ``ts`` if they are consecutive contiguous row blocks of one
+    storage (any row counts, same trailing shape and dtype), else None. Metadata only."""
+    t0 = ts[0]
+    p, es = t0.data_ptr(), t0.element_size()
+    for t in ts:
+        if (t is None or t.data_ptr() != p or not t.is_contiguous() or t.shape[1:] != t0.shape[1:]
+                or t.dtype != t0.dtype):
+            return None
+        p += t.numel() * es
+    st = t0.untyped_storage()
+    if p > st.data_ptr() + st.nbytes():
+        return None
+    rows = sum(t.shape[0] for t in ts)
+    return t0.detach().as_strided((rows,) + tuple(t0.shape[1:]), t0.stride(), t0.storage_offset())
 
 
 # --- model-level wrappers --------------------------------------------------------------------------
@@ -500,7 +569,7 @@ def _rope_forward(self, *args, **kwargs):
     fam = st.family
     if st.mode_stock or not st.tables_from_rope:
         return st.orig_rope_forward(*args, **kwargs)
-    key = None if torch.compiler.is_compiling() else fam.rope_key(args, kwargs)
+    key = None if torch.compiler.is_compiling() or fam.rope_key is None else fam.rope_key(args, kwargs)
     if key is None:
         return fam.rope_tables(st.orig_rope_forward(*args, **kwargs))
     hit = st.tables.get(key)
@@ -526,7 +595,7 @@ def _model_forward(self, *args, **kwargs):
     fam = st.family
     if st.mode_stock or torch.compiler.is_compiling():
         return st.orig_model_forward(*args, **kwargs)
-    mask = kwargs[fam.mask_kwarg] if fam.mask_kwarg in kwargs else (
+    mask = None if fam.mask_kwarg is None else kwargs[fam.mask_kwarg] if fam.mask_kwarg in kwargs else (
         args[fam.mask_pos] if len(args) > fam.mask_pos else None)
     why = None
     if mask is not None:
@@ -630,7 +699,7 @@ def hooked_inner_ref(block, fam):
     ref = refs[0]
     attr = "original_forward" if getattr(ref, "original_forward", None) is not None else "forward"
     f = getattr(ref, attr, None)
-    if getattr(f, "__func__", None) is fam.stock_block_forward() and getattr(f, "__self__", None) is block:
+    if getattr(f, "__func__", None) is fam.stock_block_forward(block) and getattr(f, "__self__", None) is block:
         return ref, attr
     return None
 
@@ -718,7 +787,8 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
     for name, block, kind in ok:
         block.__dict__[ATTR] = st
         inner = hooked_inner_ref(block, fam)
-        fused = types.MethodType(fam.block_forward, block)
+        st.block_fn[id(block)] = fam.forward_for(kind)
+        fused = types.MethodType(st.block_fn[id(block)], block)
         if inner is not None:  # diffusers hooks stay on top; the fused forward goes under them
             ref, attr = inner
             st.inner_refs.append((block, ref, attr, getattr(ref, attr)))
@@ -749,7 +819,8 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
         report.stock[fam.rope_module] = ("some blocks stay stock and need the stock RoPE output: the fused "
                                          "blocks convert it to tables once per forward")
     else:
-        report.swapped.insert(0, f"{fam.rope_module} (RoPE tables once per forward, cached per shape)")
+        report.swapped.insert(0, f"{fam.rope_module} (RoPE tables once per forward"
+                                 + (", cached per shape)" if fam.rope_key is not None else ")"))
     report.swapped.insert(0, "forward (text-mask check, verify)")
     for op, what in (("modulation", "stock norms + modulation + residual"),
                      ("qk_norm_rope", "stock RMSNorm, torch RoPE, torch.cat"),
@@ -795,7 +866,7 @@ def _probe(model, block):
     fam = state_of(block).family
     args, kwargs = fam.probe_call(model, block)
     try:
-        out = fam.block_forward(block, *args, **kwargs)
+        out = state_of(block).block_fn.get(id(block), fam.block_forward)(block, *args, **kwargs)
     except FusedDitInputError as ex:
         return f"FusedDitInputError: {ex}"
     outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -847,10 +918,10 @@ def unpatch(model_or_pipeline) -> bool:
     st._silu = st._tables_of = st.prenorm = None
     st.clear_mod_cache()
     st.next_block.clear()
-    fused = fam.block_forward
-    ours = {id(model): _model_forward, id(rope): _rope_forward}
+    ours = {id(model): _model_forward, id(rope): _rope_forward, **st.block_fn}
     under = set()
     for block, ref, attr, orig in st.inner_refs:
+        fused = ours[id(block)]
         if getattr(getattr(ref, attr, None), "__func__", None) is fused:
             setattr(ref, attr, orig)  # the hooks call the block's own forward again
         if getattr(block.__dict__.get("forward"), "__func__", None) is not fused:
@@ -862,7 +933,7 @@ def unpatch(model_or_pipeline) -> bool:
         if id(m) in under:
             continue
         fwd = m.__dict__.get("forward")
-        if fwd is not None and getattr(fwd, "__func__", None) is not ours.get(id(m), fused):
+        if fwd is not None and getattr(fwd, "__func__", None) is not ours.get(id(m)):
             # a hook added after patching wraps our forward: removing ours would remove the hook too,
             # so ours stays under it and runs the stock code from now on (mode_stock below)
             wrapped.append(type(m).__name__)
