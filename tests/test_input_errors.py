@@ -56,6 +56,12 @@ def _cases():
     qj, kj = randn(1, 7, H, D), randn(1, 7, H, D)
     yield "joint_qk_norm_rope_-q", fdo.joint_qk_norm_rope_, [qj, kj, 3, *w, tt, ti], 0, "q"
     yield "joint_qk_norm_rope_-k", fdo.joint_qk_norm_rope_, [qj, kj, 3, *w, tt, ti], 1, "k"
+    yield "joint_qkv_cat-txt_q", fdo.joint_qkv_cat, [*t, *i], 0, "txt_q"
+    yield "joint_qkv_cat-img_v", fdo.joint_qkv_cat, [*t, *i], 5, "img_v"
+    outs = [randn(1, 7, H, D) for _ in range(3)]
+    cat_out = lambda *a: fdo.joint_qkv_cat(*a[:6], out=a[6:])  # noqa: E731
+    yield "joint_qkv_cat_out-txt_q", cat_out, [*t, *i, *outs], 0, "txt_q"
+    yield "joint_qkv_cat_out-k_out", cat_out, [*t, *i, *outs], 7, "k_out"
     qa, ka, va = randn(1, 5, H, D), randn(1, 5, H, D), randn(1, 5, H, D)
     yield "attention-q", fdo.attention, [qa, ka, va], 0, "q"
     yield "attention-k", fdo.attention, [qa, ka, va], 1, "k"
@@ -112,6 +118,19 @@ def test_qk_norm_rope_cat_out_of_wrong_length(out):
     # and a right one still works
     outs = tuple(randn(1, 7, H, D) for _ in range(3))
     assert fdo.qk_norm_rope_cat(*t, *i, *w, tt, ti, out=outs) == outs
+
+
+@pytest.mark.parametrize("out", [(), "ab", None, "abcd"])
+def test_joint_qkv_cat_out_of_wrong_length(out):
+    t, i, _, _, _ = _joint()
+    buf = randn(1, 7, H, D)
+    out = {(): (buf, buf.clone()), "ab": [buf], None: buf, "abcd": (buf,) * 4}[out]
+    expect_input_error(lambda: fdo.joint_qkv_cat(*t, *i, out=out),
+                       "fused_dit.joint_qkv_cat: 'out' must be a (q_out, k_out, v_out) triple, got a")
+    outs = tuple(randn(1, 7, H, D) for _ in range(3))
+    assert fdo.joint_qkv_cat(*t, *i, out=outs) == outs
+    for o, a, b in zip(outs, t, i):
+        assert torch.equal(o, torch.cat([a, b], 1))
 
 
 # --- empty attention ------------------------------------------------------------------------------

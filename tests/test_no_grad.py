@@ -36,6 +36,9 @@ def _functional():
     w = [randn(D) for _ in range(4)]
     yield "qk_norm_rope_cat", fdo.qk_norm_rope_cat, [*t, *i, *w, randn(3, D), randn(4, D)]
     yield "attention", fdo.attention, [randn(1, 5, H, D), randn(1, 5, H, D), randn(1, 5, H, D)]
+    yield "joint_qkv_cat", fdo.joint_qkv_cat, [*t, *i]
+    yield "joint_linear", fdo.joint_linear, [randn(2, 3, C), randn(2, 5, C), [randn(8, C), randn(4, C)],
+                                             [randn(8), None], [randn(8, C), randn(4, C)], [randn(8), randn(4)]]
 
 
 def _inplace():
@@ -48,6 +51,12 @@ def _inplace():
     outs = tuple(randn(1, 7, H, D) for _ in range(3))
     yield ("qk_norm_rope_cat_out", lambda *a: fdo.qk_norm_rope_cat(*a, out=outs),
            [*t, *i, *w, randn(3, D), randn(4, D)])
+    cat_outs = tuple(randn(1, 7, H, D) for _ in range(3))
+    yield "joint_qkv_cat_out", lambda *a: fdo.joint_qkv_cat(*a, out=cat_outs), [*t, *i]
+
+
+# the out= ops: their public function (the outputs go in ``out``)
+OUT_FNS = {"qk_norm_rope_cat_out": fdo.qk_norm_rope_cat, "joint_qkv_cat_out": fdo.joint_qkv_cat}
 
 
 FUNCTIONAL = list(_functional())
@@ -101,10 +110,12 @@ def test_inplace_op_runs_and_backward_through_what_it_wrote_raises(name, fn, arg
         args[0] = leaf * 1  # a non-leaf that requires grad
     elif name == "rope":
         args[2] = args[2].requires_grad_(True)  # the cos|sin table
+    elif name == "joint_qkv_cat_out":
+        args[3] = args[3].requires_grad_(True)  # an input (img_q): the written tensors are plain
     else:
         pos = next(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() == 1)
         args[pos] = args[pos].requires_grad_(True)  # the first RMSNorm weight
-    written = [args[0], args[1]] if name != "qk_norm_rope_cat_out" else None
+    written = [args[0], args[1]] if name not in OUT_FNS else None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = fn(*args)
@@ -132,12 +143,12 @@ def test_inplace_op_on_views_of_a_joint_buffer():
 @pytest.mark.parametrize("name,fn,args", INPLACE, ids=[c[0] for c in INPLACE])
 def test_inplace_op_on_a_leaf_that_requires_grad_raises_before_writing(name, fn, args):
     args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-    if name == "qk_norm_rope_cat_out":
+    if name in OUT_FNS:
         outs = tuple(randn(1, 7, H, D) for _ in range(3))
         outs[1].requires_grad_(True)
         before = outs[1].detach().clone()
         with pytest.raises(FusedDitInputError) as e:
-            fdo.qk_norm_rope_cat(*args, out=outs)
+            OUT_FNS[name](*args, out=outs)
         target, arg = outs[1], "k_out"
     else:
         args[1] = args[1].requires_grad_(True)
@@ -150,11 +161,15 @@ def test_inplace_op_on_a_leaf_that_requires_grad_raises_before_writing(name, fn,
     assert "torch.no_grad()" in msg
     assert torch.equal(target.detach(), before)
     with torch.no_grad():
-        fn(*args) if name != "qk_norm_rope_cat_out" else fdo.qk_norm_rope_cat(*args, out=outs)
+        fn(*args) if name not in OUT_FNS else OUT_FNS[name](*args, out=outs)
 
 
-@pytest.mark.parametrize("name,fn,args", FUNCTIONAL[:3] + FUNCTIONAL[-2:] + INPLACE[:1],
-                         ids=[c[0] for c in FUNCTIONAL[:3] + FUNCTIONAL[-2:] + INPLACE[:1]])
+COMPILED = [c for c in FUNCTIONAL + INPLACE
+            if c[0] in ("scale_shift_gate", "norm_scale_shift", "gate_residual", "qk_norm_rope_cat", "attention",
+                        "joint_qkv_cat", "joint_linear", "rope", "joint_qkv_cat_out")]
+
+
+@pytest.mark.parametrize("name,fn,args", COMPILED, ids=[c[0] for c in COMPILED])
 def test_compiled_op_refuses_inputs_that_require_grad(name, fn, args):
     args = list(args)
     args[0] = args[0].clone().requires_grad_(True)
@@ -170,3 +185,20 @@ def test_compiled_op_refuses_inputs_that_require_grad(name, fn, args):
             f(*args)  # compiled under no_grad: fine
     finally:
         torch._dynamo.reset()
+
+
+def test_joint_linear_with_weights_that_require_grad():
+    """Parameters of Linears (requires_grad=True) with grad enabled: the output comes out behind the
+    raising node; the CUDA implementation's GEMMs (addmm into row slices, run here on CPU tensors)
+    take such inputs too."""
+    from fused_dit_ops.ops import linear
+    txt, img = randn(2, 3, C), randn(2, 5, C)
+    tw, iw = [torch.nn.Parameter(randn(8, C)) for _ in range(2)]
+    tb, ib = torch.nn.Parameter(randn(8)), None
+    for fn in (fdo.joint_linear, linear._joint_linear_cuda):
+        out = fn(txt, img, [tw], [tb], [iw], [ib])
+        assert out.requires_grad
+        with pytest.raises(RuntimeError, match="fused_dit.joint_linear has no backward"):
+            out.sum().backward()
+        with torch.no_grad():
+            assert torch.allclose(out.detach(), fn(txt, img, [tw], [tb], [iw], [ib]), atol=1e-5)

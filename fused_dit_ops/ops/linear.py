@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference as ref
-from .._validation import check_last_dim_contiguous, check_like, check_tensor, fail
+from .._validation import (TRACING, check_last_dim_contiguous, check_like, check_tensor, fail, no_backward,
+                           refuse_grad)
 
 _NS = "fused_dit"
 
@@ -131,10 +132,18 @@ def joint_linear_unchecked(txt, img, txt_weights, txt_biases, img_weights, img_b
     return out
 
 
-@torch.library.impl(f"{_NS}::joint_linear", "CUDA")
 def _joint_linear_cuda(txt, img, txt_weights, txt_biases, img_weights, img_biases):
+    """The CUDA implementation (any device that has addmm): the checks, the GEMMs, and with grad
+    enabled the output behind a node whose backward raises."""
     _check_joint_linear(txt, img, txt_weights, txt_biases, img_weights, img_biases)
-    return joint_linear_unchecked(txt, img, txt_weights, txt_biases, img_weights, img_biases)
+    if not torch.is_grad_enabled():
+        return joint_linear_unchecked(txt, img, txt_weights, txt_biases, img_weights, img_biases)
+    with torch.no_grad():  # addmm(out=) refuses inputs that require grad while grad is enabled
+        out = joint_linear_unchecked(txt, img, txt_weights, txt_biases, img_weights, img_biases)
+    return no_backward("joint_linear", out, txt, img, txt_weights, txt_biases, img_weights, img_biases)
+
+
+torch.library.impl(f"{_NS}::joint_linear", "CUDA")(_joint_linear_cuda)
 
 
 # --- CPU: the reference ---------------------------------------------------------------------------
@@ -142,7 +151,15 @@ def _joint_linear_cuda(txt, img, txt_weights, txt_biases, img_weights, img_biase
 @torch.library.impl(f"{_NS}::joint_linear", "CPU")
 def _joint_linear_cpu(txt, img, txt_weights, txt_biases, img_weights, img_biases):
     _check_joint_linear(txt, img, txt_weights, txt_biases, img_weights, img_biases)
-    return ref.joint_linear(txt, img, txt_weights, txt_biases, img_weights, img_biases).contiguous()
+    out = ref.joint_linear(txt, img, txt_weights, txt_biases, img_weights, img_biases).contiguous()
+    return (no_backward("joint_linear", out, txt, img, txt_weights, txt_biases, img_weights, img_biases)
+            if torch.is_grad_enabled() else out)
+
+
+# --- Autograd: a fallthrough (no backward; see ops/modulation.py): the output comes out behind a node
+# whose backward raises
+
+torch.library.impl(f"{_NS}::joint_linear", "Autograd")(torch.library.fallthrough_kernel)
 
 
 # --- fake (torch.compile) -------------------------------------------------------------------------
@@ -150,6 +167,8 @@ def _joint_linear_cpu(txt, img, txt_weights, txt_biases, img_weights, img_biases
 @torch.library.register_fake(f"{_NS}::joint_linear")
 def _joint_linear_fake(txt, img, txt_weights, txt_biases, img_weights, img_biases):
     B, Lt, Li, _, ns = _check_joint_linear(txt, img, txt_weights, txt_biases, img_weights, img_biases)
+    refuse_grad("joint_linear", TRACING, ("txt", txt), ("img", img), ("txt_weights", txt_weights),
+                ("txt_biases", txt_biases), ("img_weights", img_weights), ("img_biases", img_biases))
     return txt.new_empty((B, Lt + Li, sum(ns)))
 
 
