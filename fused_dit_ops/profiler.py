@@ -15,6 +15,10 @@ kernel is assigned to the block when the CPU launch that produced it (matched by
 lies inside the range, or, for a kernel without a matched launch, when its midpoint does. On CPU
 the "kernels" are the CPU ops of the range, each counted with its self time.
 
+``--model flux``: a Flux.1 transformer (FLUX.1-dev dims; tiny on CPU) of ``--layers`` N double-stream
++ 2N single-stream blocks at 4096 image + 512 text tokens; ``--kind double`` (default) or
+``--kind single`` picks the block list that ``--layer`` indexes.
+
 Without a CUDA GPU (or with ``--device cpu``) it profiles the tiny config on the CPU: the rows
 are CPU ops with their self time. That checks the tool and the patched model's wiring; it says
 nothing about GPU kernels.
@@ -608,26 +612,48 @@ def _dtype(s: str) -> torch.dtype:
 
 def run_profile(a: str = "stock", b: str = "patched", *, config: str | None = None, layers: int = 3, layer: int = 1,
                 device: str | None = None, dtype: str | None = None, tokens=None, txt_len: int | None = None,
-                warmup: int = 2, trace: str | None = None) -> tuple[list[LayerProfile], list[str], dict]:
-    """Build the demo model once and profile block ``layer`` of one forward in configurations a and b."""
+                warmup: int = 2, trace: str | None = None, model: str = "qwen",
+                kind: str = "double") -> tuple[list[LayerProfile], list[str], dict]:
+    """Build the demo model once and profile block ``layer`` of one forward in configurations a and b.
+
+    ``model``: "qwen" (``layers`` blocks) or "flux" (``layers`` double-stream + 2 x ``layers``
+    single-stream blocks; ``kind`` "double" or "single" says which list ``layer`` indexes)."""
     from .bench import _configs
-    from .models import build_qwen_image_transformer, make_qwen_inputs
+    from .models import build_flux_transformer, build_qwen_image_transformer, make_flux_inputs, make_qwen_inputs
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.device(device).type == "cuda"
-    config = config or ("edit-2511" if cuda else "tiny")
     dt = _dtype(dtype) if dtype else (torch.bfloat16 if cuda else torch.float32)
     names = [_configs.normalize(a), _configs.normalize(b)]
-    if not 0 <= layer < layers:
-        raise SystemExit(f"--layer {layer} is outside the model's {layers} layers")
-    model = build_qwen_image_transformer(config, num_layers=layers, device=device, dtype=dt)
-    inputs = make_qwen_inputs(model, img_tokens=_configs.parse_tokens(tokens), txt_len=txt_len)
-    meta = {"config": config, "layers": layers, "layer": layer, "device": device, "dtype": str(dt),
-            "img_tokens": inputs["hidden_states"].shape[1], "txt_len": inputs["encoder_hidden_states"].shape[1]}
+    if model == "flux":
+        config = config or ("dev" if cuda else "tiny")
+        attr = {"double": "transformer_blocks", "single": "single_transformer_blocks"}.get(kind)
+        if attr is None:
+            raise SystemExit(f"--kind {kind!r}: choose double or single")
+        n = layers if kind == "double" else 2 * layers
+        if not 0 <= layer < n:
+            raise SystemExit(f"--layer {layer} is outside the model's {n} {kind}-stream blocks")
+        m = build_flux_transformer(config, num_layers=layers, num_single_layers=2 * layers, device=device, dtype=dt)
+        inputs = make_flux_inputs(m, img_tokens=_configs.parse_tokens(tokens), txt_len=txt_len)
+        meta = {"model": "flux", "config": config, "layers": layers, "single_layers": 2 * layers, "kind": kind,
+                "block": f"{attr}[{layer}]", "layer": layer, "device": device, "dtype": str(dt),
+                "img_tokens": inputs["img_ids"].shape[0], "txt_len": inputs["encoder_hidden_states"].shape[1]}
+    elif model == "qwen":
+        attr = "transformer_blocks"
+        config = config or ("edit-2511" if cuda else "tiny")
+        if not 0 <= layer < layers:
+            raise SystemExit(f"--layer {layer} is outside the model's {layers} layers")
+        m = build_qwen_image_transformer(config, num_layers=layers, device=device, dtype=dt)
+        inputs = make_qwen_inputs(m, img_tokens=_configs.parse_tokens(tokens), txt_len=txt_len)
+        meta = {"config": config, "layers": layers, "layer": layer, "device": device, "dtype": str(dt),
+                "img_tokens": inputs["hidden_states"].shape[1], "txt_len": inputs["encoder_hidden_states"].shape[1]}
+    else:
+        raise SystemExit(f"--model {model!r}: choose qwen or flux")
+    model = m
     profiles = []
     for i, name in enumerate(names):
         info = _configs.apply(model, name)
         try:
-            block = model.transformer_blocks[layer]
+            block = getattr(model, attr)[layer]
             path = Path(trace) / f"profile-{i}-{name}.json" if trace else None
             prof = profile_layer(lambda: model(**inputs), block, model=model, warmup=warmup, trace=path,
                                  device=device)
@@ -648,14 +674,21 @@ def main(argv=None) -> int:
     ap.add_argument("--a", default="stock", help="first configuration: stock, patched, stock-compile, "
                                                   "patched-compile (default stock)")
     ap.add_argument("--b", default="patched", help="second configuration (default patched)")
-    ap.add_argument("--config", default=None, help="model config (default edit-2511 on CUDA, tiny on CPU)")
+    ap.add_argument("--model", default="qwen", choices=("qwen", "flux"),
+                    help="qwen (Qwen-Image-Edit-2511, default) or flux (Flux.1: --layers N double + 2N single "
+                         "blocks)")
+    ap.add_argument("--kind", default="double", choices=("double", "single"),
+                    help="flux: the block list --layer indexes (default double)")
+    ap.add_argument("--config", default=None, help="model config (default edit-2511 on CUDA, tiny on CPU; "
+                                                   "flux: dev on CUDA)")
     ap.add_argument("--layers", type=int, default=3, help="model depth (default 3)")
     ap.add_argument("--layer", type=int, default=1, help="which block to cut out (default 1)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--dtype", default=None, help="bf16 (CUDA default), fp16, fp32 (CPU default)")
-    ap.add_argument("--tokens", default=None, help="image tokens per image, target first: e.g. 4096,4096 "
-                                                   "(default 4096,4096; tiny: 16,16)")
-    ap.add_argument("--txt-len", type=int, default=None, help="text tokens (default 208; tiny: 7)")
+    ap.add_argument("--tokens", "--img-tokens", dest="tokens", default=None,
+                    help="image tokens per image, target first: e.g. 4096,4096 (default 4096,4096; tiny: 16,16; "
+                         "flux: 4096; tiny 15)")
+    ap.add_argument("--txt-len", type=int, default=None, help="text tokens (default 208; tiny: 7; flux: 512)")
     ap.add_argument("--warmup", type=int, default=2, help="unprofiled forwards before the profiled one")
     ap.add_argument("--top", type=int, default=30, help="kernel names shown (the rest folded into one row)")
     ap.add_argument("--trace", default=None, help="directory for the chrome traces (one per configuration)")
@@ -674,11 +707,17 @@ def main(argv=None) -> int:
 
     profiles, names, meta = run_profile(args.a, args.b, config=args.config, layers=args.layers, layer=args.layer,
                                         device=device, dtype=args.dtype, tokens=args.tokens,
-                                        txt_len=args.txt_len, warmup=args.warmup, trace=args.trace)
+                                        txt_len=args.txt_len, warmup=args.warmup, trace=args.trace,
+                                        model=args.model, kind=args.kind)
     from .bench import harness
     bw = harness.device_copy_bandwidth_bytes_per_s(meta["device"])
-    title = (f"block {meta['layer']} of {meta['layers']} ({meta['config']}, {meta['device']}, {meta['dtype']}, "
-             f"L_img {meta['img_tokens']}, L_txt {meta['txt_len']}): {names[0]} vs {names[1]}")
+    if meta.get("model") == "flux":
+        title = (f"flux {meta['block']} of {meta['layers']} double + {meta['single_layers']} single blocks "
+                 f"({meta['config']}, {meta['device']}, {meta['dtype']}, L_img {meta['img_tokens']}, "
+                 f"L_txt {meta['txt_len']}): {names[0]} vs {names[1]}")
+    else:
+        title = (f"block {meta['layer']} of {meta['layers']} ({meta['config']}, {meta['device']}, {meta['dtype']}, "
+                 f"L_img {meta['img_tokens']}, L_txt {meta['txt_len']}): {names[0]} vs {names[1]}")
     print(format_comparison(profiles, names, bw, top=args.top, title=title))
     if args.trace:
         for p in profiles:

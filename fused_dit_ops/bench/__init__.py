@@ -14,6 +14,8 @@ DESCRIPTIONS = {
     "rope": "RoPE on q and k of both streams: eager, compile, FlashInfer, fused (GPU)",
     "qkv": "joint QKV path: concat, QK-norm + RoPE + concat, q/k/v projections (GPU)",
     "attention": "every attention backend, the automatic choice and the shim's overhead (GPU)",
-    "block": "one Qwen-Image-Edit-2511 block: stock/patched x eager/compile (GPU; --device cpu --tiny: smoke run)",
-    "model": "the 60-layer transformer, one CFG step per iteration (GPU, ~41 GB; --device cpu --tiny: smoke run)",
+    "block": "one Qwen-Image-Edit-2511 block (--model flux: a Flux.1 double and single block): stock/patched x "
+             "eager/compile (GPU; --device cpu --tiny: smoke run)",
+    "model": "the 60-layer transformer, one CFG step per iteration (GPU, ~41 GB; --model flux: FLUX.1-dev, one "
+             "forward, ~24 GB; --device cpu --tiny: smoke run)",
 }

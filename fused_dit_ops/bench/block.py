@@ -19,6 +19,13 @@ follows energy). ``--providers patched-eager+nopack`` and the like time ``patch`
 against each other (``_configs.MODIFIERS``). Targets on an H100: patched eager <= 4.3 ms (stock
 eager 6.54, stock compile 4.93, fastest published framework 5.1). ``--device cpu --tiny``: a
 smoke run of the same code.
+
+``--model flux``: Flux.1 (FLUX.1-dev dims, D 3072 = 24 x 128, MLP 12288, random bf16 weights): a
+model of one double-stream and one single-stream block runs one forward at 1024 x 1024 (4096
+image + 512 text tokens; ``--tokens 4096,4096``: Kontext, target + reference), the pre-hooks
+capture both blocks' arguments (temb from timestep, guidance and pooled text, the joint RoPE
+table), and each block is timed alone with the same providers: one row per (block, provider),
+ratios against stock compile of the same block. No target for Flux.
 """
 from __future__ import annotations
 
@@ -66,48 +73,94 @@ def capture_block_call(model, inputs: dict, index: int = 0):
     return block, got["args"], got["kwargs"]
 
 
+def capture_block_calls(model, inputs: dict, blocks) -> list[tuple]:
+    """Run ``model(**inputs)`` until every module of ``blocks`` has been called once; return the
+    (args, kwargs) of each one's first call, in the order of ``blocks`` (the forward stops at the
+    last of them to be called)."""
+    got: dict = {}
+    handles = []
+
+    def make_hook(i):
+        def hook(mod, args, kwargs):
+            if i not in got:
+                got[i] = (args, dict(kwargs))
+            if len(got) == len(blocks):
+                raise _Captured
+        return hook
+
+    for i, b in enumerate(blocks):
+        handles.append(b.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except _Captured:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i in range(len(blocks)) if i not in got]
+    if missing:
+        raise RuntimeError(f"blocks {missing} were not called by the forward")
+    return [got[i] for i in range(len(blocks))]
+
+
 def _clone(v):
     return v.clone() if isinstance(v, torch.Tensor) else v
 
 
 def run_provider(model, inputs: dict, provider: str, device: str, rep_ms: int,
                  cooldown_s: float = 0.0, energy_s: float = 0.0) -> tuple[dict, torch.Tensor]:
+    """Block 0 of ``model.transformer_blocks`` in configuration ``provider``: (row, image output)."""
+    return run_provider_blocks(model, inputs, provider, device, rep_ms, cooldown_s, energy_s,
+                               blocks=lambda m: [m.transformer_blocks[0]])[0]
+
+
+def run_provider_blocks(model, inputs: dict, provider: str, device: str, rep_ms: int,
+                        cooldown_s: float = 0.0, energy_s: float = 0.0, *, blocks) -> list[tuple[dict, torch.Tensor]]:
+    """Each block of ``blocks(model)`` (a function: the model's blocks once configured) timed alone
+    on the arguments one forward passes it, in configuration ``provider`` (applied and compiled
+    once for all of them): [(row, image output)] in the order of the blocks."""
     base_name, opts = _configs.split_modifiers(provider)  # e.g. "patched-eager+nopack"
     name = _configs.normalize(base_name)
     base = "patched" if _configs.is_patched(name) else "stock"
     _configs.apply(model, base, **opts)
     try:
-        block, args, kwargs = capture_block_call(model, inputs)
+        mods = list(blocks(model))
+        calls = capture_block_calls(model, inputs, mods)
         how = _configs.compile_blocks(model) if _configs.is_compiled(name) else ""
-
-        def call(a=args, kw=kwargs):
-            with torch.no_grad():
-                return block(*a, **kw)
-
-        t0 = time.perf_counter()
-        call()
-        _configs.synchronize(device)
-        first_s = time.perf_counter() - t0
-        gpu = {}
-        if torch.device(device).type == "cuda":
-            gpu["gpu_before"] = harness.cool_down(cooldown_s)
-        us = harness.time_us_on(device, call, rep_ms=rep_ms)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-            gpu["gpu_after"] = harness.gpu_state()
-            energy = harness.energy_per_call(call, energy_s)
-            if energy is not None:
-                gpu.update(energy)
-        # output on fresh copies of the inputs (a block may update its inputs in place)
-        out = call(tuple(_clone(a) for a in args), {k: _clone(v) for k, v in kwargs.items()})
-        img = out[1] if isinstance(out, (tuple, list)) else out
-        return ({"provider": provider, "ms": us / 1e3, "first_call_s": first_s, "compile": how,
-                 **_configs.options_row(opts), **gpu},
-                img.detach())
+        return [_time_block(block, args, kwargs, provider, device, rep_ms, cooldown_s, energy_s, how, opts)
+                for block, (args, kwargs) in zip(mods, calls)]
     finally:
         _configs.reset(model, name)
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _time_block(block, args, kwargs, provider, device, rep_ms, cooldown_s, energy_s, how, opts):
+    def call(a=args, kw=kwargs):
+        with torch.no_grad():
+            return block(*a, **kw)
+
+    t0 = time.perf_counter()
+    call()
+    _configs.synchronize(device)
+    first_s = time.perf_counter() - t0
+    gpu = {}
+    if torch.device(device).type == "cuda":
+        gpu["gpu_before"] = harness.cool_down(cooldown_s)
+    us = harness.time_us_on(device, call, rep_ms=rep_ms)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        gpu["gpu_after"] = harness.gpu_state()
+        energy = harness.energy_per_call(call, energy_s)
+        if energy is not None:
+            gpu.update(energy)
+    # output on fresh copies of the inputs (a block may update its inputs in place)
+    out = call(tuple(_clone(a) for a in args), {k: _clone(v) for k, v in kwargs.items()})
+    img = out[1] if isinstance(out, (tuple, list)) else out
+    return ({"provider": provider, "ms": us / 1e3, "first_call_s": first_s, "compile": how,
+             **_configs.options_row(opts), **gpu},
+            img.detach())
 
 
 def main(argv=None) -> int:
@@ -117,9 +170,15 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", default=",".join(PROVIDERS),
                     help=f"comma list from {', '.join(PROVIDERS)}; a patched one may end in patch options "
                          f"({', '.join('+' + m for m in _configs.MODIFIERS)}), e.g. patched-eager+nopack")
-    ap.add_argument("--config", default="edit-2511", help="model config (default edit-2511)")
-    ap.add_argument("--tokens", default=None, help="image tokens, target first (default 4096,4096)")
-    ap.add_argument("--txt-len", type=int, default=None, help="text tokens (default 208)")
+    ap.add_argument("--model", default="qwen", choices=("qwen", "flux"),
+                    help="qwen (Qwen-Image-Edit-2511, default) or flux (Flux.1: one double-stream and one "
+                         "single-stream block, each timed)")
+    ap.add_argument("--config", default=None, help="model config (default edit-2511; flux: dev or schnell, "
+                                                   "default dev)")
+    ap.add_argument("--tokens", "--img-tokens", dest="tokens", default=None,
+                    help="image tokens, target first (default 4096,4096; flux: 4096, Kontext 4096,4096, "
+                         "512 x 512 1024)")
+    ap.add_argument("--txt-len", type=int, default=None, help="text tokens (default 208; flux 512)")
     ap.add_argument("--dtype", default="bf16", help="bf16 (default), fp16; fp32 with --tiny")
     ap.add_argument("--device", default=None, help="cuda (default) or cpu with --tiny")
     ap.add_argument("--tiny", action="store_true", help="tiny config: a smoke run (CPU ok), not a measurement")
@@ -139,10 +198,14 @@ def main(argv=None) -> int:
     if device is None:
         return 2
     providers = _configs.parse_providers(args.providers, "bench block")
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
+    if args.model == "flux":
+        return _main_flux(args, device, providers)
 
     from ..models import build_qwen_image_transformer, make_qwen_inputs
     from ..profiler import _dtype
-    config = "tiny" if args.tiny else args.config
+    config = "tiny" if args.tiny else (args.config or "edit-2511")
     dtype = torch.float32 if (args.tiny and torch.device(device).type == "cpu") else _dtype(args.dtype)
     model = build_qwen_image_transformer(config, num_layers=1, device=device, dtype=dtype)
     inputs = make_qwen_inputs(model, img_tokens=_configs.parse_tokens(args.tokens), txt_len=args.txt_len)
@@ -152,8 +215,6 @@ def main(argv=None) -> int:
              "zero_cond_t": bool(model.config.zero_cond_t)}
     print(f"bench block: {shape}, device {device}")
 
-    if args.rounds < 1:
-        raise SystemExit("--rounds must be >= 1")
     rows, ref, pending = [], None, {}
     for rnd, order in harness.rotated_rounds(providers, args.rounds):
         if args.rounds > 1:
@@ -201,6 +262,87 @@ def main(argv=None) -> int:
                                  extra={"shape": shape, "device": device, "target_ms_patched_eager": TARGET_MS,
                                         "target_met": verdict, "target_basis": v["target_basis"],
                                         "reference_ms": REFERENCE_MS,
+                                        "rounds": args.rounds, "rep_ms": args.rep_ms, "energy_s": args.energy_s,
+                                        "cooldown_s": args.cooldown},
+                                 out_dir=args.out)
+    print(f"results: {path}")
+    return 0
+
+
+FLUX_KINDS = (("double", "transformer_blocks"), ("single", "single_transformer_blocks"))
+
+
+def _main_flux(args, device: str, providers: list[str]) -> int:
+    """``--model flux``: a double-stream and a single-stream block of one forward, timed alone."""
+    from ..models import FLUX_CONFIGS, build_flux_transformer, make_flux_inputs
+    from ..profiler import _dtype
+    if args.config is not None and args.config not in FLUX_CONFIGS:
+        raise SystemExit(f"--config {args.config!r} is not a Flux config; choose from "
+                         f"{', '.join(c for c in FLUX_CONFIGS if c != 'tiny')}")
+    config = "tiny" if args.tiny else (args.config or "dev")
+    dtype = torch.float32 if (args.tiny and torch.device(device).type == "cpu") else _dtype(args.dtype)
+    model = build_flux_transformer(config, num_layers=1, num_single_layers=1, device=device, dtype=dtype)
+    tokens = _configs.parse_tokens(args.tokens)
+    inputs = make_flux_inputs(model, img_tokens=tokens, txt_len=args.txt_len)
+    n_img = inputs["img_ids"].shape[0]
+    shape = {"model": "flux", "config": config, "dtype": str(dtype), "img_tokens": n_img,
+             "images": list(tokens) if tokens else [n_img], "txt_len": inputs["encoder_hidden_states"].shape[1],
+             "guidance_embeds": bool(model.config.guidance_embeds)}
+    print(f"bench block: {shape}, device {device}; blocks: transformer_blocks[0] (double), "
+          "single_transformer_blocks[0] (single) of a 1 + 1 block model")
+
+    def blocks(m):
+        return [getattr(m, attr)[0] for _, attr in FLUX_KINDS]
+
+    kinds = [k for k, _ in FLUX_KINDS]
+    rows: dict[str, list] = {k: [] for k in kinds}
+    refs: dict = {}
+    pending: dict[str, list] = {k: [] for k in kinds}
+    for rnd, order in harness.rotated_rounds(providers, args.rounds):
+        if args.rounds > 1:
+            print(f" round {rnd + 1}/{args.rounds}: {', '.join(order)}")
+        for p in order:
+            try:
+                results = run_provider_blocks(model, inputs, p, device, args.rep_ms, args.cooldown, args.energy_s,
+                                              blocks=blocks)
+            except Exception as e:  # keep the other providers' numbers
+                print(f"  {p}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+                for k in kinds:
+                    rows[k].append({"provider": p, "error": f"{type(e).__name__}: {e}", "round": rnd})
+                continue
+            for k, (row, img) in zip(kinds, results):
+                row["round"] = rnd
+                if k not in refs and _configs.normalize(p.partition("+")[0]) == "stock":
+                    refs[k] = img
+                    for r_, im in pending[k]:  # providers timed before the first stock one
+                        r_["max_rel_diff_vs_stock"] = _configs.rel_err(im, img)
+                    pending[k].clear()
+                if k not in refs:
+                    pending[k].append((row, img))
+                row["max_rel_diff_vs_stock"] = _configs.rel_err(img, refs[k]) if k in refs else None
+                rows[k].append(row)
+                en = (f"; {row['j_per_call']:.2f} J/call at {row['avg_power_w']:.0f} W back to back"
+                      if row.get("j_per_call") is not None else "")
+                print(f"  {p} {k}: {row['ms']:.3f} ms (first call {row['first_call_s']:.1f} s{en})")
+    pending.clear()
+    out_rows = []
+    for k in kinds:
+        rs = rows[k]
+        if args.rounds > 1:
+            rs = harness.merge_rounds(rs, ["ms"] + (["j_per_call", "avg_power_w", "ms_per_call_b2b"]
+                                                    if all("j_per_call" in r for r in rs if "ms" in r) else []))
+        base = next((r["ms"] for r in rs if r.get("provider") == "stock-eager" and "ms" in r), None)
+        for r in rs:
+            if "ms" in r:
+                r["speedup_vs_stock_eager"] = base / r["ms"] if base else None
+        harness.add_ratio(rs, "ms", "stock-compile", "ratio_vs_stock_compile")
+        harness.add_ratio(rs, "j_per_call", "stock-compile", "energy_ratio_vs_stock_compile")
+        out_rows += [{"block": k, **r} for r in rs]
+    print(harness.format_table(out_rows, ["block", "provider", "ms", "speedup_vs_stock_eager", "ratio_vs_stock_compile",
+                                          "j_per_call", "avg_power_w", "energy_ratio_vs_stock_compile",
+                                          "first_call_s", "max_rel_diff_vs_stock", "error"]))
+    path = harness.write_results("block-flux" + ("-tiny" if args.tiny else ""), out_rows,
+                                 extra={"model": "flux", "shape": shape, "device": device,
                                         "rounds": args.rounds, "rep_ms": args.rep_ms, "energy_s": args.energy_s,
                                         "cooldown_s": args.cooldown},
                                  out_dir=args.out)

@@ -21,6 +21,16 @@ CFG step, speedup over stock eager, warm-up seconds, and the output's max relati
 from stock eager. Targets on an H100: forward <= 265 ms, i.e. <= 0.53 s per CFG step (published
 best 0.63 s). ``--providers`` picks a subset (each compile provider costs a few minutes of
 compilation); ``--device cpu --tiny`` is a smoke run of the same code.
+
+``--model flux``: the whole FLUX.1-dev transformer (19 double-stream + 38 single-stream blocks, D
+3072 = 24 x 128, MLP 12288, random bf16 weights, ~24 GB, one copy as above) at 1024 x 1024: 4096
+image + 512 text tokens (``--tokens 4096,4096``: Kontext, target + reference; ``--tokens 1024``:
+512 x 512). FLUX.1-dev is guidance-distilled: no CFG pair, one forward per step, called as the
+pipelines call it (hidden_states, encoder_hidden_states, pooled_projections, timestep as sigma,
+guidance 3.5, img_ids / txt_ids). Every step has its own timestep, so ``reuse_mod`` (on, as
+``patch``'s default) never reuses and costs only its check. ``--layers N``: N double + 2N single
+blocks (``--layers D,S``: D double + S single). Reported: ms per forward (= s per step), ratios,
+warm-up seconds, the output's max relative difference from stock eager. No target for Flux.
 """
 from __future__ import annotations
 
@@ -63,8 +73,11 @@ class _Timer:
         return 1e3 * (b - a)
 
 
-def run_provider(model, cond: dict, uncond: dict, provider: str, device: str, *, warmup: int, steps: int,
+def run_provider(model, cond: dict, uncond: dict | None, provider: str, device: str, *, warmup: int, steps: int,
                  dynamic: bool, cooldown_s: float = 0.0) -> tuple[dict, torch.Tensor]:
+    """``provider`` over ``warmup`` + ``steps`` steps of the descending timestep schedule: (row, output).
+    A step is a CFG pair (``cond`` then ``uncond``), or one forward of ``cond`` where ``uncond`` is
+    None (guidance-distilled models: Flux.1-dev)."""
     base, opts = _configs.split_modifiers(provider)  # e.g. "patched-eager+noreuse", for A/B runs
     name = _configs.normalize(base)
     timer = _Timer(device)
@@ -75,13 +88,14 @@ def run_provider(model, cond: dict, uncond: dict, provider: str, device: str, *,
     # one timestep per step (descending, as a sampler's), the same tensor for cond and uncond
     t0v = float(cond["timestep"].flatten()[0])
     ts = [torch.full_like(cond["timestep"], t0v * (1 - 0.9 * i / (warmup + steps))) for i in range(warmup + steps)]
-    step_kw = [(dict(cond, timestep=t), dict(uncond, timestep=t)) for t in ts]
+    step_kw = [(dict(cond, timestep=t), dict(uncond, timestep=t) if uncond is not None else None) for t in ts]
     try:
         with ctx, torch.no_grad():
             t0 = time.perf_counter()
             for kc, ku in step_kw[:warmup]:
                 model(**kc)
-                model(**ku)
+                if ku is not None:
+                    model(**ku)
             _configs.synchronize(device)
             warm_s = time.perf_counter() - t0
             gpu = {}
@@ -92,6 +106,9 @@ def run_provider(model, cond: dict, uncond: dict, provider: str, device: str, *,
                 a = timer.mark()
                 model(**kc)
                 b = timer.mark()
+                if ku is None:
+                    marks.append((a, b, b))
+                    continue
                 model(**ku)
                 c = timer.mark()
                 marks.append((a, b, c))
@@ -108,6 +125,9 @@ def run_provider(model, cond: dict, uncond: dict, provider: str, device: str, *,
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     med = statistics.median
+    if uncond is None:
+        return ({"provider": provider, "ms_forward": med(cond_ms), "s_per_step": med(cond_ms) / 1e3,
+                 "warmup_s": warm_s, "compile": info.get("compile", ""), **_configs.options_row(opts), **gpu}, out)
     row = {"provider": provider, "ms_cond": med(cond_ms), "ms_uncond": med(uncond_ms),
            "ms_forward": 0.5 * (med(cond_ms) + med(uncond_ms)), "s_per_step": med(step_ms) / 1e3,
            "warmup_s": warm_s, "compile": info.get("compile", ""), **_configs.options_row(opts), **gpu}
@@ -122,13 +142,22 @@ def main(argv=None) -> int:
                     help=f"comma list from {', '.join(PROVIDERS)}; a patched one may end in patch options "
                          f"({', '.join('+' + m for m in _configs.MODIFIERS)}, e.g. '+noreuse': "
                          "patch(reuse_mod=False)); a name may repeat (interleaved A/B)")
-    ap.add_argument("--layers", type=int, default=None, help="model depth (default 60; --tiny: 2)")
-    ap.add_argument("--config", default="edit-2511", help="model config (default edit-2511)")
-    ap.add_argument("--tokens", default=None, help="image tokens, target first (default 4096,4096)")
+    ap.add_argument("--model", default="qwen", choices=("qwen", "flux"),
+                    help="qwen (Qwen-Image-Edit-2511, default) or flux (FLUX.1-dev, one forward per step)")
+    ap.add_argument("--layers", default=None,
+                    help="model depth (default 60; --tiny: 2); flux: N = N double + 2N single blocks, or D,S "
+                         "(default 19,38; --tiny: 2,2)")
+    ap.add_argument("--config", default=None, help="model config (default edit-2511; flux: dev or schnell, "
+                                                   "default dev)")
+    ap.add_argument("--tokens", "--img-tokens", dest="tokens", default=None,
+                    help="image tokens, target first (default 4096,4096; flux: 4096, Kontext 4096,4096, "
+                         "512 x 512 1024)")
     ap.add_argument("--txt-len", default=None, help="text tokens of the cond,uncond forwards (default 225,208; "
-                                                    "--tiny: 9,7)")
-    ap.add_argument("--steps", type=int, default=5, help="timed CFG steps per provider (default 5)")
-    ap.add_argument("--warmup", type=int, default=2, help="warm-up CFG steps per provider (default 2)")
+                                                    "--tiny: 9,7); flux: one length (default 512; --tiny: 7)")
+    ap.add_argument("--steps", type=int, default=5, help="timed CFG steps per provider (default 5; flux: "
+                                                          "timed forwards)")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up CFG steps per provider (default 2; flux: "
+                                                          "forwards)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the providers this many times, the order rotated each round; report medians "
                          "(with --rounds > 1 a repeated provider name is merged into one row)")
@@ -147,11 +176,18 @@ def main(argv=None) -> int:
     if device is None:
         return 2
     providers = _configs.parse_providers(args.providers, "bench model")
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
+    if args.model == "flux":
+        return _main_flux(args, device, providers)
 
     from ..models import build_qwen_image_transformer, make_qwen_inputs
     from ..profiler import _dtype
-    config = "tiny" if args.tiny else args.config
-    layers = args.layers or (2 if args.tiny else 60)
+    config = "tiny" if args.tiny else (args.config or "edit-2511")
+    try:
+        layers = int(args.layers) if args.layers else (2 if args.tiny else 60)
+    except ValueError:
+        raise SystemExit(f"--layers takes one number for qwen, got {args.layers!r}") from None
     dtype = torch.float32 if (args.tiny and torch.device(device).type == "cpu") else _dtype(args.dtype)
     txt = _configs.parse_tokens(args.txt_len) or ((9, 7) if args.tiny else (225, 208))
     if len(txt) != 2:
@@ -171,8 +207,6 @@ def main(argv=None) -> int:
              "txt_len_cond": txt[0], "txt_len_uncond": txt[1], "zero_cond_t": bool(model.config.zero_cond_t)}
     print(f"bench model: {shape}, device {device}, built in {build_s:.1f} s")
 
-    if args.rounds < 1:
-        raise SystemExit("--rounds must be >= 1")
     rows, ref = [], None
     for rnd, order in harness.rotated_rounds(providers, args.rounds):
         if args.rounds > 1:
@@ -219,6 +253,91 @@ def main(argv=None) -> int:
                                         "target_forward_ms": TARGET_FORWARD_MS, "target_step_s": TARGET_STEP_S,
                                         "target_met": verdict, "target_basis": v["target_basis"],
                                         "reference_step_s": REFERENCE_STEP_S},
+                                 out_dir=args.out)
+    print(f"results: {path}")
+    return 0
+
+
+def flux_layers(spec, tiny: bool) -> tuple[int, int]:
+    """(double, single) block counts from ``--layers``: None -> 19, 38 (tiny: 2, 2); "N" -> N, 2N
+    (the real model's ratio); "D,S" -> D, S."""
+    if not spec:
+        return (2, 2) if tiny else (19, 38)
+    try:
+        v = _configs.parse_tokens(spec)
+    except ValueError:
+        v = ()
+    if len(v) == 1 and v[0] >= 1:
+        return v[0], 2 * v[0]
+    if len(v) == 2 and v[0] >= 0 and v[1] >= 0 and sum(v) >= 1:
+        return v[0], v[1]
+    raise SystemExit(f"--layers for flux: N (N double + 2N single blocks) or D,S; got {spec!r}")
+
+
+def _main_flux(args, device: str, providers: list[str]) -> int:
+    """``--model flux``: the Flux.1 transformer forward, one forward per step."""
+    from ..models import FLUX_CONFIGS, build_flux_transformer, make_flux_inputs
+    from ..profiler import _dtype
+    if args.config is not None and args.config not in FLUX_CONFIGS:
+        raise SystemExit(f"--config {args.config!r} is not a Flux config; choose from "
+                         f"{', '.join(c for c in FLUX_CONFIGS if c != 'tiny')}")
+    config = "tiny" if args.tiny else (args.config or "dev")
+    n_double, n_single = flux_layers(args.layers, args.tiny)
+    dtype = torch.float32 if (args.tiny and torch.device(device).type == "cpu") else _dtype(args.dtype)
+    txt = _configs.parse_tokens(args.txt_len)
+    if txt is not None and len(txt) != 1:
+        raise SystemExit("--txt-len takes one length for flux (no CFG pair)")
+    t0 = time.perf_counter()
+    model = build_flux_transformer(config, num_layers=n_double, num_single_layers=n_single, device=device,
+                                   dtype=dtype)
+    _configs.synchronize(device)
+    build_s = time.perf_counter() - t0
+    tokens = _configs.parse_tokens(args.tokens)
+    inputs = make_flux_inputs(model, img_tokens=tokens, txt_len=txt[0] if txt else None, seed=1)
+    n_img = inputs["img_ids"].shape[0]
+    n_params = sum(p.numel() for p in model.parameters())
+    shape = {"model": "flux", "config": config, "double_layers": n_double, "single_layers": n_single,
+             "dtype": str(dtype), "params": n_params, "weights_gb": round(n_params * dtype.itemsize / 1e9, 2),
+             "img_tokens": n_img, "images": list(tokens) if tokens else [n_img],
+             "txt_len": inputs["encoder_hidden_states"].shape[1],
+             "guidance": float(inputs["guidance"][0]) if inputs["guidance"] is not None else None}
+    print(f"bench model: flux {config}, {n_double} double + {n_single} single blocks, {shape}, device {device}, "
+          f"built in {build_s:.1f} s")
+
+    rows, ref = [], None
+    for rnd, order in harness.rotated_rounds(providers, args.rounds):
+        if args.rounds > 1:
+            print(f" round {rnd + 1}/{args.rounds}: {', '.join(order)}", flush=True)
+        for p in order:
+            try:
+                row, out = run_provider(model, inputs, None, p, device, warmup=args.warmup, steps=args.steps,
+                                        dynamic=args.dynamic, cooldown_s=args.cooldown)
+            except Exception as e:  # keep the other providers' numbers
+                print(f"  {p}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+                rows.append({"provider": p, "error": f"{type(e).__name__}: {e}"[:500], "round": rnd})
+                _configs.uncompile(model)
+                continue
+            row["round"] = rnd
+            if ref is None and _configs.normalize(p.partition("+")[0]) == "stock":
+                ref = out
+            row["max_rel_diff_vs_stock"] = _configs.rel_err(out, ref) if ref is not None else None
+            rows.append(row)
+            print(f"  {p}: {row['ms_forward']:.1f} ms/forward (warm-up {row['warmup_s']:.1f} s)", flush=True)
+    if args.rounds > 1:
+        rows = harness.merge_rounds(rows, ["ms_forward", "s_per_step"])
+    base = next((r["ms_forward"] for r in rows if r.get("provider") == "stock-eager" and "ms_forward" in r), None)
+    for r in rows:
+        if "ms_forward" in r:
+            r["speedup_vs_stock_eager"] = base / r["ms_forward"] if base else None
+    harness.add_ratio(rows, "ms_forward", "stock-compile", "ratio_vs_stock_compile")
+    print(harness.format_table(rows, ["provider", "ms_forward", "speedup_vs_stock_eager", "ratio_vs_stock_compile",
+                                      "warmup_s", "max_rel_diff_vs_stock", "error"]))
+    if torch.device(device).type == "cuda":
+        shape["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    path = harness.write_results("model-flux" + ("-tiny" if args.tiny else ""), rows,
+                                 extra={"model": "flux", "shape": shape, "device": device, "build_s": build_s,
+                                        "steps": args.steps, "warmup": args.warmup, "dynamic": args.dynamic,
+                                        "rounds": args.rounds, "cooldown_s": args.cooldown},
                                  out_dir=args.out)
     print(f"results: {path}")
     return 0
