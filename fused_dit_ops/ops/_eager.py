@@ -13,6 +13,12 @@ call: :func:`joint_linear_unchecked` (activations the modulation ops just wrote,
 packed) and :func:`attention_unchecked` (q, k, v views of the joint buffer ``joint_linear`` just
 returned). Elsewhere they are the checked ops.
 
+The checks run through :func:`_check`, which remembers the metadata signatures that passed: a
+repeated call with the same shapes, strides, dtypes, devices and scalar arguments (every block of
+a forward, every step) skips the validator. Sound because these validators read only that (with
+grad mode off, which the fast path requires); a bad input never passes, so it is never remembered
+and raises the op's own error every time.
+
 The integrations (``fused_dit_ops.integrations``) call these; only this module and the ops'
 registrations import ``fused_dit_ops.kernels`` (lazily: triton is needed on CUDA only).
 """
@@ -47,10 +53,59 @@ def fast(x: torch.Tensor) -> bool:
             and not torch._C._len_torch_dispatch_stack() and not torch.autograd._profiler_enabled())
 
 
+# --- the checks, remembered per metadata signature -------------------------------------------------
+# Host time: the validator of dual_gate_residual_norm_scale_shift (12 tensors) costs ~20 us of Python,
+# its signature ~5 us. The validators used here read of their arguments only the type, and of tensors
+# the shape, strides, dtype and device (rules on requires-grad run with grad mode on only, and then the
+# signature is not used); a validator that reads more (tensor data, e.g. rope's CPU positions, or the
+# environment) must not be called through _check.
+
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_SCALAR_TYPES = (float, int, bool, str, type(None))
+_PASSED: set = set()
+_PASSED_MAX = 4096  # distinct signatures remembered (then forgotten at once): per-request shapes vary
+
+
+def _signature(args):
+    """What the validators read of ``args``, hashable; None where an argument is of another kind (a
+    tensor subclass, a 0-dim tensor standing for a number, a SymInt, ...): then the check runs."""
+    sig = []
+    for a in args:
+        ta = type(a)
+        if ta in _TENSOR_TYPES:
+            shape = a.shape
+            if not shape:
+                return None
+            sig.append((shape, a.stride(), a.dtype, a.device))
+        elif ta in _SCALAR_TYPES:
+            sig.append((ta, a))
+        else:
+            return None
+    return tuple(sig)
+
+
+def _check(validator, *args) -> None:
+    """``validator(*args)``, unless arguments of the same signature passed it before (grad mode off)."""
+    if torch.is_grad_enabled():
+        validator(*args)
+        return
+    sig = _signature(args)
+    if sig is None:
+        validator(*args)
+        return
+    key = (validator, sig)
+    if key in _PASSED:
+        return
+    validator(*args)
+    if len(_PASSED) >= _PASSED_MAX:
+        _PASSED.clear()
+    _PASSED.add(key)
+
+
 def norm_scale_shift(x, shift, scale, index=None, weight=None, bias=None, eps=1e-6, norm="layer"):
     if not fast(x):
         return _NSS(x, shift, scale, index, weight, bias, eps, norm)
-    _mod._check_norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm)
+    _check(_mod._check_norm_scale_shift, x, shift, scale, index, weight, bias, eps, norm)
     from ..kernels import modulation as km
     return km.norm_scale_shift(x, shift, scale, index, weight, bias, eps, norm)
 
@@ -58,7 +113,7 @@ def norm_scale_shift(x, shift, scale, index=None, weight=None, bias=None, eps=1e
 def dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm="layer"):
     if not fast(xa):
         return _DNSS(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
-    _mod._check_dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
+    _check(_mod._check_dual_norm_scale_shift, xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
     from ..kernels import modulation as km
     return km.dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
 
@@ -66,7 +121,7 @@ def dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm
 def gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index=None, eps=1e-6):
     if not fast(residual):
         return _GRNS(residual, update, gate, shift, scale, index, eps)
-    _mod._check_gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
+    _check(_mod._check_gate_residual_norm_scale_shift, residual, update, gate, shift, scale, index, eps)
     from ..kernels import modulation as km
     return km.gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps)
 
@@ -74,7 +129,8 @@ def gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index=N
 def dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b):
     if not fast(ra):
         return _DGRNS(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
-    _mod._check_dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
+    _check(_mod._check_dual_gate_residual_norm_scale_shift, ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib,
+           eps_b)
     from ..kernels import modulation as km
     return km.dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
 
@@ -82,7 +138,7 @@ def dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub,
 def gate_residual(residual, update, gate, index=None):
     if not fast(residual) or _mod._GATE_RESIDUAL_CPP is not None:  # the C++ kernel sits behind its op
         return _GR(residual, update, gate, index)
-    _mod._check_gate_residual(residual, update, gate, index)
+    _check(_mod._check_gate_residual, residual, update, gate, index)
     from ..kernels import modulation as km
     return km.gate_residual(residual, update, gate, index)
 
@@ -90,7 +146,7 @@ def gate_residual(residual, update, gate, index=None):
 def joint_qk_norm_rope_(q, k, txt_len, wqt, wkt, wqi, wki, txt_tab, img_tab, eps=1e-6, interleaved=True):
     if not fast(q):
         return _JQK(q, k, txt_len, wqt, wkt, wqi, wki, txt_tab, img_tab, eps, interleaved)
-    _rope._check_joint_qk_norm_rope(q, k, txt_len, wqt, wkt, wqi, wki, txt_tab, img_tab, eps)
+    _check(_rope._check_joint_qk_norm_rope, q, k, txt_len, wqt, wkt, wqi, wki, txt_tab, img_tab, eps)
     from ..kernels import rope as kr
     kr.joint_qk_norm_rope_(q, k, txt_len, (wqt, wkt, wqi, wki), (txt_tab, img_tab), eps, interleaved)
 
