@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     from ..profiler import _dtype
     config = "tiny" if args.tiny else (args.config or "edit-2511")
     try:
-        layers = int(args.layers) if args.layers else (2 if args.tiny else 60)
+        layers = (int(args.layers) if args.layers else 0) or (2 if args.tiny else 60)
     except ValueError:
         raise SystemExit(f"--layers takes one number for qwen, got {args.layers!r}") from None
     dtype = torch.float32 if (args.tiny and torch.device(device).type == "cpu") else _dtype(args.dtype)
