@@ -134,6 +134,40 @@ def run_provider(model, cond: dict, uncond: dict | None, provider: str, device: 
     return row, out
 
 
+def _run_rounds(model, cond, uncond, providers, args, device: str, merged, summary) -> list[dict]:
+    """Every provider ``args.rounds`` times (the order rotated each round) on ``model``: one row each
+    (a failed provider keeps an ``error`` row; the others go on), its output's difference from the first
+    stock provider's, ``summary(row)`` printed; with several rounds the ``merged`` columns' medians in one
+    row per provider; then the speedup over stock eager and the ratio to stock compile."""
+    rows, ref = [], None
+    for rnd, order in harness.rotated_rounds(providers, args.rounds):
+        if args.rounds > 1:
+            print(f" round {rnd + 1}/{args.rounds}: {', '.join(order)}", flush=True)
+        for p in order:
+            try:
+                row, out = run_provider(model, cond, uncond, p, device, warmup=args.warmup, steps=args.steps,
+                                        dynamic=args.dynamic, cooldown_s=args.cooldown)
+            except Exception as e:  # keep the other providers' numbers
+                print(f"  {p}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+                rows.append({"provider": p, "error": f"{type(e).__name__}: {e}"[:500], "round": rnd})
+                _configs.uncompile(model)
+                continue
+            row["round"] = rnd
+            if ref is None and _configs.normalize(p.partition("+")[0]) == "stock":
+                ref = out
+            row["max_rel_diff_vs_stock"] = _configs.rel_err(out, ref) if ref is not None else None
+            rows.append(row)
+            print(f"  {p}: {summary(row)}", flush=True)
+    if args.rounds > 1:
+        rows = harness.merge_rounds(rows, merged)
+    base = next((r["ms_forward"] for r in rows if r.get("provider") == "stock-eager" and "ms_forward" in r), None)
+    for r in rows:
+        if "ms_forward" in r:
+            r["speedup_vs_stock_eager"] = base / r["ms_forward"] if base else None
+    harness.add_ratio(rows, "ms_forward", "stock-compile", "ratio_vs_stock_compile")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fused_dit_ops bench model",
                                  description=harness.plain_doc(__doc__),
@@ -207,33 +241,10 @@ def main(argv=None) -> int:
              "txt_len_cond": txt[0], "txt_len_uncond": txt[1], "zero_cond_t": bool(model.config.zero_cond_t)}
     print(f"bench model: {shape}, device {device}, built in {build_s:.1f} s")
 
-    rows, ref = [], None
-    for rnd, order in harness.rotated_rounds(providers, args.rounds):
-        if args.rounds > 1:
-            print(f" round {rnd + 1}/{args.rounds}: {', '.join(order)}", flush=True)
-        for p in order:
-            try:
-                row, out = run_provider(model, cond, uncond, p, device, warmup=args.warmup, steps=args.steps,
-                                        dynamic=args.dynamic, cooldown_s=args.cooldown)
-            except Exception as e:  # keep the other providers' numbers
-                print(f"  {p}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-                rows.append({"provider": p, "error": f"{type(e).__name__}: {e}"[:500], "round": rnd})
-                _configs.uncompile(model)
-                continue
-            row["round"] = rnd
-            if ref is None and _configs.normalize(p.partition("+")[0]) == "stock":
-                ref = out
-            row["max_rel_diff_vs_stock"] = _configs.rel_err(out, ref) if ref is not None else None
-            rows.append(row)
-            print(f"  {p}: {row['ms_forward']:.1f} ms/forward, {row['s_per_step']:.3f} s/step "
-                  f"(warm-up {row['warmup_s']:.1f} s)", flush=True)
-    if args.rounds > 1:
-        rows = harness.merge_rounds(rows, ["ms_cond", "ms_uncond", "ms_forward", "s_per_step"])
-    base = next((r["ms_forward"] for r in rows if r.get("provider") == "stock-eager" and "ms_forward" in r), None)
-    for r in rows:
-        if "ms_forward" in r:
-            r["speedup_vs_stock_eager"] = base / r["ms_forward"] if base else None
-    harness.add_ratio(rows, "ms_forward", "stock-compile", "ratio_vs_stock_compile")
+    rows = _run_rounds(model, cond, uncond, providers, args, device,
+                       ["ms_cond", "ms_uncond", "ms_forward", "s_per_step"],
+                       lambda row: f"{row['ms_forward']:.1f} ms/forward, {row['s_per_step']:.3f} s/step "
+                                   f"(warm-up {row['warmup_s']:.1f} s)")
     print(harness.format_table(rows, ["provider", "ms_cond", "ms_uncond", "ms_forward", "s_per_step",
                                       "speedup_vs_stock_eager", "ratio_vs_stock_compile", "warmup_s",
                                       "max_rel_diff_vs_stock", "error"]))
@@ -304,32 +315,8 @@ def _main_flux(args, device: str, providers: list[str]) -> int:
     print(f"bench model: flux {config}, {n_double} double + {n_single} single blocks, {shape}, device {device}, "
           f"built in {build_s:.1f} s")
 
-    rows, ref = [], None
-    for rnd, order in harness.rotated_rounds(providers, args.rounds):
-        if args.rounds > 1:
-            print(f" round {rnd + 1}/{args.rounds}: {', '.join(order)}", flush=True)
-        for p in order:
-            try:
-                row, out = run_provider(model, inputs, None, p, device, warmup=args.warmup, steps=args.steps,
-                                        dynamic=args.dynamic, cooldown_s=args.cooldown)
-            except Exception as e:  # keep the other providers' numbers
-                print(f"  {p}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-                rows.append({"provider": p, "error": f"{type(e).__name__}: {e}"[:500], "round": rnd})
-                _configs.uncompile(model)
-                continue
-            row["round"] = rnd
-            if ref is None and _configs.normalize(p.partition("+")[0]) == "stock":
-                ref = out
-            row["max_rel_diff_vs_stock"] = _configs.rel_err(out, ref) if ref is not None else None
-            rows.append(row)
-            print(f"  {p}: {row['ms_forward']:.1f} ms/forward (warm-up {row['warmup_s']:.1f} s)", flush=True)
-    if args.rounds > 1:
-        rows = harness.merge_rounds(rows, ["ms_forward", "s_per_step"])
-    base = next((r["ms_forward"] for r in rows if r.get("provider") == "stock-eager" and "ms_forward" in r), None)
-    for r in rows:
-        if "ms_forward" in r:
-            r["speedup_vs_stock_eager"] = base / r["ms_forward"] if base else None
-    harness.add_ratio(rows, "ms_forward", "stock-compile", "ratio_vs_stock_compile")
+    rows = _run_rounds(model, inputs, None, providers, args, device, ["ms_forward", "s_per_step"],
+                       lambda row: f"{row['ms_forward']:.1f} ms/forward (warm-up {row['warmup_s']:.1f} s)")
     print(harness.format_table(rows, ["provider", "ms_forward", "speedup_vs_stock_eager", "ratio_vs_stock_compile",
                                       "warmup_s", "max_rel_diff_vs_stock", "error"]))
     if torch.device(device).type == "cuda":
