@@ -43,16 +43,10 @@ def block_reason(block, fam):
     for f, ok in KIND_TAKES.items():
         if getattr(fam, f) not in ok:
             return f"{fam.name}: {f}={getattr(fam, f)!r} is not implemented for double-stream blocks (takes {ok})"
-    fwd = block.__dict__.get("forward")
-    if (fwd is not None and getattr(fwd, "__func__", None) is not fam.forward_for("double")
-            and E.hooked_inner_ref(block, fam) is None):
-        return ("forward is wrapped on the instance by something other than diffusers' hooks around the "
-                "block's own forward (e.g. an accelerate hook): patch before adding it")
+    reason = E.shared_block_reason(block, fam, "double")
+    if reason is not None:
+        return reason
     attn = getattr(block, fam.attn, None)
-    proc = getattr(attn, "processor", None)
-    if type(proc) not in fam.stock_processors():
-        return (f"attention processor is {type(proc).__name__}, not "
-                + " or ".join(c.__name__ for c in fam.stock_processors()))
     for s in fam.streams:
         for n in (s.q_norm, s.k_norm):
             nm = getattr(attn, n, None)

@@ -704,6 +704,21 @@ def hooked_inner_ref(block, fam):
     return None
 
 
+def shared_block_reason(block, fam, kind):
+    """The checks every block kind makes (None: they pass): ``forward`` not wrapped on the instance
+    by anything but diffusers' hooks around the block's own forward, and the family's stock attention
+    processor. ``kind``: the block kind, as :meth:`Family.forward_for` takes it."""
+    fwd = block.__dict__.get("forward")
+    if (fwd is not None and getattr(fwd, "__func__", None) is not fam.forward_for(kind)
+            and hooked_inner_ref(block, fam) is None):
+        return ("forward is wrapped on the instance by something other than diffusers' hooks around the "
+                "block's own forward (e.g. an accelerate hook): patch before adding it")
+    proc = getattr(getattr(block, fam.attn, None), "processor", None)
+    if type(proc) not in fam.stock_processors():
+        return (f"attention processor is {type(proc).__name__}, not "
+                + " or ".join(c.__name__ for c in fam.stock_processors()))
+    return None
+
 def is_patched(model_or_pipeline) -> bool:
     try:
         model, _ = resolve(model_or_pipeline)

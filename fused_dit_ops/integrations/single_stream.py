@@ -42,16 +42,10 @@ def block_reason(block, fam):
         return f"{fam.name}: no single-stream description (Family.single)"
     if fam.norm not in KIND_TAKES["norm"] or sg.mlp_act not in KIND_TAKES["mlp_act"]:
         return f"{fam.name}: norm={fam.norm!r} / mlp_act={sg.mlp_act!r} not implemented for single-stream blocks"
-    fwd = block.__dict__.get("forward")
-    if (fwd is not None and getattr(fwd, "__func__", None) is not fam.forward_for("single")
-            and E.hooked_inner_ref(block, fam) is None):
-        return ("forward is wrapped on the instance by something other than diffusers' hooks around the "
-                "block's own forward (e.g. an accelerate hook): patch before adding it")
+    reason = E.shared_block_reason(block, fam, "single")
+    if reason is not None:
+        return reason
     attn = getattr(block, fam.attn, None)
-    proc = getattr(attn, "processor", None)
-    if type(proc) not in fam.stock_processors():
-        return (f"attention processor is {type(proc).__name__}, not "
-                + " or ".join(c.__name__ for c in fam.stock_processors()))
     if getattr(attn, "fused_projections", False):
         return "attention projections fused (fuse_qkv_projections): unfuse them before patching"
     for n in (sg.q_norm, sg.k_norm):
