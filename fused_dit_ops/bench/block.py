@@ -163,6 +163,28 @@ def _time_block(block, args, kwargs, provider, device, rep_ms, cooldown_s, energ
             img.detach())
 
 
+def _energy_note(row) -> str:
+    """The energy part of a provider's progress line ("" when it was not measured)."""
+    return (f"; {row['j_per_call']:.2f} J/call at {row['avg_power_w']:.0f} W back to back"
+            if row.get("j_per_call") is not None else "")
+
+
+def _summarize(rows, rounds: int) -> list[dict]:
+    """One block's rows: with several rounds, each provider's medians in one row (the energy columns
+    too when every timed row has them); then the speedup over stock eager and the time and energy
+    ratios to stock compile."""
+    if rounds > 1:
+        rows = harness.merge_rounds(rows, ["ms"] + (["j_per_call", "avg_power_w", "ms_per_call_b2b"]
+                                                    if all("j_per_call" in r for r in rows if "ms" in r) else []))
+    base = next((r["ms"] for r in rows if r.get("provider") == "stock-eager" and "ms" in r), None)
+    for r in rows:
+        if "ms" in r:
+            r["speedup_vs_stock_eager"] = base / r["ms"] if base else None
+    harness.add_ratio(rows, "ms", "stock-compile", "ratio_vs_stock_compile")
+    harness.add_ratio(rows, "j_per_call", "stock-compile", "energy_ratio_vs_stock_compile")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fused_dit_ops bench block",
                                  description=harness.plain_doc(__doc__),
@@ -238,19 +260,9 @@ def main(argv=None) -> int:
             rows.append(row)
             g = row.get("gpu_before")
             at = f", GPU {g['temp_c']} C / {g['sm_mhz']} MHz at start" if g else ""
-            en = (f"; {row['j_per_call']:.2f} J/call at {row['avg_power_w']:.0f} W back to back"
-                  if row.get("j_per_call") is not None else "")
-            print(f"  {p}: {row['ms']:.3f} ms (first call {row['first_call_s']:.1f} s{at}{en})")
+            print(f"  {p}: {row['ms']:.3f} ms (first call {row['first_call_s']:.1f} s{at}{_energy_note(row)})")
     pending.clear()
-    if args.rounds > 1:
-        rows = harness.merge_rounds(rows, ["ms"] + (["j_per_call", "avg_power_w", "ms_per_call_b2b"]
-                                                    if all("j_per_call" in r for r in rows if "ms" in r) else []))
-    base = next((r["ms"] for r in rows if r.get("provider") == "stock-eager" and "ms" in r), None)
-    for r in rows:
-        if "ms" in r:
-            r["speedup_vs_stock_eager"] = base / r["ms"] if base else None
-    harness.add_ratio(rows, "ms", "stock-compile", "ratio_vs_stock_compile")
-    harness.add_ratio(rows, "j_per_call", "stock-compile", "energy_ratio_vs_stock_compile")
+    rows = _summarize(rows, args.rounds)
     print(harness.format_table(rows, ["provider", "ms", "speedup_vs_stock_eager", "ratio_vs_stock_compile",
                                       "j_per_call", "avg_power_w", "energy_ratio_vs_stock_compile",
                                       "first_call_s", "max_rel_diff_vs_stock", "error"]))
@@ -321,23 +333,11 @@ def _main_flux(args, device: str, providers: list[str]) -> int:
                     pending[k].append((row, img))
                 row["max_rel_diff_vs_stock"] = _configs.rel_err(img, refs[k]) if k in refs else None
                 rows[k].append(row)
-                en = (f"; {row['j_per_call']:.2f} J/call at {row['avg_power_w']:.0f} W back to back"
-                      if row.get("j_per_call") is not None else "")
-                print(f"  {p} {k}: {row['ms']:.3f} ms (first call {row['first_call_s']:.1f} s{en})")
+                print(f"  {p} {k}: {row['ms']:.3f} ms (first call {row['first_call_s']:.1f} s{_energy_note(row)})")
     pending.clear()
     out_rows = []
     for k in kinds:
-        rs = rows[k]
-        if args.rounds > 1:
-            rs = harness.merge_rounds(rs, ["ms"] + (["j_per_call", "avg_power_w", "ms_per_call_b2b"]
-                                                    if all("j_per_call" in r for r in rs if "ms" in r) else []))
-        base = next((r["ms"] for r in rs if r.get("provider") == "stock-eager" and "ms" in r), None)
-        for r in rs:
-            if "ms" in r:
-                r["speedup_vs_stock_eager"] = base / r["ms"] if base else None
-        harness.add_ratio(rs, "ms", "stock-compile", "ratio_vs_stock_compile")
-        harness.add_ratio(rs, "j_per_call", "stock-compile", "energy_ratio_vs_stock_compile")
-        out_rows += [{"block": k, **r} for r in rs]
+        out_rows += [{"block": k, **r} for r in _summarize(rows[k], args.rounds)]
     print(harness.format_table(out_rows, ["block", "provider", "ms", "speedup_vs_stock_eager", "ratio_vs_stock_compile",
                                           "j_per_call", "avg_power_w", "energy_ratio_vs_stock_compile",
                                           "first_call_s", "max_rel_diff_vs_stock", "error"]))
