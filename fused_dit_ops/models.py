@@ -86,6 +86,17 @@ def init_like_trained(model: torch.nn.Module, std: float = 0.02, seed: int = 0) 
     return model
 
 
+def _build(cls, cfg, config, device, dtype, init_std, seed):
+    """``cls(**cfg)`` built directly on ``device`` in ``dtype``, initialised as trained (``init_std``
+    None: ``TINY_INIT_STD`` for the "tiny" config, else 0.02), in eval mode without grad."""
+    with torch.device(torch.device(device)), _default_dtype(dtype):
+        model = cls(**cfg)
+    if init_std is None:
+        init_std = TINY_INIT_STD if config == "tiny" else 0.02
+    init_like_trained(model, init_std, seed)
+    return model.eval().requires_grad_(False)
+
+
 def build_qwen_image_transformer(config: str = "edit-2511", num_layers: int | None = None, device="cpu",
                                  dtype: torch.dtype = torch.float32, seed: int = 0, init_std: float | None = None,
                                  **overrides):
@@ -100,13 +111,7 @@ def build_qwen_image_transformer(config: str = "edit-2511", num_layers: int | No
     """
     from diffusers import QwenImageTransformer2DModel
     cfg = config_dict(config, num_layers, **overrides)
-    device = torch.device(device)
-    with torch.device(device), _default_dtype(dtype):
-        model = QwenImageTransformer2DModel(**cfg)
-    if init_std is None:
-        init_std = TINY_INIT_STD if config == "tiny" else 0.02
-    init_like_trained(model, init_std, seed)
-    return model.eval().requires_grad_(False)
+    return _build(QwenImageTransformer2DModel, cfg, config, device, dtype, init_std, seed)
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -202,13 +207,7 @@ def build_flux_transformer(config: str = "dev", num_layers: int | None = None, n
     if num_single_layers is not None:
         cfg["num_single_layers"] = int(num_single_layers)
     cfg.update(overrides)
-    device = torch.device(device)
-    with torch.device(device), _default_dtype(dtype):
-        model = FluxTransformer2DModel(**cfg)
-    if init_std is None:
-        init_std = TINY_INIT_STD if config == "tiny" else 0.02
-    init_like_trained(model, init_std, seed)
-    return model.eval().requires_grad_(False)
+    return _build(FluxTransformer2DModel, cfg, config, device, dtype, init_std, seed)
 
 
 def flux_ids(h: int, w: int, first: int = 0) -> torch.Tensor:
