@@ -9,7 +9,7 @@ import torch
 NAMESPACE = "fused_dit"
 
 SCHEMAS: dict[str, str] = {
-    # -- adaLN modulation (issue 2) -------------------------------------------------------------
+    # -- adaLN modulation -------------------------------------------------------------
     "scale_shift_gate": "(Tensor x, Tensor shift, Tensor scale, Tensor gate, Tensor? index=None)"
     " -> (Tensor, Tensor)",
     "norm_scale_shift": "(Tensor x, Tensor shift, Tensor scale, Tensor? index=None, Tensor? weight=None,"
@@ -25,7 +25,7 @@ SCHEMAS: dict[str, str] = {
     " Tensor shift_a, Tensor scale_a, Tensor? index_a, float eps_a, Tensor residual_b, Tensor update_b,"
     " Tensor gate_b, Tensor shift_b, Tensor scale_b, Tensor? index_b, float eps_b)"
     " -> (Tensor, Tensor, Tensor, Tensor)",
-    # -- RoPE and the joint QKV path (issue 3) -------------------------------------------------
+    # -- RoPE and the joint QKV path -------------------------------------------------
     "rope": "(Tensor(a!) q, Tensor(b!) k, Tensor cos_sin_cache, Tensor? positions=None,"
     " bool interleaved=True, str? backend=None) -> ()",
     "joint_qkv_cat": "(Tensor txt_q, Tensor txt_k, Tensor txt_v, Tensor img_q, Tensor img_k,"
@@ -47,7 +47,7 @@ SCHEMAS: dict[str, str] = {
     # [B, Lt + Li, N] buffer (the joint Q/K/V of a double-stream block without a cat)
     "joint_linear": "(Tensor txt, Tensor img, Tensor[] txt_weights, Tensor?[] txt_biases,"
     " Tensor[] img_weights, Tensor?[] img_biases) -> Tensor",
-    # -- attention (issue 4) ---------------------------------------------------------------------
+    # -- attention ---------------------------------------------------------------------
     "attention": "(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False,"
     " str? backend=None) -> Tensor",
 }

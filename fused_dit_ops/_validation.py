@@ -264,7 +264,7 @@ def check_vector(op: str, name: str, v, C: int, ref_name: str, ref: torch.Tensor
     check_last_dim_contiguous(op, name, v)
 
 
-# --- RoPE and the joint QKV path (issue 3) ---------------------------------------------------------
+# --- RoPE and the joint QKV path ---------------------------------------------------------
 
 def check_heads(op: str, name: str, t, *, ndim=(3, 4)) -> tuple[int, ...]:
     """q/k/v head tensor: [B, L, H, D] (or [L, H, D] where allowed), float, last dim contiguous."""

@@ -1,4 +1,4 @@
-"""``fused_dit.attention``: one op in front of FA3 / FA4 / cuDNN / FA2 / SDPA (issue 4).
+"""``fused_dit.attention``: one op in front of FA3 / FA4 / cuDNN / FA2 / SDPA.
 
 Layout [B, S, H, D] (diffusers / flash-attention): q [B, Sq, H, D], k and v [B, Sk, Hkv, D] with
 Hkv dividing H; output contiguous [B, Sq, H, D] in q's dtype. Inputs need a contiguous last
