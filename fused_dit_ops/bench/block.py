@@ -54,23 +54,11 @@ def capture_block_call(model, inputs: dict, index: int = 0):
     """Run ``model(**inputs)`` until block ``index`` is called; return (block, args, kwargs) of
     that call (the forward stops there)."""
     block = model.transformer_blocks[index]
-    got = {}
-
-    def hook(mod, args, kwargs):
-        got["args"], got["kwargs"] = args, dict(kwargs)
-        raise _Captured
-
-    h = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.no_grad():
-            model(**inputs)
-    except _Captured:
-        pass
-    finally:
-        h.remove()
-    if "args" not in got:
-        raise RuntimeError(f"transformer_blocks[{index}] was not called by the forward")
-    return block, got["args"], got["kwargs"]
+        (args, kwargs), = capture_block_calls(model, inputs, [block])
+    except RuntimeError:
+        raise RuntimeError(f"transformer_blocks[{index}] was not called by the forward") from None
+    return block, args, kwargs
 
 
 def capture_block_calls(model, inputs: dict, blocks) -> list[tuple]:
