@@ -174,7 +174,7 @@ def main(argv=None) -> int:
                                 description=harness.plain_doc(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(k for k, v in SHAPES.items() if v[1] > 0),
-                   help="comma list of " + ", ".join(SHAPES) + " (wan14b has no text stream)")
+                   help="comma list of " + ", ".join(k for k, v in SHAPES.items() if v[1] > 0))
     p.add_argument("--parts", default="cat,norm_rope_cat,proj")
     p.add_argument("--out", default=None, help="directory for the JSON results (default bench/results)")
     p.add_argument("--no-compile", action="store_true")

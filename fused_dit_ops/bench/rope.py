@@ -19,6 +19,7 @@ from . import harness
 SHAPES = {  # name: (L_img, L_txt, H, D)
     "qwen-edit": (8192, 208, 24, 128),
     "flux": (4096, 512, 24, 128),
+    "flux2": (4096, 512, 48, 128),
     "wan14b": (32760, 0, 40, 128),
 }
 
