@@ -393,6 +393,40 @@ def test_patch_fp8_lora_or_edited_weights_fall_back_to_bf16_path():
     assert rel_err(out, stock) < FP8_MODEL_REL
 
 
+def test_patch_fp8_peft_lora_after_patch_runs_the_adapter():
+    """A PEFT adapter added after patching wraps quantised Linears: those blocks take the model-dtype
+    fused path (counted), and the adapter takes part in the output."""
+    peft = pytest.importorskip("peft")
+    m, ref_m = _tiny(num_layers=2), _tiny(num_layers=2)
+    kw = _inputs(m, seed=23)
+    cfg = dict(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "net.0.proj"])
+    torch.manual_seed(5)
+    ref_m.add_adapter(peft.LoraConfig(**cfg))
+    ref = _run(ref_m, kw)
+    r = fdo.patch(m, precision="fp8")
+    torch.manual_seed(5)
+    m.add_adapter(peft.LoraConfig(**cfg))
+    out = _run(m, kw)
+    assert any("modules replaced or wrapped" in k for k in r.runtime), r.runtime
+    assert rel_err(out, ref) < 2e-6  # every block on the fp32 fused path, adapter included
+    assert rel_err(_run(_tiny(num_layers=2), kw), ref) > 1e-2  # the adapter matters
+
+
+def test_patch_fp8_flux_double_stream_blocks():
+    """Flux.1's double-stream blocks take the same FP8 path; its single-stream blocks stay in the
+    model dtype (reported)."""
+    from fused_dit_ops.models import build_flux_transformer, make_flux_inputs
+    m = build_flux_transformer("tiny", seed=1, attention_head_dim=32, axes_dims_rope=(8, 12, 12))
+    kw = make_flux_inputs(m, seed=1)
+    stock = _run(m, kw)
+    r = fdo.patch(m, precision="fp8")
+    assert any("FP8 e4m3 GEMMs" in s for s in r.swapped) and "fp8 single-stream blocks" in r.stock, r
+    e = rel_err(_run(m, kw), stock)
+    assert 1e-3 < e < FP8_MODEL_REL and not r.runtime
+    fdo.unpatch(m)
+    assert torch.equal(_run(m, kw), stock)
+
+
 def test_patch_fp8_unsupported_shape_reported():
     """Channels that are not a multiple of 16 (3 heads x 24 = 72): the blocks stay on the model-dtype
     fused path, with the reason in report.stock."""

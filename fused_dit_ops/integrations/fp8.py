@@ -45,8 +45,32 @@ class Fp8State:
 
     def __init__(self, offload: bool):
         self.offload = offload
-        self.blocks: dict = {}  # id(block) -> [(module path, module, weight Parameter, version)]
+        # id(block) -> (links, records): links (parent, key, child) from the block down to every
+        # quantised Linear; records (Linear, weight, its version, bias, its version)
+        self.blocks: dict = {}
         self.offloaded: list = []  # (Parameter, device it came from)
+
+
+def _links(block, targets):
+    """(parent, key, child) for every module on the paths from ``block`` to the ``targets`` (each
+    link once): a module replaced anywhere on the way breaks one of them."""
+    want = {id(t) for t in targets}
+    out, seen = [], set()
+
+    def walk(m, chain):
+        for key, c in m._modules.items():
+            if c is None:
+                continue
+            link = chain + [(m, key, c)]
+            if id(c) in want:
+                for ln in link:
+                    if (id(ln[0]), ln[1]) not in seen:
+                        seen.add((id(ln[0]), ln[1]))
+                        out.append(ln)
+            walk(c, link)
+
+    walk(block, [])
+    return out
 
 
 def _paths(block, fam, s):
@@ -135,9 +159,11 @@ def patch_blocks(st, blocks, report, dev, dtype, keep_bf16):
                                           persistent=False)
                 rec += [(m, m.weight, m.weight._version, m.bias, m.bias._version if m.bias is not None else 0)
                         for m in ms]
-        f8.blocks[id(block)] = (per, rec)
+        f8.blocks[id(block)] = (_links(block, [m for r in rec for m in r[:1]]), rec)
     st.fp8 = f8
     n = len(f8.blocks)
+    if fam.single is not None:
+        report.stock["fp8 single-stream blocks"] = "model dtype GEMMs (FP8 covers the double-stream blocks)"
     for why, k in skipped.items():
         report.stock[f"fp8 ({k} blocks)"] = f"{why}: model dtype GEMMs"
     if not n:
@@ -156,8 +182,8 @@ def patch_blocks(st, blocks, report, dev, dtype, keep_bf16):
                 p.data = cpu
                 nbytes += cpu.numel() * cpu.element_size()
         # the q/k/v records changed their data pointers: refresh the version snapshot
-        for bid, (per, rec) in f8.blocks.items():
-            f8.blocks[bid] = (per, [(m, m.weight, m.weight._version, b, bv) for m, _, _, b, bv in rec])
+        for bid, (links, rec) in f8.blocks.items():
+            f8.blocks[bid] = (links, [(m, m.weight, m.weight._version, b, bv) for m, _, _, b, bv in rec])
         report.swapped.append(f"bf16 weights of those Linears kept on the CPU (pinned, {nbytes / 2**30:.2f} GiB) "
                               "while patched: unpatch copies them back exactly; the stock forward is unavailable "
                               "until then (keep_bf16_weights=True keeps them on the GPU)")
@@ -208,14 +234,14 @@ def ready(block, st, x) -> bool:
     entry = f8.blocks.get(id(block)) if f8 is not None else None
     if entry is None:
         return False
-    fam = st.family
-    for s in fam.streams:
-        now = _paths(block, fam, s)
-        if isinstance(now, str) or any(a is not b for g in _GEMMS for a, b in zip(now[g], entry[0][s.name][g])):
+    for parent, key, child in entry[0]:  # a loop, not any(<genexpr>): on the eager host path
+        if parent._modules.get(key) is not child or not E.no_hooks(child):
             st.count("fp8: block modules replaced or wrapped since patching (LoRA, hooks): bf16 fused path")
             return False
     for m, p, v, b, bv in entry[1]:
-        if m.weight is not p or p._version != v or m.bias is not b or (b is not None and b._version != bv):
+        ps = m._parameters
+        if (ps.get("weight") is not p or p._version != v or ps.get("bias") is not b
+                or (b is not None and b._version != bv)):
             st.count("fp8: weights replaced or edited since patching (re-patch to re-quantise): bf16 fused path")
             return False
     return True
