@@ -220,7 +220,7 @@ def attention(q, k, v, softmax_scale=None, causal=False):
 
 # --- FP8 (float8_e4m3fn) activations and GEMMs -------------------------------------------------
 # Row-wise scaling: one fp32 scale per token (activation) or per output channel (weight),
-# scale = amax(row) / 448 (1 for an all-zero row), values = clamp(row / scale, -448, 448) cast to
+# scale = amax(row) / 448 (1 for an all-zero row, NaN for a row with a NaN), values = clamp(row / scale, -448, 448) cast to
 # float8_e4m3fn (round to nearest even). The quantised value of a modulated norm is computed from
 # its fp32 value (no intermediate rounding to the activation dtype).
 
@@ -233,7 +233,7 @@ def quantize_fp8_rows(y: torch.Tensor, cast: bool = True):
     q as the fp32 values just before the e4m3 cast (clamped, scaled), for tests of that stage."""
     y = y.float()
     amax = y.abs().amax(-1) if y.shape[-1] else y.new_zeros(y.shape[:-1])
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)  # NaN rows: NaN
     q = (y / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX)
     return (q.to(FP8_DTYPE) if cast else q).contiguous(), scale.contiguous()
 

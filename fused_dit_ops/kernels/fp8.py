@@ -2,7 +2,7 @@
 
 Every kernel holds whole rows (BLOCK_C = next_pow2(C)), so the row's absolute maximum is a
 register reduction on the values it is about to store: ``scale = amax / 448`` (1 for an all-zero
-row), ``q = clamp(y / scale, -448, 448)`` cast to float8_e4m3fn (round to nearest). Divisions are
+row, NaN for a row holding a NaN), ``q = clamp(y / scale, -448, 448)`` cast to float8_e4m3fn (round to nearest). Divisions are
 IEEE-rounded (``tl.div_rn``), as in :mod:`fused_dit_ops.reference`. Outputs are new contiguous
 tensors: values [B, L, C] (or [M, K]) and scales [B, L] (or [M]).
 
@@ -26,9 +26,12 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 def _quant_store(y, mask, q_ptr, s_ptr, out_off, row_off, rmask, STREAM_STORES: tl.constexpr):
     """Per-row quantisation of the fp32 tile y [BLOCK_M, BLOCK_C] (masked columns ignored)."""
     amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1)
-    scale = tl.where(amax > 0.0, tl.div_rn(amax, 448.0), 1.0)
+    # a NaN anywhere in the row makes its scale NaN (max and clamp need not propagate NaN)
+    n_nan = tl.sum(tl.where(mask & (y != y), 1, 0), axis=1)
+    amax = tl.where(n_nan > 0, float("nan"), amax)
+    scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
     q = tl.div_rn(y, scale[:, None])
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    q = tl.clamp(q, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
     _store(q_ptr + out_off, q.to(q_ptr.dtype.element_ty), mask, STREAM_STORES)
     tl.store(s_ptr + row_off, scale, mask=rmask)
 
