@@ -273,7 +273,7 @@ def _attention(block, st, attn, iq, isc, tq, tsc, tables, dtype):
     if B == 1:  # one pass over the joint output; row views per stream
         oq, osc = _eager.quantize_fp8(out)
         t8, i8 = (oq[:, :Lt], osc[:, :Lt]), (oq[:, Lt:], osc[:, Lt:])
-    else:  # per stream: [B, L, D] slices of the joint rows do not collapse into one row dimension
+    else:  # per stream (contiguous outputs: the GEMM takes each stream's rows as one matrix)
         t8, i8 = _eager.quantize_fp8(out[:, :Lt]), _eager.quantize_fp8(out[:, Lt:])
     img_o, txt_o = _stream_out(attn, si), _stream_out(attn, stx)
     img_out = _eager.fp8_linear_unchecked(*i8, _buf(block, f"{si.name}_out_w"), _buf(block, f"{si.name}_out_s"),

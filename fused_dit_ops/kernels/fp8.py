@@ -143,18 +143,20 @@ def _gelu_tanh(x):
 
 @triton.jit
 def _quantize_rows_kernel(
-    x_ptr, bias_ptr, q_ptr, s_ptr, M, K, stride_xm,
+    x_ptr, bias_ptr, q_ptr, s_ptr, M, L, K, stride_xb, stride_xl,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     STREAM_STORES: tl.constexpr,
 ):
-    """Rows of x [M, K] (last dim contiguous): [+ bias] [GELU-tanh] then per-row quantisation."""
+    """Rows of x [M = B * L, K] (row m at (m // L) * stride_xb + (m % L) * stride_xl, last dim
+    contiguous): [+ bias] [GELU-tanh] then per-row quantisation into contiguous outputs."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
     cmask = cols < K
     rmask = m < M
     mask = rmask[:, None] & cmask[None, :]
     m64 = m.to(tl.int64)
-    y = tl.load(x_ptr + m64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0,
+    x_off = (m64 // L) * stride_xb + (m64 % L) * stride_xl
+    y = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0,
                 eviction_policy="evict_first").to(tl.float32)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -259,18 +261,23 @@ def gate_residual_norm_scale_shift_fp8(residual, update, gate, shift, scale, ind
 
 
 def quantize_rows(x, bias=None, gelu=False, config=None, q_dtype=torch.float8_e4m3fn):
-    """(q [..., K] e4m3, scale [...] fp32) of x [..., K] whose rows are uniformly strided (last dim
-    contiguous): [+ bias] [GELU-tanh], per-row quantisation."""
+    """(q [..., K] e4m3, scale [...] fp32) of x [..., K] (last dim contiguous; [B, L, K] with free
+    batch and token strides, other ranks with rows that collapse into one strided run):
+    [+ bias] [GELU-tanh], per-row quantisation."""
     K = x.shape[-1]
     q, s = _outs(tuple(x.shape), x.device, q_dtype)
-    x2 = x.view(-1, K) if x.dim() != 2 else x  # the op layer checks the rows are one strided run
-    M = x2.shape[0]
+    if x.dim() == 3:
+        x3 = x
+    else:  # the op layer checks that the leading dims collapse
+        x3 = x.view(1, -1, K) if x.dim() != 1 else x.view(1, 1, K)
+    B, L = x3.shape[0], x3.shape[1]
+    M = B * L
     if M == 0 or K == 0:
         return q, s
     cfg = dict(config or _row_config(K))
     bm, bk, stream = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C"), cfg.pop("STREAM_STORES")
     with _device_guard(x):
         launch(_quantize_rows_kernel, (cdiv(M, bm),),
-               (x2, x2 if bias is None else bias, q, s, M, K, x2.stride(0)),
+               (x3, x3 if bias is None else bias, q, s, M, L, K, x3.stride(0), x3.stride(1)),
                (bias is not None, bool(gelu), bm, bk, stream), cfg)
     return q, s

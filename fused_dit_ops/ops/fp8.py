@@ -94,8 +94,11 @@ def _check_quantize_fp8(x, bias, activation):
     check_one_device(op, ("x", x), ("bias", bias))
     check_tensor(op, "x", x)
     if x.dim() < 1:
-        fail(op, f"'x' must be at least 1-D [..., K], got a 0-D tensor")
-    _check_rows(op, "x", x)
+        fail(op, "'x' must be at least 1-D [..., K], got a 0-D tensor")
+    if x.dim() == 3:  # [B, L, K]: batch and token strides free
+        check_last_dim_contiguous(op, "x", x)
+    else:
+        _check_rows(op, "x", x)
     K = x.shape[-1]
     _mult16(op, "x", "last dimension K", K)
     if bias is not None:
