@@ -460,6 +460,41 @@ def test_patch_fp8_flux_double_stream_blocks():
     assert torch.equal(_run(m, kw), stock)
 
 
+def test_patch_fp8_offloaded_weights_logic(monkeypatch):
+    """The bf16-weight offload (CUDA only) exercised on the CPU: the weights are swapped for CPU copies
+    while patched, a forward that needs the stock code or a block that must leave the FP8 path raises
+    a clear error (instead of running on missing weights), and unpatch gives the original values back."""
+    from fused_dit_ops.integrations import fp8 as I8
+    monkeypatch.setattr(I8, "_should_offload", lambda dev, keep: not keep)
+    m = _tiny(num_layers=2)
+    kw = _inputs(m, seed=9)
+    stock = _run(m, kw)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    w = m.transformer_blocks[0].img_mlp.net[2].weight
+    ptr = w.data_ptr()
+    r = fdo.patch(m, precision="fp8")
+    assert any("kept on the CPU" in s for s in r.swapped), r
+    assert w.data_ptr() != ptr  # swapped for the offload copy
+    out = _run(m, kw)
+    assert 1e-3 < rel_err(out, stock) < FP8_MODEL_REL
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    mask[0, -1] = False
+    with pytest.raises(RuntimeError, match="keep_bf16_weights"):
+        _run(m, dict(kw, encoder_hidden_states_mask=mask))
+    with torch.no_grad():
+        w.mul_(1.0)  # bumps the version: the block must leave the FP8 path
+    with pytest.raises(RuntimeError, match="cannot run its FP8 path"):
+        _run(m, kw)
+    fdo.unpatch(m)
+    assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+    assert torch.equal(_run(m, kw), stock)
+    # keep_bf16_weights: no offload, the stock fallback runs
+    r = fdo.patch(m, precision="fp8", keep_bf16_weights=True)
+    assert not any("kept on the CPU" in s for s in r.swapped)
+    _run(m, dict(kw, encoder_hidden_states_mask=mask))
+    assert any("padding" in k for k in r.runtime), r.runtime
+
+
 def test_patch_fp8_unsupported_shape_reported():
     """Channels that are not a multiple of 16 (3 heads x 24 = 72): the blocks stay on the model-dtype
     fused path, with the reason in report.stock."""

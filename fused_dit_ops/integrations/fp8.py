@@ -48,7 +48,7 @@ class Fp8State:
         # id(block) -> (links, records): links (parent, key, child) from the block down to every
         # quantised Linear; records (Linear, weight, its version, bias, its version)
         self.blocks: dict = {}
-        self.offloaded: list = []  # (Parameter, device it came from)
+        self.offloaded: list = []  # (Parameter, its block): bf16 weights moved to pinned CPU memory
 
 
 def _links(block, targets):
@@ -127,6 +127,11 @@ def model_reason(st, dev, dtype):
     return None
 
 
+def _should_offload(dev, keep_bf16) -> bool:
+    """Move the quantised Linears' bf16 weights to (pinned) CPU memory while patched?"""
+    return dev.type == "cuda" and not keep_bf16
+
+
 @torch.no_grad()
 def patch_blocks(st, blocks, report, dev, dtype, keep_bf16):
     """Quantise the weights of the patchable double-stream blocks; record and report."""
@@ -135,7 +140,7 @@ def patch_blocks(st, blocks, report, dev, dtype, keep_bf16):
         report.stock["precision"] = f"fp8 not applied ({why}): model dtype GEMMs"
         return
     fam = st.family
-    offload = dev.type == "cuda" and not keep_bf16
+    offload = _should_offload(dev, keep_bf16)
     f8 = Fp8State(offload)
     skipped = {}
     for block in blocks:
@@ -176,9 +181,9 @@ def patch_blocks(st, blocks, report, dev, dtype, keep_bf16):
             if id(block) not in f8.blocks:
                 continue
             for m, p, *_ in f8.blocks[id(block)][1]:
-                cpu = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=True)
+                cpu = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=torch.cuda.is_available())
                 cpu.copy_(p.data)
-                f8.offloaded.append((p, p.device))
+                f8.offloaded.append((p, block))
                 p.data = cpu
                 nbytes += cpu.numel() * cpu.element_size()
         # the q/k/v records changed their data pointers: refresh the version snapshot
@@ -196,8 +201,11 @@ def unpatch(st):
     f8 = getattr(st, "fp8", None)
     if f8 is None:
         return
-    for p, dev in f8.offloaded:
-        if p.device.type == "cpu" and dev.type != "cpu":
+    for p, block in f8.offloaded:
+        # back to where the block is now (its FP8 buffers follow model.to(...); the weights did not)
+        w = _buf(block, f"{st.family.streams[0].name}_qkv_w")
+        dev = w.device if w is not None else None
+        if dev is not None and p.device != dev:
             p.data = p.data.to(dev)
     f8.offloaded.clear()
     for block in st.patched_blocks:
@@ -214,6 +222,14 @@ def stock_unavailable(st) -> str | None:
         return ("precision='fp8' keeps the bf16 weights of the block Linears on the CPU while patched; "
                 "unpatch first, or patch with keep_bf16_weights=True")
     return None
+
+
+def check_bf16_path(block, st):
+    """Raise when this block must leave the FP8 path but its bf16 weights are on the CPU."""
+    f8 = st.fp8
+    if f8 is not None and f8.offloaded and id(block) in f8.blocks and not torch.compiler.is_compiling():
+        raise RuntimeError("fused_dit_ops: this block cannot run its FP8 path now (see report.runtime: modules "
+                           f"or weights changed, hooks, stock mode) and {stock_unavailable(st)}")
 
 
 # --- forward ----------------------------------------------------------------------------------------
