@@ -495,6 +495,19 @@ def test_patch_fp8_offloaded_weights_logic(monkeypatch):
     assert any("padding" in k for k in r.runtime), r.runtime
 
 
+def test_patch_fp8_model_to_dtype_after_patch_is_reported():
+    """model.to(dtype) converts every floating buffer, the FP8 weights included: the blocks then run
+    the model-dtype fused path, counted."""
+    m = _tiny(num_layers=1)
+    kw = _inputs(m, seed=10)
+    r = fdo.patch(m, precision="fp8")
+    m.to(torch.float64).to(torch.float32)
+    stock_m = _tiny(num_layers=1)
+    out = _run(m, kw)
+    assert any("weight buffers converted" in k for k in r.runtime), r.runtime
+    assert rel_err(out, _run(stock_m, kw)) < 2e-6
+
+
 def test_patch_fp8_unsupported_shape_reported():
     """Channels that are not a multiple of 16 (3 heads x 24 = 72): the blocks stay on the model-dtype
     fused path, with the reason in report.stock."""

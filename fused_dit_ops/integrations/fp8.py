@@ -242,7 +242,12 @@ def ready(block, st, x) -> bool:
     """Does this block run the FP8 path now? Its buffers are there in FP8 on x's device; eagerly also:
     the modules and weights are those quantised at patch time (same objects, same version counters)."""
     w = _buf(block, f"{st.family.streams[0].name}_qkv_w")
-    if w is None or w.dtype != torch.float8_e4m3fn or w.device != x.device:
+    if w is None:
+        return False
+    if w.dtype != torch.float8_e4m3fn or w.device != x.device:
+        if not torch.compiler.is_compiling():
+            st.count("fp8: weight buffers converted or on another device than the activations (model.to after "
+                     "patching; re-patch): bf16 fused path")
         return False
     if torch.compiler.is_compiling():
         return True
