@@ -136,6 +136,11 @@ def _should_offload(dev, keep_bf16) -> bool:
 def patch_blocks(st, blocks, report, dev, dtype, keep_bf16):
     """Quantise the weights of the patchable double-stream blocks; record and report."""
     why = model_reason(st, dev, dtype)
+    if why is None:
+        devs = {t.device for b in blocks for t in b.parameters()}
+        if devs != {dev}:
+            why = (f"the blocks' parameters are on {sorted(map(str, devs))} while the model computes on {dev} "
+                   "(offloading hooks move them): FP8 needs the model on its execution device")
     if why:
         report.stock["precision"] = f"fp8 not applied ({why}): model dtype GEMMs"
         return
