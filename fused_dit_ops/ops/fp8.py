@@ -19,6 +19,8 @@ C, K and N must be multiples of 16 (``torch._scaled_mm``).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import reference as ref
@@ -41,6 +43,20 @@ def _mult16(op, name, what, n):
         fail(op, f"'{name}' {what} must be a multiple of 16 for the FP8 GEMM (torch._scaled_mm), got {n}")
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
+def _check_fp8_device(op, name, t):
+    """float8_e4m3fn kernels and GEMMs need compute capability 8.9+ (Ada, Hopper and later)."""
+    if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+        cap = _capability(t.device.index if t.device.index is not None else torch.cuda.current_device())
+        if cap < (8, 9):
+            fail(op, f"'{name}' is on {t.device} (compute capability {cap[0]}.{cap[1]}); float8_e4m3fn needs 8.9+ "
+                     "(Ada, Hopper)")
+
+
 def _check_activation_name(op, activation):
     if activation not in ACTIVATIONS:
         fail(op, f"'activation' must be one of {ACTIVATIONS}, got {activation!r}")
@@ -61,6 +77,7 @@ def _check_rows(op, name, t):
 
 def _check_norm_scale_shift_fp8(x, shift, scale, index, eps, norm, op="norm_scale_shift_fp8", sfx=""):
     _check_norm_scale_shift(x, shift, scale, index, None, None, eps, norm, op, sfx)
+    _check_fp8_device(op, "x" + sfx, x)
     _mult16(op, "x" + sfx, "channels C", x.shape[2])
 
 
@@ -76,6 +93,7 @@ def _check_dual_norm_scale_shift_fp8(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, 
 def _check_grns_fp8(residual, update, gate, shift, scale, index, eps, op="gate_residual_norm_scale_shift_fp8",
                     sfx=""):
     _check_gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index, eps, op, sfx)
+    _check_fp8_device(op, "residual" + sfx, residual)
     _mult16(op, "residual" + sfx, "channels C", residual.shape[2])
 
 
@@ -93,6 +111,7 @@ def _check_quantize_fp8(x, bias, activation):
     op = "quantize_fp8"
     check_one_device(op, ("x", x), ("bias", bias))
     check_tensor(op, "x", x)
+    _check_fp8_device(op, "x", x)
     if x.dim() < 1:
         fail(op, "'x' must be at least 1-D [..., K], got a 0-D tensor")
     if x.dim() == 3:  # [B, L, K]: batch and token strides free
@@ -165,6 +184,7 @@ def _check_fp8_linear(x, x_scale, weight, weight_scale, bias, out_dtype, activat
     check_one_device(op, ("x", x), ("x_scale", x_scale), ("weight", weight), ("weight_scale", weight_scale),
                      ("bias", bias))
     _check_fp8_operand(op, "x", x, "x_scale", x_scale)
+    _check_fp8_device(op, "x", x)
     K = x.shape[-1]
     _mult16(op, "x", "last dimension K", K)
     N = _check_fp8_weight(op, "weight", weight, "weight_scale", weight_scale, K, "x", x)
@@ -182,6 +202,7 @@ def _check_joint_fp8_linear(txt, txt_scale, img, img_scale, txt_weight, txt_weig
                      ("img_weight", img_weight), ("img_weight_scale", img_weight_scale), ("img_bias", img_bias))
     _check_fp8_operand(op, "txt", txt, "txt_scale", txt_scale, rows_ndim=3)
     _check_fp8_operand(op, "img", img, "img_scale", img_scale, rows_ndim=3)
+    _check_fp8_device(op, "txt", txt)
     B, Lt, K = txt.shape
     if img.shape[0] != B or img.shape[2] != K:
         fail(op, f"'img' {list(img.shape)} and 'txt' {list(txt.shape)} must have the same batch B and "
