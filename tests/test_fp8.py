@@ -229,6 +229,21 @@ def test_input_errors():
     expect_input_error(lambda: L(xq, xs, wq, ws, None, torch.float32, "silu"), "'activation'")
 
 
+def test_fast_path_runs_the_ops_own_checks(monkeypatch):
+    """The eager fast path (CUDA) runs each FP8 op's validator before its launcher: the same
+    FusedDitInputError (metadata only, so CPU tensors show it)."""
+    from fused_dit_ops.ops import _eager
+    monkeypatch.setattr(_eager, "fast", lambda x: not torch.is_grad_enabled())
+    monkeypatch.setattr(_eager, "_PASSED", set())
+    x, sh, sc, g, sh2, sc2, idx, upd = make_norm_inputs(1, 5, 40)
+    with torch.no_grad():
+        expect_input_error(lambda: _eager.dual_norm_scale_shift_fp8(x, sh, sc, idx, 1e-6, x, sh, sc, idx, 1e-6),
+                           "dual_norm_scale_shift_fp8", "'x_a'", "multiple of 16")
+        expect_input_error(lambda: _eager.dual_gate_residual_norm_scale_shift_fp8(
+            x, upd, g, sh2, sc2, idx, 1e-6, x, upd, g, sh2, sc2, idx, 1e-6), "'residual_a'", "multiple of 16")
+        expect_input_error(lambda: _eager.quantize_fp8(randn(3, 40)), "quantize_fp8", "multiple of 16")
+
+
 # --- Triton kernels under the interpreter --------------------------------------------------------------
 # The interpreter's fp32 -> float8_e4m3fn conversion is wrong where rounding carries into the exponent
 # (e.g. 127.9 -> 64 instead of 128), so these tests read the kernels' values just before the cast
