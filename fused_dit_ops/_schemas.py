@@ -47,6 +47,25 @@ SCHEMAS: dict[str, str] = {
     # [B, Lt + Li, N] buffer (the joint Q/K/V of a double-stream block without a cat)
     "joint_linear": "(Tensor txt, Tensor img, Tensor[] txt_weights, Tensor?[] txt_biases,"
     " Tensor[] img_weights, Tensor?[] img_biases) -> Tensor",
+    # -- FP8 (float8_e4m3fn, row-wise scales): the norm ops above writing e4m3 values plus one fp32
+    # scale per token, row quantisation, and the FP8 GEMMs they feed
+    "norm_scale_shift_fp8": "(Tensor x, Tensor shift, Tensor scale, Tensor? index=None, float eps=1e-06,"
+    " str norm=\"layer\") -> (Tensor, Tensor)",
+    "dual_norm_scale_shift_fp8": "(Tensor x_a, Tensor shift_a, Tensor scale_a, Tensor? index_a, float eps_a,"
+    " Tensor x_b, Tensor shift_b, Tensor scale_b, Tensor? index_b, float eps_b, str norm=\"layer\")"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    "gate_residual_norm_scale_shift_fp8": "(Tensor residual, Tensor update, Tensor gate, Tensor shift,"
+    " Tensor scale, Tensor? index=None, float eps=1e-06) -> (Tensor, Tensor, Tensor)",
+    "dual_gate_residual_norm_scale_shift_fp8": "(Tensor residual_a, Tensor update_a, Tensor gate_a,"
+    " Tensor shift_a, Tensor scale_a, Tensor? index_a, float eps_a, Tensor residual_b, Tensor update_b,"
+    " Tensor gate_b, Tensor shift_b, Tensor scale_b, Tensor? index_b, float eps_b)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "quantize_fp8": "(Tensor x, Tensor? bias=None, str activation=\"none\") -> (Tensor, Tensor)",
+    "fp8_linear": "(Tensor x, Tensor x_scale, Tensor weight, Tensor weight_scale, Tensor? bias,"
+    " ScalarType out_dtype, str activation=\"none\") -> Tensor",
+    "joint_fp8_linear": "(Tensor txt, Tensor txt_scale, Tensor img, Tensor img_scale, Tensor txt_weight,"
+    " Tensor txt_weight_scale, Tensor? txt_bias, Tensor img_weight, Tensor img_weight_scale,"
+    " Tensor? img_bias, ScalarType out_dtype) -> Tensor",
     # -- attention ---------------------------------------------------------------------
     "attention": "(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False,"
     " str? backend=None) -> Tensor",

@@ -216,3 +216,78 @@ def attention(q, k, v, softmax_scale=None, causal=False):
         s = s.masked_fill(~keep, float("-inf"))
     p = torch.softmax(s, dim=-1)
     return (p @ vh).transpose(1, 2).to(q.dtype).contiguous()
+
+
+# --- FP8 (float8_e4m3fn) activations and GEMMs -------------------------------------------------
+# Row-wise scaling: one fp32 scale per token (activation) or per output channel (weight),
+# scale = amax(row) / 448 (1 for an all-zero row, NaN for a row with a NaN), values = clamp(row / scale, -448, 448) cast to
+# float8_e4m3fn (round to nearest even). The quantised value of a modulated norm is computed from
+# its fp32 value (no intermediate rounding to the activation dtype).
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def quantize_fp8_rows(y: torch.Tensor, cast: bool = True):
+    """(q float8_e4m3fn [..., K], scale fp32 [...]) of y [..., K], computed in fp32. ``cast=False``:
+    q as the fp32 values just before the e4m3 cast (clamped, scaled), for tests of that stage."""
+    y = y.float()
+    amax = y.abs().amax(-1) if y.shape[-1] else y.new_zeros(y.shape[:-1])
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)  # NaN rows: NaN
+    q = (y / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX)
+    return (q.to(FP8_DTYPE) if cast else q).contiguous(), scale.contiguous()
+
+
+def dequantize_fp8_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 q * scale (row-wise)."""
+    return q.float() * scale.float().unsqueeze(-1)
+
+
+def norm_scale_shift_fp8(x, shift, scale, index=None, eps=1e-6, norm="layer", cast=True):
+    """quantize_fp8_rows(Norm(x) * (1 + scale_sel) + shift_sel), fp32 math."""
+    n = _norm(x.float(), None, None, eps, norm)
+    y = n * (1 + select_params(scale, index).float()) + select_params(shift, index).float()
+    return quantize_fp8_rows(y, cast)
+
+
+def gate_residual_norm_scale_shift_fp8(residual, update, gate, shift, scale, index=None, eps=1e-6, cast=True):
+    """(residual_out, q, scale): residual_out as :func:`gate_residual_norm_scale_shift`; the modulated
+    LayerNorm of residual_out as stored, quantised from fp32."""
+    out = (residual.float() + select_params(gate, index).float() * update.float()).to(residual.dtype)
+    n = _norm(out.float(), None, None, eps, "layer")
+    y = n * (1 + select_params(scale, index).float()) + select_params(shift, index).float()
+    return (out.contiguous(), *quantize_fp8_rows(y, cast))
+
+
+def quantize_fp8(x, bias=None, activation="none", cast=True):
+    """Per-row quantisation of x [..., K] (+ bias [K]) (then GELU-tanh with activation="gelu_tanh")."""
+    y = x.float()
+    if bias is not None:
+        y = y + bias.float()
+    if activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    return quantize_fp8_rows(y, cast)
+
+
+def quantize_fp8_weight(w: torch.Tensor):
+    """(w_q float8_e4m3fn [N, K], w_scale fp32 [N]): per output channel (row) of a Linear weight."""
+    return quantize_fp8_rows(w.detach())
+
+
+def fp8_linear(x, x_scale, weight, weight_scale, bias=None, out_dtype=None, activation="none"):
+    """act((x * x_scale) @ (weight * weight_scale).T + bias) in fp32, cast to out_dtype once.
+    x [..., K] e4m3 with x_scale [...]; weight [N, K] e4m3 with weight_scale [N]."""
+    out_dtype = out_dtype or (bias.dtype if bias is not None else torch.bfloat16)
+    y = dequantize_fp8_rows(x, x_scale) @ dequantize_fp8_rows(weight, weight_scale).t()
+    if bias is not None:
+        y = y + bias.float()
+    if activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    return y.to(out_dtype).contiguous()
+
+
+def joint_fp8_linear(txt, txt_scale, img, img_scale, txt_weight, txt_weight_scale, txt_bias,
+                     img_weight, img_weight_scale, img_bias, out_dtype):
+    """[B, Lt + Li, N]: cat([fp8_linear(txt ...), fp8_linear(img ...)], dim=1)."""
+    return torch.cat([fp8_linear(txt, txt_scale, txt_weight, txt_weight_scale, txt_bias, out_dtype),
+                      fp8_linear(img, img_scale, img_weight, img_weight_scale, img_bias, out_dtype)], dim=1)

@@ -48,7 +48,7 @@ def _dual_norm_args(h, e, idx, im, tm):
 def test_fast_path_functions_are_the_ops():
     """Every function of the fast path has an op of its name and calls it off the fast path."""
     names = [n for n, f in vars(_eager).items() if callable(f) and not n.startswith("_") and f.__module__ == _eager.__name__]
-    assert set(names) - {"fast"} == set(_FAST) | {"qk_norm_rope_cat", "attention"}
+    assert set(names) - {"fast"} == set(_FAST) | {"qk_norm_rope_cat", "attention"} | set(_FAST_FP8)
     for n in names:
         if n != "fast":
             assert hasattr(torch.ops.fused_dit, n.replace("_unchecked", "")), n
@@ -142,6 +142,9 @@ def test_compile_before_any_eager_call():
 _FAST = ("norm_scale_shift", "dual_norm_scale_shift", "gate_residual_norm_scale_shift",
          "dual_gate_residual_norm_scale_shift", "gate_residual", "joint_qk_norm_rope_", "joint_linear_unchecked",
          "attention_unchecked")
+# the FP8 block path's (precision="fp8"; tests/test_fp8.py)
+_FAST_FP8 = ("dual_norm_scale_shift_fp8", "dual_gate_residual_norm_scale_shift_fp8", "quantize_fp8",
+             "fp8_linear_unchecked", "joint_fp8_linear_unchecked")
 _DIRECT_CALLS = {"dual_norm_scale_shift": 1, "joint_qk_norm_rope_": 2, "dual_gate_residual_norm_scale_shift": 3,
                  "gate_residual": 2, "joint_linear_unchecked": 2, "attention_unchecked": 2}
 

@@ -6,6 +6,7 @@ BENCHES = {
     "attention": "fused_dit_ops.bench.attention",
     "block": "fused_dit_ops.bench.block",
     "model": "fused_dit_ops.bench.model",
+    "fp8": "fused_dit_ops.bench.fp8",
 }
 
 # one line each, for `python -m fused_dit_ops bench` (the modules' --help say more)
@@ -18,4 +19,6 @@ DESCRIPTIONS = {
              "eager/compile (GPU; --device cpu --tiny: smoke run)",
     "model": "the 60-layer transformer, one CFG step per iteration (GPU, ~41 GB; --model flux: FLUX.1-dev, one "
              "forward, ~24 GB; --device cpu --tiny: smoke run)",
+    "fp8": "the FP8 ops at the Qwen-Image-Edit block shapes: quantising norm ops vs bf16 + unfused quantisation, "
+           "the eight block GEMMs bf16 vs fp8_linear (GPU; --device cpu --tiny: smoke run)",
 }

@@ -84,6 +84,7 @@ MODIFIERS = {
     "nomlp": {"ops": ("modulation", "qk_norm_rope", "attention")},  # stock FeedForward (GELU kernel)
     "nodual": {"dual_launch": False},  # one launch per stream for each norm op
     "nolookahead": {"lookahead": False},  # each block does its own norm1 + modulation
+    "fp8": {"precision": "fp8"},  # the block Linears as FP8 e4m3 GEMMs (integrations/fp8.py)
 }
 
 

@@ -202,12 +202,19 @@ def main(argv=None) -> int:
     ap.add_argument("--energy-s", type=float, default=2.0,
                     help="after each timing, call the block back to back this long and record joules per "
                          "call and average power from the GPU's energy counter (NVML; 0: off)")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp8"),
+                    help="fp8: every patched provider also runs as '<provider>+fp8' (FP8 e4m3 block GEMMs, "
+                         "patch(precision='fp8')), next to its bf16 row")
     ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
     args = ap.parse_args(argv)
     device = _configs.resolve_device(args.device, args.tiny, "bench block")
     if device is None:
         return 2
     providers = _configs.parse_providers(args.providers, "bench block")
+    if args.precision == "fp8":
+        providers = providers + [p + "+fp8" for p in providers
+                                 if _configs.is_patched(_configs.normalize(p.partition("+")[0]))
+                                 and "+fp8" not in p and p + "+fp8" not in providers]
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
     if args.model == "flux":

@@ -269,6 +269,7 @@ class State:
         self.mod_cache_temb = None  # the temb (a copy) those outputs were computed from
         self._mod_hit = None  # (temb, temb._version, hit) decided once per forward
         self.forwards = 0  # eager fused model forwards so far (see PackedLinears.get)
+        self.fp8 = None  # precision="fp8": fp8.Fp8State
 
     @contextlib.contextmanager
     def stock(self):
@@ -618,10 +619,12 @@ def _model_forward(self, *args, **kwargs):
                "run inference under torch.no_grad() or torch.inference_mode())")
     if why:
         st.count(why)
+        _fp8_stock_check(st, why)
         with st.stock():
             return st.orig_model_forward(*args, **kwargs)
     if st.verify_pending:
         st.verify_pending = False
+        _fp8_stock_check(st, "verify")
         with torch.no_grad():
             with st.stock():
                 ref = _first_tensor(st.orig_model_forward(*args, **kwargs))
@@ -630,6 +633,14 @@ def _model_forward(self, *args, **kwargs):
         log.warning("fused_dit_ops.patch verify: %s", st.report.verify)
         return out
     return _fused_model_forward(st, args, kwargs)
+
+
+def _fp8_stock_check(st, why):
+    if st.fp8 is not None:
+        from . import fp8
+        no = fp8.stock_unavailable(st)
+        if no:
+            raise RuntimeError(f"fused_dit_ops: the stock forward is needed ({why}), but {no}")
 
 
 def _needs_autograd(model, args, kwargs) -> bool:
@@ -729,7 +740,8 @@ def is_patched(model_or_pipeline) -> bool:
 
 
 def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, verify: bool = False,
-          reuse_mod: bool = True, probe: bool = True) -> PatchReport:
+          reuse_mod: bool = True, probe: bool = True, precision: str = "bf16",
+          keep_bf16_weights: bool = False) -> PatchReport:
     """Put every block of a supported diffusers transformer (or ``pipeline.transformer``) on fused
     ops, in place, per instance. Returns a :class:`PatchReport`. Patching twice re-patches.
 
@@ -742,18 +754,24 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
     is equal (CFG's cond and uncond forwards share the timestep), checked with one device sync per
     forward and against the parameters' version counters (writes through ``.data`` are not seen:
     re-patch after those). ``probe``: run the fused block once on a tiny input at patch time; a
-    ``FusedDitInputError`` leaves the model stock with the reason. :func:`unpatch` undoes it."""
+    ``FusedDitInputError`` leaves the model stock with the reason. ``precision``: "bf16" (the model's
+    dtype) or "fp8": the double-stream blocks' q/k/v, output projection and MLP Linears as FP8 e4m3
+    GEMMs with row-wise scales (CUDA compute capability 8.9+, bfloat16 model; see
+    ``fused_dit_ops.integrations.fp8``); their bf16 weights wait on the CPU (pinned) while patched
+    unless ``keep_bf16_weights``. :func:`unpatch` undoes it."""
     return patch_ab(model_or_pipeline, ops=ops, attention_backend=attention_backend, verify=verify,
-                    reuse_mod=reuse_mod, probe=probe)
+                    reuse_mod=reuse_mod, probe=probe, precision=precision, keep_bf16_weights=keep_bf16_weights)
 
 
 def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False, reuse_mod=True, probe=True,
-             **switches) -> PatchReport:
+             precision="bf16", keep_bf16_weights=False, **switches) -> PatchReport:
     """:func:`patch` plus the benchmarks' A/B switches (not public API): ``pack_qkv`` (one q/k/v
     GEMM per stream over packed weights), ``pack_mod`` (one modulation GEMV per block),
     ``lookahead`` (a block's end fused with the next block's norm1), ``dual_launch`` (both streams'
     norm ops in one launch), ``qk_path`` ("joint": projections into one joint buffer; "cat":
     projections as modules, then ``qk_norm_rope_cat``). All on / "joint" by default."""
+    if precision not in ("bf16", "fp8"):
+        raise ValueError(f"precision must be 'bf16' or 'fp8', got {precision!r}")
     bad = set(switches) - set(SWITCHES)
     if bad:
         raise TypeError(f"unknown patch options {sorted(bad)}")
@@ -776,6 +794,7 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
                          options=dict(ops=",".join(o for o in OPS if o in ops_set) or "none",
                                       attention_backend=attention_backend or "auto", verify=verify,
                                       reuse_mod=reuse_mod,
+                                      **({"precision": precision} if precision != "bf16" else {}),
                                       **{k: v for k, v in sw.items() if v != SWITCHES[k]}))
     if p.dtype not in DTYPES:
         report.stock["model"] = f"dtype {p.dtype} not supported (fp32, bf16, fp16)"
@@ -814,6 +833,10 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
         report.swapped.append(name)
     for kind in dict.fromkeys(k for _, _, k in ok):
         _kind(kind).patch_blocks(st, [b for _, b, k in ok if k == kind], model, sw, attention_backend)
+    if precision == "fp8":
+        from . import fp8
+        fp8.patch_blocks(st, [b for _, b, k in ok if k == "double"], report, dev, p.dtype,
+                         keep_bf16_weights or verify)
     rope = get(model, fam.rope_module)
     for m in (model, rope):  # e.g. accelerate's cpu-offload hook on the model: kept, called
         prev = m.__dict__.get("forward")
@@ -924,6 +947,9 @@ def unpatch(model_or_pipeline) -> bool:
         st = next((b.__dict__[ATTR] for _, b, _ in blocks_of(model, fam) if ATTR in b.__dict__), None)
     if st is None or st.detached:
         return False
+    if st.fp8 is not None:
+        from . import fp8
+        fp8.unpatch(st)
     for attn, old in st.procs:
         attn.set_processor(old)
     for pk in [*(p for pair in st.packed_qkv.values() for p in pair), *st.packed_mod.values()]:

@@ -174,3 +174,60 @@ def attention_unchecked(q, k, v, softmax_scale=None, causal=False, backend=None)
         return _ATTN(q, k, v, softmax_scale, causal, backend)
     out = _attn.RUNNERS[_attn.select(q, k, v, causal, backend)](q, k, v, softmax_scale, causal)
     return out if out.is_contiguous() else out.contiguous()
+
+
+# --- FP8: the quantising norm ops (checked) and the FP8 GEMMs on the caller's own buffers ----------
+
+_F8 = None
+_DNSS8 = torch.ops.fused_dit.dual_norm_scale_shift_fp8.default
+_DGRNS8 = torch.ops.fused_dit.dual_gate_residual_norm_scale_shift_fp8.default
+_Q8 = torch.ops.fused_dit.quantize_fp8.default
+_L8 = torch.ops.fused_dit.fp8_linear.default
+_JL8 = torch.ops.fused_dit.joint_fp8_linear.default
+
+
+def _f8():
+    global _F8
+    if _F8 is None:
+        from . import fp8
+        _F8 = fp8
+    return _F8
+
+
+def dual_norm_scale_shift_fp8(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm="layer"):
+    if not fast(xa):
+        return _DNSS8(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
+    _check(_f8()._check_dual_norm_scale_shift_fp8, xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
+    from ..kernels import fp8 as k8
+    return k8.dual_norm_scale_shift_fp8(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm)
+
+
+def dual_gate_residual_norm_scale_shift_fp8(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b):
+    if not fast(ra):
+        return _DGRNS8(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
+    _check(_f8()._check_dual_grns_fp8, ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
+    from ..kernels import fp8 as k8
+    return k8.dual_gate_residual_norm_scale_shift_fp8(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b)
+
+
+def quantize_fp8(x, bias=None, activation="none"):
+    if not fast(x):
+        return _Q8(x, bias, activation)
+    _check(_f8()._check_quantize_fp8, x, bias, activation)
+    from ..kernels import fp8 as k8
+    return k8.quantize_rows(x, bias, activation == "gelu_tanh")
+
+
+def fp8_linear_unchecked(x, x_scale, weight, weight_scale, bias, out_dtype, activation="none"):
+    """``fp8_linear`` on activations the caller's quantising op just wrote and weights it quantised at
+    patch time: unchecked on the fast path."""
+    if not fast(x):
+        return _L8(x, x_scale, weight, weight_scale, bias, out_dtype, activation)
+    return _f8().fp8_linear_unchecked(x, x_scale, weight, weight_scale, bias, out_dtype, activation)
+
+
+def joint_fp8_linear_unchecked(txt, txt_scale, img, img_scale, wt, wst, bt, wi, wsi, bi, out_dtype):
+    """``joint_fp8_linear`` on the caller's own buffers: unchecked on the fast path."""
+    if not fast(txt):
+        return _JL8(txt, txt_scale, img, img_scale, wt, wst, bt, wi, wsi, bi, out_dtype)
+    return _f8().joint_fp8_linear_unchecked(txt, txt_scale, img, img_scale, wt, wst, bt, wi, wsi, bi, out_dtype)

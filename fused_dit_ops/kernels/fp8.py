@@ -1,0 +1,283 @@
+"""Triton kernels that write FP8 (e4m3) activations with one fp32 scale per token, and their launchers.
+
+Every kernel holds whole rows (BLOCK_C = next_pow2(C)), so the row's absolute maximum is a
+register reduction on the values it is about to store: ``scale = amax / 448`` (1 for an all-zero
+row, NaN for a row holding a NaN), ``q = clamp(y / scale, -448, 448)`` cast to float8_e4m3fn (round to nearest). Divisions are
+IEEE-rounded (``tl.div_rn``), as in :mod:`fused_dit_ops.reference`. Outputs are new contiguous
+tensors: values [B, L, C] (or [M, K]) and scales [B, L] (or [M]).
+
+The norm kernels reuse the row helpers of :mod:`.modulation` (same LayerNorm / RMSNorm, same
+parameter selection); only the store differs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import cdiv, launch, next_power_of_2
+from .modulation import (_device_guard, _gather_param, _index_args, _layer_norm_rows, _modulate_rows,
+                         _row_select, _store)
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@triton.jit
+def _quant_store(y, mask, q_ptr, s_ptr, out_off, row_off, rmask, STREAM_STORES: tl.constexpr):
+    """Per-row quantisation of the fp32 tile y [BLOCK_M, BLOCK_C] (masked columns ignored)."""
+    amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1)
+    # a NaN anywhere in the row makes its scale NaN (max and clamp need not propagate NaN)
+    n_nan = tl.sum(tl.where(mask & (y != y), 1, 0), axis=1)
+    amax = tl.where(n_nan > 0, float("nan"), amax)
+    scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
+    q = tl.div_rn(y, scale[:, None])
+    q = tl.clamp(q, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    _store(q_ptr + out_off, q.to(q_ptr.dtype.element_ty), mask, STREAM_STORES)
+    tl.store(s_ptr + row_off, scale, mask=rmask)
+
+
+@triton.jit
+def _norm_fp8_rows(
+    pid_m, b, x_ptr, shift_ptr, scale_ptr, idx_ptr, q_ptr, s_ptr,
+    L, C, B, eps,
+    stride_xb, stride_xl, stride_shift, stride_scale, stride_ib, stride_il,
+    HAS_INDEX: tl.constexpr, IS_RMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    STREAM_STORES: tl.constexpr,
+):
+    """BLOCK_M rows of norm_scale_shift_fp8 (row tile pid_m of batch b)."""
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = l < L
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + b * stride_xb + l[:, None].to(tl.int64) * stride_xl + cols[None, :], mask=mask,
+                other=0.0, eviction_policy="evict_first").to(tl.float32)
+    n = _layer_norm_rows(x, cmask, C, eps, IS_RMS)
+    sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
+    y = _modulate_rows(n, sel, scale_ptr, shift_ptr, b, B, stride_scale, stride_shift, cols, mask,
+                       0.0, 0.0, 0.0, 0.0, HAS_INDEX, True)
+    row = (b * L + l).to(tl.int64)
+    _quant_store(y, mask, q_ptr, s_ptr, row[:, None] * C + cols[None, :], row, rmask, STREAM_STORES)
+
+
+@triton.jit
+def _dual_norm_fp8_kernel(
+    xa_ptr, sha_ptr, sca_ptr, ia_ptr, qa_ptr, sa_ptr, La, eps_a, s_xab, s_xal, s_sha, s_sca, s_iab, s_ial,
+    xb_ptr, shb_ptr, scb_ptr, ib_ptr, qb_ptr, sb_ptr, Lb, eps_b, s_xbb, s_xbl, s_shb, s_scb, s_ibb, s_ibl,
+    C, B, n_prog_a,
+    HAS_INDEX_A: tl.constexpr, HAS_INDEX_B: tl.constexpr, IS_RMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STREAM_STORES: tl.constexpr,
+):
+    """One or two streams in one launch: the first n_prog_a row tiles of each batch are stream a's
+    (a single-stream call passes Lb = 0)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if pid < n_prog_a:
+        _norm_fp8_rows(pid, b, xa_ptr, sha_ptr, sca_ptr, ia_ptr, qa_ptr, sa_ptr, La, C, B, eps_a,
+                       s_xab, s_xal, s_sha, s_sca, s_iab, s_ial, HAS_INDEX_A, IS_RMS, BLOCK_M, BLOCK_C, STREAM_STORES)
+    else:
+        _norm_fp8_rows(pid - n_prog_a, b, xb_ptr, shb_ptr, scb_ptr, ib_ptr, qb_ptr, sb_ptr, Lb, C, B, eps_b,
+                       s_xbb, s_xbl, s_shb, s_scb, s_ibb, s_ibl, HAS_INDEX_B, IS_RMS, BLOCK_M, BLOCK_C, STREAM_STORES)
+
+
+@triton.jit
+def _grns_fp8_rows(
+    pid_m, b, r_ptr, u_ptr, gate_ptr, shift_ptr, scale_ptr, idx_ptr, r_out_ptr, q_ptr, s_ptr,
+    L, C, B, eps,
+    stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_shift, stride_scale, stride_ib, stride_il,
+    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STREAM_STORES: tl.constexpr,
+):
+    """BLOCK_M rows of gate_residual_norm_scale_shift_fp8: residual_out as the residual dtype, the
+    modulated LayerNorm of residual_out as stored, quantised."""
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = l < L
+    mask = rmask[:, None] & cmask[None, :]
+    l64 = l[:, None].to(tl.int64)
+    r = tl.load(r_ptr + b * stride_rb + l64 * stride_rl + cols[None, :], mask=mask, other=0.0,
+                eviction_policy="evict_first").to(tl.float32)
+    u = tl.load(u_ptr + b * stride_ub + l64 * stride_ul + cols[None, :], mask=mask, other=0.0,
+                eviction_policy="evict_first").to(tl.float32)
+    sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
+    gate = _gather_param(gate_ptr, b, B, stride_gate, sel, cols, mask, HAS_INDEX)
+    r_out = (r + gate * u).to(r_out_ptr.dtype.element_ty)
+    row = (b * L + l).to(tl.int64)
+    out_off = row[:, None] * C + cols[None, :]
+    _store(r_out_ptr + out_off, r_out, mask, STREAM_STORES)
+    n = _layer_norm_rows(r_out.to(tl.float32), cmask, C, eps, False)
+    y = _modulate_rows(n, sel, scale_ptr, shift_ptr, b, B, stride_scale, stride_shift, cols, mask,
+                       0.0, 0.0, 0.0, 0.0, HAS_INDEX, True)
+    _quant_store(y, mask, q_ptr, s_ptr, out_off, row, rmask, STREAM_STORES)
+
+
+@triton.jit
+def _dual_grns_fp8_kernel(
+    ra_ptr, ua_ptr, ga_ptr, sha_ptr, sca_ptr, ia_ptr, roa_ptr, qa_ptr, sa_ptr, La, eps_a,
+    s_rab, s_ral, s_uab, s_ual, s_ga, s_sha, s_sca, s_iab, s_ial,
+    rb_ptr, ub_ptr, gb_ptr, shb_ptr, scb_ptr, ib_ptr, rob_ptr, qb_ptr, sb_ptr, Lb, eps_b,
+    s_rbb, s_rbl, s_ubb, s_ubl, s_gb, s_shb, s_scb, s_ibb, s_ibl,
+    C, B, n_prog_a,
+    HAS_INDEX_A: tl.constexpr, HAS_INDEX_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    STREAM_STORES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if pid < n_prog_a:
+        _grns_fp8_rows(pid, b, ra_ptr, ua_ptr, ga_ptr, sha_ptr, sca_ptr, ia_ptr, roa_ptr, qa_ptr, sa_ptr, La, C, B,
+                       eps_a, s_rab, s_ral, s_uab, s_ual, s_ga, s_sha, s_sca, s_iab, s_ial, HAS_INDEX_A, BLOCK_M,
+                       BLOCK_C, STREAM_STORES)
+    else:
+        _grns_fp8_rows(pid - n_prog_a, b, rb_ptr, ub_ptr, gb_ptr, shb_ptr, scb_ptr, ib_ptr, rob_ptr, qb_ptr, sb_ptr,
+                       Lb, C, B, eps_b, s_rbb, s_rbl, s_ubb, s_ubl, s_gb, s_shb, s_scb, s_ibb, s_ibl, HAS_INDEX_B,
+                       BLOCK_M, BLOCK_C, STREAM_STORES)
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), tanh via exp (no libdevice in the interpreter)
+    z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    t = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+    return 0.5 * x * (1.0 + t)
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, bias_ptr, q_ptr, s_ptr, M, L, K, stride_xb, stride_xl,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    STREAM_STORES: tl.constexpr,
+):
+    """Rows of x [M = B * L, K] (row m at (m // L) * stride_xb + (m % L) * stride_xl, last dim
+    contiguous): [+ bias] [GELU-tanh] then per-row quantisation into contiguous outputs."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    cmask = cols < K
+    rmask = m < M
+    mask = rmask[:, None] & cmask[None, :]
+    m64 = m.to(tl.int64)
+    x_off = (m64 // L) * stride_xb + (m64 % L) * stride_xl
+    y = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0,
+                eviction_policy="evict_first").to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        y = _gelu_tanh(y)
+    _quant_store(y, mask, q_ptr, s_ptr, m64[:, None] * K + cols[None, :], m64, rmask, STREAM_STORES)
+
+
+# --- launch configuration ---------------------------------------------------------------------------
+# Whole rows per program; not yet swept on a GPU: the row counts follow the bf16 norm kernels
+# (kernels/modulation.py:_norm_config).
+
+def _row_config(C: int) -> dict:
+    block_c = next_power_of_2(max(C, 16))
+    block_m = max(1, min(4, 4096 // block_c))
+    num_warps = 16 if block_c >= 16384 else 8 if block_c >= 8192 else 4
+    return {"BLOCK_M": block_m, "BLOCK_C": block_c, "STREAM_STORES": True, "num_warps": num_warps}
+
+
+def _outs(shape, dev, q_dtype=torch.float8_e4m3fn):
+    # q_dtype=torch.float32 stores the clamped, scaled values before the e4m3 cast (a test hook: the
+    # Triton interpreter's fp32 -> e4m3 conversion is wrong where rounding carries into the exponent)
+    return (torch.empty(shape, dtype=q_dtype, device=dev),
+            torch.empty(shape[:-1], dtype=torch.float32, device=dev))
+
+
+def dual_norm_scale_shift_fp8(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm="layer", config=None,
+                              q_dtype=torch.float8_e4m3fn):
+    """(q_a, s_a, q_b, s_b); xb may be None (one stream)."""
+    B, La, C = xa.shape
+    qa, sa = _outs((B, La, C), xa.device, q_dtype)
+    if xb is None:
+        xb, shb, scb, ib, eps_b, Lb = xa, sha, sca, None, eps_a, 0
+        qb, sb = qa, sa
+    else:
+        Lb = xb.shape[1]
+        qb, sb = _outs((B, Lb, C), xb.device, q_dtype)
+    if B == 0 or C == 0 or La + Lb == 0:
+        return qa, sa, qb, sb
+    cfg = dict(config or _row_config(C))
+    bm, bc, stream = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C"), cfg.pop("STREAM_STORES")
+    n_a = cdiv(La, bm)
+    grid = (n_a + cdiv(Lb, bm), B)
+    i_a, s_iab, s_ial = _index_args(ia, xa)
+    i_b, s_ibb, s_ibl = _index_args(ib, xb)
+    with _device_guard(xa):
+        launch(_dual_norm_fp8_kernel, grid,
+               (xa, sha, sca, i_a, qa, sa, La, float(eps_a), xa.stride(0), xa.stride(1), sha.stride(0),
+                sca.stride(0), s_iab, s_ial,
+                xb, shb, scb, i_b, qb, sb, Lb, float(eps_b), xb.stride(0), xb.stride(1), shb.stride(0),
+                scb.stride(0), s_ibb, s_ibl, C, B, n_a),
+               (ia is not None, ib is not None, norm == "rms", bm, bc, stream), cfg)
+    return qa, sa, qb, sb
+
+
+def norm_scale_shift_fp8(x, shift, scale, index=None, eps=1e-6, norm="layer", config=None,
+                         q_dtype=torch.float8_e4m3fn):
+    q, s, _, _ = dual_norm_scale_shift_fp8(x, shift, scale, index, eps, None, None, None, None, None, norm, config,
+                                           q_dtype)
+    return q, s
+
+
+def dual_gate_residual_norm_scale_shift_fp8(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b,
+                                            config=None, q_dtype=torch.float8_e4m3fn):
+    """(r_out_a, q_a, s_a, r_out_b, q_b, s_b); rb may be None (one stream)."""
+    B, La, C = ra.shape
+    roa = torch.empty((B, La, C), dtype=ra.dtype, device=ra.device)
+    qa, sa = _outs((B, La, C), ra.device, q_dtype)
+    if rb is None:
+        rb, ub, gb, shb, scb, ib, eps_b, Lb = ra, ua, ga, sha, sca, None, eps_a, 0
+        rob, qb, sb = roa, qa, sa
+    else:
+        Lb = rb.shape[1]
+        rob = torch.empty((B, Lb, C), dtype=rb.dtype, device=rb.device)
+        qb, sb = _outs((B, Lb, C), rb.device, q_dtype)
+    if B == 0 or C == 0 or La + Lb == 0:
+        return roa, qa, sa, rob, qb, sb
+    cfg = dict(config or _row_config(C))
+    bm, bc, stream = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C"), cfg.pop("STREAM_STORES")
+    n_a = cdiv(La, bm)
+    grid = (n_a + cdiv(Lb, bm), B)
+    i_a, s_iab, s_ial = _index_args(ia, ra)
+    i_b, s_ibb, s_ibl = _index_args(ib, rb)
+    with _device_guard(ra):
+        launch(_dual_grns_fp8_kernel, grid,
+               (ra, ua, ga, sha, sca, i_a, roa, qa, sa, La, float(eps_a),
+                ra.stride(0), ra.stride(1), ua.stride(0), ua.stride(1), ga.stride(0), sha.stride(0), sca.stride(0),
+                s_iab, s_ial,
+                rb, ub, gb, shb, scb, i_b, rob, qb, sb, Lb, float(eps_b),
+                rb.stride(0), rb.stride(1), ub.stride(0), ub.stride(1), gb.stride(0), shb.stride(0), scb.stride(0),
+                s_ibb, s_ibl, C, B, n_a),
+               (ia is not None, ib is not None, bm, bc, stream), cfg)
+    return roa, qa, sa, rob, qb, sb
+
+
+def gate_residual_norm_scale_shift_fp8(residual, update, gate, shift, scale, index=None, eps=1e-6, config=None,
+                                       q_dtype=torch.float8_e4m3fn):
+    ro, q, s, _, _, _ = dual_gate_residual_norm_scale_shift_fp8(residual, update, gate, shift, scale, index, eps,
+                                                                None, None, None, None, None, None, None, config,
+                                                                q_dtype)
+    return ro, q, s
+
+
+def quantize_rows(x, bias=None, gelu=False, config=None, q_dtype=torch.float8_e4m3fn):
+    """(q [..., K] e4m3, scale [...] fp32) of x [..., K] (last dim contiguous; [B, L, K] with free
+    batch and token strides, other ranks with rows that collapse into one strided run):
+    [+ bias] [GELU-tanh], per-row quantisation."""
+    K = x.shape[-1]
+    q, s = _outs(tuple(x.shape), x.device, q_dtype)
+    if x.dim() == 3:
+        x3 = x
+    else:  # the op layer checks that the leading dims collapse
+        x3 = x.view(1, -1, K) if x.dim() != 1 else x.view(1, 1, K)
+    B, L = x3.shape[0], x3.shape[1]
+    M = B * L
+    if M == 0 or K == 0:
+        return q, s
+    cfg = dict(config or _row_config(K))
+    bm, bk, stream = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C"), cfg.pop("STREAM_STORES")
+    with _device_guard(x):
+        launch(_quantize_rows_kernel, (cdiv(M, bm),),
+               (x3, x3 if bias is None else bias, q, s, M, L, K, x3.stride(0), x3.stride(1)),
+               (bias is not None, bool(gelu), bm, bk, stream), cfg)
+    return q, s
