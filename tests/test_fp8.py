@@ -134,6 +134,37 @@ def test_joint_fp8_linear_cpu():
     torch.testing.assert_close(out[:, 5:], F8.fp8_linear(iq, is_, wiq, wis, None, torch.float32))
 
 
+@pytest.mark.parametrize("M", [16, 37, 5])
+@pytest.mark.parametrize("into", [False, True])
+def test_scaled_mm_token_counts_not_divisible_by_16(monkeypatch, M, into):
+    """cuBLAS's FP8 GEMM refuses sizes not divisible by 16: the CUDA path pads the token rows. A
+    stand-in for torch._scaled_mm with that rule and the row-wise semantics checks the padding and
+    that the dropped rows never reach the output."""
+    calls = []
+
+    def scaled_mm(a, b, *, scale_a, scale_b, bias=None, out_dtype=None, out=None):
+        assert all(n % 16 == 0 for n in (*a.shape, *b.shape)), ("not divisible by 16", a.shape, b.shape)
+        calls.append(a.shape[0])
+        y = (a.double() * scale_a.double()) @ (b.double() * scale_b.double())
+        if bias is not None:
+            y = y + bias.double()
+        y = y.to(out_dtype)
+        return y if out is None else out.copy_(y)
+
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    xq, xs = F8.quantize_fp8(randn(M, 48))
+    wq, ws = F8.quantize_weight(randn(32, 48))
+    b = randn(32)
+    want = F8.fp8_linear(xq, xs, wq, ws, b, torch.float32)  # CPU reference
+    dst = torch.full((M + 3, 32), float("nan"))
+    got = F8._scaled_mm_into(xq, xs, wq, ws, b, torch.float32, out=dst[1:M + 1] if into else None)
+    assert calls == [M + (-M % 16)]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if into:
+        assert got.data_ptr() == dst[1].data_ptr()
+        assert dst[0].isnan().all() and dst[M + 1:].isnan().all()
+
+
 # --- opcheck, compile, bad inputs ---------------------------------------------------------------------
 
 def _op_cases(device="cpu"):

@@ -222,11 +222,29 @@ def _check_joint_fp8_linear(txt, txt_scale, img, img_scale, txt_weight, txt_weig
 
 def _scaled_mm_into(x2, xs, w, ws, bias, out_dtype, out=None):
     """x2 [M, K] e4m3 (row-major), xs [M] fp32, w [N, K] e4m3 (row-major), ws [N] fp32 ->
-    [M, N] in out_dtype: torch._scaled_mm with row-wise scales (bias in its epilogue)."""
+    [M, N] in out_dtype: torch._scaled_mm with row-wise scales (bias in its epilogue).
+
+    cuBLAS's FP8 GEMM takes only sizes divisible by 16 (CUBLAS_STATUS_NOT_SUPPORTED otherwise). K
+    and N are checked; a token count M that is not (a text length of 225, an odd image size) is
+    padded with zero rows to the next multiple of 16: a copy of the e4m3 rows (1 byte per value)
+    and a GEMM over at most 15 more rows, whose results are dropped."""
+    M, K = x2.shape
+    pad = -M % 16
+    if pad:
+        xp = torch.zeros((M + pad, K), dtype=x2.dtype, device=x2.device)
+        xp[:M].copy_(x2)
+        sp = torch.ones(M + pad, dtype=xs.dtype, device=xs.device)
+        sp[:M].copy_(xs)
+        x2, xs = xp, sp
     kw = dict(scale_a=xs.view(-1, 1), scale_b=ws.view(1, -1), bias=bias, out_dtype=out_dtype)
+    if not pad:
+        if out is None:
+            return torch._scaled_mm(x2, w.t(), **kw)
+        return torch._scaled_mm(x2, w.t(), out=out, **kw)
+    y = torch._scaled_mm(x2, w.t(), **kw)[:M]
     if out is None:
-        return torch._scaled_mm(x2, w.t(), **kw)
-    return torch._scaled_mm(x2, w.t(), out=out, **kw)
+        return y
+    return out.copy_(y)
 
 
 def fp8_linear_unchecked(x, x_scale, weight, weight_scale, bias=None, out_dtype=torch.bfloat16, activation="none"):
