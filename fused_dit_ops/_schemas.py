@@ -47,6 +47,10 @@ SCHEMAS: dict[str, str] = {
     # [B, Lt + Li, N] buffer (the joint Q/K/V of a double-stream block without a cat)
     "joint_linear": "(Tensor txt, Tensor img, Tensor[] txt_weights, Tensor?[] txt_biases,"
     " Tensor[] img_weights, Tensor?[] img_biases) -> Tensor",
+    # -- MLP -----------------------------------------------------------------------------
+    # y = x @ weight.T (+ bias) over [2F, K] weights; out = silu(y[..., :F]) * y[..., F:] ([.., F]);
+    # backend "triton" (the GEMM with the SwiGLU epilogue) or "cublas" (GEMM, then the elementwise kernel)
+    "swiglu_linear": "(Tensor x, Tensor weight, Tensor? bias=None, str? backend=None) -> Tensor",
     # -- attention ---------------------------------------------------------------------
     "attention": "(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False,"
     " str? backend=None) -> Tensor",

@@ -216,3 +216,13 @@ def attention(q, k, v, softmax_scale=None, causal=False):
         s = s.masked_fill(~keep, float("-inf"))
     p = torch.softmax(s, dim=-1)
     return (p @ vh).transpose(1, 2).to(q.dtype).contiguous()
+
+
+def swiglu_linear(x, weight, bias=None):
+    """``silu(y[..., :F]) * y[..., F:]`` of ``y = x @ weight.T + bias`` (weight [2F, K]: the gate rows,
+    then the linear rows; diffusers ``Flux2FeedForward.linear_in`` followed by ``Flux2SwiGLU``), with
+    y kept in the compute dtype (one rounding, on the output)."""
+    ct = _compute_dtype(x.dtype)
+    y = F.linear(x.to(ct), weight.to(ct), None if bias is None else bias.to(ct))
+    g, u = y.chunk(2, dim=-1)
+    return (F.silu(g) * u).to(x.dtype)
