@@ -353,8 +353,8 @@ def fused_mlp(ff, x: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_mlp(ff, x: torch.Tensor, acts=()) -> torch.Tensor:
-    """A SwiGLU feed-forward (``linear_in`` [2F, C] with the gate rows first, SwiGLU, ``linear_out``;
-    diffusers ``Flux2FeedForward``) with the input projection and the SwiGLU as one ``swiglu_linear``
+    """A SwiGLU feed-forward (children ``linear_in`` [2F, C] with the gate rows first, ``act_fn`` of a
+    class in ``acts``, ``linear_out``) with the input projection and the SwiGLU as one ``swiglu_linear``
     (on CUDA a GEMM with the SwiGLU in its epilogue: the [L, 2F] pre-activation is never written).
     A module with hooks, or whose projections are not bare Linears (LoRA), runs as a module call."""
     lin_in, lin_out = ff._modules.get("linear_in"), ff._modules.get("linear_out")
