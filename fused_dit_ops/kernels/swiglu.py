@@ -108,15 +108,17 @@ def _gemm_config(M: int, Fh: int, K: int, dtype: torch.dtype):
     return bm, 128, 64, 8 if bm == 128 else 4, 3
 
 
-def swiglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Launch the SwiGLU-epilogue GEMM: x [M, K] or [B, M, K] (last dim contiguous) -> [.., M, F]."""
+def swiglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config=None) -> torch.Tensor:
+    """Launch the SwiGLU-epilogue GEMM: x [M, K] or [B, M, K] (last dim contiguous) -> [.., M, F].
+    ``config``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) instead of :func:`_gemm_config`'s
+    (for tile sweeps)."""
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
     B, M, K = x3.shape
     Fh = weight.shape[0] // 2
     out = torch.empty((B, M, Fh), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out if x.dim() == 3 else out[0]
-    bm, bn, bk, nw, ns = _gemm_config(M, Fh, K, x.dtype)
+    bm, bn, bk, nw, ns = config or _gemm_config(M, Fh, K, x.dtype)
     # fp32 inputs: full-precision products (F.linear's default); bf16/fp16: tensor-core MMA, fp32 accumulate
     precision = "ieee" if x.dtype == torch.float32 or _INTERPRET else "tf32"
     grid = (cdiv(M, bm) * cdiv(Fh, bn), B)
