@@ -60,6 +60,15 @@ def test_tiny_patched_matches_stock(batch, img):
     assert rel_err(_run(m, make_flux2_inputs(m, batch=batch, img_tokens=img, seed=2, timestep=0.1)), out) > 1e-2
 
 
+def test_fp16_cpu_matches_stock():
+    """fp16 (the ops' CPU references round once; stock rounds per op): within fp16 rounding."""
+    m = _tiny(seed=2, dtype=torch.float16)
+    kw = make_flux2_inputs(m, seed=3)
+    ref = _run(m, kw)
+    report = fdo.patch(m)
+    assert rel_err(_run(m, kw), ref) < 5e-3 and not report.runtime
+
+
 def test_two_text_lengths_and_image_sizes():
     m = _tiny(seed=3)
     kws = [make_flux2_inputs(m, img_tokens=n, txt_len=t, seed=4) for n, t in ((15, 7), (21, 13))]
