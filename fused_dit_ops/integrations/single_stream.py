@@ -21,6 +21,12 @@ Per block, for the family's :class:`~.engine.Single` description (eager and torc
 
 Projections that are not bare Linears (LoRA, hooks) run as modules; a hooked or non-stock attention
 module runs as a module call with the stock RoPE format.
+
+Described variants: modulation outputs handed in by the model (``mod_source="model_linear"``: step 2
+takes column views of them); the model's own q|k|v|MLP Linear (``Single.qkv_mlp``: step 4 uses its
+row blocks, no packing); a SwiGLU MLP (``Single.mlp_act="swiglu"``: the MLP rows through
+``swiglu_linear``, the SwiGLU in the GEMM's epilogue on CUDA); blocks that get and return the joint
+sequence (:func:`run_joint`).
 """
 from __future__ import annotations
 
