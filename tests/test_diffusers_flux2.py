@@ -165,6 +165,19 @@ def test_model_level_modulation_views_and_rope_once_per_forward():
         st.family = fam
 
 
+def test_rope_table_matches_the_pos_embed_semantics():
+    """The table the blocks get is FLUX.2's RoPE: 4 axes (t, h, w, l) of 6 here (32 in the real
+    model), theta 2000, interleaved pairs; also what ``flux_rope_table`` builds from the ids."""
+    m = _tiny(seed=7)
+    kw = make_flux2_inputs(m, img_tokens=(15, 10), seed=7)
+    ids = torch.cat([kw["txt_ids"], kw["img_ids"]])
+    with torch.no_grad():
+        tab = dfx.as_rope_tables(m.pos_embed(ids))
+    want = fdo.flux_rope_table(ids, axes_dim=(6, 6, 6, 6), theta=2000)
+    assert tab.shape == (ids.shape[0], 24) and tab.dtype == torch.float32
+    torch.testing.assert_close(tab, want, rtol=0, atol=1e-6)
+
+
 def test_kv_cache_mode_runs_stock_and_is_reported():
     m = _tiny(seed=8)
     kw = make_flux2_inputs(m, img_tokens=(15, 10), seed=8)
