@@ -13,6 +13,7 @@ from .attention_dispatch import (AttentionBackendError, AttentionFallbackWarning
                                  attention_backends, warmup_attention)
 from .ops.linear import joint_linear
 from .ops.qkv_cat import joint_qkv_cat
+from .ops.swiglu import swiglu_linear
 from .ops.rope import joint_qk_norm_rope_, qk_norm_rope_cat, rope, warmup_rope
 from .rope_tables import cos_sin_from_complex, flux_ids, flux_rope_table, qwen_image_rope_tables
 from .integrations.engine import PatchReport, patch, unpatch
@@ -38,6 +39,7 @@ __all__ = [
     "qk_norm_rope_cat",
     "joint_qk_norm_rope_",
     "joint_linear",
+    "swiglu_linear",
     "warmup_rope",
     "qwen_image_rope_tables",
     "cos_sin_from_complex",

@@ -66,6 +66,10 @@ SCHEMAS: dict[str, str] = {
     "joint_fp8_linear": "(Tensor txt, Tensor txt_scale, Tensor img, Tensor img_scale, Tensor txt_weight,"
     " Tensor txt_weight_scale, Tensor? txt_bias, Tensor img_weight, Tensor img_weight_scale,"
     " Tensor? img_bias, ScalarType out_dtype) -> Tensor",
+    # -- MLP -----------------------------------------------------------------------------
+    # y = x @ weight.T (+ bias) over [2F, K] weights; out = silu(y[..., :F]) * y[..., F:] ([.., F]);
+    # backend "triton" (the GEMM with the SwiGLU epilogue) or "cublas" (GEMM, then the elementwise kernel)
+    "swiglu_linear": "(Tensor x, Tensor weight, Tensor? bias=None, str? backend=None) -> Tensor",
     # -- attention ---------------------------------------------------------------------
     "attention": "(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False,"
     " str? backend=None) -> Tensor",

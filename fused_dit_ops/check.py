@@ -123,6 +123,11 @@ def cases(device: str, small: bool):
            lambda: fdo.joint_linear(xt, xi, *lin[0], *lin[1]),
            lambda: ref.joint_linear(_f64(xt), _f64(xi), *([_f64(t) for t in ts] for pr in lin for ts in pr)),
            dtype)
+    # FLUX.2's MLP input: [L, C] -> silu(gate) * linear of a [2F, C] projection (C 6144, F 18432 on a GPU)
+    Lm, Cm, Fm = (256, 6144, 18432) if big else (40, 96, 144)  # (the float64 reference runs on the CPU)
+    xm, wm = rnd(1, Lm, Cm), rnd(2 * Fm, Cm, std=0.02)
+    yield (f"swiglu_linear [1,{Lm},{Cm}] -> 2 x {Fm}", lambda: fdo.swiglu_linear(xm, wm),
+           lambda: ref.swiglu_linear(_f64(xm), _f64(wm)), dtype)
     N = 1024 if big else 64  # the float64 reference materialises [B, H, N, N]
     q, k, v = rnd(1, N, H, D), rnd(1, N, H, D), rnd(1, N, H, D)
     yield (f"attention [1,{N},{H},{D}] bf16", lambda: fdo.attention(q, k, v),

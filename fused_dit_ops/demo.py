@@ -108,10 +108,10 @@ def run_demo(device=None, layers=None, config="edit-2511", img_tokens=None, txt_
     gpu = device.type == "cuda"
     if not gpu:
         config = "tiny"
-    elif model == "flux" and config == "edit-2511":
+    elif model in ("flux", "flux2") and config == "edit-2511":
         config = "dev"
     dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
-    layers = layers or (4 if gpu else None)
+    layers = layers or ((1 if model == "flux2" else 4) if gpu else None)
     iters = iters or (10 if gpu else 3)
     warmup = warmup if warmup is not None else (3 if gpu else 1)
     compile_backend = compile_backend or ("inductor" if gpu else "aot_eager")
@@ -200,9 +200,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fused_dit_ops demo",
                                 description=plain_doc(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="qwen", choices=("qwen", "flux"),
-                   help="qwen (Qwen-Image-Edit, default) or flux (Flux.1: --layers N = N double + 2N single "
-                        "blocks, 19 = whole model; default 2; tokens default 4096 image + 512 text)")
+    p.add_argument("--model", default="qwen", choices=("qwen", "flux", "flux2"),
+                   help="qwen (Qwen-Image-Edit, default), flux (Flux.1: --layers N = N double + 2N single "
+                        "blocks, 19 = whole model; default 2) or flux2 (FLUX.2-dev: --layers N = N double + 6N "
+                        "single blocks, 8 = whole model, ~64 GB; default 1); flux, flux2: tokens default 4096 "
+                        "image + 512 text")
     p.add_argument("--device", default=None, help="cuda or cpu (cpu: tiny config)")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (GPU default 4; 60 = whole model)")
     p.add_argument("--config", default="edit-2511", help="edit-2511 | edit-2509 | edit | qwen-image (GPU)")

@@ -255,11 +255,93 @@ def make_flux_inputs(model, img_tokens: Sequence | None = None, txt_len: int | N
     return kw
 
 
+# --- FLUX.2 (diffusers Flux2Transformer2DModel) ---------------------------------------------------
+
+_FLUX2_REAL = dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                   num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256,
+                   mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=True)
+
+FLUX2_CONFIGS: dict[str, dict] = {
+    # FLUX.2-dev: 8 double + 48 single blocks, C 6144 = 48 x 128, SwiGLU MLP 18432, guidance-distilled
+    "dev": dict(_FLUX2_REAL),
+    # Tiny: 3 heads x 24 (axes 6+6+6+6), C = 72, MLP 216, 2 double + 2 single layers; not powers of two
+    "tiny": dict(patch_size=1, in_channels=20, num_layers=2, num_single_layers=2, attention_head_dim=24,
+                 num_attention_heads=3, joint_attention_dim=40, timestep_guidance_channels=48, mlp_ratio=3.0,
+                 axes_dims_rope=(6, 6, 6, 6), rope_theta=2000, guidance_embeds=True),
+}
+
+
+def build_flux2_transformer(config: str = "dev", num_layers: int | None = None,
+                            num_single_layers: int | None = None, device="cpu", dtype: torch.dtype = torch.float32,
+                            seed: int = 0, init_std: float | None = None, **overrides):
+    """A diffusers ``Flux2Transformer2DModel`` with random weights (as :func:`build_qwen_image_transformer`).
+
+    ``config``: "dev" (8 double + 48 single layers: ~32B parameters, ~64 GB in bf16) or "tiny".
+    ``num_layers`` / ``num_single_layers`` override the block counts."""
+    from diffusers import Flux2Transformer2DModel
+    if config not in FLUX2_CONFIGS:
+        raise ValueError(f"unknown FLUX.2 config {config!r}; choose from {sorted(FLUX2_CONFIGS)}")
+    cfg = dict(FLUX2_CONFIGS[config])
+    if num_layers is not None:
+        cfg["num_layers"] = int(num_layers)
+    if num_single_layers is not None:
+        cfg["num_single_layers"] = int(num_single_layers)
+    cfg.update(overrides)
+    return _build(Flux2Transformer2DModel, cfg, config, device, dtype, init_std, seed)
+
+
+def flux2_ids(h: int, w: int, t: int = 0) -> torch.Tensor:
+    """Image position ids [h * w, 4] as the FLUX.2 pipelines make them: (t, row, column, 0); the
+    target image has t 0, reference image i t = 10 + 10 * i."""
+    ids = torch.zeros(h, w, 4)
+    ids[..., 0] = t
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    return ids.reshape(h * w, 4)
+
+
+def make_flux2_inputs(model, img_tokens: Sequence | None = None, txt_len: int | None = None, batch: int = 1,
+                      device=None, dtype: torch.dtype | None = None, seed: int = 0, timestep: float = 0.7,
+                      guidance: float = 4.0) -> dict:
+    """Keyword arguments for ``model(**kw)`` (diffusers 0.42 ``Flux2Transformer2DModel.forward``).
+
+    ``img_tokens``: token counts of the images, target first, then reference images (ids with t = 10,
+    20, ...). Default (4096,) real (1024 x 1024), (15,) tiny. ``txt_len``: default 512 real, 7 tiny
+    (text ids (0, 0, 0, l)). ``return_dict=False``: ``model(**kw)[0]`` is the output."""
+    cfg = model.config
+    p = next(model.parameters())
+    device = torch.device(device) if device is not None else p.device
+    dtype = dtype or p.dtype
+    tiny = is_tiny(model)
+    if img_tokens is None:
+        img_tokens = (15,) if tiny else (4096,)
+    if isinstance(img_tokens, int):
+        img_tokens = (img_tokens,)
+    if txt_len is None:
+        txt_len = 7 if tiny else 512
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.cat([flux2_ids(*_grid(int(n)), t=10 * k) for k, n in enumerate(img_tokens)], 0)
+    txt_ids = torch.zeros(txt_len, 4)
+    txt_ids[:, 3] = torch.arange(txt_len)
+    kw = dict(
+        hidden_states=torch.randn(batch, ids.shape[0], cfg.in_channels, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(batch, txt_len, cfg.joint_attention_dim, generator=g).to(device, dtype),
+        timestep=torch.full((batch,), float(timestep), device=device, dtype=dtype),
+        img_ids=ids.to(device),
+        txt_ids=txt_ids.to(device),
+        guidance=(torch.full((batch,), float(guidance), device=device, dtype=dtype)
+                  if cfg.guidance_embeds else None),
+        return_dict=False,
+    )
+    return kw
+
+
 def build_model_and_inputs(family: str, config: str, layers: int | None, img_tokens=None, txt_len=None,
                            device="cpu", dtype: torch.dtype = torch.float32, batch: int = 1, seed: int = 0):
-    """(model, inputs) of a family ("qwen" or "flux") for the demo and the benchmarks. Flux:
+    """(model, inputs) of a family ("qwen", "flux" or "flux2") for the demo and the benchmarks. Flux:
     ``layers`` double-stream blocks and twice as many single-stream blocks (the real ratio, 19 + 38;
-    GPU default 2 + 4)."""
+    GPU default 2 + 4). FLUX.2: ``layers`` double-stream blocks and six times as many single-stream
+    blocks (the real ratio, 8 + 48; GPU default 1 + 6)."""
     if family == "qwen":
         m = build_qwen_image_transformer(config, num_layers=layers, device=device, dtype=dtype, seed=seed)
         return m, make_qwen_inputs(m, img_tokens=img_tokens, txt_len=txt_len, device=device, dtype=dtype,
@@ -274,4 +356,14 @@ def build_model_and_inputs(family: str, config: str, layers: int | None, img_tok
                                    seed=seed)
         return m, make_flux_inputs(m, img_tokens=img_tokens, txt_len=txt_len, device=device, dtype=dtype,
                                    batch=batch, seed=seed)
-    raise ValueError(f"unknown model family {family!r}; choose qwen or flux")
+    if family == "flux2":
+        if config not in FLUX2_CONFIGS:
+            config = "dev"
+        if layers is None and config != "tiny":
+            layers = 1
+        single = None if layers is None else 6 * int(layers)
+        m = build_flux2_transformer(config, num_layers=layers, num_single_layers=single, device=device,
+                                    dtype=dtype, seed=seed)
+        return m, make_flux2_inputs(m, img_tokens=img_tokens, txt_len=txt_len, device=device, dtype=dtype,
+                                    batch=batch, seed=seed)
+    raise ValueError(f"unknown model family {family!r}; choose qwen, flux or flux2")

@@ -291,3 +291,11 @@ def joint_fp8_linear(txt, txt_scale, img, img_scale, txt_weight, txt_weight_scal
     """[B, Lt + Li, N]: cat([fp8_linear(txt ...), fp8_linear(img ...)], dim=1)."""
     return torch.cat([fp8_linear(txt, txt_scale, txt_weight, txt_weight_scale, txt_bias, out_dtype),
                       fp8_linear(img, img_scale, img_weight, img_weight_scale, img_bias, out_dtype)], dim=1)
+def swiglu_linear(x, weight, bias=None):
+    """``silu(y[..., :F]) * y[..., F:]`` of ``y = x @ weight.T + bias`` (weight [2F, K]: the gate rows,
+    then the linear rows; diffusers ``Flux2FeedForward.linear_in`` followed by ``Flux2SwiGLU``), with
+    y kept in the compute dtype (one rounding, on the output)."""
+    ct = _compute_dtype(x.dtype)
+    y = F.linear(x.to(ct), weight.to(ct), None if bias is None else bias.to(ct))
+    g, u = y.chunk(2, dim=-1)
+    return (F.silu(g) * u).to(x.dtype)

@@ -20,9 +20,9 @@ def test_check_passes_on_cpu(capsys):
     assert main(["check", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for op in ("scale_shift_gate", "norm_scale_shift", "gate_residual_norm_scale_shift", "gate_residual",
-               "rope", "joint_qkv_cat", "qk_norm_rope_cat", "joint_linear", "attention"):
+               "rope", "joint_qkv_cat", "qk_norm_rope_cat", "joint_linear", "swiglu_linear", "attention"):
         assert f"{op} " in out and "FAIL" not in out and "ERROR" not in out
-    assert "11 passed, 0 failed" in out
+    assert "12 passed, 0 failed" in out
 
 
 @pytest.mark.gpu

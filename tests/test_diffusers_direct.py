@@ -48,7 +48,7 @@ def _dual_norm_args(h, e, idx, im, tm):
 def test_fast_path_functions_are_the_ops():
     """Every function of the fast path has an op of its name and calls it off the fast path."""
     names = [n for n, f in vars(_eager).items() if callable(f) and not n.startswith("_") and f.__module__ == _eager.__name__]
-    assert set(names) - {"fast"} == set(_FAST) | {"qk_norm_rope_cat", "attention"} | set(_FAST_FP8)
+    assert set(names) - {"fast"} == set(_FAST) | {"qk_norm_rope_cat", "attention", "swiglu_linear"} | set(_FAST_FP8)
     for n in names:
         if n != "fast":
             assert hasattr(torch.ops.fused_dit, n.replace("_unchecked", "")), n

@@ -740,10 +740,10 @@ def test_a_description_value_the_block_kind_lacks_keeps_blocks_stock(tiny, monke
     """A family described with something the double-stream kind does not implement yet is told so
     per block instead of running a wrong block."""
     import dataclasses
-    monkeypatch.setattr(dq, "FAMILY", dataclasses.replace(dq.FAMILY, mod_source="model_linear"))
+    monkeypatch.setattr(dq, "FAMILY", dataclasses.replace(dq.FAMILY, mod_source="table_plus_temb"))
     report = fdo.patch(tiny)
     assert not engine.is_patched(tiny) and not report.swapped
-    assert "mod_source='model_linear' is not implemented" in report.stock["transformer_blocks.0"], report
+    assert "mod_source='table_plus_temb' is not implemented" in report.stock["transformer_blocks.0"], report
 
 
 def test_report_and_verify(tiny):

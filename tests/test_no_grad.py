@@ -39,6 +39,7 @@ def _functional():
     yield "joint_qkv_cat", fdo.joint_qkv_cat, [*t, *i]
     yield "joint_linear", fdo.joint_linear, [randn(2, 3, C), randn(2, 5, C), [randn(8, C), randn(4, C)],
                                              [randn(8), None], [randn(8, C), randn(4, C)], [randn(8), randn(4)]]
+    yield "swiglu_linear", fdo.swiglu_linear, [randn(2, 3, C), randn(24, C), randn(24)]
 
 
 def _inplace():
@@ -166,7 +167,7 @@ def test_inplace_op_on_a_leaf_that_requires_grad_raises_before_writing(name, fn,
 
 COMPILED = [c for c in FUNCTIONAL + INPLACE
             if c[0] in ("scale_shift_gate", "norm_scale_shift", "gate_residual", "qk_norm_rope_cat", "attention",
-                        "joint_qkv_cat", "joint_linear", "rope", "joint_qkv_cat_out")]
+                        "joint_qkv_cat", "joint_linear", "rope", "joint_qkv_cat_out", "swiglu_linear")]
 
 
 @pytest.mark.parametrize("name,fn,args", COMPILED, ids=[c[0] for c in COMPILED])

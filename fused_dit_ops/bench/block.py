@@ -26,6 +26,11 @@ image + 512 text tokens; ``--tokens 4096,4096``: Kontext, target + reference), t
 capture both blocks' arguments (temb from timestep, guidance and pooled text, the joint RoPE
 table), and each block is timed alone with the same providers: one row per (block, provider),
 ratios against stock compile of the same block. No target for Flux.
+
+``--model flux2``: FLUX.2-dev dims (C 6144 = 48 x 128, SwiGLU MLP 18432, random bf16 weights), the
+same way: a model of one double-stream and one single-stream block (~3 GB) runs one forward at
+1024 x 1024 (4096 image + 512 text tokens), both blocks' arguments are captured (the model-level
+modulation outputs, the joint RoPE (cos, sin)) and each block is timed alone. No target.
 """
 from __future__ import annotations
 
@@ -180,9 +185,9 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", default=",".join(PROVIDERS),
                     help=f"comma list from {', '.join(PROVIDERS)}; a patched one may end in patch options "
                          f"({', '.join('+' + m for m in _configs.MODIFIERS)}), e.g. patched-eager+nopack")
-    ap.add_argument("--model", default="qwen", choices=("qwen", "flux"),
-                    help="qwen (Qwen-Image-Edit-2511, default) or flux (Flux.1: one double-stream and one "
-                         "single-stream block, each timed)")
+    ap.add_argument("--model", default="qwen", choices=("qwen", "flux", "flux2"),
+                    help="qwen (Qwen-Image-Edit-2511, default), flux (Flux.1) or flux2 (FLUX.2): one "
+                         "double-stream and one single-stream block, each timed")
     ap.add_argument("--config", default=None, help="model config (default edit-2511; flux: dev or schnell, "
                                                    "default dev)")
     ap.add_argument("--tokens", "--img-tokens", dest="tokens", default=None,
@@ -217,7 +222,7 @@ def main(argv=None) -> int:
                                  and "+fp8" not in p and p + "+fp8" not in providers]
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
-    if args.model == "flux":
+    if args.model in ("flux", "flux2"):
         return _main_flux(args, device, providers)
 
     from ..models import build_qwen_image_transformer, make_qwen_inputs
@@ -279,20 +284,28 @@ def main(argv=None) -> int:
 FLUX_KINDS = (("double", "transformer_blocks"), ("single", "single_transformer_blocks"))
 
 
+def flux_family(name: str):
+    """(configs, build, make_inputs, label) of ``--model flux`` / ``flux2``."""
+    from .. import models as M
+    if name == "flux2":
+        return M.FLUX2_CONFIGS, M.build_flux2_transformer, M.make_flux2_inputs, "FLUX.2"
+    return M.FLUX_CONFIGS, M.build_flux_transformer, M.make_flux_inputs, "Flux"
+
+
 def _main_flux(args, device: str, providers: list[str]) -> int:
-    """``--model flux``: a double-stream and a single-stream block of one forward, timed alone."""
-    from ..models import FLUX_CONFIGS, build_flux_transformer, make_flux_inputs
+    """``--model flux`` / ``flux2``: a double-stream and a single-stream block of one forward, timed alone."""
     from ..profiler import _dtype
-    if args.config is not None and args.config not in FLUX_CONFIGS:
-        raise SystemExit(f"--config {args.config!r} is not a Flux config; choose from "
-                         f"{', '.join(c for c in FLUX_CONFIGS if c != 'tiny')}")
+    configs, build, make_inputs, label = flux_family(args.model)
+    if args.config is not None and args.config not in configs:
+        raise SystemExit(f"--config {args.config!r} is not a {label} config; choose from "
+                         f"{', '.join(c for c in configs if c != 'tiny')}")
     config = "tiny" if args.tiny else (args.config or "dev")
     dtype = torch.float32 if (args.tiny and torch.device(device).type == "cpu") else _dtype(args.dtype)
-    model = build_flux_transformer(config, num_layers=1, num_single_layers=1, device=device, dtype=dtype)
+    model = build(config, num_layers=1, num_single_layers=1, device=device, dtype=dtype)
     tokens = _configs.parse_tokens(args.tokens)
-    inputs = make_flux_inputs(model, img_tokens=tokens, txt_len=args.txt_len)
+    inputs = make_inputs(model, img_tokens=tokens, txt_len=args.txt_len)
     n_img = inputs["img_ids"].shape[0]
-    shape = {"model": "flux", "config": config, "dtype": str(dtype), "img_tokens": n_img,
+    shape = {"model": args.model, "config": config, "dtype": str(dtype), "img_tokens": n_img,
              "images": list(tokens) if tokens else [n_img], "txt_len": inputs["encoder_hidden_states"].shape[1],
              "guidance_embeds": bool(model.config.guidance_embeds)}
     print(f"bench block: {shape}, device {device}; blocks: transformer_blocks[0] (double), "
@@ -336,8 +349,8 @@ def _main_flux(args, device: str, providers: list[str]) -> int:
     print(harness.format_table(out_rows, ["block", "provider", "ms", "speedup_vs_stock_eager", "ratio_vs_stock_compile",
                                           "j_per_call", "avg_power_w", "energy_ratio_vs_stock_compile",
                                           "first_call_s", "max_rel_diff_vs_stock", "error"]))
-    path = harness.write_results("block-flux" + ("-tiny" if args.tiny else ""), out_rows,
-                                 extra={"model": "flux", "shape": shape, "device": device,
+    path = harness.write_results(f"block-{args.model}" + ("-tiny" if args.tiny else ""), out_rows,
+                                 extra={"model": args.model, "shape": shape, "device": device,
                                         "rounds": args.rounds, "rep_ms": args.rep_ms, "energy_s": args.energy_s,
                                         "cooldown_s": args.cooldown},
                                  out_dir=args.out)

@@ -31,6 +31,13 @@ guidance 3.5, img_ids / txt_ids). Every step has its own timestep, so ``reuse_mo
 ``patch``'s default) never reuses and costs only its check. ``--layers N``: N double + 2N single
 blocks (``--layers D,S``: D double + S single). Reported: ms per forward (= s per step), ratios,
 warm-up seconds, the output's max relative difference from stock eager. No target for Flux.
+
+``--model flux2``: the FLUX.2-dev transformer (8 double-stream + 48 single-stream blocks, C 6144 =
+48 x 128, SwiGLU MLP 18432, random bf16 weights: ~32B parameters, ~64 GB, which leaves little room
+on an 80 GB GPU: ``--layers N`` builds N double + 6N single blocks, ``--layers D,S`` D + S) at
+1024 x 1024 (4096 image + 512 text tokens), one forward per step (guidance-distilled, guidance 4),
+called as the pipeline calls it (hidden_states, encoder_hidden_states, timestep, img_ids / txt_ids
+with four axes, guidance). Same rows as for Flux. No target.
 """
 from __future__ import annotations
 
@@ -176,11 +183,13 @@ def main(argv=None) -> int:
                     help=f"comma list from {', '.join(PROVIDERS)}; a patched one may end in patch options "
                          f"({', '.join('+' + m for m in _configs.MODIFIERS)}, e.g. '+noreuse': "
                          "patch(reuse_mod=False)); a name may repeat (interleaved A/B)")
-    ap.add_argument("--model", default="qwen", choices=("qwen", "flux"),
-                    help="qwen (Qwen-Image-Edit-2511, default) or flux (FLUX.1-dev, one forward per step)")
+    ap.add_argument("--model", default="qwen", choices=("qwen", "flux", "flux2"),
+                    help="qwen (Qwen-Image-Edit-2511, default), flux (FLUX.1-dev) or flux2 (FLUX.2-dev); "
+                         "flux and flux2: one forward per step")
     ap.add_argument("--layers", default=None,
                     help="model depth (default 60; --tiny: 2); flux: N = N double + 2N single blocks, or D,S "
-                         "(default 19,38; --tiny: 2,2)")
+                         "(default 19,38; --tiny: 2,2); flux2: N = N double + 6N single blocks, or D,S "
+                         "(default 8,48; --tiny: 2,2)")
     ap.add_argument("--config", default=None, help="model config (default edit-2511; flux: dev or schnell, "
                                                    "default dev)")
     ap.add_argument("--tokens", "--img-tokens", dest="tokens", default=None,
@@ -212,7 +221,7 @@ def main(argv=None) -> int:
     providers = _configs.parse_providers(args.providers, "bench model")
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
-    if args.model == "flux":
+    if args.model in ("flux", "flux2"):
         return _main_flux(args, device, providers)
 
     from ..models import build_qwen_image_transformer, make_qwen_inputs
@@ -269,50 +278,52 @@ def main(argv=None) -> int:
     return 0
 
 
-def flux_layers(spec, tiny: bool) -> tuple[int, int]:
-    """(double, single) block counts from ``--layers``: None -> 19, 38 (tiny: 2, 2); "N" -> N, 2N
-    (the real model's ratio); "D,S" -> D, S."""
+def flux_layers(spec, tiny: bool, model: str = "flux") -> tuple[int, int]:
+    """(double, single) block counts from ``--layers``: None -> the real model (flux 19, 38; flux2
+    8, 48; tiny: 2, 2); "N" -> N, 2N (flux) or N, 6N (flux2): the real model's ratio; "D,S" -> D, S."""
+    ratio, full = (6, (8, 48)) if model == "flux2" else (2, (19, 38))
     if not spec:
-        return (2, 2) if tiny else (19, 38)
+        return (2, 2) if tiny else full
     try:
         v = _configs.parse_tokens(spec)
     except ValueError:
         v = ()
     if len(v) == 1 and v[0] >= 1:
-        return v[0], 2 * v[0]
+        return v[0], ratio * v[0]
     if len(v) == 2 and v[0] >= 0 and v[1] >= 0 and sum(v) >= 1:
         return v[0], v[1]
-    raise SystemExit(f"--layers for flux: N (N double + 2N single blocks) or D,S; got {spec!r}")
+    raise SystemExit(f"--layers for {model}: N (N double + {ratio}N single blocks) or D,S; got {spec!r}")
 
 
 def _main_flux(args, device: str, providers: list[str]) -> int:
-    """``--model flux``: the Flux.1 transformer forward, one forward per step."""
-    from ..models import FLUX_CONFIGS, build_flux_transformer, make_flux_inputs
+    """``--model flux`` / ``flux2``: the Flux.1 / FLUX.2 transformer forward, one forward per step."""
     from ..profiler import _dtype
-    if args.config is not None and args.config not in FLUX_CONFIGS:
-        raise SystemExit(f"--config {args.config!r} is not a Flux config; choose from "
-                         f"{', '.join(c for c in FLUX_CONFIGS if c != 'tiny')}")
+    from .block import flux_family
+    configs, build, make_inputs, label = flux_family(args.model)
+    if args.config is not None and args.config not in configs:
+        raise SystemExit(f"--config {args.config!r} is not a {label} config; choose from "
+                         f"{', '.join(c for c in configs if c != 'tiny')}")
     config = "tiny" if args.tiny else (args.config or "dev")
-    n_double, n_single = flux_layers(args.layers, args.tiny)
+    n_double, n_single = flux_layers(args.layers, args.tiny, args.model)
     dtype = torch.float32 if (args.tiny and torch.device(device).type == "cpu") else _dtype(args.dtype)
     txt = _configs.parse_tokens(args.txt_len)
     if txt is not None and len(txt) != 1:
-        raise SystemExit("--txt-len takes one length for flux (no CFG pair)")
+        raise SystemExit(f"--txt-len takes one length for {args.model} (no CFG pair)")
     t0 = time.perf_counter()
-    model = build_flux_transformer(config, num_layers=n_double, num_single_layers=n_single, device=device,
+    model = build(config, num_layers=n_double, num_single_layers=n_single, device=device,
                                    dtype=dtype)
     _configs.synchronize(device)
     build_s = time.perf_counter() - t0
     tokens = _configs.parse_tokens(args.tokens)
-    inputs = make_flux_inputs(model, img_tokens=tokens, txt_len=txt[0] if txt else None, seed=1)
+    inputs = make_inputs(model, img_tokens=tokens, txt_len=txt[0] if txt else None, seed=1)
     n_img = inputs["img_ids"].shape[0]
     n_params = sum(p.numel() for p in model.parameters())
-    shape = {"model": "flux", "config": config, "double_layers": n_double, "single_layers": n_single,
+    shape = {"model": args.model, "config": config, "double_layers": n_double, "single_layers": n_single,
              "dtype": str(dtype), "params": n_params, "weights_gb": round(n_params * dtype.itemsize / 1e9, 2),
              "img_tokens": n_img, "images": list(tokens) if tokens else [n_img],
              "txt_len": inputs["encoder_hidden_states"].shape[1],
              "guidance": float(inputs["guidance"][0]) if inputs["guidance"] is not None else None}
-    print(f"bench model: flux {config}, {n_double} double + {n_single} single blocks, {shape}, device {device}, "
+    print(f"bench model: {args.model} {config}, {n_double} double + {n_single} single blocks, {shape}, device {device}, "
           f"built in {build_s:.1f} s")
 
     rows = _run_rounds(model, inputs, None, providers, args, device, ["ms_forward", "s_per_step"],
@@ -321,8 +332,8 @@ def _main_flux(args, device: str, providers: list[str]) -> int:
                                       "warmup_s", "max_rel_diff_vs_stock", "error"]))
     if torch.device(device).type == "cuda":
         shape["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-    path = harness.write_results("model-flux" + ("-tiny" if args.tiny else ""), rows,
-                                 extra={"model": "flux", "shape": shape, "device": device, "build_s": build_s,
+    path = harness.write_results(f"model-{args.model}" + ("-tiny" if args.tiny else ""), rows,
+                                 extra={"model": args.model, "shape": shape, "device": device, "build_s": build_s,
                                         "steps": args.steps, "warmup": args.warmup, "dynamic": args.dynamic,
                                         "rounds": args.rounds, "cooldown_s": args.cooldown},
                                  out_dir=args.out)

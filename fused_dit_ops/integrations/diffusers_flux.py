@@ -141,6 +141,7 @@ FAMILY = engine.Family(
     rope_key=None,  # the tables depend on the ids' values (not only shapes): computed once per forward
     mask_kwarg=None,
     mlp="gelu_tanh",
+    fp16_clip=("text",),  # FluxTransformerBlock clips the text stream only
     block_forward=fused_block_forward,
     single_block_forward=fused_single_block_forward,
     stock_block_forward=_stock_block_forward,

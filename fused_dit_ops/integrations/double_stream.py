@@ -35,7 +35,8 @@ from . import engine as E
 # --- patch time -----------------------------------------------------------------------------------
 
 # what this block kind implements of a family description (a new value: implement it here first)
-KIND_TAKES = dict(mod_source=("block_linear",), norm=("layer", "rms"), qk_norm=("head",), mlp=("gelu_tanh",))
+KIND_TAKES = dict(mod_source=("block_linear", "model_linear"), norm=("layer", "rms"), qk_norm=("head",),
+                  mlp=("gelu_tanh", "swiglu"))
 
 
 def block_reason(block, fam):
@@ -106,6 +107,13 @@ def patch_blocks(st, blocks, model, sw, backend):
                                   f"({len(st.next_block)} block pairs, eager model forward, not fp16)")
     else:
         report.stock["lookahead"] = "lookahead=False: each block does its own norm1 + modulation"
+    if st.mlp and fam.mlp == "swiglu":
+        report.swapped.append(f"{img.mlp}/{txt.mlp}: input projection + SwiGLU as one swiglu_linear op "
+                              f"({len(blocks)} blocks)")
+    if fam.mod_source == "model_linear":
+        report.stock[f"{img.mod}/{txt.mod}"] = ("model-level modulation: the model's own modules, once per "
+                                                "forward; the blocks take column views of their outputs")
+        return
     if not sw["pack_mod"]:
         report.stock["pack_mod"] = "pack_mod=False: one modulation GEMV per stream and block"
         return
@@ -167,8 +175,11 @@ def modulation_params(block, st, temb):
     """(img_mod [B or 2B, 6C], txt_mod [B, 6C]). Packed (eager): one GEMV over both streams' weights
     on SiLU(temb), both results column views of its output; with the per-token index (two parameter
     sets: temb has 2B rows) the text half is computed for all rows (same weight bytes, same time)
-    and the text stream takes the first B."""
+    and the text stream takes the first B. ``mod_source="model_linear"``: ``temb`` is already the
+    pair of model-level modulation outputs."""
     fam = st.family
+    if fam.mod_source == "model_linear":
+        return temb
     two_sets = fam.index_flag is not None and getattr(block, fam.index_flag)
     # is_compiling first: a dict lookup on id(block) would make dynamo specialise per block
     img, txt = fam.streams
@@ -341,6 +352,21 @@ def fused_mlp(ff, x: torch.Tensor) -> torch.Tensor:
     return E.call_linear(mods[2], h).view(*x.shape[:-1], -1)
 
 
+def swiglu_mlp(ff, x: torch.Tensor, acts=()) -> torch.Tensor:
+    """A SwiGLU feed-forward (children ``linear_in`` [2F, C] with the gate rows first, ``act_fn`` of a
+    class in ``acts``, ``linear_out``) with the input projection and the SwiGLU as one ``swiglu_linear``
+    (on CUDA a GEMM with the SwiGLU in its epilogue: the [L, 2F] pre-activation is never written).
+    A module with hooks, or whose projections are not bare Linears (LoRA), runs as a module call."""
+    lin_in, lin_out = ff._modules.get("linear_in"), ff._modules.get("linear_out")
+    if (lin_in is None or lin_out is None or not E.no_hooks(ff) or not E.plain_linear(lin_in)
+            or not E.no_global_hooks() or len(ff._modules) != 3):
+        return ff(x)
+    act = ff._modules.get("act_fn")
+    if type(act) not in acts or not E.no_hooks(act):
+        return ff(x)
+    return E.call_linear(lin_out, _eager.swiglu_linear(x, lin_in.weight, lin_in.bias))
+
+
 # --- block forward ----------------------------------------------------------------------------------
 
 def _grns_pair(dual, h, upd, g, sh, sc, index, eps, e, t_upd, t_g, t_sh, t_sc, t_eps):
@@ -365,6 +391,8 @@ def _lookahead_target(st, block, h):
     if (nxt._forward_pre_hooks or nxt._forward_hooks or hasattr(nxt, "_hf_hook")
             or hasattr(nxt, "_diffusers_hook")):
         return None
+    if st.family.mod_source == "model_linear":  # the modulation outputs are the block's own inputs
+        return nxt
     if st.family.streams[0].mod_linear is not None:
         if not _mod_containers_ok(nxt, st.family):
             return None
@@ -379,8 +407,18 @@ def _lookahead_target(st, block, h):
     return nxt if ws[0].device == h.device else None
 
 
+def _mlp_fn(st):
+    if not st.mlp:
+        return lambda ff, x: ff(x)
+    if st.family.mlp == "swiglu":
+        acts = tuple(st.family.mlp_act()) if st.family.mlp_act is not None else ()
+        return lambda ff, x: swiglu_mlp(ff, x, acts)
+    return fused_mlp
+
+
 def run_block(block, st, h, e, temb, rot, index):
-    """The fused double-stream block: (h, e) -> (h, e) (image, text)."""
+    """The fused double-stream block: (h, e) -> (h, e) (image, text). ``temb``: the timestep embedding,
+    or with ``mod_source="model_linear"`` the (image, text) modulation outputs."""
     if st.fp8 is not None:  # precision="fp8" (integrations/fp8.py)
         from . import fp8 as _fp8
         if _fp8.usable(block, st, h, e):
@@ -392,7 +430,8 @@ def run_block(block, st, h, e, temb, rot, index):
     si, stx = fam.streams
     tables = st.rope_tables(rot)
     compiling = torch.compiler.is_compiling()
-    pre = (st.take_prenorm(block, h, e, temb, index)
+    keys = (h, e, *temb, index) if isinstance(temb, tuple) else (h, e, temb, index)  # what look-ahead matches
+    pre = (st.take_prenorm(block, *keys)
            if st.modulation and not compiling and st.prenorm is not None else None)
     img_mod, txt_mod = pre.mods if pre is not None else modulation_params(block, st, temb)
     eps_i1, eps_t1 = E.get(block, si.norm1).eps, E.get(block, stx.norm1).eps
@@ -415,7 +454,7 @@ def run_block(block, st, h, e, temb, rot, index):
         h, img_m2, e, txt_m2 = _grns_pair(dual, h, img_attn, i_g1, i_sh2, i_sc2, index,
                                           E.get(block, si.norm2).eps, e, txt_attn, t_g1, t_sh2, t_sc2,
                                           E.get(block, stx.norm2).eps)
-        mlp = fused_mlp if st.mlp else (lambda ff, x: ff(x))
+        mlp = _mlp_fn(st)
         img_y, txt_y = mlp(getattr(block, si.mlp), img_m2), mlp(getattr(block, stx.mlp), txt_m2)
         nxt = None
         if not compiling and st.lookahead and h.dtype != torch.float16:
@@ -428,7 +467,8 @@ def run_block(block, st, h, e, temb, rot, index):
             h, n_img_m, e, n_txt_m = _grns_pair(dual, h, img_y, i_g2, n_i[0], n_i[1], index,
                                                 E.get(nxt, si.norm1).eps, e, txt_y, t_g2, n_t[0], n_t[1],
                                                 E.get(nxt, stx.norm1).eps)
-            st.prenorm = E.Prenorm(nxt, (h, e, temb, index), (n_img_mod, n_txt_mod), (n_img_m, n_txt_m))
+            keys = (h, e, *temb, index) if isinstance(temb, tuple) else (h, e, temb, index)
+            st.prenorm = E.Prenorm(nxt, keys, (n_img_mod, n_txt_mod), (n_img_m, n_txt_m))
         else:
             h = _eager.gate_residual(h, img_y, i_g2, index)
             e = _eager.gate_residual(e, txt_y, t_g2, None)
@@ -443,8 +483,8 @@ def run_block(block, st, h, e, temb, rot, index):
         h = h + img_g2 * getattr(block, si.mlp)(img_m2)
         txt_m2, txt_g2 = _modulate(E.get(block, stx.norm2)(e), *t[3:])
         e = e + txt_g2 * getattr(block, stx.mlp)(txt_m2)
-    if e.dtype == torch.float16:
+    if e.dtype == torch.float16 and stx.name in fam.fp16_clip:
         e = e.clip(-65504, 65504)
-    if h.dtype == torch.float16:
+    if h.dtype == torch.float16 and si.name in fam.fp16_clip:
         h = h.clip(-65504, 65504)
     return h, e

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 OPS = ("modulation", "qk_norm_rope", "attention", "mlp")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# MLP kinds whose fused form exists on CUDA only (cuBLASLt's GELU epilogue); "swiglu" is an op of its own
+MLP_CUDA_ONLY = ("gelu_tanh",)
 ATTR = "_fused_dit_state"
 # A/B switches of the benchmarks (not in patch's signature; see patch_ab)
 SWITCHES = dict(pack_qkv=True, pack_mod=True, lookahead=True, dual_launch=True, qk_path="joint")
@@ -66,8 +68,10 @@ class Family:
     block_lists: tuple  # ((attribute, kind), ...); kinds: "double" (double_stream.py), "single" (single_stream.py)
     streams: tuple  # (image Stream, text Stream) of the double-stream blocks
     attn: str = "attn"  # the block's Attention module
-    # modulation: "block_linear" (per-block Sequential(SiLU, Linear) on temb); families to come
-    # add "model_linear" (one model-level projection) and "table_plus_temb" (learned table + temb)
+    # modulation: "block_linear" (per-block Sequential(SiLU, Linear) on temb); "model_linear" (model-level
+    # projections computed once per forward by the model, which hands every block the modulation
+    # outputs: the block forward passes them to the block kind in place of temb); families to come add
+    # "table_plus_temb" (learned table + temb)
     mod_source: str = "block_linear"
     mod_chunks: tuple = ("shift1", "scale1", "gate1", "shift2", "scale2", "gate2")
     norm: str = "layer"  # norm1/norm2 kind ("layer" | "rms"), not affine, fp32 compute, eps from the module
@@ -82,10 +86,22 @@ class Family:
     # stock output (None: engine.is_tables, real (not complex) tensors)
     rope_joint: bool = False
     is_tables: Callable = None
+    # False: the model post-processes the RoPE module's output (e.g. calls it per stream and concatenates
+    # the (cos, sin) halves), so the module keeps its stock output and the blocks convert it to tables
+    # once per forward (cached on the identity of the tensors every block receives)
+    rope_in_module: bool = True
     mask_kwarg: str = "encoder_hidden_states_mask"  # the model forward's text mask (None: it has none)
     mask_pos: int = 2  # its position in the model forward
-    mlp: str = "gelu_tanh"  # diffusers FeedForward(activation_fn="gelu-approximate")
+    mlp: str = "gelu_tanh"  # diffusers FeedForward(activation_fn="gelu-approximate"); "swiglu": see mlp_act
+    # () -> the activation module classes a "swiglu" MLP (linear_in, act_fn, linear_out) may hold for
+    # the fused form (another activation: a module call)
+    mlp_act: Callable = None
     index_flag: str = None  # block attribute: the block gets a per-token parameter-set index (2 sets)
+    # double-stream streams clipped to +-65504 at the block's end in fp16, as the stock block does
+    fp16_clip: tuple = ("image", "text")
+    # (args, kwargs) of a model forward -> why it runs the stock forward (a mode the fused blocks do not
+    # implement), or None
+    forward_reason: Callable = None
     # single-stream blocks (kind "single"): paths inside the block, and the chunk order of its modulation
     single: "Single" = None
     # hooks
@@ -125,9 +141,15 @@ class Single:
     q_norm: str = "norm_q"
     k_norm: str = "norm_k"
     mlp_in: str = "proj_mlp"
-    mlp_act: str = "gelu_tanh"
+    mlp_act: str = "gelu_tanh"  # "gelu_tanh" | "swiglu" (silu(first half) * second half of the MLP input)
     out: str = "proj_out"
     chunks: tuple = ("shift", "scale", "gate")
+    # one Linear (path inside the block) whose rows are q | k | v | MLP input (the model's own fused
+    # projection; then q, k, v and mlp_in are unused): None = separate Linears, packed at patch time
+    qkv_mlp: str = None
+    # the attention module computes the MLP and the output projection too (a module call returns the
+    # block's update, not the attention output)
+    attn_module_mlp: bool = False
 
     def chunk_order(self):
         return tuple(self.chunks.index(c) for c in ("shift", "scale", "gate"))
@@ -608,6 +630,8 @@ def _model_forward(self, *args, **kwargs):
         else:
             why = "text mask with padding (stock forward)"
     why = why or _parallel_reason(self, fam, after_patch=True)
+    if not why and fam.forward_reason is not None:
+        why = fam.forward_reason(args, kwargs)
     # the activations' dtype decides (weights may be stored in another, e.g. fp8 layerwise casting)
     x = kwargs.get("hidden_states", args[0] if args else None)
     if not why and isinstance(x, torch.Tensor) and x.dtype not in DTYPES:
@@ -856,6 +880,10 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
         st.tables_from_rope = False
         report.stock[fam.rope_module] = ("some blocks stay stock and need the stock RoPE output: the fused "
                                          "blocks convert it to tables once per forward")
+    elif not fam.rope_in_module:
+        st.tables_from_rope = False
+        report.swapped.insert(0, f"{fam.rope_module} output (stock) converted to cos|sin tables once per forward "
+                                 "by the first fused block")
     else:
         report.swapped.insert(0, f"{fam.rope_module} (RoPE tables once per forward"
                                  + (", cached per shape)" if fam.rope_key is not None else ")"))
@@ -868,7 +896,7 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
     if "mlp" not in ops_set or "modulation" not in ops_set:
         report.stock["mlp"] = ("not selected in ops (stock FeedForward)" if "mlp" not in ops_set
                                else "needs 'modulation' (stock FeedForward)")
-    elif dev is None or dev.type != "cuda":
+    elif fam.mlp in MLP_CUDA_ONLY and (dev is None or dev.type != "cuda"):
         report.stock["mlp"] = (f"GELU epilogue is CUDA-only: stock FeedForward while the model runs on {dev} "
                                "(the epilogue applies once it runs on CUDA)")
     if probe:

@@ -21,6 +21,12 @@ Per block, for the family's :class:`~.engine.Single` description (eager and torc
 
 Projections that are not bare Linears (LoRA, hooks) run as modules; a hooked or non-stock attention
 module runs as a module call with the stock RoPE format.
+
+Described variants: modulation outputs handed in by the model (``mod_source="model_linear"``: step 2
+takes column views of them); the model's own q|k|v|MLP Linear (``Single.qkv_mlp``: step 4 uses its
+row blocks, no packing); a SwiGLU MLP (``Single.mlp_act="swiglu"``: the MLP rows through
+``swiglu_linear``, the SwiGLU in the GEMM's epilogue on CUDA); blocks that get and return the joint
+sequence (:func:`run_joint`).
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from .. import reference as _ref
 from ..ops import _eager
 from . import engine as E
 
-KIND_TAKES = dict(norm=("layer",), mlp_act=("gelu_tanh",))
+KIND_TAKES = dict(norm=("layer",), mlp_act=("gelu_tanh", "swiglu"), mod_source=("block_linear", "model_linear"))
 
 
 # --- patch time -----------------------------------------------------------------------------------
@@ -40,8 +46,9 @@ def block_reason(block, fam):
     sg = fam.single
     if sg is None:
         return f"{fam.name}: no single-stream description (Family.single)"
-    if fam.norm not in KIND_TAKES["norm"] or sg.mlp_act not in KIND_TAKES["mlp_act"]:
-        return f"{fam.name}: norm={fam.norm!r} / mlp_act={sg.mlp_act!r} not implemented for single-stream blocks"
+    for f, v in (("norm", fam.norm), ("mlp_act", sg.mlp_act), ("mod_source", fam.mod_source)):
+        if v not in KIND_TAKES[f]:
+            return f"{fam.name}: {f}={v!r} is not implemented for single-stream blocks (takes {KIND_TAKES[f]})"
     reason = E.shared_block_reason(block, fam, "single")
     if reason is not None:
         return reason
@@ -51,14 +58,24 @@ def block_reason(block, fam):
     for n in (sg.q_norm, sg.k_norm):
         if getattr(getattr(attn, n, None), "weight", None) is None:
             return f"{fam.attn}.{n} is missing or has no weight (fused QK-norm needs RMSNorm weights)"
-    lins = [E.get(attn, n) for n in (sg.q, sg.k, sg.v)] + [E.get(block, n) for n in (sg.mlp_in, sg.out, sg.mod_linear)]
+    D = attn.inner_dim
+    if sg.qkv_mlp is not None:
+        lins = [E.get(block, n) for n in (sg.qkv_mlp, sg.out)]
+    else:
+        lins = ([E.get(attn, n) for n in (sg.q, sg.k, sg.v)]
+                + [E.get(block, n) for n in (sg.mlp_in, sg.out)])
+    if fam.mod_source == "block_linear":
+        lins.append(E.get(block, sg.mod_linear))
     if any(m is None or not hasattr(m, "out_features") or not hasattr(m, "in_features") for m in lins):
         return "q/k/v, MLP input, output or modulation projection missing (or not Linear-like)"
     nm = E.get(block, sg.norm)
     if getattr(nm, "weight", None) is not None or not hasattr(nm, "eps"):
         return f"{sg.norm} is not a norm without affine parameters (the fused ops take none)"
-    D, F_ = attn.inner_dim, lins[3].out_features
-    if lins[4].in_features != D + F_ or any(m.out_features != D for m in lins[:3]):
+    out = lins[1] if sg.qkv_mlp is not None else lins[4]
+    mlp_rows = lins[0].out_features - 3 * D if sg.qkv_mlp is not None else lins[3].out_features
+    F_ = mlp_rows // 2 if sg.mlp_act == "swiglu" else mlp_rows
+    if (mlp_rows <= 0 or out.in_features != D + F_ or (sg.mlp_act == "swiglu" and mlp_rows % 2)
+            or (sg.qkv_mlp is None and any(m.out_features != D for m in lins[:3]))):
         return f"{sg.out} does not take [attention ({D}) | MLP ({F_})]"
     if D % attn.heads or (D // attn.heads) % 2:
         return f"head_dim {D}/{attn.heads} is not an even integer"
@@ -69,7 +86,11 @@ def patch_blocks(st, blocks, model, sw, backend):
     """Packed q|k|v|MLP-input weights, packed modulation Linears, look-ahead pairs."""
     fam, report, sg = st.family, st.report, st.family.single
     n = 0
-    if sw["pack_qkv"]:
+    if sg.qkv_mlp is not None:
+        report.swapped.append(f"single-stream {sg.qkv_mlp} (the model's own q|k|v|MLP weight): q|k|v GEMM, "
+                              f"MLP rows through {'swiglu_linear' if sg.mlp_act == 'swiglu' else 'their GEMM'}, "
+                              f"{sg.out} as two GEMMs without the cat ({len(blocks)} blocks)")
+    elif sw["pack_qkv"]:
         for block in blocks:
             a = getattr(block, fam.attn)
             paths = (f"{fam.attn}.{sg.k}", f"{fam.attn}.{sg.v}", f"{fam.attn}.{sg.q}", sg.mlp_in)
@@ -79,7 +100,7 @@ def patch_blocks(st, blocks, model, sw, backend):
                 n += 1
         if n:
             report.swapped.append(f"single-stream q/k/v + {sg.mlp_in} packed: one weight matrix ({n} blocks)")
-    if n < len(blocks):
+    if n < len(blocks) and sg.qkv_mlp is None:
         report.stock["pack_qkv (single)"] = f"{len(blocks) - n} single-stream blocks: projections as module calls"
     if not st.modulation:
         return
@@ -92,7 +113,10 @@ def patch_blocks(st, blocks, model, sw, backend):
         if pairs:
             report.swapped.append(f"single-stream block ends fused with the next block's norm + modulation "
                                   f"({pairs} block pairs, eager model forward, not fp16)")
-    if sw["pack_mod"]:
+    if fam.mod_source == "model_linear":
+        report.stock[sg.mod] = ("model-level modulation: the model's own module, once per forward; the blocks "
+                                "take column views of its output")
+    elif sw["pack_mod"]:
         k = 0
         for block in blocks:
             if E.PackedLinears.packable([E.get(block, sg.mod_linear)]):
@@ -131,8 +155,10 @@ def joint_of(e, h):
 
 def _mod_params(block, st, temb):
     """[B, 3C] modulation output: packed GEMV (cached across forwards with an equal temb) or the
-    Linear module on SiLU(temb)."""
+    Linear module on SiLU(temb); with ``mod_source="model_linear"`` ``temb`` is that output."""
     sg = st.family.single
+    if st.family.mod_source == "model_linear":
+        return temb
     compiling = torch.compiler.is_compiling()
     pk = None if compiling else st.packed_mod.get(id(block))
     wb = pk.get(st, sg.mod_linear) if pk is not None and E.no_hooks(getattr(block, sg.mod)) else None
@@ -156,13 +182,45 @@ def _lookahead_target(st, block, x):
         return None
     if nxt._forward_pre_hooks or nxt._forward_hooks or hasattr(nxt, "_hf_hook") or hasattr(nxt, "_diffusers_hook"):
         return None
+    if st.family.mod_source == "model_linear":
+        return nxt
     w = getattr(E.get(nxt, st.family.single.mod_linear), "weight", None)
     return nxt if isinstance(w, torch.Tensor) and w.device == x.device else None
+
+
+def _act(y, sg):
+    """The MLP activation in torch (stock math)."""
+    if sg.mlp_act == "swiglu":
+        g, u = y.chunk(2, dim=-1)
+        return F.silu(g) * u
+    return F.gelu(y, approximate="tanh")
+
+
+def _own_projection(block, st, xn, D):
+    """q, k, v, activated MLP from the model's one q|k|v|MLP Linear (``Single.qkv_mlp``)."""
+    sg = st.family.single
+    lin = E.get(block, sg.qkv_mlp)
+    if E.plain_linear(lin) and E.no_global_hooks():
+        W, b = lin.weight, lin.bias
+        if st.mlp and sg.mlp_act == "swiglu":
+            # q|k|v one GEMM; the MLP rows one swiglu_linear (the SwiGLU in the GEMM's epilogue on CUDA)
+            y = F.linear(xn, W[:3 * D], None if b is None else b[:3 * D])
+            mlp = _eager.swiglu_linear(xn, W[3 * D:], None if b is None else b[3 * D:])
+        else:
+            y = F.linear(xn, W, b)
+            mlp = _act(y[..., 3 * D:], sg)
+    else:  # LoRA, hooks: the module
+        y = lin(xn)
+        mlp = _act(y[..., 3 * D:], sg)
+    q, k, v = (y[..., j * D:(j + 1) * D] for j in range(3))
+    return q, k, v, mlp
 
 
 def _projections(block, st, attn, xn, D):
     """(q|k|v as [B, L, 3D]-strided views q, k, v; the activated MLP [B, L, F])."""
     sg = st.family.single
+    if sg.qkv_mlp is not None:
+        return _own_projection(block, st, xn, D)
     compiling = torch.compiler.is_compiling()
     pk = None if compiling else st.packed_qkv.get(id(block))
     wb = pk[0].get(st, "single-stream q/k/v/MLP") if pk is not None else None
@@ -175,17 +233,22 @@ def _projections(block, st, attn, xn, D):
             mlp = torch._addmm_activation(b[3 * D:], x2, W[3 * D:].t(), use_gelu=True).view(*xn.shape[:-1], -1)
         else:
             y = F.linear(xn, W, b)
-            mlp = F.gelu(y[..., 3 * D:], approximate="tanh")
+            mlp = _act(y[..., 3 * D:], sg)
         k, v, q = (y[..., j * D:(j + 1) * D] for j in range(3))
         return q, k, v, mlp
     q, k, v = (E.call_linear(E.get(attn, n), xn) for n in (sg.q, sg.k, sg.v))
-    return q, k, v, F.gelu(E.call_linear(E.get(block, sg.mlp_in), xn), approximate="tanh")
+    return q, k, v, _act(E.call_linear(E.get(block, sg.mlp_in), xn), sg)
 
 
 def _attention(block, st, attn, xn, tables, Lt):
-    """The attention output [B, L, D] of the normed joint input."""
+    """(attention output [B, L, D], activated MLP) of the normed joint input; a module call instead
+    returns one tensor: the attention output, or with ``Single.attn_module_mlp`` the block's update.
+    ``Lt`` 0 with a joint table: one table over the whole sequence (text and image share the norms)."""
     fam, sg = st.family, st.family.single
-    img_tab, txt_tab = (tables[Lt:], tables[:Lt]) if fam.rope_joint else tables
+    if fam.rope_joint:
+        img_tab, txt_tab = (tables[Lt:], tables[:Lt]) if Lt else (tables, tables)
+    else:
+        img_tab, txt_tab = tables
     if not E.no_hooks(attn) or not E.no_global_hooks() or type(attn.processor) not in fam.stock_processors():
         return attn(hidden_states=xn, image_rotary_emb=fam.rope_stock(tables))
     D = attn.inner_dim
@@ -229,12 +292,19 @@ def _out_proj(block, st, a, mlp):
 
 def run_block(block, st, h, e, temb, rot):
     """The fused single-stream block: (h, e) -> (h, e) (image, text), views of one joint output."""
-    fam, sg = st.family, st.family.single
     Lt = e.shape[1]
-    compiling = torch.compiler.is_compiling()
-    x = None if compiling else joint_of(e, h)
+    x = None if torch.compiler.is_compiling() else joint_of(e, h)
     if x is None:
         x = torch.cat([e, h], dim=1)
+    x = run_joint(block, st, x, Lt, temb, rot)
+    return x[:, Lt:], x[:, :Lt]
+
+
+def run_joint(block, st, x, Lt, temb, rot):
+    """The fused single-stream block on the joint [B, Lt + Li, C] sequence -> the joint output.
+    ``Lt`` 0: the text length is not known (the block got the joint sequence; the RoPE table covers it)."""
+    fam, sg = st.family, st.family.single
+    compiling = torch.compiler.is_compiling()
     tables = st.rope_tables(rot)
     order = sg.chunk_order()
     pre = (st.take_prenorm(block, x, temb) if st.modulation and not compiling and st.prenorm is not None
@@ -250,10 +320,11 @@ def run_block(block, st, h, e, temb, rot):
         xn = norm(x) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
     res = _attention(block, st, attn, xn, tables, Lt)
     if isinstance(res, tuple):
-        a, mlp = res
+        o = _out_proj(block, st, *res)
+    elif sg.attn_module_mlp:  # attention module call that computed the whole update
+        o = res
     else:  # attention module call: the MLP as modules
-        a, mlp = res, F.gelu(E.call_linear(E.get(block, sg.mlp_in), xn), approximate="tanh")
-    o = _out_proj(block, st, a, mlp)
+        o = _out_proj(block, st, res, _act(E.call_linear(E.get(block, sg.mlp_in), xn), sg))
     if st.modulation:
         nxt = None
         if not compiling and st.lookahead and x.dtype != torch.float16:
@@ -269,4 +340,4 @@ def run_block(block, st, h, e, temb, rot):
         x = x + gate.unsqueeze(1) * o
     if x.dtype == torch.float16:
         x = x.clip(-65504, 65504)
-    return x[:, Lt:], x[:, :Lt]
+    return x

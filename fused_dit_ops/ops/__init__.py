@@ -5,3 +5,4 @@ from . import qkv_cat  # noqa: F401
 from . import rope  # noqa: F401
 from . import linear  # noqa: F401
 from . import fp8  # noqa: F401
+from . import swiglu  # noqa: F401

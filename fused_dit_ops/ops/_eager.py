@@ -30,6 +30,7 @@ from .. import attention_dispatch as _attn
 from . import linear as _linear
 from . import modulation as _mod
 from . import rope as _rope
+from . import swiglu as _swiglu
 
 # resolved at import (the schemas are declared by then): dynamo cannot trace their lookup, and a
 # compiled block may be the first caller (eager CUDA calls take the launchers)
@@ -42,6 +43,7 @@ _JQK = torch.ops.fused_dit.joint_qk_norm_rope_.default
 _QKC = torch.ops.fused_dit.qk_norm_rope_cat.default
 _ATTN = torch.ops.fused_dit.attention.default
 _JL = torch.ops.fused_dit.joint_linear.default
+_SWL = torch.ops.fused_dit.swiglu_linear.default
 
 
 def fast(x: torch.Tensor) -> bool:
@@ -231,3 +233,8 @@ def joint_fp8_linear_unchecked(txt, txt_scale, img, img_scale, wt, wst, bt, wi, 
     if not fast(txt):
         return _JL8(txt, txt_scale, img, img_scale, wt, wst, bt, wi, wsi, bi, out_dtype)
     return _f8().joint_fp8_linear_unchecked(txt, txt_scale, img, img_scale, wt, wst, bt, wi, wsi, bi, out_dtype)
+def swiglu_linear(x, weight, bias=None, backend=None):
+    if not fast(x):
+        return _SWL(x, weight, bias, backend)
+    _check(_swiglu._check_swiglu_linear, x, weight, bias, backend)
+    return _swiglu.swiglu_linear_cuda_unchecked(x, weight, bias, backend)
