@@ -48,7 +48,10 @@ def _progress(total, desc):
 
 
 def _blocks(model):
-    """Every repeated block: ``transformer_blocks`` (and ``single_transformer_blocks`` where present)."""
+    """Every repeated block: ``transformer_blocks`` (and ``single_transformer_blocks`` where present),
+    or ``blocks`` (Wan)."""
+    if not hasattr(model, "transformer_blocks"):
+        return list(model.blocks)
     return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", ())]
 
 

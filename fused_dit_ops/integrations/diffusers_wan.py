@@ -89,7 +89,7 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary
     if temb.dim() != 3:
         return _stock_fallback(self, st, hidden_states, encoder_hidden_states, temb, rotary_emb,
                                "per-token temb [B, L, 6, C] not collapsed to two sets (stock block forward)")
-    index = None if torch.compiler.is_compiling() else st.token_index
+    index = st.token_index
     if index is not None and temb.shape[0] != 2 * hidden_states.shape[0]:
         index = None
     return self_cross.run_block(self, st, hidden_states, encoder_hidden_states, temb, rotary_emb, index)
