@@ -83,6 +83,19 @@ def gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index=N
     return out.to(residual.dtype).contiguous(), y.to(residual.dtype).contiguous()
 
 
+def gate_residual_layer_norm(residual, update, gate, index=None, weight=None, bias=None, eps=1e-6,
+                             residual_dtype: torch.dtype | None = None):
+    """(residual_out, y): residual_out = residual + gate_sel * update (one rounding); y = LayerNorm of
+    residual_out as stored (rounded to ``residual_dtype``, default the input dtype), times ``weight``
+    plus ``bias`` in fp32, one rounding: a Wan block's ``(x.float() + attn * gate).type_as(x)`` then
+    ``norm2(x.float()).type_as(x)`` (``FP32LayerNorm``)."""
+    ct = _compute_dtype(residual.dtype)
+    rdt = residual_dtype or residual.dtype
+    out = (residual.to(ct) + select_params(gate, index).to(ct) * update.to(ct)).to(rdt)
+    y = _norm(out.to(ct), weight, bias, eps, "layer")
+    return out.to(residual.dtype).contiguous(), y.to(residual.dtype).contiguous()
+
+
 # --- RoPE and the joint QKV path ---------------------------------------------------------------
 # cos_sin_cache: fp32 [P, R], cos of the R/2 frequencies then their sin; row positions[b, l] serves
 # token l of batch b (default: row l). Only the first R of D dims rotate. Interleaved pairs are

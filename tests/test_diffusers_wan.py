@@ -129,7 +129,7 @@ def test_fused_ops_are_called():
         _run(m, kw)
     names = {e.name for e in prof.events()}
     for op in ("norm_scale_shift", "gate_residual", "gate_residual_norm_scale_shift", "qk_norm_rope_across_heads",
-               "attention"):
+               "attention", "gate_residual_layer_norm"):
         assert f"fused_dit::{op}" in names, op
 
 
@@ -293,7 +293,8 @@ def test_interpreted_direct_path_matches_stock(monkeypatch, config):
     ref = _run(m, kw)
     fdo.patch(m)
     calls = {}
-    for name in ("norm_scale_shift", "gate_residual_norm_scale_shift", "qk_norm_rope_across_heads", "gate_residual"):
+    for name in ("norm_scale_shift", "gate_residual_norm_scale_shift", "qk_norm_rope_across_heads", "gate_residual",
+                 "gate_residual_layer_norm"):
         real = getattr(_eager, name)
         monkeypatch.setattr(_eager, name, lambda *a, _n=name, _f=real, **k: calls.update({_n: calls.get(_n, 0) + 1})
                             or _f(*a, **k))
@@ -302,6 +303,7 @@ def test_interpreted_direct_path_matches_stock(monkeypatch, config):
     # norm1 once (block 0; block 1's by look-ahead) + the TI2V output norm, residual+norm3 per block
     assert calls["norm_scale_shift"] == (2 if config == "tiny-ti2v" else 1), calls
     assert calls["gate_residual_norm_scale_shift"] == 3 and calls["qk_norm_rope_across_heads"] == 4, calls
+    assert calls["gate_residual_layer_norm"] == 2 and calls["gate_residual"] == 1, calls
 
 
 # --- GPU: real dims, bf16 vs an fp32 copy ----------------------------------------------------------
@@ -347,3 +349,14 @@ def test_gpu_several_layers_real_dims():
 def test_gpu_several_layers_ti2v():
     m, m32, kw, kw32 = _gpu_pair("ti2v-5b", 3, (3, 22, 40))
     _check_vs_fp32(m, m32, kw, kw32, ceiling=3e-2, label="ti2v-5b, 3 blocks, 660 tokens, per-token timestep")
+
+
+@pytest.mark.parametrize("config", ["tiny", "tiny-ti2v"])
+def test_verify_mode(config):
+    m = _tiny(config, seed=30)
+    kw = _inputs(m, config, seed=30)
+    ref = _run(m, kw)
+    report = fdo.patch(m, verify=True)
+    out = _run(m, kw)
+    assert report.verify is not None and report.verify["rel_fro"] < REL and report.verify["finite"]
+    assert rel_err(out, ref) < REL and not report.runtime

@@ -128,6 +128,77 @@ def test_fp32_params_triton_interpreted(op, dtype):
         check(o, w, dtype, interpret=True)
 
 
+# --- gate_residual_layer_norm ------------------------------------------------------------------------
+
+def _grln_case(dtype, B=2, L=13, C=72, index=True, affine=True, wdtype=torch.float32, device="cpu"):
+    _, _, g, *_ = wan_params(B, C, index, device)
+    x, u = randn(B, L, 2 * C, dtype=dtype, device=device)[..., :C], randn(B, L, C, dtype=dtype, device=device)
+    idx = token_index(B, L, 5, device) if index else None
+    w = (1 + 0.2 * randn(C, device=device)).to(wdtype) if affine else None
+    b = (0.1 * randn(C, device=device)).to(wdtype) if affine else None
+    return (x, u, g, idx, w, b, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", ACT)
+@pytest.mark.parametrize("index,affine", [(True, True), (False, True), (False, False)])
+def test_grln_cpu_match_oracle(dtype, index, affine):
+    args = _grln_case(dtype, index=index, affine=affine)
+    outs = fdo.gate_residual_layer_norm(*args)
+    wants = ref.gate_residual_layer_norm(*f64(args), residual_dtype=dtype)
+    for o, w in zip(outs, wants):
+        check(o, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grln_equals_wan_block_expressions(dtype):
+    from diffusers.models.normalization import FP32LayerNorm
+    x, u, g, _, w, b, eps = _grln_case(dtype, index=False)
+    norm2 = FP32LayerNorm(72, eps, elementwise_affine=True)
+    with torch.no_grad():
+        norm2.weight.copy_(w)
+        norm2.bias.copy_(b)
+        want_r = (x.float() + u * g.unsqueeze(1)).type_as(x)
+        want_y = norm2(want_r.float()).type_as(want_r)
+    r, y = fdo.gate_residual_layer_norm(x, u, g, None, norm2.weight, norm2.bias, eps)
+    assert torch.equal(r, want_r) if dtype == torch.float32 else max_ulp_err(r, want_r) <= 1
+    assert rel_err(y, want_y) < (1e-6 if dtype == torch.float32 else 4e-3)
+
+
+def test_grln_opcheck_and_bad_inputs():
+    torch.library.opcheck(torch.ops.fused_dit.gate_residual_layer_norm.default, _grln_case(torch.bfloat16, L=7))
+    args = list(_grln_case(torch.float32))
+    args[4] = args[4][:40]
+    with pytest.raises(fdo.FusedDitInputError, match="'weight' must have shape \\[C\\] = \\[72\\]"):
+        fdo.gate_residual_layer_norm(*args)
+    args = list(_grln_case(torch.float32))
+    args[2] = args[2][:2]
+    with pytest.raises(fdo.FusedDitInputError, match="'gate' has shape"):
+        fdo.gate_residual_layer_norm(*args)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", ACT)
+@pytest.mark.parametrize("index,affine", [(True, True), (False, False)])
+def test_grln_triton_interpreted(dtype, index, affine):
+    from fused_dit_ops.kernels import gate_residual_norm as kg
+    args = _grln_case(dtype, index=index, affine=affine, wdtype=dtype if not index else torch.float32)
+    outs = kg.gate_residual_layer_norm(*args)
+    wants = ref.gate_residual_layer_norm(*f64(args), residual_dtype=dtype)
+    for o, w in zip(outs, wants):
+        check(o, w, dtype, interpret=True)
+
+
+@pytest.mark.gpu
+def test_gpu_grln_real_shape():
+    args = _grln_case(torch.bfloat16, B=1, L=2049, C=5120, device="cuda")
+    with torch.no_grad():
+        outs = fdo.gate_residual_layer_norm(*args)
+    cpu = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+    wants = ref.gate_residual_layer_norm(*f64(cpu), residual_dtype=torch.bfloat16)
+    for o, w in zip(outs, wants):
+        check(o.cpu(), w, torch.bfloat16)
+
+
 # --- qk_norm_rope_across_heads ------------------------------------------------------------------------
 
 def wan_table(L, D):

@@ -11,8 +11,9 @@ description (eager and torch.compile):
 3. self-attention: q|k|v as one GEMM over packed weights (eager), ``qk_norm_rope_across_heads``
    (RMSNorm over all heads + RoPE, q and k in one launch), ``attention`` on the heads views (v a
    column view of the q|k|v output), output projection;
-4. ``gate_residual`` with the fp32 gate (x + gate * attn in fp32, one rounding); norm2 (affine
-   LayerNorm in fp32, or none) in torch;
+4. ``gate_residual_layer_norm``: x + gate * attn with the fp32 gate (one rounding), and norm2 (an
+   affine LayerNorm in fp32) of the result in the same pass (``gate_residual`` alone when norm2 is
+   the identity);
 5. cross-attention: q from the normed stream, k/v from the text (and, with added K/V projections,
    a second attention over the image context whose output is added); ``qk_norm_rope_across_heads``
    without a table normalises q and the text k in one launch; output projection;
@@ -257,6 +258,20 @@ def _lookahead_target(st, block, x):
     return nxt if isinstance(t, torch.Tensor) and t.device == x.device else None
 
 
+def _ln_forwards():
+    """LayerNorm forwards that compute F.layer_norm over the last dim in fp32 for an fp32 input."""
+    fs = {torch.nn.LayerNorm.forward}
+    try:
+        from diffusers.models.normalization import FP32LayerNorm
+        fs.add(FP32LayerNorm.forward)
+    except ImportError:  # pragma: no cover
+        pass
+    return fs
+
+
+_LN_FORWARDS = _ln_forwards()
+
+
 def _ones_gate(x, rows):
     """A gate of ones [rows, C] (fp32, a stride-0 row view): x + 1 * update is the plain add."""
     return torch.ones(1, x.shape[-1], dtype=torch.float32, device=x.device).expand(rows, x.shape[-1])
@@ -280,11 +295,17 @@ def run_block(block, st, x, ctx, temb, rot, index):
     else:
         xn = (n1(x.float()) * (1 + _sel(sc1, index)) + _sel(sh1, index)).type_as(x)
     a = self_attention(block, st, xn, tables)
-    if st.modulation:
-        x = _eager.gate_residual(x, a, g1, index)
-    else:
+    if not st.modulation:
         x = (x.float() + a * _sel(g1, index)).type_as(x)
-    xn2 = n2(x.float()).type_as(x)
+        xn2 = n2(x.float()).type_as(x)
+    elif type(n2) is torch.nn.Identity:
+        x = _eager.gate_residual(x, a, g1, index)
+        xn2 = x
+    elif E.no_hooks(n2) and type(n2).forward in _LN_FORWARDS:
+        x, xn2 = _eager.gate_residual_layer_norm(x, a, g1, index, n2.weight, n2.bias, n2.eps)
+    else:
+        x = _eager.gate_residual(x, a, g1, index)
+        xn2 = n2(x.float()).type_as(x)
     a = cross_attention(block, st, xn2, ctx)
     if st.modulation:
         x, xn3 = _eager.gate_residual_norm_scale_shift(x, a, _ones_gate(x, sh2.shape[0]), sh2, sc2, index, n3.eps)

@@ -5,3 +5,4 @@ from . import qkv_cat  # noqa: F401
 from . import rope  # noqa: F401
 from . import linear  # noqa: F401
 from . import qk_norm_across_heads  # noqa: F401
+from . import gate_residual_norm  # noqa: F401

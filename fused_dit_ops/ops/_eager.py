@@ -30,6 +30,7 @@ from .. import attention_dispatch as _attn
 from . import linear as _linear
 from . import modulation as _mod
 from . import qk_norm_across_heads as _qkah
+from . import gate_residual_norm as _grln
 from . import rope as _rope
 
 # resolved at import (the schemas are declared by then): dynamo cannot trace their lookup, and a
@@ -44,6 +45,7 @@ _QKC = torch.ops.fused_dit.qk_norm_rope_cat.default
 _ATTN = torch.ops.fused_dit.attention.default
 _JL = torch.ops.fused_dit.joint_linear.default
 _QKAH = torch.ops.fused_dit.qk_norm_rope_across_heads.default
+_GRLN = torch.ops.fused_dit.gate_residual_layer_norm.default
 
 
 def fast(x: torch.Tensor) -> bool:
@@ -152,6 +154,14 @@ def joint_qk_norm_rope_(q, k, txt_len, wqt, wkt, wqi, wki, txt_tab, img_tab, eps
     _check(_rope._check_joint_qk_norm_rope, q, k, txt_len, wqt, wkt, wqi, wki, txt_tab, img_tab, eps)
     from ..kernels import rope as kr
     kr.joint_qk_norm_rope_(q, k, txt_len, (wqt, wkt, wqi, wki), (txt_tab, img_tab), eps, interleaved)
+
+
+def gate_residual_layer_norm(residual, update, gate, index=None, weight=None, bias=None, eps=1e-6):
+    if not fast(residual):
+        return _GRLN(residual, update, gate, index, weight, bias, eps)
+    _check(_grln._check, residual, update, gate, index, weight, bias, eps)
+    from ..kernels import gate_residual_norm as kg
+    return kg.gate_residual_layer_norm(residual, update, gate, index, weight, bias, eps)
 
 
 def qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos_sin=None, heads=1, eps=1e-6, interleaved=True):
