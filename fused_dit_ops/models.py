@@ -322,7 +322,7 @@ def make_wan_inputs(model, latent: Sequence | None = None, txt_len: int | None =
     """Keyword arguments for ``model(**kw)`` (diffusers 0.42 ``WanTransformer3DModel.forward``).
 
     ``latent``: (frames, height, width) of the latent video (default :func:`wan_latent_shape`);
-    ``txt_len``: text tokens (512 real, 7 tiny); ``timestep`` in [0, 1000]. ``per_token`` (default: the
+    ``txt_len``: text tokens (512; 7 for tiny models without an image context); ``timestep`` in [0, 1000]. ``per_token`` (default: the
     model has 48 input channels or is "tiny-ti2v"-like when True): a [B, L] timestep with 0 on the
     first latent frame's tokens and ``timestep`` elsewhere, as the Wan2.2 TI2V pipeline passes it.
     Models with an image context (I2V) get ``encoder_hidden_states_image`` of ``image_tokens``
@@ -334,7 +334,8 @@ def make_wan_inputs(model, latent: Sequence | None = None, txt_len: int | None =
     tiny = is_tiny(model)
     F_, H, W = tuple(latent) if latent is not None else wan_latent_shape(model)
     if txt_len is None:
-        txt_len = 7 if tiny else 512
+        # the cross-attention takes the last 512 context tokens as text, the rest as image context (I2V)
+        txt_len = 7 if tiny and cfg.image_dim is None else 512
     if per_token is None:
         per_token = cfg.in_channels == 48
     g = torch.Generator(device="cpu").manual_seed(seed)

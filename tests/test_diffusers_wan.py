@@ -360,3 +360,17 @@ def test_verify_mode(config):
     out = _run(m, kw)
     assert report.verify is not None and report.verify["rel_fro"] < REL and report.verify["finite"]
     assert rel_err(out, ref) < REL and not report.runtime
+
+
+def test_i2v_image_context_is_attended():
+    """I2V: the last 512 context tokens are text, the rest image context (its own K/V): patched matches
+    stock for two image contexts, and the image context changes the output."""
+    m = _tiny("tiny-i2v", seed=31)
+    kw = _inputs(m, "tiny-i2v", seed=31)
+    assert kw["encoder_hidden_states"].shape[1] == 512
+    kw2 = dict(kw, encoder_hidden_states_image=torch.randn_like(kw["encoder_hidden_states_image"]))
+    refs = _run(m, kw), _run(m, kw2)
+    fdo.patch(m)
+    outs = _run(m, kw), _run(m, kw2)
+    assert rel_err(outs[0], refs[0]) < REL and rel_err(outs[1], refs[1]) < REL
+    assert rel_err(outs[0], outs[1]) > 1e-2

@@ -66,8 +66,8 @@ KIND_TAKES = dict(mlp=("gelu_tanh",))
 
 # --- patch time -----------------------------------------------------------------------------------
 
-def _is_layer_norm(m, affine_ok):
-    return (isinstance(m, torch.nn.LayerNorm) and hasattr(m, "eps")
+def _is_layer_norm(m, affine_ok, C):
+    return (isinstance(m, torch.nn.LayerNorm) and tuple(m.normalized_shape) == (C,)
             and (affine_ok or getattr(m, "weight", None) is None))
 
 
@@ -98,13 +98,13 @@ def block_reason(block, fam):
                 return f"{n}.{p} is missing or not Linear-like"
         if a.inner_dim % a.heads or (a.inner_dim // a.heads) % 2:
             return f"{n}: head_dim {a.inner_dim}/{a.heads} is not an even integer"
-    if not (_is_layer_norm(E.get(block, sc.norm1), False) and _is_layer_norm(E.get(block, sc.norm3), False)):
-        return f"{sc.norm1}/{sc.norm3} are not LayerNorms without affine parameters"
-    n2 = E.get(block, sc.norm2)
-    if not (type(n2) is torch.nn.Identity or _is_layer_norm(n2, True)):
-        return f"{sc.norm2} is neither a LayerNorm nor Identity"
-    t = getattr(block, sc.table, None)
     C = a1.inner_dim
+    if not (_is_layer_norm(E.get(block, sc.norm1), False, C) and _is_layer_norm(E.get(block, sc.norm3), False, C)):
+        return f"{sc.norm1}/{sc.norm3} are not LayerNorms over C without affine parameters"
+    n2 = E.get(block, sc.norm2)
+    if not (type(n2) is torch.nn.Identity or _is_layer_norm(n2, True, C)):
+        return f"{sc.norm2} is neither a LayerNorm over C nor Identity"
+    t = getattr(block, sc.table, None)
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != (1, 6, C):
         return f"{sc.table} is not a [1, 6, {C}] tensor"
     return None
