@@ -48,7 +48,7 @@ SCHEMAS: dict[str, str] = {
     " Tensor? weight=None, Tensor? bias=None, float eps=1e-06) -> (Tensor, Tensor)",
     # RMSNorm of q and k over all heads (C = heads x head_dim), then RoPE per head (no table: norm only)
     "qk_norm_rope_across_heads": "(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor? cos_sin,"
-    " int heads, float eps=1e-06, bool interleaved=True) -> (Tensor, Tensor)",
+    " SymInt heads, float eps=1e-06, bool interleaved=True) -> (Tensor, Tensor)",
     # two token streams, each through its own (possibly packed) projection, written into one joint
     # [B, Lt + Li, N] buffer (the joint Q/K/V of a double-stream block without a cat)
     "joint_linear": "(Tensor txt, Tensor img, Tensor[] txt_weights, Tensor?[] txt_biases,"

@@ -30,7 +30,7 @@ def _check(q, k, q_weight, k_weight, cos_sin, heads, eps, interleaved=True):
     check_last_dim_contiguous(op, "q", q)
     check_last_dim_contiguous(op, "k", k)
     B, Lq, C = q.shape
-    if not isinstance(heads, int) or heads <= 0 or C % heads != 0:
+    if not isinstance(heads, (int, torch.SymInt)) or heads <= 0 or C % heads != 0:
         fail(op, f"'heads' must be a positive divisor of C={C}, got {heads}")
     D = C // heads
     if D % 2 != 0:
