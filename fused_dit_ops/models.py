@@ -328,7 +328,7 @@ def make_wan_inputs(model, latent: Sequence | None = None, txt_len: int | None =
     Models with an image context (I2V) get ``encoder_hidden_states_image`` of ``image_tokens``
     tokens (257 real, 3 tiny)."""
     cfg = model.config
-    p = next(model.parameters())
+    p = model.patch_embedding.weight  # (the first parameters are fp32 tables: _keep_in_fp32_modules)
     device = torch.device(device) if device is not None else p.device
     dtype = dtype or p.dtype
     tiny = is_tiny(model)

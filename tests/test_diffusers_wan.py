@@ -374,3 +374,24 @@ def test_i2v_image_context_is_attended():
     outs = _run(m, kw), _run(m, kw2)
     assert rel_err(outs[0], refs[0]) < REL and rel_err(outs[1], refs[1]) < REL
     assert rel_err(outs[0], outs[1]) > 1e-2
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_bf16_model_with_fp32_tables_and_norms(config):
+    """A bf16 model whose tables, norms and time embedder stay fp32 (``_keep_in_fp32_modules``, as
+    ``from_pretrained(torch_dtype=torch.bfloat16)`` loads it): patch, probe and forward work; the
+    output is as close to an fp32 copy as stock bf16's (CPU: the ops' references)."""
+    m = _tiny(config, seed=32, dtype=torch.bfloat16)
+    assert m.scale_shift_table.dtype == torch.float32 and m.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    m32 = _tiny(config, seed=32)
+    m32.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+    kw = _inputs(m, config, seed=32)
+    assert kw["hidden_states"].dtype == torch.bfloat16
+    kw32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+    ref32, stock = _run(m32, kw32), _run(m, kw)
+    report = fdo.patch(m)
+    assert set(report.stock) <= _allowed_stock(), report
+    fused = _run(m, kw)
+    assert not report.runtime, report.runtime
+    e_stock, e_fused = rel_err(stock, ref32), rel_err(fused, ref32)
+    assert e_fused < max(1.5 * e_stock, 1e-3), (e_fused, e_stock)

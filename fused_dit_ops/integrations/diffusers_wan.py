@@ -189,7 +189,7 @@ def _stock_out_norm(model, h, shift, scale, index):
 
 def _probe_call(model, block):
     """A tiny block call (1 x 4 tokens, 3 text tokens; I2V: 2 image-context tokens + 512 text tokens)."""
-    p = next(model.parameters())
+    p = block.attn1.to_q.weight  # (the model's first parameters are fp32 tables)
     C = block.attn1.inner_dim
     hd = C // block.attn1.heads
     g = torch.Generator(device="cpu").manual_seed(0)
