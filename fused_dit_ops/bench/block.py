@@ -354,8 +354,9 @@ def _main_wan(args, device: str, providers: list[str]) -> int:
     latent = _configs.parse_tokens(args.tokens)
     if latent is not None and len(latent) != 3:
         raise SystemExit("--tokens for wan is the latent frames,height,width (default 21,60,104: 480p, 81 frames)")
-    inputs = make_wan_inputs(model, latent=latent, txt_len=args.txt_len,
-                             per_token=config.endswith("ti2v") or None)
+    # one timestep per batch row (TI2V-5B too): a block called alone has no per-token index; the
+    # per-token path (two parameter sets + index) is timed by ``bench model --model wan --config ti2v-5b``
+    inputs = make_wan_inputs(model, latent=latent, txt_len=args.txt_len, per_token=False)
     x = inputs["hidden_states"]
     pt, ph, pw = model.config.patch_size
     shape = {"model": "wan", "config": config, "dtype": str(dtype), "latent": list(x.shape[2:]),

@@ -92,6 +92,11 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary
     index = st.token_index
     if index is not None and temb.shape[0] != 2 * hidden_states.shape[0]:
         index = None
+    if index is None and temb.shape[0] != hidden_states.shape[0]:
+        # two parameter sets without the index that goes with them (a block called outside the patched
+        # model forward with a collapsed temb): nothing to select with
+        raise ValueError(f"temb has {temb.shape[0]} rows for a batch of {hidden_states.shape[0]}: a collapsed "
+                         "(two-set) temb needs the per-token index of the patched model forward")
     return self_cross.run_block(self, st, hidden_states, encoder_hidden_states, temb, rotary_emb, index)
 
 
