@@ -395,3 +395,18 @@ def test_bf16_model_with_fp32_tables_and_norms(config):
     assert not report.runtime, report.runtime
     e_stock, e_fused = rel_err(stock, ref32), rel_err(fused, ref32)
     assert e_fused < max(1.5 * e_stock, 1e-3), (e_fused, e_stock)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", CONFIGS)
+def test_gpu_tiny_fast_path(config):
+    """The eager CUDA fast path (launchers without dispatch) on the tiny configs, fp32 and bf16."""
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        m = _tiny(config, seed=33, device="cuda", dtype=dtype)
+        kw = _inputs(m, config, batch=2, seed=33)
+        ref = _run(m, kw)
+        report = fdo.patch(m)
+        assert not report.stock, report
+        out, out2 = _run(m, kw), _run(m, kw)
+        assert rel_err(out, ref) < tol and torch.equal(out, out2), (config, dtype, rel_err(out, ref))
+        assert not report.runtime, report.runtime
