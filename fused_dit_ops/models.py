@@ -322,9 +322,10 @@ def make_wan_inputs(model, latent: Sequence | None = None, txt_len: int | None =
     """Keyword arguments for ``model(**kw)`` (diffusers 0.42 ``WanTransformer3DModel.forward``).
 
     ``latent``: (frames, height, width) of the latent video (default :func:`wan_latent_shape`);
-    ``txt_len``: text tokens (512; 7 for tiny models without an image context); ``timestep`` in [0, 1000]. ``per_token`` (default: the
-    model has 48 input channels or is "tiny-ti2v"-like when True): a [B, L] timestep with 0 on the
-    first latent frame's tokens and ``timestep`` elsewhere, as the Wan2.2 TI2V pipeline passes it.
+    ``txt_len``: text tokens (512; 7 for tiny models without an image context); ``timestep`` in
+    [0, 1000]. ``per_token`` (default: True for models with 48 input channels, TI2V-5B): a [B, L]
+    timestep with 0 on the first latent frame's tokens and ``timestep`` elsewhere, as the Wan2.2
+    TI2V pipeline passes it.
     Models with an image context (I2V) get ``encoder_hidden_states_image`` of ``image_tokens``
     tokens (257 real, 3 tiny)."""
     cfg = model.config

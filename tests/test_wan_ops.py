@@ -9,7 +9,7 @@ import torch
 
 import fused_dit_ops as fdo
 from fused_dit_ops import reference as ref
-from helpers import max_ulp_err, poison_, randn, rel_err
+from helpers import max_ulp_err, randn, rel_err
 
 ACT = [torch.bfloat16, torch.float16, torch.float32]
 
