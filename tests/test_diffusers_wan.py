@@ -410,3 +410,25 @@ def test_gpu_tiny_fast_path(config):
         out, out2 = _run(m, kw), _run(m, kw)
         assert rel_err(out, ref) < tol and torch.equal(out, out2), (config, dtype, rel_err(out, ref))
         assert not report.runtime, report.runtime
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_ti2v():
+    """A patched TI2V forward (per-token timestep collapsed, index) captured in a CUDA graph replays
+    the eager result (the two-value check is a device-side assert while capturing)."""
+    m = _tiny("tiny-ti2v", seed=34, device="cuda", dtype=torch.bfloat16)
+    kw = _inputs(m, "tiny-ti2v", seed=34)
+    fdo.patch(m, reuse_mod=False)
+    eager = _run(m, kw)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(2):
+            m(**kw)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(g):
+        out = m(**kw)[0]
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
