@@ -211,7 +211,9 @@ def _describe(model):
     if b is None:
         return ""
     kind = "i2v, " if b.attn2.add_k_proj is not None else ""
-    return f"heads={b.attn1.heads}, dim={b.attn1.inner_dim}, {kind}"
+    # the block weights' dtype: the model's first parameters are its fp32 tables (_keep_in_fp32_modules)
+    wdt = str(b.attn1.to_q.weight.dtype).replace("torch.", "")
+    return f"heads={b.attn1.heads}, dim={b.attn1.inner_dim}, {kind}block_weights={wdt}, "
 
 
 FAMILY = engine.Family(
