@@ -141,7 +141,7 @@ def test_compile_before_any_eager_call():
 # the fast-path functions (the others always call the op)
 _FAST = ("norm_scale_shift", "dual_norm_scale_shift", "gate_residual_norm_scale_shift",
          "dual_gate_residual_norm_scale_shift", "gate_residual", "joint_qk_norm_rope_", "joint_linear_unchecked",
-         "attention_unchecked")
+         "attention_unchecked", "gate_residual_layer_norm", "qk_norm_rope_across_heads")
 _DIRECT_CALLS = {"dual_norm_scale_shift": 1, "joint_qk_norm_rope_": 2, "dual_gate_residual_norm_scale_shift": 3,
                  "gate_residual": 2, "joint_linear_unchecked": 2, "attention_unchecked": 2}
 
