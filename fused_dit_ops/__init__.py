@@ -15,6 +15,8 @@ from .ops.linear import joint_linear
 from .ops.qkv_cat import joint_qkv_cat
 from .ops.swiglu import swiglu_linear
 from .ops.rope import joint_qk_norm_rope_, qk_norm_rope_cat, rope, warmup_rope
+from .ops.qk_norm_across_heads import qk_norm_rope_across_heads
+from .ops.gate_residual_norm import gate_residual_layer_norm
 from .rope_tables import cos_sin_from_complex, flux_ids, flux_rope_table, qwen_image_rope_tables
 from .integrations.engine import PatchReport, patch, unpatch
 
@@ -38,6 +40,8 @@ __all__ = [
     "joint_qkv_cat",
     "qk_norm_rope_cat",
     "joint_qk_norm_rope_",
+    "qk_norm_rope_across_heads",
+    "gate_residual_layer_norm",
     "joint_linear",
     "swiglu_linear",
     "warmup_rope",

@@ -43,6 +43,12 @@ SCHEMAS: dict[str, str] = {
     "joint_qk_norm_rope_": "(Tensor(a!) q, Tensor(b!) k, SymInt txt_len, Tensor txt_q_weight,"
     " Tensor txt_k_weight, Tensor img_q_weight, Tensor img_k_weight, Tensor txt_cos_sin,"
     " Tensor img_cos_sin, float eps=1e-06, bool interleaved=True) -> ()",
+    # residual + gate * update, then an affine LayerNorm of the result (weight/bias any float dtype)
+    "gate_residual_layer_norm": "(Tensor residual, Tensor update, Tensor gate, Tensor? index=None,"
+    " Tensor? weight=None, Tensor? bias=None, float eps=1e-06) -> (Tensor, Tensor)",
+    # RMSNorm of q and k over all heads (C = heads x head_dim), then RoPE per head (no table: norm only)
+    "qk_norm_rope_across_heads": "(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor? cos_sin,"
+    " SymInt heads, float eps=1e-06, bool interleaved=True) -> (Tensor, Tensor)",
     # two token streams, each through its own (possibly packed) projection, written into one joint
     # [B, Lt + Li, N] buffer (the joint Q/K/V of a double-stream block without a cat)
     "joint_linear": "(Tensor txt, Tensor img, Tensor[] txt_weights, Tensor?[] txt_biases,"

@@ -239,9 +239,14 @@ def check_index(op: str, index, B: int, L: int, ref_name: str, ref: torch.Tensor
 
 def check_param(op: str, name: str, p, B: int, C: int, has_index: bool, ref_name: str,
                 ref: torch.Tensor, index_name: str = "index") -> None:
-    """Modulation parameter: [B, C] without index, [2B, C] with one; row stride free."""
+    """Modulation parameter: [B, C] without index, [2B, C] with one; row stride free. Its dtype is
+    the activation's, or float32 for any activation dtype (fp32 modulation: the math is fp32 either
+    way, and an fp32 parameter is used unrounded)."""
     check_tensor(op, name, p, ndim=2)
-    check_like(op, name, p, ref_name, ref)
+    check_like(op, name, p, ref_name, ref, dtype=False)
+    if p.dtype not in (ref.dtype, torch.float32):
+        fail(op, f"'{name}' has dtype {str(p.dtype).replace('torch.', '')} but '{ref_name}' has "
+                 f"{str(ref.dtype).replace('torch.', '')}; parameters must have the activation's dtype or float32")
     rows = 2 * B if has_index else B
     if tuple(p.shape) != (rows, C):
         if has_index:

@@ -48,7 +48,10 @@ def _progress(total, desc):
 
 
 def _blocks(model):
-    """Every repeated block: ``transformer_blocks`` (and ``single_transformer_blocks`` where present)."""
+    """Every repeated block: ``transformer_blocks`` (and ``single_transformer_blocks`` where present),
+    or ``blocks`` (Wan)."""
+    if not hasattr(model, "transformer_blocks"):
+        return list(model.blocks)
     return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", ())]
 
 
@@ -66,6 +69,15 @@ def uncompile_blocks(model):
     for b in _blocks(model):
         if getattr(b, "_compiled_call_impl", None) is not None:
             b._compiled_call_impl = None
+
+
+def _token_count(model, kw) -> int:
+    """Image (video) tokens of the inputs: [B, L, C] activations, or a Wan latent [B, C, F, H, W] in patches."""
+    x = kw["hidden_states"]
+    if x.dim() != 5:
+        return x.shape[1]
+    pt, ph, pw = model.config.patch_size
+    return (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw)
 
 
 def _time_forward(fn, device, warmup, iters, bar):
@@ -106,10 +118,12 @@ def run_demo(device=None, layers=None, config="edit-2511", img_tokens=None, txt_
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
-    if not gpu:
-        config = "tiny"
+    if not gpu and not config.startswith("tiny"):
+        config = "tiny-ti2v" if model == "wan" and config == "ti2v-5b" else "tiny"
     elif model in ("flux", "flux2") and config == "edit-2511":
         config = "dev"
+    elif model == "wan" and config == "edit-2511":
+        config = "t2v-14b"
     dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
     layers = layers or ((1 if model == "flux2" else 4) if gpu else None)
     iters = iters or (10 if gpu else 3)
@@ -122,7 +136,7 @@ def run_demo(device=None, layers=None, config="edit-2511", img_tokens=None, txt_
     family = model
     model, kw = build_model_and_inputs(family, config, layers, img_tokens, txt_len, device, dtype)
     n_layers = len(_blocks(model))
-    L_img, L_txt = kw["hidden_states"].shape[1], kw["encoder_hidden_states"].shape[1]
+    L_img, L_txt = _token_count(model, kw), kw["encoder_hidden_states"].shape[1]
     if gpu:
         H, hd = model.config.num_attention_heads, model.config.attention_head_dim
         warmup_attention(seq_lens=(L_img + L_txt,), heads=H, head_dim=hd, dtype=dtype, device=device)
@@ -200,12 +214,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fused_dit_ops demo",
                                 description=plain_doc(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="qwen", choices=("qwen", "flux", "flux2"),
+    p.add_argument("--model", default="qwen", choices=("qwen", "flux", "flux2", "wan"),
                    help="qwen (Qwen-Image-Edit, default), flux (Flux.1: --layers N = N double + 2N single "
-                        "blocks, 19 = whole model; default 2) or flux2 (FLUX.2-dev: --layers N = N double + 6N "
+                        "blocks, 19 = whole model; default 2), flux2 (FLUX.2-dev: --layers N = N double + 6N "
                         "single blocks, 8 = whole model, ~64 GB; default 1); flux, flux2: tokens default 4096 "
-                        "image + 512 text")
+                        "image + 512 text; or wan (Wan2.1/2.2 T2V-14B, --config t2v-14b | i2v-14b | ti2v-5b | "
+                        "t2v-1.3b; --layers of 40, default 4; --img-tokens F,H,W latent, default 21,60,104 = "
+                        "480p x 81 frames, 32760 tokens, + 512 text)")
     p.add_argument("--device", default=None, help="cuda or cpu (cpu: tiny config)")
+    p.add_argument("--tiny", action="store_true", help="the tiny config (the CPU default; a smoke run on a GPU)")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (GPU default 4; 60 = whole model)")
     p.add_argument("--config", default="edit-2511", help="edit-2511 | edit-2509 | edit | qwen-image (GPU)")
     p.add_argument("--img-tokens", type=_tokens, default=None, help="image token counts, e.g. 4096,4096")
@@ -217,6 +234,10 @@ def main(argv=None) -> int:
     p.add_argument("--attention-backend", default=None, help="fused_dit.attention backend (default auto)")
     p.add_argument("--out", default=None, help="write JSON results into this directory")
     a = p.parse_args(argv)
+    if a.tiny and a.model == "wan":
+        a.config = "tiny-ti2v" if a.config == "ti2v-5b" else "tiny"
+    elif a.tiny:
+        a.config = "tiny"
     run_demo(device=a.device, layers=a.layers, config=a.config, img_tokens=a.img_tokens, txt_len=a.txt_len,
              iters=a.iters, warmup=a.warmup, compile_=not a.no_compile, compile_backend=a.compile_backend,
              attention_backend=a.attention_backend, out_dir=a.out, model=a.model)

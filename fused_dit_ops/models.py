@@ -336,9 +336,114 @@ def make_flux2_inputs(model, img_tokens: Sequence | None = None, txt_len: int | 
     return kw
 
 
+# --- Wan 2.1 / 2.2 (diffusers WanTransformer3DModel) -------------------------------------------------
+
+_WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+_WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=24, in_channels=12, out_channels=12,
+                 text_dim=40, freq_dim=32, ffn_dim=104, num_layers=2, cross_attn_norm=True,
+                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
+
+WAN_CONFIGS: dict[str, dict] = {
+    # Wan2.1 T2V-14B; Wan2.2 T2V-A14B's two experts have this transformer each
+    "t2v-14b": dict(_WAN_14B),
+    "a14b": dict(_WAN_14B),
+    # Wan2.1 I2V-14B: image context (CLIP features, 1280) through added K/V projections
+    "i2v-14b": dict(_WAN_14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120),
+    # Wan2.1 T2V-1.3B
+    "t2v-1.3b": dict(_WAN_14B, num_attention_heads=12, ffn_dim=8960, num_layers=30),
+    # Wan2.2 TI2V-5B: per-token timesteps (0 on the conditioning frame)
+    "ti2v-5b": dict(_WAN_14B, num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48,
+                    out_channels=48),
+    # Tiny: 3 heads x 24 (RoPE axes 8 + 8 + 8), C = 72, MLP 104, 2 layers; widths not powers of two
+    "tiny": dict(_WAN_TINY),
+    "tiny-i2v": dict(_WAN_TINY, image_dim=24, added_kv_proj_dim=72),
+    "tiny-ti2v": dict(_WAN_TINY),
+}
+
+
+def build_wan_transformer(config: str = "t2v-14b", num_layers: int | None = None, device="cpu",
+                          dtype: torch.dtype = torch.float32, seed: int = 0, init_std: float | None = None,
+                          keep_fp32: bool = True, **overrides):
+    """A diffusers ``WanTransformer3DModel`` with random weights (as :func:`build_qwen_image_transformer`).
+
+    ``config``: one of :data:`WAN_CONFIGS` ("t2v-14b", "a14b" (one expert), "i2v-14b", "t2v-1.3b",
+    "ti2v-5b", "tiny", "tiny-i2v", "tiny-ti2v"). ``keep_fp32``: the parameters of the model's
+    ``_keep_in_fp32_modules`` (modulation tables, norms, time embedder) stay fp32 as
+    ``from_pretrained(torch_dtype=...)`` keeps them."""
+    from diffusers import WanTransformer3DModel
+    if config not in WAN_CONFIGS:
+        raise ValueError(f"unknown Wan config {config!r}; choose from {sorted(WAN_CONFIGS)}")
+    cfg = dict(WAN_CONFIGS[config])
+    if num_layers is not None:
+        cfg["num_layers"] = int(num_layers)
+    cfg.update(overrides)
+    m = _build(WanTransformer3DModel, cfg, "tiny" if config.startswith("tiny") else config, device, dtype,
+               init_std, seed)
+    if keep_fp32 and dtype != torch.float32:
+        keep = set(m._keep_in_fp32_modules or ())
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if keep & set(name.split(".")):
+                    p.data = p.data.float()
+    return m
+
+
+def wan_latent_shape(model, frames=None, height=None, width=None):
+    """(frames, height, width) of the latent: default 21 x 60 x 104 (480p, 81 frames: 32760 tokens) for
+    real models, 3 x 6 x 10 (45 tokens) for tiny ones."""
+    tiny = is_tiny(model)
+    return (frames or (3 if tiny else 21), height or (6 if tiny else 60), width or (10 if tiny else 104))
+
+
+def make_wan_inputs(model, latent: Sequence | None = None, txt_len: int | None = None, batch: int = 1, device=None,
+                    dtype: torch.dtype | None = None, seed: int = 0, timestep: float = 700.0,
+                    per_token: bool | None = None, image_tokens: int | None = None) -> dict:
+    """Keyword arguments for ``model(**kw)`` (diffusers 0.42 ``WanTransformer3DModel.forward``).
+
+    ``latent``: (frames, height, width) of the latent video (default :func:`wan_latent_shape`);
+    ``txt_len``: text tokens (512; 7 for tiny models without an image context); ``timestep`` in
+    [0, 1000]. ``per_token`` (default: True for models with 48 input channels, TI2V-5B): a [B, L]
+    timestep with 0 on the first latent frame's tokens and ``timestep`` elsewhere, as the Wan2.2
+    TI2V pipeline passes it.
+    Models with an image context (I2V) get ``encoder_hidden_states_image`` of ``image_tokens``
+    tokens (257 real, 3 tiny)."""
+    cfg = model.config
+    p = model.patch_embedding.weight  # (the first parameters are fp32 tables: _keep_in_fp32_modules)
+    device = torch.device(device) if device is not None else p.device
+    dtype = dtype or p.dtype
+    tiny = is_tiny(model)
+    F_, H, W = tuple(latent) if latent is not None else wan_latent_shape(model)
+    if txt_len is None:
+        # the cross-attention takes the last 512 context tokens as text, the rest as image context (I2V)
+        txt_len = 7 if tiny and cfg.image_dim is None else 512
+    if per_token is None:
+        per_token = cfg.in_channels == 48
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    kw = dict(
+        hidden_states=torch.randn(batch, cfg.in_channels, F_, H, W, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(batch, txt_len, cfg.text_dim, generator=g).to(device, dtype),
+        return_dict=False,
+    )
+    pt, ph, pw = cfg.patch_size
+    L = (F_ // pt) * (H // ph) * (W // pw)
+    if per_token:
+        first = (H // ph) * (W // pw)
+        ts = torch.full((L,), float(timestep))
+        ts[:first] = 0.0
+        kw["timestep"] = ts.unsqueeze(0).expand(batch, -1).to(device)
+    else:
+        kw["timestep"] = torch.full((batch,), float(timestep), device=device)
+    if cfg.image_dim is not None:
+        n = image_tokens or (3 if tiny else 257)
+        kw["encoder_hidden_states_image"] = torch.randn(batch, n, cfg.image_dim, generator=g).to(device, dtype)
+    return kw
+
+
 def build_model_and_inputs(family: str, config: str, layers: int | None, img_tokens=None, txt_len=None,
                            device="cpu", dtype: torch.dtype = torch.float32, batch: int = 1, seed: int = 0):
-    """(model, inputs) of a family ("qwen", "flux" or "flux2") for the demo and the benchmarks. Flux:
+    """(model, inputs) of a family ("qwen", "flux", "flux2" or "wan") for the demo and the benchmarks. Flux:
     ``layers`` double-stream blocks and twice as many single-stream blocks (the real ratio, 19 + 38;
     GPU default 2 + 4). FLUX.2: ``layers`` double-stream blocks and six times as many single-stream
     blocks (the real ratio, 8 + 48; GPU default 1 + 6)."""
@@ -366,4 +471,13 @@ def build_model_and_inputs(family: str, config: str, layers: int | None, img_tok
                                     dtype=dtype, seed=seed)
         return m, make_flux2_inputs(m, img_tokens=img_tokens, txt_len=txt_len, device=device, dtype=dtype,
                                     batch=batch, seed=seed)
-    raise ValueError(f"unknown model family {family!r}; choose qwen, flux or flux2")
+    if family == "wan":
+        if config not in WAN_CONFIGS:
+            config = "t2v-14b"
+        if layers is None and not config.startswith("tiny"):
+            layers = 2
+        m = build_wan_transformer(config, num_layers=layers, device=device, dtype=dtype, seed=seed)
+        latent = img_tokens if isinstance(img_tokens, (tuple, list)) and len(img_tokens) == 3 else None
+        return m, make_wan_inputs(m, latent=latent, txt_len=txt_len, device=device, dtype=dtype, batch=batch,
+                                  seed=seed, per_token=True if config.endswith("ti2v") else None)
+    raise ValueError(f"unknown model family {family!r}; choose qwen, flux, flux2 or wan")

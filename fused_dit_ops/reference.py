@@ -47,7 +47,7 @@ def scale_shift_gate(x, shift, scale, gate, index=None):
     y = x.to(ct) * (1 + select_params(scale, index).to(ct)) + select_params(shift, index).to(ct)
     # a new tensor, never a view of ``gate``: ``.contiguous()`` of an expand that is already
     # contiguous (L == 1, B == 1 chunk rows, empty) would return the caller's gate itself
-    g = torch.empty(x.shape, dtype=gate.dtype, device=x.device)
+    g = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     g.copy_(select_params(gate, index).expand(x.shape))
     return y.to(x.dtype).contiguous(), g
 
@@ -80,6 +80,19 @@ def gate_residual_norm_scale_shift(residual, update, gate, shift, scale, index=N
     out = out.to(rdt)
     n = _norm(out.to(ct), None, None, eps, "layer")
     y = n * (1 + select_params(scale, index).to(ct)) + select_params(shift, index).to(ct)
+    return out.to(residual.dtype).contiguous(), y.to(residual.dtype).contiguous()
+
+
+def gate_residual_layer_norm(residual, update, gate, index=None, weight=None, bias=None, eps=1e-6,
+                             residual_dtype: torch.dtype | None = None):
+    """(residual_out, y): residual_out = residual + gate_sel * update (one rounding); y = LayerNorm of
+    residual_out as stored (rounded to ``residual_dtype``, default the input dtype), times ``weight``
+    plus ``bias`` in fp32, one rounding: a Wan block's ``(x.float() + attn * gate).type_as(x)`` then
+    ``norm2(x.float()).type_as(x)`` (``FP32LayerNorm``)."""
+    ct = _compute_dtype(residual.dtype)
+    rdt = residual_dtype or residual.dtype
+    out = (residual.to(ct) + select_params(gate, index).to(ct) * update.to(ct)).to(rdt)
+    y = _norm(out.to(ct), weight, bias, eps, "layer")
     return out.to(residual.dtype).contiguous(), y.to(residual.dtype).contiguous()
 
 
@@ -147,6 +160,28 @@ def qk_norm_rope(x, weight, cache, eps=1e-6, interleaved=True, positions=None):
     ct = _compute_dtype(x.dtype)
     n = rms_norm_diffusers(x, weight, eps).to(ct)
     return apply_rope(n, cache, positions, interleaved).to(x.dtype)
+
+
+def rms_norm_torch(x, weight, eps=1e-6):
+    """``torch.nn.RMSNorm(C, eps)`` over the last dim, roundings included: fp32
+    ``x * rsqrt(mean(x^2) + eps)``, times the weight in fp32, one rounding to x's dtype (float64: exact)."""
+    ct = _compute_dtype(x.dtype)
+    xf = x.to(ct)
+    n = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return (n * weight.to(ct)).to(x.dtype)
+
+
+def qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos_sin=None, heads=1, eps=1e-6, interleaved=True):
+    """(q_out, k_out) [B, L, C]: RMSNorm over the whole C = heads x head_dim row (``torch.nn.RMSNorm``'s
+    roundings), then, with a table, RoPE per head (row l for token l; fp32 math, one rounding).
+    Ground truth: diffusers ``WanAttnProcessor`` (``norm_q``/``norm_k`` then ``apply_rotary_emb``)."""
+    outs = []
+    for x, w in ((q, q_weight), (k, k_weight)):
+        n = rms_norm_torch(x, w, eps)
+        if cos_sin is not None:
+            n = apply_rope(n.unflatten(-1, (heads, -1)), cos_sin, None, interleaved).flatten(-2)
+        outs.append(n.contiguous())
+    return outs[0], outs[1]
 
 
 def joint_qkv_cat(txt_q, txt_k, txt_v, img_q, img_k, img_v):

@@ -57,6 +57,32 @@ def main():
         fn()
         torch.cuda.synchronize()
         print(f"launched {name} x2")
+    # Wan-style ops: fp32 modulation parameters on bf16 activations, RMSNorm over all heads + RoPE of q
+    # and k (different token counts without a table), gated residual + affine LayerNorm
+    e = torch.randn(2 * B, 6, C, device=dev)
+    f_sh, f_sc, f_g = e[:, 0], e[:, 1], e[:, 2]
+    Hq, Lk = 5, 19
+    qkv = torch.randn(B, L, 3 * Hq * D, device=dev, dtype=dt)
+    q5, k5 = qkv[..., :Hq * D], qkv[..., Hq * D:2 * Hq * D]
+    kt = torch.randn(B, Lk, Hq * D, device=dev, dtype=dt)
+    wq, wk = torch.randn(Hq * D, device=dev), torch.randn(Hq * D, device=dev, dtype=dt)
+    tab = torch.randn(L, D, device=dev)
+    nw, nb = torch.randn(C, device=dev), torch.randn(C, device=dev)
+    idx = (torch.arange(L, device=dev) > 30).int().repeat(B, 1)
+    runs = {
+        "norm_scale_shift fp32 params": lambda: fdo.norm_scale_shift(x, f_sh, f_sc, idx),
+        "gate_residual fp32 gate": lambda: fdo.gate_residual(x, u, f_g, idx),
+        "gate_residual_norm_scale_shift fp32 params": lambda: fdo.gate_residual_norm_scale_shift(x, u, f_g, f_sh, f_sc,
+                                                                                                 idx),
+        "qk_norm_rope_across_heads": lambda: fdo.qk_norm_rope_across_heads(q5, k5, wq, wk, tab, Hq),
+        "qk_norm_rope_across_heads no table": lambda: fdo.qk_norm_rope_across_heads(q5, kt, wq, wk, None, Hq),
+        "gate_residual_layer_norm": lambda: fdo.gate_residual_layer_norm(x, u, f_g, idx, nw, nb),
+    }
+    for name, fn in runs.items():
+        fn()
+        fn()
+        torch.cuda.synchronize()
+        print(f"launched {name} x2")
     from fused_dit_ops.kernels import _launch
     print(f"Triton launches: {_launch.stats}")
 

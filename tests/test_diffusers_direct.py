@@ -141,7 +141,7 @@ def test_compile_before_any_eager_call():
 # the fast-path functions (the others always call the op)
 _FAST = ("norm_scale_shift", "dual_norm_scale_shift", "gate_residual_norm_scale_shift",
          "dual_gate_residual_norm_scale_shift", "gate_residual", "joint_qk_norm_rope_", "joint_linear_unchecked",
-         "attention_unchecked")
+         "attention_unchecked", "gate_residual_layer_norm", "qk_norm_rope_across_heads")
 # the FP8 block path's (precision="fp8"; tests/test_fp8.py)
 _FAST_FP8 = ("dual_norm_scale_shift_fp8", "dual_gate_residual_norm_scale_shift_fp8", "quantize_fp8",
              "fp8_linear_unchecked", "joint_fp8_linear_unchecked")

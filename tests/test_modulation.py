@@ -186,7 +186,8 @@ def _base(op):
 
 BAD_CASES = [
     # (op, arg position, replacement builder, expected message fragment)
-    ("scale_shift_gate", 1, lambda a: a[1].float(), "'shift' has dtype float32 but 'x' has bfloat16"),
+    ("scale_shift_gate", 1, lambda a: a[1].half(), "'shift' has dtype float16 but 'x' has bfloat16; parameters "
+     "must have the activation's dtype or float32"),
     ("scale_shift_gate", 0, lambda a: a[0].to(torch.float64), "'x' must have dtype in (bfloat16, float16, float32), got float64"),
     ("scale_shift_gate", 2, lambda a: a[2][:2], "'scale' has shape [2, 64]; with 'index' given it must be [2B, C] = [4, 64]"),
     ("scale_shift_gate", 4, lambda a: a[4].float(), "'index' must have dtype in (int32, int64), got float32"),

@@ -185,9 +185,10 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", default=",".join(PROVIDERS),
                     help=f"comma list from {', '.join(PROVIDERS)}; a patched one may end in patch options "
                          f"({', '.join('+' + m for m in _configs.MODIFIERS)}), e.g. patched-eager+nopack")
-    ap.add_argument("--model", default="qwen", choices=("qwen", "flux", "flux2"),
+    ap.add_argument("--model", default="qwen", choices=("qwen", "flux", "flux2", "wan"),
                     help="qwen (Qwen-Image-Edit-2511, default), flux (Flux.1) or flux2 (FLUX.2): one "
-                         "double-stream and one single-stream block, each timed")
+                         "double-stream and one single-stream block, each timed; wan (Wan2.1/2.2 14B: one "
+                         "self + cross attention block at 480p x 81 frames, 32760 tokens + 512 text)")
     ap.add_argument("--config", default=None, help="model config (default edit-2511; flux: dev or schnell, "
                                                    "default dev)")
     ap.add_argument("--tokens", "--img-tokens", dest="tokens", default=None,
@@ -224,6 +225,8 @@ def main(argv=None) -> int:
         raise SystemExit("--rounds must be >= 1")
     if args.model in ("flux", "flux2"):
         return _main_flux(args, device, providers)
+    if args.model == "wan":
+        return _main_wan(args, device, providers)
 
     from ..models import build_qwen_image_transformer, make_qwen_inputs
     from ..profiler import _dtype
@@ -352,6 +355,66 @@ def _main_flux(args, device: str, providers: list[str]) -> int:
     path = harness.write_results(f"block-{args.model}" + ("-tiny" if args.tiny else ""), out_rows,
                                  extra={"model": args.model, "shape": shape, "device": device,
                                         "rounds": args.rounds, "rep_ms": args.rep_ms, "energy_s": args.energy_s,
+                                        "cooldown_s": args.cooldown},
+                                 out_dir=args.out)
+    print(f"results: {path}")
+    return 0
+
+
+def _main_wan(args, device: str, providers: list[str]) -> int:
+    """``--model wan``: block 0 of a 1-block Wan model, on the arguments one forward passes it."""
+    from ..models import WAN_CONFIGS, build_wan_transformer, make_wan_inputs
+    from ..profiler import _dtype
+    if args.config is not None and args.config not in WAN_CONFIGS:
+        raise SystemExit(f"--config {args.config!r} is not a Wan config; choose from "
+                         f"{', '.join(c for c in WAN_CONFIGS if not c.startswith('tiny'))}")
+    config = ("tiny-ti2v" if args.config == "ti2v-5b" else "tiny") if args.tiny else (args.config or "t2v-14b")
+    dtype = torch.float32 if (args.tiny and torch.device(device).type == "cpu") else _dtype(args.dtype)
+    model = build_wan_transformer(config, num_layers=1, device=device, dtype=dtype)
+    latent = _configs.parse_tokens(args.tokens)
+    if latent is not None and len(latent) != 3:
+        raise SystemExit("--tokens for wan is the latent frames,height,width (default 21,60,104: 480p, 81 frames)")
+    # one timestep per batch row (TI2V-5B too): a block called alone has no per-token index; the
+    # per-token path (two parameter sets + index) is timed by ``bench model --model wan --config ti2v-5b``
+    inputs = make_wan_inputs(model, latent=latent, txt_len=args.txt_len, per_token=False)
+    x = inputs["hidden_states"]
+    pt, ph, pw = model.config.patch_size
+    shape = {"model": "wan", "config": config, "dtype": str(dtype), "latent": list(x.shape[2:]),
+             "tokens": (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw),
+             "txt_len": inputs["encoder_hidden_states"].shape[1],
+             "per_token_timestep": inputs["timestep"].dim() == 2}
+    print(f"bench block: {shape}, device {device}; block: blocks[0] of a 1-block model")
+    rows, ref, pending = [], None, []
+    for rnd, order in harness.rotated_rounds(providers, args.rounds):
+        if args.rounds > 1:
+            print(f" round {rnd + 1}/{args.rounds}: {', '.join(order)}")
+        for p in order:
+            try:
+                (row, out), = run_provider_blocks(model, inputs, p, device, args.rep_ms, args.cooldown,
+                                                  args.energy_s, blocks=lambda m: [m.blocks[0]])
+            except Exception as e:  # keep the other providers' numbers
+                print(f"  {p}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+                rows.append({"provider": p, "error": f"{type(e).__name__}: {e}", "round": rnd})
+                continue
+            row["round"] = rnd
+            if ref is None and _configs.normalize(p.partition("+")[0]) == "stock":
+                ref = out
+                for r_, o in pending:  # providers timed before the first stock one
+                    r_["max_rel_diff_vs_stock"] = _configs.rel_err(o, ref)
+                pending.clear()
+            if ref is None:
+                pending.append((row, out))
+            row["max_rel_diff_vs_stock"] = _configs.rel_err(out, ref) if ref is not None else None
+            rows.append(row)
+            print(f"  {p}: {row['ms']:.3f} ms (first call {row['first_call_s']:.1f} s{_energy_note(row)})")
+    pending.clear()
+    rows = _summarize(rows, args.rounds)
+    print(harness.format_table(rows, ["provider", "ms", "speedup_vs_stock_eager", "ratio_vs_stock_compile",
+                                      "j_per_call", "avg_power_w", "energy_ratio_vs_stock_compile",
+                                      "first_call_s", "max_rel_diff_vs_stock", "error"]))
+    path = harness.write_results("block-wan" + ("-tiny" if args.tiny else ""), rows,
+                                 extra={"model": "wan", "shape": shape, "device": device, "rounds": args.rounds,
+                                        "rep_ms": args.rep_ms, "energy_s": args.energy_s,
                                         "cooldown_s": args.cooldown},
                                  out_dir=args.out)
     print(f"results: {path}")

@@ -94,7 +94,8 @@ def run_provider(model, cond: dict, uncond: dict | None, provider: str, device: 
     info = _configs.apply(model, name, **{"reuse_mod": True, **opts})
     # one timestep per step (descending, as a sampler's), the same tensor for cond and uncond
     t0v = float(cond["timestep"].flatten()[0])
-    ts = [torch.full_like(cond["timestep"], t0v * (1 - 0.9 * i / (warmup + steps))) for i in range(warmup + steps)]
+    # (scaled, not filled: a per-token timestep keeps its zeros, Wan2.2 TI2V's conditioning frame)
+    ts = [cond["timestep"] * (1 - 0.9 * i / (warmup + steps)) for i in range(warmup + steps)]
     step_kw = [(dict(cond, timestep=t), dict(uncond, timestep=t) if uncond is not None else None) for t in ts]
     try:
         with ctx, torch.no_grad():
@@ -183,9 +184,10 @@ def main(argv=None) -> int:
                     help=f"comma list from {', '.join(PROVIDERS)}; a patched one may end in patch options "
                          f"({', '.join('+' + m for m in _configs.MODIFIERS)}, e.g. '+noreuse': "
                          "patch(reuse_mod=False)); a name may repeat (interleaved A/B)")
-    ap.add_argument("--model", default="qwen", choices=("qwen", "flux", "flux2"),
-                    help="qwen (Qwen-Image-Edit-2511, default), flux (FLUX.1-dev) or flux2 (FLUX.2-dev); "
-                         "flux and flux2: one forward per step")
+    ap.add_argument("--model", default="qwen", choices=("qwen", "flux", "flux2", "wan"),
+                    help="qwen (Qwen-Image-Edit-2511, default), flux (FLUX.1-dev) or flux2 (FLUX.2-dev), one "
+                         "forward per step; wan (Wan2.1/2.2 14B: CFG pair of 512-token prompts; --layers N of "
+                         "40, default 4)")
     ap.add_argument("--layers", default=None,
                     help="model depth (default 60; --tiny: 2); flux: N = N double + 2N single blocks, or D,S "
                          "(default 19,38; --tiny: 2,2); flux2: N = N double + 6N single blocks, or D,S "
@@ -223,6 +225,8 @@ def main(argv=None) -> int:
         raise SystemExit("--rounds must be >= 1")
     if args.model in ("flux", "flux2"):
         return _main_flux(args, device, providers)
+    if args.model == "wan":
+        return _main_wan(args, device, providers)
 
     from ..models import build_qwen_image_transformer, make_qwen_inputs
     from ..profiler import _dtype
@@ -334,6 +338,61 @@ def _main_flux(args, device: str, providers: list[str]) -> int:
         shape["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     path = harness.write_results(f"model-{args.model}" + ("-tiny" if args.tiny else ""), rows,
                                  extra={"model": args.model, "shape": shape, "device": device, "build_s": build_s,
+                                        "steps": args.steps, "warmup": args.warmup, "dynamic": args.dynamic,
+                                        "rounds": args.rounds, "cooldown_s": args.cooldown},
+                                 out_dir=args.out)
+    print(f"results: {path}")
+    return 0
+
+
+def _main_wan(args, device: str, providers: list[str]) -> int:
+    """``--model wan``: the Wan transformer forward, a CFG pair per step (two 512-token prompts)."""
+    from ..models import WAN_CONFIGS, build_wan_transformer, make_wan_inputs
+    from ..profiler import _dtype
+    if args.config is not None and args.config not in WAN_CONFIGS:
+        raise SystemExit(f"--config {args.config!r} is not a Wan config; choose from "
+                         f"{', '.join(c for c in WAN_CONFIGS if not c.startswith('tiny'))}")
+    config = ("tiny-ti2v" if args.config == "ti2v-5b" else "tiny") if args.tiny else (args.config or "t2v-14b")
+    try:
+        layers = (int(args.layers) if args.layers else 0) or (2 if args.tiny else 4)
+    except ValueError:
+        raise SystemExit(f"--layers takes one number for wan, got {args.layers!r}") from None
+    dtype = torch.float32 if (args.tiny and torch.device(device).type == "cpu") else _dtype(args.dtype)
+    txt = _configs.parse_tokens(args.txt_len)
+    if txt is not None and len(txt) != 1:
+        raise SystemExit("--txt-len takes one length for wan (both prompts are padded to it)")
+    latent = _configs.parse_tokens(args.tokens)
+    if latent is not None and len(latent) != 3:
+        raise SystemExit("--tokens for wan is the latent frames,height,width (default 21,60,104: 480p, 81 frames)")
+    t0 = time.perf_counter()
+    model = build_wan_transformer(config, num_layers=layers, device=device, dtype=dtype)
+    _configs.synchronize(device)
+    build_s = time.perf_counter() - t0
+    per_token = config.endswith("ti2v") or None
+    cond = make_wan_inputs(model, latent=latent, txt_len=txt[0] if txt else None, seed=1, per_token=per_token)
+    uncond = make_wan_inputs(model, latent=latent, txt_len=txt[0] if txt else None, seed=2, per_token=per_token)
+    uncond["hidden_states"] = cond["hidden_states"]  # CFG: same latents, two prompts
+    x = cond["hidden_states"]
+    pt, ph, pw = model.config.patch_size
+    n_tok = (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw)
+    n_params = sum(p.numel() for p in model.parameters())
+    shape = {"model": "wan", "config": config, "layers": layers, "dtype": str(dtype), "params": n_params,
+             "weights_gb": round(n_params * dtype.itemsize / 1e9, 2), "latent": list(x.shape[2:]),
+             "tokens": n_tok, "txt_len": cond["encoder_hidden_states"].shape[1],
+             "per_token_timestep": cond["timestep"].dim() == 2}
+    print(f"bench model: wan {config}, {layers} blocks, {shape}, device {device}, built in {build_s:.1f} s")
+
+    rows = _run_rounds(model, cond, uncond, providers, args, device,
+                       ["ms_cond", "ms_uncond", "ms_forward", "s_per_step"],
+                       lambda row: f"{row['ms_forward']:.1f} ms/forward, {row['s_per_step']:.3f} s/step "
+                                   f"(warm-up {row['warmup_s']:.1f} s)")
+    print(harness.format_table(rows, ["provider", "ms_cond", "ms_uncond", "ms_forward", "s_per_step",
+                                      "speedup_vs_stock_eager", "ratio_vs_stock_compile", "warmup_s",
+                                      "max_rel_diff_vs_stock", "error"]))
+    if torch.device(device).type == "cuda":
+        shape["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    path = harness.write_results("model-wan" + ("-tiny" if args.tiny else ""), rows,
+                                 extra={"model": "wan", "shape": shape, "device": device, "build_s": build_s,
                                         "steps": args.steps, "warmup": args.warmup, "dynamic": args.dynamic,
                                         "rounds": args.rounds, "cooldown_s": args.cooldown},
                                  out_dir=args.out)

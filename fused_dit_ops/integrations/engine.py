@@ -65,7 +65,8 @@ class Family:
     """What the engine needs to know about one model family (see docs/architecture.md)."""
     name: str
     model_classes: tuple  # class names (diffusers)
-    block_lists: tuple  # ((attribute, kind), ...); kinds: "double" (double_stream.py), "single" (single_stream.py)
+    block_lists: tuple  # ((attribute, kind), ...); kinds: "double" (double_stream.py), "single" (single_stream.py),
+    # "self_cross" (self_cross.py)
     streams: tuple  # (image Stream, text Stream) of the double-stream blocks
     attn: str = "attn"  # the block's Attention module
     # modulation: "block_linear" (per-block Sequential(SiLU, Linear) on temb); "model_linear" (model-level
@@ -114,6 +115,12 @@ class Family:
     stock_processors: Callable = None  # () -> processor classes the fused processor replaces
     probe_call: Callable = None  # (model, block) -> (args, kwargs) of a tiny block call
     describe: Callable = None  # model -> extra "key=value" text for the report
+    # self-attention + cross-attention blocks (kind "self_cross", self_cross.py): their description
+    self_cross: object = None
+    # (st, args, kwargs) -> output: the family's own eager fused model forward, for what calling the
+    # stock forward cannot express (e.g. per-token timesteps collapsed to two parameter sets and a
+    # per-token index); None: the stock forward, with the patched blocks
+    model_forward: Callable = None
 
     def forward_for(self, kind):
         return self.single_block_forward if kind == "single" and self.single_block_forward else self.block_forward
@@ -186,7 +193,7 @@ def blocks_of(model, family):
 
 
 def _kind(kind):
-    return importlib.import_module(f"{__package__}.{ {'double': 'double_stream', 'single': 'single_stream'}[kind]}")
+    return importlib.import_module(f"{__package__}.{ {'double': 'double_stream', 'single': 'single_stream', 'self_cross': 'self_cross'}[kind]}")
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -292,6 +299,7 @@ class State:
         self._mod_hit = None  # (temb, temb._version, hit) decided once per forward
         self.forwards = 0  # eager fused model forwards so far (see PackedLinears.get)
         self.fp8 = None  # precision="fp8": fp8.Fp8State
+        self.token_index = None  # per-token parameter-set index of this forward (Family.model_forward)
 
     @contextlib.contextmanager
     def stock(self):
@@ -681,10 +689,13 @@ def _fused_model_forward(st: State, args, kwargs):
     st.in_forward, st.lookahead, st.prenorm = True, bool(st.next_block), None
     st.forwards += 1
     try:
+        if st.family.model_forward is not None:
+            return st.family.model_forward(st, args, kwargs)
         return st.orig_model_forward(*args, **kwargs)
     finally:
         # never hold a block's activations past the forward; the modulation cache (small) stays
         st.in_forward, st.lookahead, st.prenorm, st._mod_hit = False, False, None, None
+        st.token_index = None
 
 
 def verify_stats(out: torch.Tensor, ref: torch.Tensor) -> dict:

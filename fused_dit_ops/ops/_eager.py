@@ -29,6 +29,8 @@ import torch
 from .. import attention_dispatch as _attn
 from . import linear as _linear
 from . import modulation as _mod
+from . import qk_norm_across_heads as _qkah
+from . import gate_residual_norm as _grln
 from . import rope as _rope
 from . import swiglu as _swiglu
 
@@ -44,6 +46,8 @@ _QKC = torch.ops.fused_dit.qk_norm_rope_cat.default
 _ATTN = torch.ops.fused_dit.attention.default
 _JL = torch.ops.fused_dit.joint_linear.default
 _SWL = torch.ops.fused_dit.swiglu_linear.default
+_QKAH = torch.ops.fused_dit.qk_norm_rope_across_heads.default
+_GRLN = torch.ops.fused_dit.gate_residual_layer_norm.default
 
 
 def fast(x: torch.Tensor) -> bool:
@@ -138,7 +142,8 @@ def dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub,
 
 
 def gate_residual(residual, update, gate, index=None):
-    if not fast(residual) or _mod._GATE_RESIDUAL_CPP is not None:  # the C++ kernel sits behind its op
+    if not fast(residual) or (_mod._GATE_RESIDUAL_CPP is not None  # the C++ kernel sits behind its op
+                              and gate.dtype == residual.dtype):
         return _GR(residual, update, gate, index)
     _check(_mod._check_gate_residual, residual, update, gate, index)
     from ..kernels import modulation as km
@@ -151,6 +156,22 @@ def joint_qk_norm_rope_(q, k, txt_len, wqt, wkt, wqi, wki, txt_tab, img_tab, eps
     _check(_rope._check_joint_qk_norm_rope, q, k, txt_len, wqt, wkt, wqi, wki, txt_tab, img_tab, eps)
     from ..kernels import rope as kr
     kr.joint_qk_norm_rope_(q, k, txt_len, (wqt, wkt, wqi, wki), (txt_tab, img_tab), eps, interleaved)
+
+
+def gate_residual_layer_norm(residual, update, gate, index=None, weight=None, bias=None, eps=1e-6):
+    if not fast(residual):
+        return _GRLN(residual, update, gate, index, weight, bias, eps)
+    _check(_grln._check, residual, update, gate, index, weight, bias, eps)
+    from ..kernels import gate_residual_norm as kg
+    return kg.gate_residual_layer_norm(residual, update, gate, index, weight, bias, eps)
+
+
+def qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos_sin=None, heads=1, eps=1e-6, interleaved=True):
+    if not fast(q):
+        return _QKAH(q, k, q_weight, k_weight, cos_sin, heads, eps, interleaved)
+    _check(_qkah._check, q, k, q_weight, k_weight, cos_sin, heads, eps)
+    from ..kernels import qk_norm_across_heads as kq
+    return kq.qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos_sin, heads, eps, interleaved)
 
 
 def qk_norm_rope_cat(*args):

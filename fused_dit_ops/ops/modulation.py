@@ -149,7 +149,7 @@ _GATE_RESIDUAL_CPP = (torch.ops.fused_dit._gate_residual_cuda.default if has_cud
 @torch.library.impl(f"{_NS}::gate_residual", "CUDA")
 def _gate_residual_cuda(residual, update, gate, index=None):
     _check_gate_residual(residual, update, gate, index)
-    if _GATE_RESIDUAL_CPP is not None:
+    if _GATE_RESIDUAL_CPP is not None and gate.dtype == residual.dtype:  # the C++ kernel: one dtype
         out = _GATE_RESIDUAL_CPP(residual, update, gate, index)
     else:
         from ..kernels import modulation as k

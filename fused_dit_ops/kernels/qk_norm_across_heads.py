@@ -1,0 +1,107 @@
+"""Triton kernel of ``qk_norm_rope_across_heads``: RMSNorm of q and k over all heads (the whole
+[C] row of a token, C = heads x head_dim), then RoPE per head, q and k in one launch.
+
+Grid: (Lq + Lk token rows, B). A program owns one token row of q (rows < Lq) or of k: it loads the
+row as its rotation pairs (interleaved: (2i, 2i+1) of each head; half-split: (i, i + R/2), dims past
+the rotary width R paired as they come), reduces the mean square over the whole row in fp32,
+multiplies by rsqrt(ms + eps) and the weight (both fp32, in that order), rounds once to the
+activation dtype (what ``torch.nn.RMSNorm`` returns), then rotates the first R dims of each head
+with the token's table row in fp32 and rounds once on store. Without a table it only normalises.
+
+Layout contract (checked by the op layer): q [B, Lq, C] and k [B, Lk, C] with a contiguous last dim
+and free batch/token strides (column views of a packed q|k|v projection); weights [C] contiguous;
+table fp32 [P, R] (cos of R/2 frequencies, then sin) with a contiguous last dim, row l for token l.
+Outputs: fresh contiguous [B, Lq, C] and [B, Lk, C] in the activation dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import launch, next_power_of_2
+
+
+@triton.jit
+def _norm_rope_row(x_ptr, w_ptr, o_ptr, tab_ptr, b, l, L, stride_xb, stride_xl, stride_tab, C, eps,
+                   HALF_D: tl.constexpr, HALF_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                   HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
+    j = tl.arange(0, BLOCK_P)  # pair index over the row (C / 2 pairs)
+    pm = j < C // 2
+    h = j // HALF_D
+    i = j % HALF_D
+    if INTERLEAVED:
+        off1 = h * (2 * HALF_D) + 2 * i
+        off2 = off1 + 1
+    else:
+        rot = i < HALF_R
+        off1 = h * (2 * HALF_D) + tl.where(rot, i, 2 * HALF_R + 2 * (i - HALF_R))
+        off2 = tl.where(rot, off1 + HALF_R, off1 + 1)
+    row = x_ptr + b * stride_xb + l.to(tl.int64) * stride_xl
+    x1 = tl.load(row + off1, mask=pm, other=0.0).to(tl.float32)
+    x2 = tl.load(row + off2, mask=pm, other=0.0).to(tl.float32)
+    ms = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / C
+    r = tl.rsqrt(ms + eps)
+    w1 = tl.load(w_ptr + off1, mask=pm, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + off2, mask=pm, other=0.0).to(tl.float32)
+    ty = o_ptr.dtype.element_ty
+    n1 = ((x1 * r) * w1).to(ty).to(tl.float32)  # the norm's own rounding, as torch.nn.RMSNorm returns it
+    n2 = ((x2 * r) * w2).to(ty).to(tl.float32)
+    if HAS_ROPE:
+        rm = pm & (i < HALF_R)
+        trow = tab_ptr + l.to(tl.int64) * stride_tab
+        cos = tl.load(trow + i, mask=rm, other=1.0)
+        sin = tl.load(trow + HALF_R + i, mask=rm, other=0.0)
+        y1 = n1 * cos - n2 * sin
+        y2 = n1 * sin + n2 * cos
+    else:
+        y1 = n1
+        y2 = n2
+    orow = o_ptr + (b * L + l).to(tl.int64) * C
+    tl.store(orow + off1, y1.to(ty), mask=pm)
+    tl.store(orow + off2, y2.to(ty), mask=pm)
+
+
+@triton.jit
+def _qk_norm_rope_across_heads_kernel(
+    q_ptr, k_ptr, wq_ptr, wk_ptr, qo_ptr, ko_ptr, tab_ptr,
+    Lq, Lk, C, eps, s_qb, s_ql, s_kb, s_kl, s_tab,
+    HALF_D: tl.constexpr, HALF_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if pid < Lq:
+        _norm_rope_row(q_ptr, wq_ptr, qo_ptr, tab_ptr, b, pid, Lq, s_qb, s_ql, s_tab, C, eps,
+                       HALF_D, HALF_R, BLOCK_P, HAS_ROPE, INTERLEAVED)
+    else:
+        _norm_rope_row(k_ptr, wk_ptr, ko_ptr, tab_ptr, b, pid - Lq, Lk, s_kb, s_kl, s_tab, C, eps,
+                       HALF_D, HALF_R, BLOCK_P, HAS_ROPE, INTERLEAVED)
+
+
+def qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos_sin=None, heads=1, eps=1e-6, interleaved=True):
+    B, Lq, C = q.shape
+    Lk = k.shape[1]
+    qo = torch.empty((B, Lq, C), dtype=q.dtype, device=q.device)
+    ko = torch.empty((B, Lk, C), dtype=k.dtype, device=k.device)
+    if B == 0 or C == 0 or Lq + Lk == 0:
+        return qo, ko
+    D = C // heads
+    R = cos_sin.shape[1] if cos_sin is not None else D
+    block_p = next_power_of_2(C // 2)
+    tab = cos_sin if cos_sin is not None else q
+    with torch.cuda.device(q.device) if q.is_cuda else _null():
+        launch(_qk_norm_rope_across_heads_kernel, (Lq + Lk, B),
+               (q, k, q_weight, k_weight, qo, ko, tab, Lq, Lk, C, float(eps),
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), tab.stride(0) if cos_sin is not None else 0),
+               (D // 2, R // 2, block_p, cos_sin is not None, bool(interleaved)),
+               {"num_warps": 8 if block_p >= 2048 else 4})
+    return qo, ko
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
