@@ -41,14 +41,18 @@ CONFIGS: dict[str, dict] = {
 TINY_INIT_STD = 0.2
 
 
-def config_dict(config: str = "edit-2511", num_layers: int | None = None, **overrides) -> dict:
-    if config not in CONFIGS:
-        raise ValueError(f"unknown config {config!r}; choose from {sorted(CONFIGS)}")
-    cfg = dict(CONFIGS[config])
-    if num_layers is not None:
-        cfg["num_layers"] = int(num_layers)
+def _config(table: dict, what: str, config: str, overrides: dict, **counts) -> dict:
+    """A copy of ``table[config]`` with the block counts given (not None) and ``overrides`` applied."""
+    if config not in table:
+        raise ValueError(f"unknown {what}config {config!r}; choose from {sorted(table)}")
+    cfg = dict(table[config])
+    cfg.update({k: int(v) for k, v in counts.items() if v is not None})
     cfg.update(overrides)
     return cfg
+
+
+def config_dict(config: str = "edit-2511", num_layers: int | None = None, **overrides) -> dict:
+    return _config(CONFIGS, "", config, overrides, num_layers=num_layers)
 
 
 def is_tiny(model) -> bool:
@@ -199,14 +203,8 @@ def build_flux_transformer(config: str = "dev", num_layers: int | None = None, n
     ``config``: "dev" (19 double + 38 single layers, guidance embedding), "schnell", or "tiny".
     ``num_layers`` / ``num_single_layers`` override the block counts."""
     from diffusers import FluxTransformer2DModel
-    if config not in FLUX_CONFIGS:
-        raise ValueError(f"unknown Flux config {config!r}; choose from {sorted(FLUX_CONFIGS)}")
-    cfg = dict(FLUX_CONFIGS[config])
-    if num_layers is not None:
-        cfg["num_layers"] = int(num_layers)
-    if num_single_layers is not None:
-        cfg["num_single_layers"] = int(num_single_layers)
-    cfg.update(overrides)
+    cfg = _config(FLUX_CONFIGS, "Flux ", config, overrides, num_layers=num_layers,
+                  num_single_layers=num_single_layers)
     return _build(FluxTransformer2DModel, cfg, config, device, dtype, init_std, seed)
 
 
@@ -279,14 +277,8 @@ def build_flux2_transformer(config: str = "dev", num_layers: int | None = None,
     ``config``: "dev" (8 double + 48 single layers: ~32B parameters, ~64 GB in bf16) or "tiny".
     ``num_layers`` / ``num_single_layers`` override the block counts."""
     from diffusers import Flux2Transformer2DModel
-    if config not in FLUX2_CONFIGS:
-        raise ValueError(f"unknown FLUX.2 config {config!r}; choose from {sorted(FLUX2_CONFIGS)}")
-    cfg = dict(FLUX2_CONFIGS[config])
-    if num_layers is not None:
-        cfg["num_layers"] = int(num_layers)
-    if num_single_layers is not None:
-        cfg["num_single_layers"] = int(num_single_layers)
-    cfg.update(overrides)
+    cfg = _config(FLUX2_CONFIGS, "FLUX.2 ", config, overrides, num_layers=num_layers,
+                  num_single_layers=num_single_layers)
     return _build(Flux2Transformer2DModel, cfg, config, device, dtype, init_std, seed)
 
 
@@ -373,12 +365,7 @@ def build_wan_transformer(config: str = "t2v-14b", num_layers: int | None = None
     ``_keep_in_fp32_modules`` (modulation tables, norms, time embedder) stay fp32 as
     ``from_pretrained(torch_dtype=...)`` keeps them."""
     from diffusers import WanTransformer3DModel
-    if config not in WAN_CONFIGS:
-        raise ValueError(f"unknown Wan config {config!r}; choose from {sorted(WAN_CONFIGS)}")
-    cfg = dict(WAN_CONFIGS[config])
-    if num_layers is not None:
-        cfg["num_layers"] = int(num_layers)
-    cfg.update(overrides)
+    cfg = _config(WAN_CONFIGS, "Wan ", config, overrides, num_layers=num_layers)
     m = _build(WanTransformer3DModel, cfg, "tiny" if config.startswith("tiny") else config, device, dtype,
                init_std, seed)
     if keep_fp32 and dtype != torch.float32:
