@@ -136,6 +136,23 @@ def _as_shape(s) -> tuple[int, int, int]:
     return s
 
 
+def _device_dtype(p: torch.Tensor, device, dtype) -> tuple[torch.device, torch.dtype]:
+    """``device`` / ``dtype`` of the inputs: as given, else those of the parameter ``p``."""
+    return (torch.device(device) if device is not None else p.device), (dtype or p.dtype)
+
+
+def _token_defaults(model, img_tokens, txt_len, tiny_imgs: tuple, real_imgs: tuple, real_txt: int):
+    """(img_tokens as a sequence, txt_len) with the defaults of a tiny model (7 text tokens) or a real one."""
+    tiny = is_tiny(model)
+    if img_tokens is None:
+        img_tokens = tiny_imgs if tiny else real_imgs
+    if isinstance(img_tokens, int):
+        img_tokens = (img_tokens,)
+    if txt_len is None:
+        txt_len = 7 if tiny else real_txt
+    return img_tokens, txt_len
+
+
 def make_qwen_inputs(model, img_tokens: Sequence | None = None, txt_len: int | None = None, batch: int = 1,
                      device=None, dtype: torch.dtype | None = None, seed: int = 0, timestep: float = 0.7,
                      text_mask: bool = False) -> dict:
@@ -150,16 +167,8 @@ def make_qwen_inputs(model, img_tokens: Sequence | None = None, txt_len: int | N
     Returns ``return_dict=False``, so ``model(**kw)[0]`` is the [B, L_img, patch^2 * out] output.
     """
     cfg = model.config
-    p = next(model.parameters())
-    device = torch.device(device) if device is not None else p.device
-    dtype = dtype or p.dtype
-    tiny = is_tiny(model)
-    if img_tokens is None:
-        img_tokens = (16, 16) if tiny else (4096, 4096)
-    if isinstance(img_tokens, int):
-        img_tokens = (img_tokens,)
-    if txt_len is None:
-        txt_len = 7 if tiny else 208
+    device, dtype = _device_dtype(next(model.parameters()), device, dtype)
+    img_tokens, txt_len = _token_defaults(model, img_tokens, txt_len, (16, 16), (4096, 4096), 208)
     shapes = [_as_shape(s) for s in img_tokens]
     L_img = sum(f * h * w for f, h, w in shapes)
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -208,13 +217,18 @@ def build_flux_transformer(config: str = "dev", num_layers: int | None = None, n
     return _build(FluxTransformer2DModel, cfg, config, device, dtype, init_std, seed)
 
 
-def flux_ids(h: int, w: int, first: int = 0) -> torch.Tensor:
-    """Image position ids [h * w, 3] as the Flux pipelines make them: (first, row, column)."""
-    ids = torch.zeros(h, w, 3)
+def _grid_ids(h: int, w: int, first: int, n_axes: int) -> torch.Tensor:
+    """Position ids [h * w, n_axes]: (first, row, column, 0, ...)."""
+    ids = torch.zeros(h, w, n_axes)
     ids[..., 0] = first
     ids[..., 1] = torch.arange(h)[:, None]
     ids[..., 2] = torch.arange(w)[None, :]
-    return ids.reshape(h * w, 3)
+    return ids.reshape(h * w, n_axes)
+
+
+def flux_ids(h: int, w: int, first: int = 0) -> torch.Tensor:
+    """Image position ids [h * w, 3] as the Flux pipelines make them: (first, row, column)."""
+    return _grid_ids(h, w, first, 3)
 
 
 def make_flux_inputs(model, img_tokens: Sequence | None = None, txt_len: int | None = None, batch: int = 1,
@@ -226,16 +240,8 @@ def make_flux_inputs(model, img_tokens: Sequence | None = None, txt_len: int | N
     ids with first coordinate 1). Default (4096,) real (1024 x 1024), (15,) tiny. ``txt_len``:
     default 512 real, 7 tiny. ``return_dict=False``: ``model(**kw)[0]`` is the output."""
     cfg = model.config
-    p = next(model.parameters())
-    device = torch.device(device) if device is not None else p.device
-    dtype = dtype or p.dtype
-    tiny = is_tiny(model)
-    if img_tokens is None:
-        img_tokens = (15,) if tiny else (4096,)
-    if isinstance(img_tokens, int):
-        img_tokens = (img_tokens,)
-    if txt_len is None:
-        txt_len = 7 if tiny else 512
+    device, dtype = _device_dtype(next(model.parameters()), device, dtype)
+    img_tokens, txt_len = _token_defaults(model, img_tokens, txt_len, (15,), (4096,), 512)
     g = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.cat([flux_ids(*_grid(int(n)), first=k) for k, n in enumerate(img_tokens)], 0)
     L_img = ids.shape[0]
@@ -285,11 +291,7 @@ def build_flux2_transformer(config: str = "dev", num_layers: int | None = None,
 def flux2_ids(h: int, w: int, t: int = 0) -> torch.Tensor:
     """Image position ids [h * w, 4] as the FLUX.2 pipelines make them: (t, row, column, 0); the
     target image has t 0, reference image i t = 10 + 10 * i."""
-    ids = torch.zeros(h, w, 4)
-    ids[..., 0] = t
-    ids[..., 1] = torch.arange(h)[:, None]
-    ids[..., 2] = torch.arange(w)[None, :]
-    return ids.reshape(h * w, 4)
+    return _grid_ids(h, w, t, 4)
 
 
 def make_flux2_inputs(model, img_tokens: Sequence | None = None, txt_len: int | None = None, batch: int = 1,
@@ -301,16 +303,8 @@ def make_flux2_inputs(model, img_tokens: Sequence | None = None, txt_len: int | 
     20, ...). Default (4096,) real (1024 x 1024), (15,) tiny. ``txt_len``: default 512 real, 7 tiny
     (text ids (0, 0, 0, l)). ``return_dict=False``: ``model(**kw)[0]`` is the output."""
     cfg = model.config
-    p = next(model.parameters())
-    device = torch.device(device) if device is not None else p.device
-    dtype = dtype or p.dtype
-    tiny = is_tiny(model)
-    if img_tokens is None:
-        img_tokens = (15,) if tiny else (4096,)
-    if isinstance(img_tokens, int):
-        img_tokens = (img_tokens,)
-    if txt_len is None:
-        txt_len = 7 if tiny else 512
+    device, dtype = _device_dtype(next(model.parameters()), device, dtype)
+    img_tokens, txt_len = _token_defaults(model, img_tokens, txt_len, (15,), (4096,), 512)
     g = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.cat([flux2_ids(*_grid(int(n)), t=10 * k) for k, n in enumerate(img_tokens)], 0)
     txt_ids = torch.zeros(txt_len, 4)
@@ -397,9 +391,8 @@ def make_wan_inputs(model, latent: Sequence | None = None, txt_len: int | None =
     Models with an image context (I2V) get ``encoder_hidden_states_image`` of ``image_tokens``
     tokens (257 real, 3 tiny)."""
     cfg = model.config
-    p = model.patch_embedding.weight  # (the first parameters are fp32 tables: _keep_in_fp32_modules)
-    device = torch.device(device) if device is not None else p.device
-    dtype = dtype or p.dtype
+    # (the first parameters are fp32 tables: _keep_in_fp32_modules)
+    device, dtype = _device_dtype(model.patch_embedding.weight, device, dtype)
     tiny = is_tiny(model)
     F_, H, W = tuple(latent) if latent is not None else wan_latent_shape(model)
     if txt_len is None:
@@ -438,26 +431,19 @@ def build_model_and_inputs(family: str, config: str, layers: int | None, img_tok
         m = build_qwen_image_transformer(config, num_layers=layers, device=device, dtype=dtype, seed=seed)
         return m, make_qwen_inputs(m, img_tokens=img_tokens, txt_len=txt_len, device=device, dtype=dtype,
                                    batch=batch, seed=seed)
-    if family == "flux":
-        if config not in FLUX_CONFIGS:
+    if family in ("flux", "flux2"):
+        # (configs, builder, inputs, default double-stream blocks, single-stream blocks per double-stream one)
+        table, build, make, default_layers, ratio = (
+            (FLUX_CONFIGS, build_flux_transformer, make_flux_inputs, 2, 2) if family == "flux" else
+            (FLUX2_CONFIGS, build_flux2_transformer, make_flux2_inputs, 1, 6))
+        if config not in table:
             config = "dev"
         if layers is None and config != "tiny":
-            layers = 2
-        single = None if layers is None else 2 * int(layers)
-        m = build_flux_transformer(config, num_layers=layers, num_single_layers=single, device=device, dtype=dtype,
-                                   seed=seed)
-        return m, make_flux_inputs(m, img_tokens=img_tokens, txt_len=txt_len, device=device, dtype=dtype,
-                                   batch=batch, seed=seed)
-    if family == "flux2":
-        if config not in FLUX2_CONFIGS:
-            config = "dev"
-        if layers is None and config != "tiny":
-            layers = 1
-        single = None if layers is None else 6 * int(layers)
-        m = build_flux2_transformer(config, num_layers=layers, num_single_layers=single, device=device,
-                                    dtype=dtype, seed=seed)
-        return m, make_flux2_inputs(m, img_tokens=img_tokens, txt_len=txt_len, device=device, dtype=dtype,
-                                    batch=batch, seed=seed)
+            layers = default_layers
+        single = None if layers is None else ratio * int(layers)
+        m = build(config, num_layers=layers, num_single_layers=single, device=device, dtype=dtype, seed=seed)
+        return m, make(m, img_tokens=img_tokens, txt_len=txt_len, device=device, dtype=dtype, batch=batch,
+                       seed=seed)
     if family == "wan":
         if config not in WAN_CONFIGS:
             config = "t2v-14b"
