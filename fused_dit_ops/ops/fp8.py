@@ -26,7 +26,8 @@ import torch
 from .. import reference as ref
 from .._validation import (TRACING, check_last_dim_contiguous, check_like, check_one_device, check_tensor, fail,
                            no_backward, refuse_grad)
-from .modulation import (_check_dual_pair, _check_gate_residual_norm_scale_shift, _check_norm_scale_shift)
+from .modulation import (_GRNS_STREAM, _NORM_STREAM, _check_dual_streams, _check_gate_residual_norm_scale_shift,
+                         _check_norm_scale_shift)
 
 _NS = "fused_dit"
 FP8 = torch.float8_e4m3fn
@@ -83,11 +84,8 @@ def _check_norm_scale_shift_fp8(x, shift, scale, index, eps, norm, op="norm_scal
 
 def _check_dual_norm_scale_shift_fp8(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm):
     op = "dual_norm_scale_shift_fp8"
-    check_one_device(op, ("x_a", xa), ("shift_a", sha), ("scale_a", sca), ("index_a", ia),
-                     ("x_b", xb), ("shift_b", shb), ("scale_b", scb), ("index_b", ib))
-    _check_norm_scale_shift_fp8(xa, sha, sca, ia, eps_a, norm, op, "_a")
-    _check_norm_scale_shift_fp8(xb, shb, scb, ib, eps_b, norm, op, "_b")
-    _check_dual_pair(op, xa, xb, "x_a", "x_b")
+    _check_dual_streams(op, _NORM_STREAM, (xa, sha, sca, ia, eps_a), (xb, shb, scb, ib, eps_b),
+                        lambda x, sh, sc, i, eps, sfx: _check_norm_scale_shift_fp8(x, sh, sc, i, eps, norm, op, sfx))
 
 
 def _check_grns_fp8(residual, update, gate, shift, scale, index, eps, op="gate_residual_norm_scale_shift_fp8",
@@ -99,12 +97,8 @@ def _check_grns_fp8(residual, update, gate, shift, scale, index, eps, op="gate_r
 
 def _check_dual_grns_fp8(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b):
     op = "dual_gate_residual_norm_scale_shift_fp8"
-    check_one_device(op, ("residual_a", ra), ("update_a", ua), ("gate_a", ga), ("shift_a", sha), ("scale_a", sca),
-                     ("index_a", ia), ("residual_b", rb), ("update_b", ub), ("gate_b", gb), ("shift_b", shb),
-                     ("scale_b", scb), ("index_b", ib))
-    _check_grns_fp8(ra, ua, ga, sha, sca, ia, eps_a, op, "_a")
-    _check_grns_fp8(rb, ub, gb, shb, scb, ib, eps_b, op, "_b")
-    _check_dual_pair(op, ra, rb, "residual_a", "residual_b")
+    _check_dual_streams(op, _GRNS_STREAM, (ra, ua, ga, sha, sca, ia, eps_a), (rb, ub, gb, shb, scb, ib, eps_b),
+                        lambda *stream: _check_grns_fp8(*stream[:-1], op, stream[-1]))
 
 
 def _check_quantize_fp8(x, bias, activation):

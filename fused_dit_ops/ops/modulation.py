@@ -76,23 +76,31 @@ def _check_dual_pair(op, a, b, a_name, b_name):
                  f"channels C (only the lengths L may differ); call the single-stream op per stream instead")
 
 
+_NORM_STREAM = ("x", "shift", "scale", "index")
+_GRNS_STREAM = ("residual", "update", "gate", "shift", "scale", "index")
+
+
+def _check_dual_streams(op, names, a, b, check_stream):
+    """The checks of a dual op: every tensor of both streams on one device, each stream as its
+    single-stream op checks it (``check_stream(*stream, sfx)``; a stream is its tensors in ``names``
+    order, then its eps), then the two streams as a pair (:func:`_check_dual_pair` on the first tensors)."""
+    check_one_device(op, *[(n + sfx, t) for sfx, s in (("_a", a), ("_b", b)) for n, t in zip(names, s)])
+    check_stream(*a, "_a")
+    check_stream(*b, "_b")
+    _check_dual_pair(op, a[0], b[0], names[0] + "_a", names[0] + "_b")
+
+
 def _check_dual_norm_scale_shift(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, norm):
     op = "dual_norm_scale_shift"
-    check_one_device(op, ("x_a", xa), ("shift_a", sha), ("scale_a", sca), ("index_a", ia),
-                     ("x_b", xb), ("shift_b", shb), ("scale_b", scb), ("index_b", ib))
-    _check_norm_scale_shift(xa, sha, sca, ia, None, None, eps_a, norm, op, "_a")
-    _check_norm_scale_shift(xb, shb, scb, ib, None, None, eps_b, norm, op, "_b")
-    _check_dual_pair(op, xa, xb, "x_a", "x_b")
+    _check_dual_streams(op, _NORM_STREAM, (xa, sha, sca, ia, eps_a), (xb, shb, scb, ib, eps_b),
+                        lambda x, sh, sc, i, eps, sfx: _check_norm_scale_shift(x, sh, sc, i, None, None, eps, norm,
+                                                                               op, sfx))
 
 
 def _check_dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub, gb, shb, scb, ib, eps_b):
     op = "dual_gate_residual_norm_scale_shift"
-    check_one_device(op, ("residual_a", ra), ("update_a", ua), ("gate_a", ga), ("shift_a", sha), ("scale_a", sca),
-                     ("index_a", ia), ("residual_b", rb), ("update_b", ub), ("gate_b", gb), ("shift_b", shb),
-                     ("scale_b", scb), ("index_b", ib))
-    _check_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, op, "_a")
-    _check_gate_residual_norm_scale_shift(rb, ub, gb, shb, scb, ib, eps_b, op, "_b")
-    _check_dual_pair(op, ra, rb, "residual_a", "residual_b")
+    _check_dual_streams(op, _GRNS_STREAM, (ra, ua, ga, sha, sca, ia, eps_a), (rb, ub, gb, shb, scb, ib, eps_b),
+                        lambda *stream: _check_gate_residual_norm_scale_shift(*stream[:-1], op, stream[-1]))
 
 
 # --- CUDA: Triton launchers (gate_residual: C++ kernel when fused_dit_ops._C is built) ---------
