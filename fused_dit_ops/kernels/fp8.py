@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, launch, next_power_of_2
-from .modulation import (_device_guard, _gather_param, _index_args, _layer_norm_rows, _modulate_rows,
-                         _row_select, _store)
+from .gate_residual_norm import _gate_residual_layer_norm_rows
+from .modulation import _device_guard, _index_args, _layer_norm_rows, _modulate_rows, _row_select, _store
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -89,23 +89,10 @@ def _grns_fp8_rows(
 ):
     """BLOCK_M rows of gate_residual_norm_scale_shift_fp8: residual_out as the residual dtype, the
     modulated LayerNorm of residual_out as stored, quantised."""
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = l < L
-    mask = rmask[:, None] & cmask[None, :]
-    l64 = l[:, None].to(tl.int64)
-    r = tl.load(r_ptr + b * stride_rb + l64 * stride_rl + cols[None, :], mask=mask, other=0.0,
-                eviction_policy="evict_first").to(tl.float32)
-    u = tl.load(u_ptr + b * stride_ub + l64 * stride_ul + cols[None, :], mask=mask, other=0.0,
-                eviction_policy="evict_first").to(tl.float32)
-    sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
-    gate = _gather_param(gate_ptr, b, B, stride_gate, sel, cols, mask, HAS_INDEX)
-    r_out = (r + gate * u).to(r_out_ptr.dtype.element_ty)
-    row = (b * L + l).to(tl.int64)
-    out_off = row[:, None] * C + cols[None, :]
-    _store(r_out_ptr + out_off, r_out, mask, STREAM_STORES)
-    n = _layer_norm_rows(r_out.to(tl.float32), cmask, C, eps, False)
+    n, cols, cmask, mask, out_off, row, rmask, sel = _gate_residual_layer_norm_rows(
+        pid_m, b, r_ptr, u_ptr, gate_ptr, idx_ptr, r_out_ptr, L, C, B, eps,
+        stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_ib, stride_il,
+        HAS_INDEX, BLOCK_M, BLOCK_C, STREAM_STORES)
     y = _modulate_rows(n, sel, scale_ptr, shift_ptr, b, B, stride_scale, stride_shift, cols, mask,
                        0.0, 0.0, 0.0, 0.0, HAS_INDEX, True)
     _quant_store(y, mask, q_ptr, s_ptr, out_off, row, rmask, STREAM_STORES)

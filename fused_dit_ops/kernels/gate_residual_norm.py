@@ -19,15 +19,15 @@ from .modulation import _device_guard, _gather_param, _index_args, _layer_norm_r
 
 
 @triton.jit
-def _gate_residual_layer_norm_kernel(
-    r_ptr, u_ptr, gate_ptr, idx_ptr, w_ptr, bias_ptr, r_out_ptr, y_ptr,
+def _gate_residual_layer_norm_rows(
+    pid_m, b, r_ptr, u_ptr, gate_ptr, idx_ptr, r_out_ptr,
     L, C, B, eps,
     stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_ib, stride_il,
-    HAS_INDEX: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STREAM_STORES: tl.constexpr,
+    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STREAM_STORES: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    """BLOCK_M rows (row tile pid_m of batch b): ``r_out = r + gate_sel * u`` rounded to the residual
+    dtype and stored, then the LayerNorm (no affine) of r_out as stored, fp32. Returns (normalised
+    rows, cols, cmask, mask, output offsets [BLOCK_M, BLOCK_C], output row numbers, rmask, sel)."""
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -41,9 +41,27 @@ def _gate_residual_layer_norm_kernel(
     sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
     gate = _gather_param(gate_ptr, b, B, stride_gate, sel, cols, mask, HAS_INDEX)
     r_out = (r + gate * u).to(r_out_ptr.dtype.element_ty)
-    out_off = (b * L + l[:, None]).to(tl.int64) * C + cols[None, :]
+    row = (b * L + l).to(tl.int64)
+    out_off = row[:, None] * C + cols[None, :]
     _store(r_out_ptr + out_off, r_out, mask, STREAM_STORES)
     n = _layer_norm_rows(r_out.to(tl.float32), cmask, C, eps, False)
+    return n, cols, cmask, mask, out_off, row, rmask, sel
+
+
+@triton.jit
+def _gate_residual_layer_norm_kernel(
+    r_ptr, u_ptr, gate_ptr, idx_ptr, w_ptr, bias_ptr, r_out_ptr, y_ptr,
+    L, C, B, eps,
+    stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_ib, stride_il,
+    HAS_INDEX: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STREAM_STORES: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n, cols, cmask, mask, out_off, _, _, _ = _gate_residual_layer_norm_rows(
+        pid_m, b, r_ptr, u_ptr, gate_ptr, idx_ptr, r_out_ptr, L, C, B, eps,
+        stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_ib, stride_il,
+        HAS_INDEX, BLOCK_M, BLOCK_C, STREAM_STORES)
     if HAS_WEIGHT:
         n = n * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
