@@ -163,6 +163,20 @@ def _row_config(C: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_C": block_c, "STREAM_STORES": True, "num_warps": num_warps}
 
 
+def _row_launch(config, C: int):
+    """(BLOCK_M, BLOCK_C, STREAM_STORES, launch options) of ``config`` (default: ``_row_config(C)``)."""
+    cfg = dict(config or _row_config(C))
+    return cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C"), cfg.pop("STREAM_STORES"), cfg
+
+
+def _dual_plan(config, B: int, C: int, La: int, Lb: int):
+    """``_row_launch`` of a two-stream launch, then the row tiles of stream a (the first programs of
+    each batch) and the grid (tiles of a + tiles of b, B)."""
+    bm, bc, stream, cfg = _row_launch(config, C)
+    n_a = cdiv(La, bm)
+    return bm, bc, stream, cfg, n_a, (n_a + cdiv(Lb, bm), B)
+
+
 def _outs(shape, dev, q_dtype=torch.float8_e4m3fn):
     # q_dtype=torch.float32 stores the clamped, scaled values before the e4m3 cast (a test hook: the
     # Triton interpreter's fp32 -> e4m3 conversion is wrong where rounding carries into the exponent)
@@ -183,10 +197,7 @@ def dual_norm_scale_shift_fp8(xa, sha, sca, ia, eps_a, xb, shb, scb, ib, eps_b, 
         qb, sb = _outs((B, Lb, C), xb.device, q_dtype)
     if B == 0 or C == 0 or La + Lb == 0:
         return qa, sa, qb, sb
-    cfg = dict(config or _row_config(C))
-    bm, bc, stream = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C"), cfg.pop("STREAM_STORES")
-    n_a = cdiv(La, bm)
-    grid = (n_a + cdiv(Lb, bm), B)
+    bm, bc, stream, cfg, n_a, grid = _dual_plan(config, B, C, La, Lb)
     i_a, s_iab, s_ial = _index_args(ia, xa)
     i_b, s_ibb, s_ibl = _index_args(ib, xb)
     with _device_guard(xa):
@@ -221,10 +232,7 @@ def dual_gate_residual_norm_scale_shift_fp8(ra, ua, ga, sha, sca, ia, eps_a, rb,
         qb, sb = _outs((B, Lb, C), rb.device, q_dtype)
     if B == 0 or C == 0 or La + Lb == 0:
         return roa, qa, sa, rob, qb, sb
-    cfg = dict(config or _row_config(C))
-    bm, bc, stream = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C"), cfg.pop("STREAM_STORES")
-    n_a = cdiv(La, bm)
-    grid = (n_a + cdiv(Lb, bm), B)
+    bm, bc, stream, cfg, n_a, grid = _dual_plan(config, B, C, La, Lb)
     i_a, s_iab, s_ial = _index_args(ia, ra)
     i_b, s_ibb, s_ibl = _index_args(ib, rb)
     with _device_guard(ra):
@@ -261,8 +269,7 @@ def quantize_rows(x, bias=None, gelu=False, config=None, q_dtype=torch.float8_e4
     M = B * L
     if M == 0 or K == 0:
         return q, s
-    cfg = dict(config or _row_config(K))
-    bm, bk, stream = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_C"), cfg.pop("STREAM_STORES")
+    bm, bk, stream, cfg = _row_launch(config, K)
     with _device_guard(x):
         launch(_quantize_rows_kernel, (cdiv(M, bm),),
                (x3, x3 if bias is None else bias, q, s, M, L, K, x3.stride(0), x3.stride(1)),
