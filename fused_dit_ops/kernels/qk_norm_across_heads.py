@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch, next_power_of_2
+from .modulation import _device_guard
 
 
 @triton.jit
@@ -90,18 +91,10 @@ def qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos_sin=None, heads=1, e
     R = cos_sin.shape[1] if cos_sin is not None else D
     block_p = next_power_of_2(C // 2)
     tab = cos_sin if cos_sin is not None else q
-    with torch.cuda.device(q.device) if q.is_cuda else _null():
+    with _device_guard(q):
         launch(_qk_norm_rope_across_heads_kernel, (Lq + Lk, B),
                (q, k, q_weight, k_weight, qo, ko, tab, Lq, Lk, C, float(eps),
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), tab.stride(0) if cos_sin is not None else 0),
                (D // 2, R // 2, block_p, cos_sin is not None, bool(interleaved)),
                {"num_warps": 8 if block_p >= 2048 else 4})
     return qo, ko
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
