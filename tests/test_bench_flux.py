@@ -1,5 +1,6 @@
-"""``bench block``, ``bench model`` and ``profile`` with ``--model flux``: CPU smoke runs on the tiny
-Flux.1 config (3 heads x 24, D 72). They check the commands' wiring (argument capture, providers,
+"""``bench block``, ``bench model`` and ``profile`` with ``--model flux`` (and ``bench block`` /
+``bench model`` with ``--model flux2``): CPU smoke runs on the tiny Flux.1 and FLUX.2 configs
+(3 heads x 24, D 72). They check the commands' wiring (argument capture, providers,
 rounds, ratios, the JSON), not speed."""
 import json
 
@@ -31,16 +32,21 @@ def test_capture_block_calls_flux_both_kinds():
         block.capture_block_calls(m, kw, [torch.nn.Linear(2, 2)])
 
 
-def test_bench_block_flux_tiny_cpu(tmp_path, capsys):
-    rc = block.main(["--model", "flux", "--device", "cpu", "--tiny", "--providers",
-                     "patched-eager,stock-eager,patched-eager+nopack", "--rounds", "2", "--rep-ms", "10",
-                     "--out", str(tmp_path)])
-    assert rc == 0
+def _bench_json(main, argv, tmp_path, pattern):
+    """Runs a bench command (exit status 0) and returns its one result file matching ``pattern``, loaded."""
+    assert main(argv + ["--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob(pattern)
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("name,tol", [("flux", 1e-3), ("flux2", 1e-4)])
+def test_bench_block_flux_tiny_cpu(tmp_path, capsys, name, tol):
+    doc = _bench_json(block.main, ["--model", name, "--device", "cpu", "--tiny", "--providers",
+                                   "patched-eager,stock-eager,patched-eager+nopack", "--rounds", "2", "--rep-ms", "10"],
+                      tmp_path, f"block-{name}-tiny-*.json")
     text = capsys.readouterr().out
     assert "single" in text and "double" in text and "results:" in text
-    (path,) = tmp_path.glob("block-flux-tiny-*.json")
-    doc = json.loads(path.read_text())
-    assert doc["model"] == "flux" and doc["rounds"] == 2
+    assert doc["model"] == name and doc["rounds"] == 2 and doc["shape"]["model"] == name
     assert doc["shape"]["img_tokens"] == 15 and doc["shape"]["txt_len"] == 7 and doc["shape"]["guidance_embeds"]
     rows = {(r["block"], r["provider"]): r for r in doc["rows"]}
     assert list(rows) == [(k, p) for k in ("double", "single")
@@ -48,7 +54,7 @@ def test_bench_block_flux_tiny_cpu(tmp_path, capsys):
     for r in rows.values():
         assert "error" not in r, r
         assert r["ms"] > 0 and len(r["ms_rounds"]) == 2
-        assert r["max_rel_diff_vs_stock"] is not None and r["max_rel_diff_vs_stock"] < 1e-3
+        assert r["max_rel_diff_vs_stock"] is not None and r["max_rel_diff_vs_stock"] < tol
     for k in ("double", "single"):
         assert rows[(k, "stock-eager")]["speedup_vs_stock_eager"] == 1.0
         assert rows[(k, "stock-eager")]["max_rel_diff_vs_stock"] == 0.0
@@ -56,36 +62,38 @@ def test_bench_block_flux_tiny_cpu(tmp_path, capsys):
     assert "target_met" not in doc
 
 
-def test_bench_model_flux_tiny_cpu(tmp_path, capsys):
-    rc = model.main(["--model", "flux", "--device", "cpu", "--tiny", "--layers", "1", "--img-tokens", "16,9",
-                     "--providers", "stock-eager,patched-eager,patched-eager+noreuse", "--steps", "2",
-                     "--warmup", "1", "--rounds", "2", "--out", str(tmp_path)])
-    assert rc == 0
+@pytest.mark.parametrize("name,layers,providers,steps,rounds,guidance,tol", [
+    ("flux", "1", ["stock-eager", "patched-eager", "patched-eager+noreuse"], 2, 2, 3.5, 1e-3),
+    ("flux2", "1,2", ["stock-eager", "patched-eager", "stock-compile", "patched-compile"], 1, None, 4.0, 1e-4),
+])
+def test_bench_model_flux_tiny_cpu(tmp_path, capsys, name, layers, providers, steps, rounds, guidance, tol):
+    doc = _bench_json(model.main, ["--model", name, "--device", "cpu", "--tiny", "--layers", layers, "--img-tokens",
+                                   "16,9", "--providers", ",".join(providers), "--steps", str(steps),
+                                   "--warmup", "1"] + (["--rounds", str(rounds)] if rounds else []),
+                      tmp_path, f"model-{name}-tiny-*.json")
     text = capsys.readouterr().out
     assert "1 double + 2 single blocks" in text and "ratio_vs_stock_compile" in text
-    (path,) = tmp_path.glob("model-flux-tiny-*.json")
-    doc = json.loads(path.read_text())
-    assert doc["model"] == "flux" and "target_met" not in doc
+    assert doc["model"] == name and "target_met" not in doc
     s = doc["shape"]
     assert (s["double_layers"], s["single_layers"]) == (1, 2)
-    assert s["images"] == [16, 9] and s["img_tokens"] == 25 and s["txt_len"] == 7 and s["guidance"] == 3.5
+    assert s["images"] == [16, 9] and s["img_tokens"] == 25 and s["txt_len"] == 7 and s["guidance"] == guidance
     rows = {r["provider"]: r for r in doc["rows"]}
-    assert list(rows) == ["stock-eager", "patched-eager", "patched-eager+noreuse"]
-    for r in rows.values():
+    assert list(rows) == providers
+    for p, r in rows.items():
         assert "error" not in r, r
         assert r["ms_forward"] > 0 and r["s_per_step"] == pytest.approx(r["ms_forward"] / 1e3)
-        assert len(r["ms_forward_rounds"]) == 2
-        assert r["max_rel_diff_vs_stock"] < 1e-3
+        assert (len(r["ms_forward_rounds"]) == rounds) if rounds else ("ms_forward_rounds" not in r)
+        assert r["max_rel_diff_vs_stock"] < tol, (p, r["max_rel_diff_vs_stock"])
         assert "ms_cond" not in r  # one forward per step: no CFG pair
-    assert rows["patched-eager+noreuse"]["patch_options"] == {"reuse_mod": False}
+    if name == "flux":
+        assert rows["patched-eager+noreuse"]["patch_options"] == {"reuse_mod": False}
 
 
 def test_bench_model_flux_ratio_to_stock_compile(tmp_path):
-    rc = model.main(["--model", "flux", "--device", "cpu", "--tiny", "--providers", "stock-compile,patched-eager",
-                     "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
-    assert rc == 0
-    (path,) = tmp_path.glob("model-flux-tiny-*.json")
-    rows = {r["provider"]: r for r in json.loads(path.read_text())["rows"]}
+    doc = _bench_json(model.main, ["--model", "flux", "--device", "cpu", "--tiny", "--providers",
+                                   "stock-compile,patched-eager", "--steps", "1", "--warmup", "1"],
+                      tmp_path, "model-flux-tiny-*.json")
+    rows = {r["provider"]: r for r in doc["rows"]}
     assert rows["stock-compile"]["compile"] == "compile_repeated_blocks"
     assert rows["stock-compile"]["ratio_vs_stock_compile"] == 1.0
     pe = rows["patched-eager"]
