@@ -17,7 +17,8 @@ import triton.language as tl
 
 from ._launch import cdiv, launch, next_power_of_2
 from .gate_residual_norm import _gate_residual_layer_norm_rows
-from .modulation import _device_guard, _index_args, _layer_norm_rows, _modulate_rows, _row_select, _store
+from .modulation import (_device_guard, _index_args, _layer_norm_rows, _load_rows, _modulate_rows, _row_select,
+                         _store)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -50,8 +51,7 @@ def _norm_fp8_rows(
     l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = l < L
     mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(x_ptr + b * stride_xb + l[:, None].to(tl.int64) * stride_xl + cols[None, :], mask=mask,
-                other=0.0, eviction_policy="evict_first").to(tl.float32)
+    x = _load_rows(x_ptr, b, l, stride_xb, stride_xl, cols, mask).to(tl.float32)
     n = _layer_norm_rows(x, cmask, C, eps, IS_RMS)
     sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
     y = _modulate_rows(n, sel, scale_ptr, shift_ptr, b, B, stride_scale, stride_shift, cols, mask,

@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, launch
-from .modulation import _device_guard, _gather_param, _index_args, _layer_norm_rows, _norm_config, _row_select, _store
+from .modulation import (_device_guard, _gather_param, _index_args, _layer_norm_rows, _load_rows, _norm_config,
+                         _row_select, _store)
 
 
 @triton.jit
@@ -33,11 +34,8 @@ def _gate_residual_layer_norm_rows(
     l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = l < L
     mask = rmask[:, None] & cmask[None, :]
-    l64 = l[:, None].to(tl.int64)
-    r = tl.load(r_ptr + b * stride_rb + l64 * stride_rl + cols[None, :], mask=mask, other=0.0,
-                eviction_policy="evict_first").to(tl.float32)
-    u = tl.load(u_ptr + b * stride_ub + l64 * stride_ul + cols[None, :], mask=mask, other=0.0,
-                eviction_policy="evict_first").to(tl.float32)
+    r = _load_rows(r_ptr, b, l, stride_rb, stride_rl, cols, mask).to(tl.float32)
+    u = _load_rows(u_ptr, b, l, stride_ub, stride_ul, cols, mask).to(tl.float32)
     sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
     gate = _gather_param(gate_ptr, b, B, stride_gate, sel, cols, mask, HAS_INDEX)
     r_out = (r + gate * u).to(r_out_ptr.dtype.element_ty)

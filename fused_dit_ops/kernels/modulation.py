@@ -61,6 +61,14 @@ def _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX: tl.conste
 
 
 @triton.jit
+def _load_rows(ptr, b, l, stride_b, stride_l, cols, mask):
+    """The [len(l), BLOCK_C] tile of rows l of batch b (columns contiguous), in its own dtype, read
+    once (evict_first); masked elements are 0."""
+    return tl.load(ptr + b * stride_b + l[:, None].to(tl.int64) * stride_l + cols[None, :], mask=mask, other=0.0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
 def _store(ptr, v, mask, STREAM: tl.constexpr):
     """Store; STREAM marks the lines evict-first in L2 (st.global.cs): outputs are not re-read by
     this kernel, and on the H100 the norm kernels run ~3 us faster with it (docs/performance.md)."""
@@ -110,8 +118,7 @@ def _ssg_y_tile(pid, x_ptr, shift_ptr, scale_ptr, gate_ptr, idx_ptr, y_ptr, g_pt
     for it in tl.static_range(ITERS):
         l, mask, sel, out_off = _row_tile(pid_m, it, b, L, C, cols, cmask, idx_ptr, stride_ib, stride_il,
                                           HAS_INDEX, BLOCK_M, ITERS)
-        x = tl.load(x_ptr + b * stride_xb + l[:, None].to(tl.int64) * stride_xl + cols[None, :],
-                    mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        x = _load_rows(x_ptr, b, l, stride_xb, stride_xl, cols, mask).to(tl.float32)
         y = x * (1.0 + _pick(sel, sc0, sc1, HAS_INDEX)) + _pick(sel, sh0, sh1, HAS_INDEX)
         _store(y_ptr + out_off, y.to(y_ptr.dtype.element_ty), mask, STREAM_STORES)
         if WRITE_GATE:
@@ -204,15 +211,13 @@ def _norm_scale_shift_rows(
     # Rows are processed ITERS x BLOCK_M at a time; the next tile's load is issued before this
     # tile's reductions (their barriers would otherwise serialise load -> reduce -> store).
     l_nxt = pid_m * (ITERS * BLOCK_M) + tl.arange(0, BLOCK_M)
-    x_nxt = tl.load(x_ptr + b * stride_xb + l_nxt[:, None].to(tl.int64) * stride_xl + cols[None, :],
-                    mask=(l_nxt < L)[:, None] & cmask[None, :], other=0.0, eviction_policy="evict_first")
+    x_nxt = _load_rows(x_ptr, b, l_nxt, stride_xb, stride_xl, cols, (l_nxt < L)[:, None] & cmask[None, :])
     for it in tl.static_range(ITERS):
         l = l_nxt
         x = x_nxt.to(tl.float32)
         if it + 1 < ITERS:
             l_nxt = l + BLOCK_M
-            x_nxt = tl.load(x_ptr + b * stride_xb + l_nxt[:, None].to(tl.int64) * stride_xl + cols[None, :],
-                            mask=(l_nxt < L)[:, None] & cmask[None, :], other=0.0, eviction_policy="evict_first")
+            x_nxt = _load_rows(x_ptr, b, l_nxt, stride_xb, stride_xl, cols, (l_nxt < L)[:, None] & cmask[None, :])
         rmask = l < L
         mask = rmask[:, None] & cmask[None, :]
         n = _layer_norm_rows(x, cmask, C, eps, IS_RMS)
@@ -286,10 +291,8 @@ def _gate_residual_norm_scale_shift_rows(
     # Next tile's loads are issued before this tile's reductions (see _norm_scale_shift_kernel).
     l_nxt = pid_m * (ITERS * BLOCK_M) + tl.arange(0, BLOCK_M)
     m_nxt = (l_nxt < L)[:, None] & cmask[None, :]
-    r_nxt = tl.load(r_ptr + b * stride_rb + l_nxt[:, None].to(tl.int64) * stride_rl + cols[None, :], mask=m_nxt,
-                    other=0.0, eviction_policy="evict_first")
-    u_nxt = tl.load(u_ptr + b * stride_ub + l_nxt[:, None].to(tl.int64) * stride_ul + cols[None, :], mask=m_nxt,
-                    other=0.0, eviction_policy="evict_first")
+    r_nxt = _load_rows(r_ptr, b, l_nxt, stride_rb, stride_rl, cols, m_nxt)
+    u_nxt = _load_rows(u_ptr, b, l_nxt, stride_ub, stride_ul, cols, m_nxt)
     for it in tl.static_range(ITERS):
         l = l_nxt
         r = r_nxt.to(tl.float32)
@@ -297,10 +300,8 @@ def _gate_residual_norm_scale_shift_rows(
         if it + 1 < ITERS:
             l_nxt = l + BLOCK_M
             m_nxt = (l_nxt < L)[:, None] & cmask[None, :]
-            r_nxt = tl.load(r_ptr + b * stride_rb + l_nxt[:, None].to(tl.int64) * stride_rl + cols[None, :],
-                            mask=m_nxt, other=0.0, eviction_policy="evict_first")
-            u_nxt = tl.load(u_ptr + b * stride_ub + l_nxt[:, None].to(tl.int64) * stride_ul + cols[None, :],
-                            mask=m_nxt, other=0.0, eviction_policy="evict_first")
+            r_nxt = _load_rows(r_ptr, b, l_nxt, stride_rb, stride_rl, cols, m_nxt)
+            u_nxt = _load_rows(u_ptr, b, l_nxt, stride_ub, stride_ul, cols, m_nxt)
         rmask = l < L
         mask = rmask[:, None] & cmask[None, :]
         sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)
@@ -371,11 +372,8 @@ def _gate_residual_kernel(
     for it in tl.static_range(ITERS):
         l, mask, sel, out_off = _row_tile(pid_m, it, b, L, C, cols, cmask, idx_ptr, stride_ib, stride_il,
                                           HAS_INDEX, BLOCK_M, ITERS)
-        l64 = l[:, None].to(tl.int64)
-        r = tl.load(r_ptr + b * stride_rb + l64 * stride_rl + cols[None, :], mask=mask, other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)
-        u = tl.load(u_ptr + b * stride_ub + l64 * stride_ul + cols[None, :], mask=mask, other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)
+        r = _load_rows(r_ptr, b, l, stride_rb, stride_rl, cols, mask).to(tl.float32)
+        u = _load_rows(u_ptr, b, l, stride_ub, stride_ul, cols, mask).to(tl.float32)
         _store(out_ptr + out_off, (r + _pick(sel, g0, g1, HAS_INDEX) * u).to(out_ptr.dtype.element_ty), mask,
                STREAM_STORES)
 
