@@ -18,7 +18,7 @@ import triton.language as tl
 from ._launch import cdiv, launch, next_power_of_2
 from .gate_residual_norm import _gate_residual_layer_norm_rows
 from .modulation import (_device_guard, _index_args, _layer_norm_rows, _load_rows, _modulate_rows, _row_select,
-                         _store)
+                         _store, _whole_rows)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -46,11 +46,7 @@ def _norm_fp8_rows(
     STREAM_STORES: tl.constexpr,
 ):
     """BLOCK_M rows of norm_scale_shift_fp8 (row tile pid_m of batch b)."""
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = l < L
-    mask = rmask[:, None] & cmask[None, :]
+    cols, cmask, l, rmask, mask = _whole_rows(pid_m, L, C, BLOCK_M, BLOCK_C)
     x = _load_rows(x_ptr, b, l, stride_xb, stride_xl, cols, mask).to(tl.float32)
     n = _layer_norm_rows(x, cmask, C, eps, IS_RMS)
     sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._launch import cdiv, launch
 from .modulation import (_device_guard, _gather_param, _index_args, _layer_norm_rows, _load_rows, _norm_config,
-                         _row_select, _store)
+                         _row_select, _store, _whole_rows)
 
 
 @triton.jit
@@ -29,11 +29,7 @@ def _gate_residual_layer_norm_rows(
     """BLOCK_M rows (row tile pid_m of batch b): ``r_out = r + gate_sel * u`` rounded to the residual
     dtype and stored, then the LayerNorm (no affine) of r_out as stored, fp32. Returns (normalised
     rows, cols, cmask, mask, output offsets [BLOCK_M, BLOCK_C], output row numbers, rmask, sel)."""
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = l < L
-    mask = rmask[:, None] & cmask[None, :]
+    cols, cmask, l, rmask, mask = _whole_rows(pid_m, L, C, BLOCK_M, BLOCK_C)
     r = _load_rows(r_ptr, b, l, stride_rb, stride_rl, cols, mask).to(tl.float32)
     u = _load_rows(u_ptr, b, l, stride_ub, stride_ul, cols, mask).to(tl.float32)
     sel = _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX)

@@ -61,6 +61,16 @@ def _row_select(idx_ptr, b, l, stride_ib, stride_il, rmask, HAS_INDEX: tl.conste
 
 
 @triton.jit
+def _whole_rows(pid_m, L, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row tile pid_m of a whole-row kernel: (cols, column mask, rows l, row mask, 2-D mask)."""
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = l < L
+    return cols, cmask, l, rmask, rmask[:, None] & cmask[None, :]
+
+
+@triton.jit
 def _load_rows(ptr, b, l, stride_b, stride_l, cols, mask):
     """The [len(l), BLOCK_C] tile of rows l of batch b (columns contiguous), in its own dtype, read
     once (evict_first); masked elements are 0."""
