@@ -419,11 +419,10 @@ def _mlp_fn(st):
 def run_block(block, st, h, e, temb, rot, index):
     """The fused double-stream block: (h, e) -> (h, e) (image, text). ``temb``: the timestep embedding,
     or with ``mod_source="model_linear"`` the (image, text) modulation outputs."""
-    if st.fp8 is not None:  # precision="fp8" (integrations/fp8.py)
-        from . import fp8 as _fp8
-        if _fp8.usable(block, st, h, e):
-            return _fp8.run_block(block, st, h, e, temb, rot, index)
-        _fp8.check_bf16_path(block, st)
+    if st.fp8 is not None:  # precision="fp8": integrations/fp8.py's state
+        if st.fp8.usable(block, st, h, e):
+            return st.fp8.run_block(block, st, h, e, temb, rot, index)
+        st.fp8.check_bf16_path(block, st)
         if st.prenorm is not None and isinstance(st.prenorm.outs[0], tuple):
             st.prenorm = None  # FP8 look-ahead outputs are for the FP8 path
     fam = st.family

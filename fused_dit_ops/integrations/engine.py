@@ -196,6 +196,12 @@ def _kind(kind):
     return importlib.import_module(f"{__package__}.{ {'double': 'double_stream', 'single': 'single_stream', 'self_cross': 'self_cross'}[kind]}")
 
 
+def _precision(name):
+    """The module of a lower-precision block path ("fp8": ``fp8.py``, a variant of the double-stream
+    kind); like the block kinds, it builds on this module, which reaches it by name."""
+    return importlib.import_module(f"{__package__}.{ {'fp8': 'fp8'}[name]}")
+
+
 # --- report ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -669,8 +675,7 @@ def _model_forward(self, *args, **kwargs):
 
 def _fp8_stock_check(st, why):
     if st.fp8 is not None:
-        from . import fp8
-        no = fp8.stock_unavailable(st)
+        no = st.fp8.stock_unavailable(st)
         if no:
             raise RuntimeError(f"fused_dit_ops: the stock forward is needed ({why}), but {no}")
 
@@ -869,8 +874,7 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
     for kind in dict.fromkeys(k for _, _, k in ok):
         _kind(kind).patch_blocks(st, [b for _, b, k in ok if k == kind], model, sw, attention_backend)
     if precision == "fp8":
-        from . import fp8
-        fp8.patch_blocks(st, [b for _, b, k in ok if k == "double"], report, dev, p.dtype,
+        _precision("fp8").patch_blocks(st, [b for _, b, k in ok if k == "double"], report, dev, p.dtype,
                          keep_bf16_weights or verify)
     rope = get(model, fam.rope_module)
     for m in (model, rope):  # e.g. accelerate's cpu-offload hook on the model: kept, called
@@ -987,8 +991,7 @@ def unpatch(model_or_pipeline) -> bool:
     if st is None or st.detached:
         return False
     if st.fp8 is not None:
-        from . import fp8
-        fp8.unpatch(st)
+        st.fp8.unpatch(st)
     for attn, old in st.procs:
         attn.set_processor(old)
     for pk in [*(p for pair in st.packed_qkv.values() for p in pair), *st.packed_mod.values()]:

@@ -50,6 +50,22 @@ class Fp8State:
         self.blocks: dict = {}
         self.offloaded: list = []  # (Parameter, its block): bf16 weights moved to pinned CPU memory
 
+    # what the engine and the double-stream block call (through the state: they do not import this module)
+    def usable(self, block, st, h, e) -> bool:
+        return usable(block, st, h, e)
+
+    def run_block(self, block, st, h, e, temb, rot, index):
+        return run_block(block, st, h, e, temb, rot, index)
+
+    def check_bf16_path(self, block, st):
+        check_bf16_path(block, st)
+
+    def stock_unavailable(self, st) -> str | None:
+        return stock_unavailable(st)
+
+    def unpatch(self, st):
+        unpatch(st)
+
 
 def _links(block, targets):
     """(parent, key, child) for every module on the paths from ``block`` to the ``targets`` (each
