@@ -268,7 +268,10 @@ def _attention(block, st, attn, xn, tables, Lt):
             return torch.cat([_ref.apply_rope(t[:, :Lt], txt_tab, None, fam.rope_interleaved),
                               _ref.apply_rope(t[:, Lt:], img_tab, None, fam.rope_interleaved)], 1)
         q, k = norm_rope(q, norms[0]), norm_rope(k, norms[1])
-    if st.attention:
+    out = E.cp_attention(q, k, v, attn.processor)  # context parallelism: diffusers' all-to-all / ring
+    if out is not None:
+        pass
+    elif st.attention:
         out = _eager.attention(q, k, v, None, False, None)
     else:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
