@@ -20,7 +20,7 @@ FAMILIES = {
     "wan": ("build_wan_transformer", dict(config="tiny", seed=1, num_attention_heads=4),
             "make_wan_inputs", dict(latent=(3, 4, 8), seed=2)),
     "wan-ti2v": ("build_wan_transformer", dict(config="tiny-ti2v", seed=1, num_attention_heads=4),
-                 "make_wan_inputs", dict(latent=(3, 4, 8), seed=2)),
+                 "make_wan_inputs", dict(latent=(3, 4, 8), seed=2, per_token=True)),
 }
 
 

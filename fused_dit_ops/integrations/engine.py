@@ -424,6 +424,19 @@ def no_hooks(*mods) -> bool:
     return True
 
 
+def cp_hooks_only(m) -> bool:
+    """No hooks on ``m`` but diffusers' context-parallel split/gather hooks (``enable_parallelism``),
+    which a module call runs."""
+    if m._forward_hooks or m._forward_pre_hooks:
+        return False
+    if "forward" not in m.__dict__:
+        return True
+    reg = getattr(m, "_diffusers_hook", None)
+    hooks = getattr(reg, "hooks", None)
+    return bool(hooks) and all(type(h).__name__ in ("ContextParallelSplitHook", "ContextParallelGatherHook")
+                               for h in hooks.values()) and len(getattr(reg, "_fn_refs", ())) == len(hooks)
+
+
 def no_global_hooks() -> bool:
     """No forward (pre-)hooks registered for every module: a module not called through ``__call__``
     must not have any to skip."""
