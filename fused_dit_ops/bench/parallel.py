@@ -2,11 +2,11 @@
 
 Two modes:
 
-- ``--degree1`` (one GPU): what diffusers' context-parallel machinery costs the patched model at
-  degree 1. A process group of one rank; the patched model without parallelism, then the same model
-  after ``enable_parallelism`` with Ulysses over that one rank (``ContextParallelConfig`` refuses
-  degree 1 at construction: the config is made with degree 2 and set to 1 before use; the mesh is
-  1 x 1). Reported: ms per forward of each, their ratio, the outputs' relative difference.
+- ``--degree1`` (one GPU): what the support for context parallelism costs a run without it: the
+  patched model as shipped vs the same model with the per-forward parallelism check and the blocks'
+  context-parallel attention branch replaced by no-ops (ms per forward, ratio, output difference:
+  0). diffusers has no degree-1 context parallelism to measure instead: ``ContextParallelConfig``
+  refuses ring_degree == ulysses_degree == 1 and its dispatcher has no branch for it. Reported: ms per forward of each, their ratio, the outputs' relative difference.
 - ``--ulysses U --ring R`` (U x R GPUs of one host, NCCL; spawns U x R processes): stock + parallel
   vs patched + parallel on the same model (patched after ``enable_parallelism``; unpatched for the
   stock timing), and the patched model's output against the stock parallel output. Ring needs a
@@ -60,7 +60,7 @@ def _time_ms(fn, device, iters) -> float:
 
 
 def _forward(model, kw):
-    with torch.inference_mode():
+    with torch.no_grad():
         return _plain(model(**kw)[0])
 
 
@@ -85,35 +85,32 @@ def _build(family, config, layers, tokens, device, dtype):
 
 def degree1_overhead(family="flux", config=None, layers=2, img_tokens=(4096,), iters=20, device="cuda",
                      dtype=None) -> dict:
-    """Patched model, no parallelism vs diffusers' context parallelism at degree 1 (one rank)."""
-    import torch.distributed as dist
-    from diffusers import ContextParallelConfig
-
+    """The patched model without parallelism, as shipped vs with its context-parallel checks taken out
+    (``engine._note_cp`` and ``engine.cp_attention`` replaced by no-ops): what supporting parallelism
+    costs a single-GPU run. diffusers has no degree-1 context parallelism to run instead
+    (``ContextParallelConfig`` refuses ring_degree == ulysses_degree == 1 and its dispatcher has no
+    branch for it)."""
+    from ..integrations import engine
     import fused_dit_ops as fdo
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    own_group = not dist.is_initialized()
-    if own_group:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_port()))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    m, kw = _build(family, config or DEFAULT_CONFIG[family], layers, img_tokens, device, dtype)
+    report = fdo.patch(m)
+    out = _forward(m, kw)
+    ms_plain = _time_ms(lambda: _forward(m, kw), device, iters)
+    saved = engine._note_cp, engine.cp_attention
+
+    def no_note(st, model):
+        st.cp = False
+    engine._note_cp, engine.cp_attention = no_note, lambda *a, **k: None
     try:
-        _cpu_device_count_shim()
-        m, kw = _build(family, config or DEFAULT_CONFIG[family], layers, img_tokens, device, dtype)
-        report = fdo.patch(m)
         ref = _forward(m, kw)
-        ms_plain = _time_ms(lambda: _forward(m, kw), device, iters)
-        cfg = ContextParallelConfig(ulysses_degree=2)
-        cfg.ulysses_degree = 1  # (refused at construction; the 1 x 1 mesh runs Ulysses over one rank)
-        m.enable_parallelism(config=cfg)
-        out = _forward(m, kw)
-        ms_cp = _time_ms(lambda: _forward(m, kw), device, iters)
-        return dict(family=family, device=str(device), dtype=str(dtype).replace("torch.", ""),
-                    ms_no_parallel=ms_plain, ms_cp_degree1=ms_cp, ratio=ms_cp / ms_plain,
-                    rel_err=_rel(out, ref), runtime=dict(report.runtime), swapped=list(report.swapped))
+        ms_without = _time_ms(lambda: _forward(m, kw), device, iters)
     finally:
-        if own_group:
-            dist.destroy_process_group()
+        engine._note_cp, engine.cp_attention = saved
+    return dict(family=family, device=str(device), dtype=str(dtype).replace("torch.", ""),
+                ms_as_shipped=ms_plain, ms_without_cp_checks=ms_without, ratio=ms_plain / ms_without,
+                rel_err=_rel(out, ref), runtime=dict(report.runtime), swapped=list(report.swapped))
 
 
 def _rank(rank, world, port, family, config, layers, tokens, ulysses, ring, backend, iters, out_dir):
