@@ -160,6 +160,17 @@ def test_ti2v_index_of_a_shard_selects_each_tokens_timestep(world):
         assert idx.shape == part.shape and idx.dtype == torch.int32
 
 
+def test_rope_rows_must_be_the_ranks_tokens_under_parallelism():
+    """The fused ops read row l for token l of a longer table; under parallelism a table the plan did
+    not shard (FLUX.2 with [S, 4] ids) must not be read silently."""
+    from fused_dit_ops.integrations import engine
+    tab = torch.zeros(40, 24)
+    engine.cp_check_rows(types.SimpleNamespace(cp=False), tab, 20)  # no parallelism: longer tables pass
+    engine.cp_check_rows(types.SimpleNamespace(cp=True), (tab[:14], tab[:6]), 20)
+    with pytest.raises(ValueError, match="40 rows for this rank's 20 tokens"):
+        engine.cp_check_rows(types.SimpleNamespace(cp=True), tab, 20)
+
+
 def test_tensor_parallelism_stays_stock_with_the_reason():
     import fused_dit_ops as fdo
     m, kw = cp_worker.build("flux")

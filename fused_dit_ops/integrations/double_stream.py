@@ -299,9 +299,9 @@ class JointAttnProcessor:
                 rq = [_ref.apply_rope(n(x), tab).to(x.dtype)
                       for n, x, tab in zip(norms, (t[0], t[1], i[0], i[1]), (txt_tab, txt_tab, img_tab, img_tab))]
                 q, k, v = torch.cat([rq[0], rq[2]], 1), torch.cat([rq[1], rq[3]], 1), torch.cat([t[2], i[2]], 1)
-        out = E.cp_attention(q, k, v, self)
-        if out is not None:  # context parallelism: this rank's tokens, diffusers' all-to-all / ring
-            pass
+        out = E.cp_attention(q, k, v, self)  # context parallelism: diffusers' all-to-all / ring, or None
+        if out is not None:
+            pass  # (this rank's tokens against every rank's keys)
         elif st.attention:
             # on the fast path, q, k, v of the joint buffer skip the op's checks (built just above)
             attend = _eager.attention_unchecked if lists is not None else _eager.attention
@@ -432,6 +432,7 @@ def run_block(block, st, h, e, temb, rot, index):
     fam = st.family
     si, stx = fam.streams
     tables = st.rope_tables(rot)
+    E.cp_check_rows(st, tables, h.shape[1] + e.shape[1])
     compiling = torch.compiler.is_compiling()
     keys = (h, e, *temb, index) if isinstance(temb, tuple) else (h, e, temb, index)  # what look-ahead matches
     pre = (st.take_prenorm(block, *keys)

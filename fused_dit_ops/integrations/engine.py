@@ -760,6 +760,19 @@ def cp_attention(q, k, v, proc):
                                  backend=getattr(proc, "_attention_backend", None), parallel_config=pc)
 
 
+def cp_check_rows(st, tables, tokens):
+    """Under context parallelism: the RoPE rows a block got are exactly its ``tokens`` (this rank's
+    shard). The fused ops take tables with more rows than tokens (row l for token l), so a table the
+    plan did not shard would be read silently; the stock model fails there too, with a shape error."""
+    if not st.cp:
+        return
+    rows = sum(t.shape[0] for t in tables) if isinstance(tables, (tuple, list)) else tables.shape[0]
+    if rows != tokens:
+        raise ValueError(f"context parallelism: the RoPE output has {rows} rows for this rank's {tokens} tokens "
+                         "(the model's _cp_plan did not shard it the way it shards the tokens; e.g. FLUX.2 "
+                         "shards [B, S, 4] ids only)")
+
+
 def cp_backend_name(proc) -> str:
     """The diffusers attention backend :func:`cp_attention` runs for this processor."""
     b = getattr(proc, "_attention_backend", None)

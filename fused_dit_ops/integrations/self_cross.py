@@ -289,6 +289,7 @@ def run_block(block, st, x, ctx, temb, rot, index):
     2B with ``index`` [B, L]: token l of batch b uses set ``index[b, l] != 0``)."""
     sc = st.family.self_cross
     tables = st.rope_tables(rot)
+    E.cp_check_rows(st, tables, x.shape[1])
     compiling = torch.compiler.is_compiling()
     pre = (st.take_prenorm(block, x, temb, index) if st.modulation and not compiling and st.prenorm is not None
            else None)

@@ -309,6 +309,7 @@ def run_joint(block, st, x, Lt, temb, rot):
     fam, sg = st.family, st.family.single
     compiling = torch.compiler.is_compiling()
     tables = st.rope_tables(rot)
+    E.cp_check_rows(st, tables, x.shape[1])
     order = sg.chunk_order()
     pre = (st.take_prenorm(block, x, temb) if st.modulation and not compiling and st.prenorm is not None
            else None)
