@@ -1,8 +1,8 @@
 """fused_dit_ops.patch on CPU: edge cases.
 
-- diffusers parallelism (``enable_parallelism`` sets ``_parallel_config`` on the model and on every
-  attention processor): the model runs stock, before or after patching, and the stock processor
-  receives the config;
+- diffusers tensor parallelism (``_parallel_config`` on the model): the model runs stock, before or
+  after patching; the config ``enable_parallelism`` writes on the processors reaches the stock
+  processors (context parallelism itself: tests/test_context_parallel.py);
 - a probe failure other than ``FusedDitInputError`` leaves the model unpatched;
 - ``reuse_mod`` never returns outputs of replaced modulation weights;
 - ``verify`` runs the fused path that later forwards run (look-ahead included);
@@ -29,8 +29,9 @@ _run = run_no_grad
 pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
 
 
-class _FakeParallelConfig:  # stands for diffusers' ParallelConfig; only its identity matters here
-    pass
+class _FakeParallelConfig:  # stands for diffusers' ParallelConfig with tensor parallelism
+    tensor_parallel_config = object()
+    context_parallel_config = None
 
 
 def _set_cp_like_enable_parallelism(model, cfg):
@@ -41,55 +42,31 @@ def _set_cp_like_enable_parallelism(model, cfg):
             p._parallel_config = cfg
 
 
-class _SpyStockProcessor:
-    """Wraps the stock processor: records what it is called with and its ``_parallel_config``, then
-    runs the stock math without parallelism (there is no process group here)."""
-
-    def __init__(self, inner, calls):
-        self.inner, self.calls = inner, calls
-        self._attention_backend = None
-        self._parallel_config = None
-
-    def __call__(self, attn, h, e, e_mask, a_mask, rot):
-        self.calls.append((self._parallel_config, torch.is_complex(rot[0])))
-        return self.inner(attn, h, e, e_mask, a_mask, rot)
+def test_parallel_config_set_after_patch_reaches_the_stock_processor(tiny):
+    """enable_parallelism after patch writes the config on our processors: it lands on the stock
+    processors they wrap (the stock fallback reads it; tests/test_context_parallel.py runs it)."""
+    fdo.patch(tiny)
+    cfg = object()
+    _set_cp_like_enable_parallelism(tiny, cfg)
+    assert all(b.attn.processor.stock._parallel_config is cfg for b in tiny.transformer_blocks)
+    assert all(b.attn.processor._parallel_config is cfg for b in tiny.transformer_blocks)
 
 
-def test_context_parallel_enabled_after_patch_runs_stock(tiny):
+def test_tensor_parallel_enabled_after_patch_runs_stock(tiny):
     kw = make_qwen_inputs(tiny, seed=40)
     ref = _run(tiny, kw)
     report = fdo.patch(tiny)
-    calls = []
-    for b in tiny.transformer_blocks:
-        b.attn.processor.stock = _SpyStockProcessor(b.attn.processor.stock, calls)
-    cfg = _FakeParallelConfig()
-    _set_cp_like_enable_parallelism(tiny, cfg)
-    # diffusers' setting reached the stock processor that the fallback calls
-    assert all(b.attn.processor.stock._parallel_config is cfg for b in tiny.transformer_blocks)
-    assert all(b.attn.processor._parallel_config is cfg for b in tiny.transformer_blocks)
+    tiny._parallel_config = _FakeParallelConfig()
     out = _run(tiny, kw)
-    assert len(calls) == len(tiny.transformer_blocks)
-    assert all(c is cfg and is_complex for c, is_complex in calls)  # the config, diffusers' complex freqs
+    assert any("tensor parallelism" in k for k in report.runtime), report.runtime
     assert rel_err(out, ref) < CPU_FP32_REL
-    assert any("parallel" in k for k in report.runtime), report.runtime
-    # the model-level config (set by _resolve_parallel_config) alone also sends it to stock
-    _set_cp_like_enable_parallelism(tiny, None)
-    tiny._parallel_config = cfg
-    calls.clear()
-    _run(tiny, kw)
-    assert len(calls) == len(tiny.transformer_blocks)
 
 
-@pytest.mark.parametrize("where", ["processors", "model"])
-def test_parallelism_enabled_before_patch_leaves_model_stock(tiny, where):
-    cfg = _FakeParallelConfig()
-    if where == "model":
-        tiny._parallel_config = cfg
-    else:
-        _set_cp_like_enable_parallelism(tiny, cfg)
-    report = fdo.patch(tiny)  # no probe forward through the parallel processors
+def test_tensor_parallelism_enabled_before_patch_leaves_model_stock(tiny):
+    tiny._parallel_config = _FakeParallelConfig()
+    report = fdo.patch(tiny)  # no probe forward
     assert not engine.is_patched(tiny)
-    assert "parallel" in report.stock.get("model", ""), report
+    assert "tensor parallelism" in report.stock.get("model", ""), report
     assert not report.swapped
 
 

@@ -8,6 +8,7 @@ BENCHES = {
     "block": "fused_dit_ops.bench.block",
     "model": "fused_dit_ops.bench.model",
     "fp8": "fused_dit_ops.bench.fp8",
+    "parallel": "fused_dit_ops.bench.parallel",
 }
 
 # one line each, for `python -m fused_dit_ops bench` (the modules' --help say more)
@@ -24,4 +25,6 @@ DESCRIPTIONS = {
              "--device cpu --tiny: smoke run)",
     "fp8": "the FP8 ops at the Qwen-Image-Edit block shapes: quantising norm ops vs bf16 + unfused quantisation, "
            "the eight block GEMMs bf16 vs fp8_linear (GPU; --device cpu --tiny: smoke run)",
+    "parallel": "the patched model under diffusers' context parallelism: --degree1 (one GPU: degree 1 vs none) or "
+                "--ulysses U --ring R (U x R GPUs: stock vs patched, both parallel; --device cpu --tiny: smoke run)",
 }

@@ -61,8 +61,7 @@ class FluxJointProcessor(double_stream.JointAttnProcessor):
                  image_rotary_emb=None):
         st = self.state
         tab = image_rotary_emb is not None and is_tables(image_rotary_emb)
-        if (st.mode_stock or attention_mask is not None or not tab or encoder_hidden_states is None
-                or self._parallel_config is not None):
+        if st.mode_stock or attention_mask is not None or not tab or encoder_hidden_states is None:
             if tab:
                 image_rotary_emb = rope_stock(image_rotary_emb)
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)

@@ -134,6 +134,12 @@ def model_forward(st, args, kwargs):
     orig = st.orig_model_forward
     model = getattr(orig, "__self__", None)
     if model is None or not isinstance(model, _classes().WanTransformer3DModel):
+        ts = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if st.cp and isinstance(ts, torch.Tensor) and ts.dim() == 2:
+            # diffusers' context-parallel hook on the model (enable_parallelism after patch) shards the
+            # per-token timestep inside the stock forward, which this forward cannot run under
+            st.count("per-token timestep under context parallelism enabled after patch (stock model forward; "
+                     "patch before enable_parallelism to run it fused)")
         return orig(*args, **kwargs)
     a = _bind(model, args, kwargs)
     ts = a["timestep"]
@@ -144,7 +150,7 @@ def model_forward(st, args, kwargs):
         why = "attention_kwargs with a per-token timestep (stock forward)"
     elif any(b.__dict__.get(engine.ATTR) is not st for b in model.blocks) or not st.tables_from_rope:
         why = "per-token timestep with some blocks stock (stock forward)"
-    elif not engine.no_hooks(model.condition_embedder, model.norm_out, model.proj_out):
+    elif not (engine.no_hooks(model.condition_embedder, model.norm_out) and engine.cp_hooks_only(model.proj_out)):
         why = "per-token timestep with hooked embedder or output modules (stock forward)"
     col = None if why else _collapse(st, ts)
     if col is None:
@@ -167,7 +173,8 @@ def _collapsed_forward(model, st, a, ts2, index):
     tproj = tproj.unflatten(1, (6, -1))  # [2B, 6, C]
     if ctx_img is not None:
         ctx = torch.concat([ctx_img, ctx], dim=1)
-    if index.shape[1] != h.shape[1]:
+    # (under context parallelism the index is this rank's shard; the first block's hook shards h)
+    if not st.cp and index.shape[1] != h.shape[1]:
         raise ValueError(f"timestep has {index.shape[1]} tokens per row, the latent {h.shape[1]}")
     st.token_index = index
     for block in model.blocks:

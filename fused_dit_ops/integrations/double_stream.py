@@ -228,8 +228,8 @@ def _on_stock(name):
 
 class JointAttnProcessor:
     """The processor of a patched double-stream block. With real RoPE tables and no mask it runs the
-    fused path; otherwise (stock mode, a mask, the stock RoPE format, parallelism) the original
-    processor it replaced, unchanged."""
+    fused path (under diffusers' context parallelism with its attention: ``engine.cp_attention``);
+    otherwise (stock mode, a mask, the stock RoPE format) the original processor it replaced, unchanged."""
 
     _attention_backend = _on_stock("_attention_backend")
     _parallel_config = _on_stock("_parallel_config")
@@ -243,7 +243,7 @@ class JointAttnProcessor:
                  attention_mask=None, image_rotary_emb=None):
         st = self.state
         if (st.mode_stock or encoder_hidden_states_mask is not None or attention_mask is not None
-                or not E.is_tables(image_rotary_emb) or self._parallel_config is not None):
+                or not E.is_tables(image_rotary_emb)):
             if E.is_tables(image_rotary_emb):
                 image_rotary_emb = st.family.rope_stock(image_rotary_emb)
             return self.stock(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
@@ -299,7 +299,10 @@ class JointAttnProcessor:
                 rq = [_ref.apply_rope(n(x), tab).to(x.dtype)
                       for n, x, tab in zip(norms, (t[0], t[1], i[0], i[1]), (txt_tab, txt_tab, img_tab, img_tab))]
                 q, k, v = torch.cat([rq[0], rq[2]], 1), torch.cat([rq[1], rq[3]], 1), torch.cat([t[2], i[2]], 1)
-        if st.attention:
+        out = E.cp_attention(q, k, v, self)  # context parallelism: diffusers' all-to-all / ring, or None
+        if out is not None:
+            pass  # (this rank's tokens against every rank's keys)
+        elif st.attention:
             # on the fast path, q, k, v of the joint buffer skip the op's checks (built just above)
             attend = _eager.attention_unchecked if lists is not None else _eager.attention
             out = attend(q, k, v, None, False, self.backend)
@@ -325,7 +328,7 @@ def _call_attn(attn, img_m, txt_m, tables):
     else the module call."""
     proc = attn.processor
     if (isinstance(proc, JointAttnProcessor) and E.no_hooks(attn) and E.no_global_hooks()
-            and not proc.state.mode_stock and proc._parallel_config is None):
+            and not proc.state.mode_stock):
         return proc.fused(attn, img_m, txt_m, tables)
     return attn(hidden_states=img_m, encoder_hidden_states=txt_m, image_rotary_emb=tables)
 
@@ -428,6 +431,7 @@ def run_block(block, st, h, e, temb, rot, index):
     fam = st.family
     si, stx = fam.streams
     tables = st.rope_tables(rot)
+    E.cp_check_rows(st, tables, h.shape[1] + e.shape[1])
     compiling = torch.compiler.is_compiling()
     keys = (h, e, *temb, index) if isinstance(temb, tuple) else (h, e, temb, index)  # what look-ahead matches
     pre = (st.take_prenorm(block, *keys)

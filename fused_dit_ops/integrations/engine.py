@@ -306,6 +306,7 @@ class State:
         self.forwards = 0  # eager fused model forwards so far (see PackedLinears.get)
         self.fp8 = None  # precision="fp8": fp8.Fp8State
         self.token_index = None  # per-token parameter-set index of this forward (Family.model_forward)
+        self.cp = False  # diffusers' context parallelism on in this forward (see _note_cp)
 
     @contextlib.contextmanager
     def stock(self):
@@ -427,6 +428,19 @@ def no_hooks(*mods) -> bool:
         if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
             return False
     return True
+
+
+def cp_hooks_only(m) -> bool:
+    """No hooks on ``m`` but diffusers' context-parallel split/gather hooks (``enable_parallelism``),
+    which a module call runs."""
+    if m._forward_hooks or m._forward_pre_hooks:
+        return False
+    if "forward" not in m.__dict__:
+        return True
+    reg = getattr(m, "_diffusers_hook", None)
+    hooks = getattr(reg, "hooks", None)
+    return bool(hooks) and all(type(h).__name__ in ("ContextParallelSplitHook", "ContextParallelGatherHook")
+                               for h in hooks.values()) and len(getattr(reg, "_fn_refs", ())) == len(hooks)
 
 
 def no_global_hooks() -> bool:
@@ -604,7 +618,9 @@ def _rope_forward(self, *args, **kwargs):
     """Stock mode: the stock output. Fused: fp32 cos|sin tables, cached per call key (eager)."""
     st = state_of(self)
     fam = st.family
-    if st.mode_stock or not st.tables_from_rope:
+    if st.mode_stock or not st.tables_from_rope or st.cp:
+        # under context parallelism diffusers' hooks may shard the RoPE output (split_output): they
+        # expect the stock format; the blocks convert each rank's shard once per forward
         return st.orig_rope_forward(*args, **kwargs)
     key = None if torch.compiler.is_compiling() or fam.rope_key is None else fam.rope_key(args, kwargs)
     if key is None:
@@ -630,7 +646,10 @@ def _first_tensor(out):
 def _model_forward(self, *args, **kwargs):
     st = state_of(self)
     fam = st.family
-    if st.mode_stock or torch.compiler.is_compiling():
+    if st.mode_stock:
+        return st.orig_model_forward(*args, **kwargs)
+    _note_cp(st, self)
+    if torch.compiler.is_compiling():
         return st.orig_model_forward(*args, **kwargs)
     mask = None if fam.mask_kwarg is None else kwargs[fam.mask_kwarg] if fam.mask_kwarg in kwargs else (
         args[fam.mask_pos] if len(args) > fam.mask_pos else None)
@@ -655,6 +674,8 @@ def _model_forward(self, *args, **kwargs):
         # the fused ops are inference-only (no backward): gradients need the stock forward
         why = ("autograd: grad mode on and parameters or inputs require grad (stock forward; "
                "run inference under torch.no_grad() or torch.inference_mode())")
+    if not why and st.cp and st.fp8 is not None:
+        why = "precision='fp8' under context parallelism is not implemented (stock forward)"
     if why:
         st.count(why)
         _fp8_stock_check(st, why)
@@ -712,18 +733,75 @@ def verify_stats(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def _parallel_reason(model, fam, after_patch=False):
-    """Why diffusers' context/tensor parallelism rules out the fused blocks (they do neither the
-    all-to-all / ring attention nor sharded Linears), or None."""
+    """Why diffusers' parallelism rules out the fused blocks, or None. Context parallelism (Ulysses,
+    ring) runs fused: the per-token ops on each rank's shard, the attention through diffusers'
+    ``dispatch_attention_fn`` with the processor's ``parallel_config`` (see :func:`cp_attention`).
+    Tensor parallelism (sharded Linears) is not taken: stock forward."""
     sfx = " after patch (stock forward)" if after_patch else ": stock forward"
-    if getattr(model, "_parallel_config", None) is not None:
-        return "diffusers parallelism is enabled on the model (parallel_config)" + sfx
-    # enable_parallelism sets every processor in one loop: the first block's tells
-    attr = fam.block_lists[0][0]
-    blocks = getattr(model, attr)
-    proc = getattr(getattr(blocks[0], fam.attn, None), "processor", None) if len(blocks) else None
-    if getattr(proc, "_parallel_config", None) is not None:
-        return "context parallelism is enabled on the attention processors (parallel_config)" + sfx
+    pc = getattr(model, "_parallel_config", None)
+    if getattr(pc, "tensor_parallel_config", None) is not None:
+        return "diffusers tensor parallelism is enabled on the model (sharded Linears)" + sfx
     return None
+
+
+def cp_config(proc):
+    """The diffusers ``ParallelConfig`` with context parallelism that ``enable_parallelism`` set on an
+    attention processor, or None."""
+    pc = getattr(proc, "_parallel_config", None)
+    return pc if getattr(pc, "context_parallel_config", None) is not None else None
+
+
+def cp_attention(q, k, v, proc):
+    """Attention of this rank's q, k, v [B, S_local, H, D] under diffusers' context parallelism, or
+    None without it. diffusers' ``dispatch_attention_fn`` runs the Ulysses all-to-all / ring on the
+    processor's ``parallel_config`` with the processor's backend (``set_attention_backend``), else
+    diffusers' active backend (``native``: SDPA): ``fused_dit.attention`` is not a diffusers backend,
+    so its backends are not used here. No mask (the fused blocks take none)."""
+    pc = cp_config(proc)
+    if pc is None:
+        return None
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    return dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 backend=getattr(proc, "_attention_backend", None), parallel_config=pc)
+
+
+def cp_check_rows(st, tables, tokens):
+    """Under context parallelism: the RoPE rows a block got are exactly its ``tokens`` (this rank's
+    shard). The fused ops take tables with more rows than tokens (row l for token l), so a table the
+    plan did not shard would be read silently; the stock model fails there too, with a shape error."""
+    if not st.cp:
+        return
+    rows = sum(t.shape[0] for t in tables) if isinstance(tables, (tuple, list)) else tables.shape[0]
+    if rows != tokens:
+        raise ValueError(f"context parallelism: the RoPE output has {rows} rows for this rank's {tokens} tokens "
+                         "(the model's _cp_plan did not shard it the way it shards the tokens; e.g. FLUX.2 "
+                         "shards [B, S, 4] ids only)")
+
+
+def cp_backend_name(proc) -> str:
+    """The diffusers attention backend :func:`cp_attention` runs for this processor."""
+    b = getattr(proc, "_attention_backend", None)
+    if b is None:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+        b = _AttentionBackendRegistry.get_active_backend()[0]
+    return str(getattr(b, "value", b))
+
+
+def _note_cp(st, model):
+    """Once per forward: context parallelism on or off (the RoPE wrapper then keeps the stock output,
+    which diffusers' split hooks shard; the blocks convert it), and a report line."""
+    fam = st.family
+    blocks = getattr(model, fam.block_lists[0][0])
+    proc = getattr(getattr(blocks[0], fam.attn, None), "processor", None) if len(blocks) else None
+    pc = cp_config(proc)
+    st.cp = pc is not None
+    if pc is not None and not torch.compiler.is_compiling():
+        c = pc.context_parallel_config
+        line = (f"context parallelism (ulysses_degree={c.ulysses_degree}, ring_degree={c.ring_degree}): fused "
+                 f"per-token ops on each rank's shard, attention through diffusers' dispatch_attention_fn "
+                 f"(backend {cp_backend_name(getattr(proc, 'stock', proc))})")
+        if line not in st.report.swapped:
+            st.report.swapped.append(line)
 
 
 # --- patch / unpatch -------------------------------------------------------------------------------
@@ -843,6 +921,9 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
         report.stock["model"] = "ops=[] selects no fused op"
         return report
     why = _parallel_reason(model, fam)
+    if not why and precision == "fp8" and getattr(getattr(model, "_parallel_config", None),
+                                                  "context_parallel_config", None) is not None:
+        why = "precision='fp8' under context parallelism is not implemented: stock forward"
     if why:
         report.stock["model"] = why
         return report

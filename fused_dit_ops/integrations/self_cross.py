@@ -167,11 +167,15 @@ def _sel(p, index):
 
 
 def _attn_ok(st, attn):
-    return (E.no_hooks(attn) and E.no_global_hooks() and type(attn.processor) in st.family.stock_processors()
-            and getattr(attn.processor, "_parallel_config", None) is None)
+    return E.no_hooks(attn) and E.no_global_hooks() and type(attn.processor) in st.family.stock_processors()
 
 
-def _attend(st, attn, q, k, v):
+def _attend(st, attn, q, k, v, parallel=False):
+    """``parallel``: self-attention over the sequence, which diffusers' context parallelism shards
+    (the cross-attention's context is not sharded: each rank attends its own queries to all of it)."""
+    out = E.cp_attention(q, k, v, attn.processor) if parallel else None
+    if out is not None:
+        return out
     if st.attention:
         return _eager.attention(q, k, v, None, False, None)
     from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -217,7 +221,8 @@ def self_attention(block, st, xn, tables):
     else:
         q, k, v = (E.call_linear(E.get(attn, n), xn) for n in (sc.q, sc.k, sc.v))
     q, k = _qk_norm(st, attn, sc, q, k, tables, "self-attention")
-    o = _attend(st, attn, q.unflatten(-1, (H, -1)), k.unflatten(-1, (H, -1)), v.unflatten(-1, (H, -1)))
+    o = _attend(st, attn, q.unflatten(-1, (H, -1)), k.unflatten(-1, (H, -1)), v.unflatten(-1, (H, -1)),
+                parallel=True)
     return _out_proj(attn, sc, o.flatten(2, 3).to(q.dtype))
 
 
@@ -284,6 +289,7 @@ def run_block(block, st, x, ctx, temb, rot, index):
     2B with ``index`` [B, L]: token l of batch b uses set ``index[b, l] != 0``)."""
     sc = st.family.self_cross
     tables = st.rope_tables(rot)
+    E.cp_check_rows(st, tables, x.shape[1])
     compiling = torch.compiler.is_compiling()
     pre = (st.take_prenorm(block, x, temb, index) if st.modulation and not compiling and st.prenorm is not None
            else None)

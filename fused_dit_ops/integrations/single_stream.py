@@ -268,7 +268,10 @@ def _attention(block, st, attn, xn, tables, Lt):
             return torch.cat([_ref.apply_rope(t[:, :Lt], txt_tab, None, fam.rope_interleaved),
                               _ref.apply_rope(t[:, Lt:], img_tab, None, fam.rope_interleaved)], 1)
         q, k = norm_rope(q, norms[0]), norm_rope(k, norms[1])
-    if st.attention:
+    out = E.cp_attention(q, k, v, attn.processor)  # context parallelism: diffusers' all-to-all / ring
+    if out is not None:
+        pass
+    elif st.attention:
         out = _eager.attention(q, k, v, None, False, None)
     else:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -306,6 +309,7 @@ def run_joint(block, st, x, Lt, temb, rot):
     fam, sg = st.family, st.family.single
     compiling = torch.compiler.is_compiling()
     tables = st.rope_tables(rot)
+    E.cp_check_rows(st, tables, x.shape[1])
     order = sg.chunk_order()
     pre = (st.take_prenorm(block, x, temb) if st.modulation and not compiling and st.prenorm is not None
            else None)

@@ -1,0 +1,88 @@
+"""Worker of tests/test_context_parallel.py: one rank of a CPU (gloo) process group running a tiny
+diffusers model with context parallelism enabled, patched or not; rank 0 saves the output."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+FAMILIES = {
+    # heads divisible by the Ulysses degree (2, 4); family: (builder, builder kwargs, inputs maker, inputs kwargs); token counts divisible by 2 and 4
+    "qwen": ("build_qwen_image_transformer", dict(config="tiny", seed=1, num_attention_heads=4),
+             "make_qwen_inputs", dict(img_tokens=(16, 8), txt_len=12, seed=2)),
+    "qwen-plain": ("build_qwen_image_transformer", dict(config="tiny", seed=1, zero_cond_t=False, num_attention_heads=4),
+                   "make_qwen_inputs", dict(img_tokens=(24,), txt_len=12, seed=2)),
+    "flux": ("build_flux_transformer", dict(config="tiny", seed=1, num_attention_heads=4),
+             "make_flux_inputs", dict(img_tokens=(28,), txt_len=12, seed=2)),
+    "flux2": ("build_flux2_transformer", dict(config="tiny", seed=1, num_attention_heads=4),
+              "make_flux2_inputs", dict(img_tokens=(28,), txt_len=12, seed=2)),
+    "wan": ("build_wan_transformer", dict(config="tiny", seed=1, num_attention_heads=4),
+            "make_wan_inputs", dict(latent=(3, 4, 8), seed=2)),
+    "wan-ti2v": ("build_wan_transformer", dict(config="tiny-ti2v", seed=1, num_attention_heads=4),
+                 "make_wan_inputs", dict(latent=(3, 4, 8), seed=2, per_token=True)),
+}
+
+
+def build(family):
+    from fused_dit_ops import models
+    b, bkw, mk, mkw = FAMILIES[family]
+    m = getattr(models, b)(**bkw)
+    kw = getattr(models, mk)(m, **mkw)
+    if family == "flux2":
+        # FLUX.2's context-parallel plan shards [B, S, 4] ids (as its pipeline passes them); [S, 4] ids
+        # are not sharded and the stock forward fails under parallelism
+        kw.update(img_ids=kw["img_ids"][None], txt_ids=kw["txt_ids"][None])
+    return m, kw
+
+
+def cpu_device_count_shim():
+    """diffusers' ``_resolve_parallel_config`` places rank r on device ``r % torch.accelerator.device_count()``;
+    on a machine without an accelerator that count is 0 (ZeroDivisionError). The CPU process group
+    needs device ``cpu`` for every rank, which a count of 1 gives."""
+    if torch.accelerator.device_count() == 0:
+        torch.accelerator.device_count = lambda: 1
+
+
+def plain(t):
+    t = t + 0
+    return t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
+
+
+def run(rank, world, port, family, ulysses, ring, when, out_dir, ops="all"):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import fused_dit_ops as fdo
+        from diffusers import ContextParallelConfig
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+        _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+        cpu_device_count_shim()
+        from fused_dit_ops.integrations import engine
+        calls = [0]
+        cp_attention = engine.cp_attention
+
+        def counting(*a, **k):  # the fused blocks' attention under context parallelism
+            out = cp_attention(*a, **k)
+            calls[0] += out is not None
+            return out
+        engine.cp_attention = counting
+        m, kw = build(family)
+        report = None
+        if when == "before":
+            report = fdo.patch(m, ops=ops)
+        m.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
+        if when == "after":
+            report = fdo.patch(m, ops=ops)
+        with torch.no_grad():
+            # (the gathered output may be an AsyncCollectiveTensor: any op waits and gives a plain tensor)
+            out = plain(m(**kw)[0])
+            out2 = plain(m(**kw)[0])  # second forward: cached tables, reused modulation
+        if rank == 0:
+            torch.save(dict(out=out, out2=out2, report=str(report) if report is not None else "",
+                            stock=dict(report.stock) if report is not None else {},
+                            runtime=dict(report.runtime) if report is not None else {}, cp_calls=calls[0]),
+                       os.path.join(out_dir, "out.pt"))
+    finally:
+        dist.destroy_process_group()

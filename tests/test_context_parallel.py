@@ -1,0 +1,220 @@
+"""The fused blocks under diffusers' context parallelism (``model.enable_parallelism(config=
+ContextParallelConfig(...))``): patched + parallel vs the stock model in one process.
+
+CPU: a gloo process group of 2 (default) or 4 (``slow``) processes (torch.multiprocessing spawn), tiny
+random models in fp32, Ulysses (all-to-all) attention through diffusers' ``native`` backend, patch
+before or after ``enable_parallelism``; the output of rank 0 (diffusers gathers it) against the stock
+single-process output, relative Frobenius error < 1e-5. Ring attention does not run on CPU: diffusers'
+ring needs a backend that returns the log-sum-exp, and those (flash, _native_flash, _native_cudnn,
+sage) are CUDA-only (``native`` raises "Native attention does not support return_lse=True"); the
+GPU test below runs it. Worker: tests/cp_worker.py.
+
+Without processes: what each rank needs (the RoPE tables and the per-token parameter-set index of a
+shard), and the stock fallback for tensor parallelism.
+
+GPU (@pytest.mark.gpu): supporting parallelism costs a run without it nothing (one GPU; diffusers has
+no degree-1 context parallelism: its config refuses ring_degree == ulysses_degree == 1 and its
+dispatcher has no branch for it), and ring + Ulysses on 2 GPUs (skipped with fewer).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import cp_worker  # noqa: E402
+from helpers import native_diffusers_backend, rel_err  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
+REL = 1e-5
+MLP_NOTE = {"mlp"}  # the GELU-epilogue MLP is CUDA-only: the one expected stock entry on CPU
+
+
+def _port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def _parallel(family, world, when, ulysses=None, ring=1):
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(cp_worker.run, args=(world, _port(), family, ulysses or world // ring, ring, when, d),
+                 nprocs=world, join=True)
+        return torch.load(os.path.join(d, "out.pt"), weights_only=False)
+
+
+def _stock(family):
+    m, kw = cp_worker.build(family)
+    with torch.no_grad():
+        return m(**kw)[0]
+
+
+def _check(family, world, when, blocks_per_forward):
+    r = _parallel(family, world, when)
+    ref = _stock(family)
+    assert r["out"].shape == ref.shape
+    assert rel_err(r["out"], ref) < REL, rel_err(r["out"], ref)
+    assert rel_err(r["out2"], ref) < REL  # second forward: cached tables, reused modulation
+    if when == "none":
+        return r
+    assert set(r["stock"]) <= MLP_NOTE | {"double_stream_modulation_img/double_stream_modulation_txt",
+                                          "single_stream_modulation"}, r["report"]
+    assert not r["runtime"], r["runtime"]  # nothing fell back to stock
+    assert f"context parallelism (ulysses_degree={world}, ring_degree=1)" in r["report"], r["report"]
+    assert "backend native" in r["report"], r["report"]
+    # every block's attention went through diffusers' context-parallel dispatch (+1: the patch-time
+    # probe when patched after enable_parallelism)
+    assert r["cp_calls"] == 2 * blocks_per_forward + (when == "after"), r["cp_calls"]
+    return r
+
+
+# --- 2 processes (default) ---------------------------------------------------------------------------
+
+def test_qwen_edit_2511_ulysses2_patch_before():
+    # zero_cond_t: a per-token parameter-set index over 16 target + 8 reference tokens; rank 1's shard
+    # holds both sets
+    _check("qwen", 2, "before", 2)
+
+
+def test_flux_ulysses2_patch_after():
+    _check("flux", 2, "after", 4)
+
+
+def test_wan_ti2v_ulysses2_patch_before():
+    # per-token timesteps: sharded by diffusers' model hook, collapsed per shard to two sets + an index
+    _check("wan-ti2v", 2, "before", 2)
+
+
+# --- slow: 4 processes, the other families and orders --------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,blocks", [("qwen", 2), ("flux", 4), ("wan", 2), ("flux2", 4)])
+def test_ulysses4(family, blocks):
+    _check(family, 4, "after" if family in ("qwen", "wan") else "before", blocks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,when,blocks", [("qwen-plain", "after", 2), ("flux2", "after", 4),
+                                                ("wan", "before", 2), ("flux", "before", 4)])
+def test_ulysses2_other_orders(family, when, blocks):
+    _check(family, 2, when, blocks)
+
+
+@pytest.mark.slow
+def test_wan_ti2v_parallel_enabled_after_patch_reports_stock_model_forward():
+    r = _parallel("wan-ti2v", 2, "after")
+    assert rel_err(r["out"], _stock("wan-ti2v")) < REL
+    assert any("patch before enable_parallelism" in k for k in r["runtime"]), r["runtime"]
+
+
+# --- what each rank needs, without processes ------------------------------------------------------------
+
+def test_rope_tables_of_a_shard_are_the_shard_of_the_tables():
+    """Under parallelism the RoPE module keeps its stock output, which diffusers' hooks shard by token
+    rows; the blocks convert each rank's rows: the same rows as the tables of the whole sequence."""
+    from fused_dit_ops.integrations import diffusers_flux, diffusers_qwen, diffusers_wan
+    m, kw = cp_worker.build("qwen")
+    vid, txt = m.pos_embed([(1, 4, 4), (1, 2, 4)], "cpu", max_txt_seq_len=12)
+    full = diffusers_qwen.as_rope_tables((vid, txt))
+    for world in (2, 4):
+        for r in range(world):
+            part = diffusers_qwen.as_rope_tables((vid.chunk(world, 0)[r], txt.chunk(world, 0)[r]))
+            assert torch.equal(part[0], full[0].chunk(world, 0)[r]) and torch.equal(part[1], full[1].chunk(world, 0)[r])
+    m, kw = cp_worker.build("flux")
+    cos, sin = m.pos_embed(torch.cat([kw["txt_ids"], kw["img_ids"]], 0))
+    full = diffusers_flux.as_rope_tables((cos, sin))
+    for r in range(2):
+        assert torch.equal(diffusers_flux.as_rope_tables((cos.chunk(2, 0)[r], sin.chunk(2, 0)[r])), full.chunk(2, 0)[r])
+    m, kw = cp_worker.build("wan")
+    cos, sin = m.rope(kw["hidden_states"])  # [1, L, 1, D]: diffusers shards dim 1
+    full = diffusers_wan.as_rope_tables((cos, sin))
+    for r in range(4):
+        part = diffusers_wan.as_rope_tables((cos.chunk(4, 1)[r], sin.chunk(4, 1)[r]))
+        assert torch.equal(part, full.chunk(4, full.dim() - 2)[r] if full.dim() > 2 else full.chunk(4, 0)[r])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ti2v_index_of_a_shard_selects_each_tokens_timestep(world):
+    """Wan TI2V: a rank collapses its own shard of the per-token timesteps to two sets + an index; every
+    token's selected set is its own timestep (a shard may hold one value only: both sets equal)."""
+    from fused_dit_ops.integrations import diffusers_wan
+    L, first = 24, 8
+    ts = torch.full((2, L), 700.0)
+    ts[:, :first] = 0.0
+    ts[1] = torch.where(ts[1] > 0, torch.tensor(300.0), ts[1])
+    st = types.SimpleNamespace(cp=True)
+    for part in ts.chunk(world, 1):
+        ts2, idx = diffusers_wan._collapse(st, part)
+        B = part.shape[0]
+        sel = torch.where(idx.bool(), ts2[B:, None], ts2[:B, None])
+        assert torch.equal(sel, part)
+        assert idx.shape == part.shape and idx.dtype == torch.int32
+
+
+def test_rope_rows_must_be_the_ranks_tokens_under_parallelism():
+    """The fused ops read row l for token l of a longer table; under parallelism a table the plan did
+    not shard (FLUX.2 with [S, 4] ids) must not be read silently."""
+    from fused_dit_ops.integrations import engine
+    tab = torch.zeros(40, 24)
+    engine.cp_check_rows(types.SimpleNamespace(cp=False), tab, 20)  # no parallelism: longer tables pass
+    engine.cp_check_rows(types.SimpleNamespace(cp=True), (tab[:14], tab[:6]), 20)
+    with pytest.raises(ValueError, match="40 rows for this rank's 20 tokens"):
+        engine.cp_check_rows(types.SimpleNamespace(cp=True), tab, 20)
+
+
+def test_tensor_parallelism_stays_stock_with_the_reason():
+    import fused_dit_ops as fdo
+    m, kw = cp_worker.build("flux")
+    m._parallel_config = types.SimpleNamespace(tensor_parallel_config=object(), context_parallel_config=None)
+    report = fdo.patch(m)
+    assert "tensor parallelism" in report.stock["model"], report
+    from fused_dit_ops.integrations.engine import is_patched
+    assert not is_patched(m)
+
+
+def test_fp8_under_context_parallelism_stays_stock_with_the_reason():
+    import fused_dit_ops as fdo
+    m, kw = cp_worker.build("flux")
+    m._parallel_config = types.SimpleNamespace(tensor_parallel_config=None, context_parallel_config=object())
+    report = fdo.patch(m, precision="fp8")
+    assert "precision='fp8' under context parallelism" in report.stock["model"], report
+
+
+# --- GPU ------------------------------------------------------------------------------------------------
+
+def test_bench_parallel_degree1_cpu_smoke():
+    from fused_dit_ops.bench.parallel import degree1_overhead
+    r = degree1_overhead(family="flux", config="tiny", layers=None, img_tokens=None, iters=2, device="cpu")
+    assert r["rel_err"] == 0 and r["ms_as_shipped"] > 0 and r["ms_without_cp_checks"] > 0, r
+    assert not r["runtime"], r
+
+
+@pytest.mark.gpu
+def test_gpu_parallel_degree_1_costs_nothing():
+    """One GPU: the patched model as shipped vs with its context-parallel checks taken out (diffusers
+    has no degree-1 context parallelism): same output, time within 3%."""
+    from fused_dit_ops.bench.parallel import degree1_overhead
+    r = degree1_overhead(family="flux", config="dev", layers=2, img_tokens=(4096,), iters=20)
+    assert r["rel_err"] == 0, r
+    assert r["ratio"] < 1.03, r
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)])
+def test_gpu_two_gpus_ulysses_and_ring(ulysses, ring):
+    """2 GPUs (NCCL), bf16 Flux.1 at real width, 2 + 4 blocks: patched + parallel vs stock + parallel
+    (ring through diffusers' flash / cuDNN backend, set with set_attention_backend)."""
+    from fused_dit_ops.bench.parallel import spawn_compare
+    r = spawn_compare(family="flux", ulysses=ulysses, ring=ring)
+    assert r["rel_fro"] < 2e-2, r
+    assert not r["runtime"], r
