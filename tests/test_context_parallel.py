@@ -5,8 +5,8 @@ CPU: a gloo process group of 2 (default) or 4 (``slow``) processes (torch.multip
 random models in fp32, Ulysses (all-to-all) attention through diffusers' ``native`` backend, patch
 before or after ``enable_parallelism``; the output of rank 0 (diffusers gathers it) against the stock
 single-process output, relative Frobenius error < 1e-5. Ring attention does not run on CPU: diffusers'
-ring needs a backend that returns the log-sum-exp, and those (flash, _native_flash, _native_cudnn,
-sage) are CUDA-only (``native`` raises "Native attention does not support return_lse=True"); the
+ring needs a backend that returns the log-sum-exp, and those with context-parallel support
+(flash, _native_flash, _native_cudnn, sage) are CUDA-only (``native`` raises "Native attention does not support return_lse=True"); the
 GPU test below runs it. Worker: tests/cp_worker.py.
 
 Without processes: what each rank needs (the RoPE tables and the per-token parameter-set index of a
