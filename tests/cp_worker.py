@@ -8,10 +8,12 @@ import torch
 import torch.distributed as dist
 
 FAMILIES = {
-    # heads divisible by the Ulysses degree (2, 4); family: (builder, builder kwargs, inputs maker, inputs kwargs); token counts divisible by 2 and 4
+    # family: (builder, builder kwargs, inputs maker, inputs kwargs); heads divisible by the Ulysses
+    # degree (2, 4), token counts by the number of ranks
     "qwen": ("build_qwen_image_transformer", dict(config="tiny", seed=1, num_attention_heads=4),
              "make_qwen_inputs", dict(img_tokens=(16, 8), txt_len=12, seed=2)),
-    "qwen-plain": ("build_qwen_image_transformer", dict(config="tiny", seed=1, zero_cond_t=False, num_attention_heads=4),
+    "qwen-plain": ("build_qwen_image_transformer",
+                   dict(config="tiny", seed=1, zero_cond_t=False, num_attention_heads=4),
                    "make_qwen_inputs", dict(img_tokens=(24,), txt_len=12, seed=2)),
     "flux": ("build_flux_transformer", dict(config="tiny", seed=1, num_attention_heads=4),
              "make_flux_inputs", dict(img_tokens=(28,), txt_len=12, seed=2)),

@@ -4,9 +4,10 @@ Two modes:
 
 - ``--degree1`` (one GPU): what the support for context parallelism costs a run without it: the
   patched model as shipped vs the same model with the per-forward parallelism check and the blocks'
-  context-parallel attention branch replaced by no-ops (ms per forward, ratio, output difference:
-  0). diffusers has no degree-1 context parallelism to measure instead: ``ContextParallelConfig``
-  refuses ring_degree == ulysses_degree == 1 and its dispatcher has no branch for it. Reported: ms per forward of each, their ratio, the outputs' relative difference.
+  context-parallel attention branch replaced by no-ops (ms per forward of each, their ratio, the
+  outputs' relative difference: 0). diffusers has no degree-1 context parallelism to measure
+  instead: ``ContextParallelConfig`` refuses ring_degree == ulysses_degree == 1 and its dispatcher
+  has no branch for it.
 - ``--ulysses U --ring R`` (U x R GPUs of one host, NCCL; spawns U x R processes): stock + parallel
   vs patched + parallel on the same model (patched after ``enable_parallelism``; unpatched for the
   stock timing), and the patched model's output against the stock parallel output. Ring needs a
