@@ -16,8 +16,8 @@ Two modes:
 
 ``--model`` qwen | flux | flux2 | wan, ``--config`` (default: the real one: edit-2511, dev, dev,
 t2v-14b), ``--layers``, ``--tokens`` (image token counts, comma-separated; Wan: F,H,W of the
-latent). Token counts must divide by U x R. ``--device cpu --tiny`` (degree 1 only): a smoke run
-of the same code on a gloo group of one process, fp32.
+latent). Token counts must divide by U x R. ``--device cpu --tiny`` (``--degree1`` only): a smoke
+run of the same code, fp32.
 """
 from __future__ import annotations
 
@@ -68,12 +68,6 @@ def _forward(model, kw):
 def _rel(a, b) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _cpu_device_count_shim():
-    # diffusers places rank r on device r % torch.accelerator.device_count(), 0 without an accelerator
-    if not torch.cuda.is_available() and torch.accelerator.device_count() == 0:
-        torch.accelerator.device_count = lambda: 1
 
 
 def _build(family, config, layers, tokens, device, dtype):
