@@ -126,10 +126,9 @@ def test_ring(family, world, ring, blocks):
 
 
 @pytest.mark.slow
-def test_wan_ti2v_parallel_enabled_after_patch_reports_stock_model_forward():
-    r = _parallel("wan-ti2v", 2, "after")
-    assert rel_err(r["out"], _stock("wan-ti2v")) < REL
-    assert any("patch before enable_parallelism" in k for k in r["runtime"]), r["runtime"]
+def test_wan_ti2v_parallel_enabled_after_patch():
+    # the model's split hook is under the patched forward: the fused forward runs it to shard the inputs
+    _check("wan-ti2v", 2, "after", 2)
 
 
 # --- what each rank needs, without processes ------------------------------------------------------------
