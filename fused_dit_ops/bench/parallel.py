@@ -60,6 +60,23 @@ def _time_ms(fn, device, iters) -> float:
     return 1e3 * statistics.median(ts)
 
 
+def _time_fixed_ms(fn, iters) -> float:
+    """ms per call over a fixed number of calls (every rank runs the same collectives: no adaptive
+    iteration counts), after two warm-up calls and a barrier."""
+    import torch.distributed as dist
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for _ in range(iters):
+        fn()
+    t1.record()
+    torch.cuda.synchronize()
+    return t0.elapsed_time(t1) / iters
+
+
 def _forward(model, kw):
     with torch.no_grad():
         return _plain(model(**kw)[0])
@@ -123,10 +140,10 @@ def _rank(rank, world, port, family, config, layers, tokens, ulysses, ring, back
             m.set_attention_backend(backend)
         m.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
         ref = _forward(m, kw)
-        ms_stock = _time_ms(lambda: _forward(m, kw), dev, iters)
+        ms_stock = _time_fixed_ms(lambda: _forward(m, kw), iters)
         report = fdo.patch(m)
         out = _forward(m, kw)
-        ms_fused = _time_ms(lambda: _forward(m, kw), dev, iters)
+        ms_fused = _time_fixed_ms(lambda: _forward(m, kw), iters)
         if rank == 0:
             torch.save(dict(ms_stock_parallel=ms_stock, ms_patched_parallel=ms_fused, speedup=ms_stock / ms_fused,
                             rel_fro=_rel(out, ref), runtime=dict(report.runtime), stock=dict(report.stock),
