@@ -8,10 +8,12 @@ import torch
 import torch.distributed as dist
 
 FAMILIES = {
-    # heads divisible by the Ulysses degree (2, 4); family: (builder, builder kwargs, inputs maker, inputs kwargs); token counts divisible by 2 and 4
+    # family: (builder, builder kwargs, inputs maker, inputs kwargs); heads divisible by the Ulysses
+    # degree (2, 4), token counts by the number of ranks
     "qwen": ("build_qwen_image_transformer", dict(config="tiny", seed=1, num_attention_heads=4),
              "make_qwen_inputs", dict(img_tokens=(16, 8), txt_len=12, seed=2)),
-    "qwen-plain": ("build_qwen_image_transformer", dict(config="tiny", seed=1, zero_cond_t=False, num_attention_heads=4),
+    "qwen-plain": ("build_qwen_image_transformer",
+                   dict(config="tiny", seed=1, zero_cond_t=False, num_attention_heads=4),
                    "make_qwen_inputs", dict(img_tokens=(24,), txt_len=12, seed=2)),
     "flux": ("build_flux_transformer", dict(config="tiny", seed=1, num_attention_heads=4),
              "make_flux_inputs", dict(img_tokens=(28,), txt_len=12, seed=2)),
@@ -44,6 +46,25 @@ def cpu_device_count_shim():
         torch.accelerator.device_count = lambda: 1
 
 
+def cpu_ring_standin():
+    """Ring attention needs a forward op that returns the log-sum-exp; diffusers' ``native`` one
+    raises for it and those that return it are CUDA-only. For the CPU test of ring attention only:
+    ``native``'s forward op gets a float64 math stand-in that returns (out, lse) in the layout the
+    ring merge takes (out [B, S, H, D], lse [B, S, H]). Ulysses never asks for the lse."""
+    from diffusers.models import attention_dispatch as ad
+
+    def op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+           enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+        assert attn_mask is None and not is_causal and dropout_p == 0.0
+        q, k, v = (t.double() for t in (query, key, value))
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        lse = torch.logsumexp(s, dim=-1)  # [B, H, Sq]
+        out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), v).to(query.dtype)
+        lse = lse.transpose(1, 2).float()
+        return (out, lse) if return_lse else out
+    ad._native_attention_forward_op = op
+
+
 def plain(t):
     t = t + 0
     return t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
@@ -59,6 +80,8 @@ def run(rank, world, port, family, ulysses, ring, when, out_dir, ops="all"):
         from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
         _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
         cpu_device_count_shim()
+        if ring > 1:
+            cpu_ring_standin()
         from fused_dit_ops.integrations import engine
         calls = [0]
         cp_attention = engine.cp_attention

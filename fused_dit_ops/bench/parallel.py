@@ -4,9 +4,10 @@ Two modes:
 
 - ``--degree1`` (one GPU): what the support for context parallelism costs a run without it: the
   patched model as shipped vs the same model with the per-forward parallelism check and the blocks'
-  context-parallel attention branch replaced by no-ops (ms per forward, ratio, output difference:
-  0). diffusers has no degree-1 context parallelism to measure instead: ``ContextParallelConfig``
-  refuses ring_degree == ulysses_degree == 1 and its dispatcher has no branch for it. Reported: ms per forward of each, their ratio, the outputs' relative difference.
+  context-parallel attention branch replaced by no-ops (ms per forward of each, their ratio, the
+  outputs' relative difference: 0). diffusers has no degree-1 context parallelism to measure
+  instead: ``ContextParallelConfig`` refuses ring_degree == ulysses_degree == 1 and its dispatcher
+  has no branch for it.
 - ``--ulysses U --ring R`` (U x R GPUs of one host, NCCL; spawns U x R processes): stock + parallel
   vs patched + parallel on the same model (patched after ``enable_parallelism``; unpatched for the
   stock timing), and the patched model's output against the stock parallel output. Ring needs a
@@ -15,8 +16,8 @@ Two modes:
 
 ``--model`` qwen | flux | flux2 | wan, ``--config`` (default: the real one: edit-2511, dev, dev,
 t2v-14b), ``--layers``, ``--tokens`` (image token counts, comma-separated; Wan: F,H,W of the
-latent). Token counts must divide by U x R. ``--device cpu --tiny`` (degree 1 only): a smoke run
-of the same code on a gloo group of one process, fp32.
+latent). Token counts must divide by U x R. ``--device cpu --tiny`` (``--degree1`` only): a smoke
+run of the same code, fp32.
 """
 from __future__ import annotations
 
@@ -59,6 +60,23 @@ def _time_ms(fn, device, iters) -> float:
     return 1e3 * statistics.median(ts)
 
 
+def _time_fixed_ms(fn, iters) -> float:
+    """ms per call over a fixed number of calls (every rank runs the same collectives: no adaptive
+    iteration counts), after two warm-up calls and a barrier."""
+    import torch.distributed as dist
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for _ in range(iters):
+        fn()
+    t1.record()
+    torch.cuda.synchronize()
+    return t0.elapsed_time(t1) / iters
+
+
 def _forward(model, kw):
     with torch.no_grad():
         return _plain(model(**kw)[0])
@@ -67,12 +85,6 @@ def _forward(model, kw):
 def _rel(a, b) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _cpu_device_count_shim():
-    # diffusers places rank r on device r % torch.accelerator.device_count(), 0 without an accelerator
-    if not torch.cuda.is_available() and torch.accelerator.device_count() == 0:
-        torch.accelerator.device_count = lambda: 1
 
 
 def _build(family, config, layers, tokens, device, dtype):
@@ -128,10 +140,10 @@ def _rank(rank, world, port, family, config, layers, tokens, ulysses, ring, back
             m.set_attention_backend(backend)
         m.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
         ref = _forward(m, kw)
-        ms_stock = _time_ms(lambda: _forward(m, kw), dev, iters)
+        ms_stock = _time_fixed_ms(lambda: _forward(m, kw), iters)
         report = fdo.patch(m)
         out = _forward(m, kw)
-        ms_fused = _time_ms(lambda: _forward(m, kw), dev, iters)
+        ms_fused = _time_fixed_ms(lambda: _forward(m, kw), iters)
         if rank == 0:
             torch.save(dict(ms_stock_parallel=ms_stock, ms_patched_parallel=ms_fused, speedup=ms_stock / ms_fused,
                             rel_fro=_rel(out, ref), runtime=dict(report.runtime), stock=dict(report.stock),

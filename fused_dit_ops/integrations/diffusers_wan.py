@@ -114,6 +114,19 @@ def _bind(model, args, kwargs):
     return b.arguments
 
 
+def _cp_split_only(model):
+    """The ``pre_forward`` of diffusers' context-parallel split hook when it is the only hook on the
+    model, else None."""
+    reg = getattr(model, "_diffusers_hook", None)
+    hooks = getattr(reg, "hooks", None)
+    if not hooks or len(hooks) != 1 or len(getattr(reg, "_fn_refs", ())) != 1:
+        return None
+    hook = next(iter(hooks.values()))
+    if type(hook).__name__ != "ContextParallelSplitHook" or model._forward_hooks or model._forward_pre_hooks:
+        return None
+    return hook.pre_forward
+
+
 def _collapse(st, ts):
     """(timesteps [2B]: each row's first token's value, then its last token's; index [B, L] int32:
     1 where a token's timestep differs from its row's first), or None when a row has a third value."""
@@ -132,19 +145,25 @@ def model_forward(st, args, kwargs):
     """The eager fused model forward: the stock forward, except with a per-token timestep [B, L]
     (Wan2.2 TI2V), which runs on two parameter sets per batch row and a per-token index."""
     orig = st.orig_model_forward
+    stock_args = args, kwargs  # what the stock forward (with its hooks) gets
     model = getattr(orig, "__self__", None)
+    if model is None and st.cp:
+        # enable_parallelism after patch: diffusers' split hook on the model is under this forward; it
+        # shards the inputs here (when it is the model's only hook), as it would before the stock forward
+        split = _cp_split_only(st.model)
+        if split is not None:
+            args, kwargs = split(st.model, *args, **kwargs)
+            model = st.model
     if model is None or not isinstance(model, _classes().WanTransformer3DModel):
         ts = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if st.cp and isinstance(ts, torch.Tensor) and ts.dim() == 2:
-            # diffusers' context-parallel hook on the model (enable_parallelism after patch) shards the
-            # per-token timestep inside the stock forward, which this forward cannot run under
-            st.count("per-token timestep under context parallelism enabled after patch (stock model forward; "
-                     "patch before enable_parallelism to run it fused)")
-        return orig(*args, **kwargs)
+            st.count("per-token timestep under context parallelism with other hooks on the model (stock model "
+                     "forward)")
+        return orig(*stock_args[0], **stock_args[1])
     a = _bind(model, args, kwargs)
     ts = a["timestep"]
     if not (isinstance(ts, torch.Tensor) and ts.dim() == 2):
-        return orig(*args, **kwargs)
+        return orig(*stock_args[0], **stock_args[1])
     why = None
     if a.get("attention_kwargs"):
         why = "attention_kwargs with a per-token timestep (stock forward)"
@@ -155,7 +174,7 @@ def model_forward(st, args, kwargs):
     col = None if why else _collapse(st, ts)
     if col is None:
         st.count(why or "per-token timestep with more than two values per batch row (stock forward)")
-        return orig(*args, **kwargs)
+        return orig(*stock_args[0], **stock_args[1])
     return _collapsed_forward(model, st, a, *col)
 
 

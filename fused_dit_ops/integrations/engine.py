@@ -307,6 +307,7 @@ class State:
         self.fp8 = None  # precision="fp8": fp8.Fp8State
         self.token_index = None  # per-token parameter-set index of this forward (Family.model_forward)
         self.cp = False  # diffusers' context parallelism on in this forward (see _note_cp)
+        self.model = None  # the patched model
 
     @contextlib.contextmanager
     def stock(self):
@@ -937,6 +938,7 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
     if not ok:
         return report
     st = State(fam, ops_set, sw, report, verify, reuse_mod)
+    st.model = model
     if "modulation" in ops_set and not sw["dual_launch"]:
         report.stock["dual_launch"] = "dual_launch=False: one launch per stream for each norm op"
     for name, block, kind in ok:
