@@ -775,8 +775,8 @@ def cp_check_rows(st, tables, tokens):
     rows = sum(t.shape[0] for t in tables) if isinstance(tables, (tuple, list)) else tables.shape[0]
     if rows != tokens:
         raise ValueError(f"context parallelism: the RoPE output has {rows} rows for this rank's {tokens} tokens "
-                         "(the model's _cp_plan did not shard it the way it shards the tokens; e.g. FLUX.2 "
-                         "shards [B, S, 4] ids only)")
+                         "(the model's _cp_plan did not shard it the way it shards the tokens, e.g. position "
+                         "ids of a shape the plan does not split)")
 
 
 def cp_backend_name(proc) -> str:
