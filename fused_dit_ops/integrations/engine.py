@@ -349,20 +349,20 @@ class State:
         """silu(temb), once per forward (every block gets the same ``temb``: cached on identity and
         the version counter); eager only."""
         c = self._silu
-        if c is not None and c[0] is temb and c[1] == temb._version:
+        if c is not None and c[0] is temb and c[1] == version_of(temb):
             return c[2]
         out = F.silu(temb)
-        self._silu = (temb, temb._version, out)
+        self._silu = (temb, version_of(temb), out)
         return out
 
     def _reuse_decision(self, temb) -> bool:
         """Does ``temb`` equal the temb of the cached modulation outputs? Once per forward, one
         device sync; never while a CUDA graph is captured. A miss restarts the cache for this temb."""
         d = self._mod_hit
-        if d is not None and d[0] is temb and d[1] == temb._version:
+        if d is not None and d[0] is temb and d[1] == version_of(temb):
             return d[2]
         if temb.is_cuda and torch.cuda.is_current_stream_capturing():
-            self._mod_hit = (temb, temb._version, False)
+            self._mod_hit = (temb, version_of(temb), False)
             return False
         c = self.mod_cache_temb
         hit = (c is not None and c.shape == temb.shape and c.dtype == temb.dtype and c.device == temb.device
@@ -370,7 +370,7 @@ class State:
         if not hit:
             self.mod_cache.clear()
             self.mod_cache_temb = temb.detach().clone()
-        self._mod_hit = (temb, temb._version, hit)
+        self._mod_hit = (temb, version_of(temb), hit)
         return hit
 
     def cached_mod(self, block, pk, temb):
@@ -401,6 +401,13 @@ def state_of(module) -> State:
     return module.__dict__[ATTR]
 
 
+def version_of(t) -> int:
+    """``t._version``, or -1 for an inference tensor (made under ``torch.inference_mode()``: it has no
+    version counter, and outside inference mode it cannot be written in place): the caches then go by
+    identity alone."""
+    return -1 if t.is_inference() else t._version
+
+
 class Prenorm:
     """What block i leaves for block i+1 when it ends with ``gate_residual_norm_scale_shift`` fused
     with block i+1's norm1 + modulation: block i+1's modulation params and modulated inputs, and the
@@ -409,11 +416,11 @@ class Prenorm:
 
     def __init__(self, block, inputs, mods, outs):
         self.block = block
-        self.refs = tuple((t, t._version if t is not None else 0) for t in inputs)
+        self.refs = tuple((t, version_of(t) if t is not None else 0) for t in inputs)
         self.mods, self.outs = mods, outs
 
     def inputs_match(self, *ts) -> bool:
-        return all(t is r and (t is None or t._version == v) for t, (r, v) in zip(ts, self.refs))
+        return all(t is r and (t is None or version_of(t) == v) for t, (r, v) in zip(ts, self.refs))
 
 
 def is_tables(rot) -> bool:
@@ -584,7 +591,7 @@ class PackedLinears:
     def versions(self) -> tuple:
         """Identities and version counters of the parameters (in-place writes bump the counters,
         replaced parameters change the identities; writes through ``.data`` change neither)."""
-        return tuple((id(l_.weight), l_.weight._version, id(l_.bias), l_.bias._version if l_.bias is not None else 0)
+        return tuple((id(l_.weight), version_of(l_.weight), id(l_.bias), version_of(l_.bias) if l_.bias is not None else 0)
                      for l_ in self.lins)
 
     @torch.no_grad()

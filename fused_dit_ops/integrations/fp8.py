@@ -183,7 +183,7 @@ def patch_blocks(st, blocks, report, dev, dtype, keep_bf16):
                     has = any(m.bias is not None for m in ms)
                     block.register_buffer(f"{PREFIX}{s.name}_qkv_b", torch.cat(bs, 0) if has else None,
                                           persistent=False)
-                rec += [(m, m.weight, m.weight._version, m.bias, m.bias._version if m.bias is not None else 0)
+                rec += [(m, m.weight, E.version_of(m.weight), m.bias, E.version_of(m.bias) if m.bias is not None else 0)
                         for m in ms]
         f8.blocks[id(block)] = (_links(block, [m for r in rec for m in r[:1]]), rec)
     st.fp8 = f8
@@ -209,7 +209,7 @@ def patch_blocks(st, blocks, report, dev, dtype, keep_bf16):
                 nbytes += cpu.numel() * cpu.element_size()
         # the q/k/v records changed their data pointers: refresh the version snapshot
         for bid, (links, rec) in f8.blocks.items():
-            f8.blocks[bid] = (links, [(m, m.weight, m.weight._version, b, bv) for m, _, _, b, bv in rec])
+            f8.blocks[bid] = (links, [(m, m.weight, E.version_of(m.weight), b, bv) for m, _, _, b, bv in rec])
         report.swapped.append(f"bf16 weights of those Linears kept on the CPU (pinned, {nbytes / 2**30:.2f} GiB) "
                               "while patched: unpatch copies them back exactly; the stock forward is unavailable "
                               "until then (keep_bf16_weights=True keeps them on the GPU)")
@@ -282,8 +282,8 @@ def ready(block, st, x) -> bool:
             return False
     for m, p, v, b, bv in entry[1]:
         ps = m._parameters
-        if (ps.get("weight") is not p or p._version != v or ps.get("bias") is not b
-                or (b is not None and b._version != bv)):
+        if (ps.get("weight") is not p or E.version_of(p) != v or ps.get("bias") is not b
+                or (b is not None and E.version_of(b) != bv)):
             st.count("fp8: weights replaced or edited since patching (re-patch to re-quantise): bf16 fused path")
             return False
     return True

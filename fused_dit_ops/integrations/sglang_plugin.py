@@ -169,10 +169,15 @@ def _gate_table():
     return _gate_origin
 
 
+def _version(t) -> int:
+    """The version counter; -1 for an inference tensor (torch.inference_mode: none), matched by identity."""
+    return -1 if t.is_inference() else t._version
+
+
 def _remember_gate(gate, gate0, gate1, index):
     if torch.compiler.is_compiling():
         return
-    _gate_table()[gate] = (gate0, gate1, index, gate._version)
+    _gate_table()[gate] = (gate0, gate1, index, _version(gate))
 
 
 def _gate_params(residual_gate, index):
@@ -183,7 +188,7 @@ def _gate_params(residual_gate, index):
     if rec is None:
         return None
     gate0, gate1, idx, version = rec
-    if idx is not index or residual_gate._version != version:
+    if idx is not index or _version(residual_gate) != version:
         return None
     return torch.cat([gate0, gate1], 0)
 
