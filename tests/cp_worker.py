@@ -108,4 +108,9 @@ def run(rank, world, port, family, ulysses, ring, when, out_dir, ops="all"):
                             runtime=dict(report.runtime) if report is not None else {}, cp_calls=calls[0]),
                        os.path.join(out_dir, "out.pt"))
     finally:
-        dist.destroy_process_group()
+        # every rank's collectives (diffusers' ring loop issues asynchronous ones) are finished before
+        # any rank tears the group down: a rank leaving early made gloo abort a peer still in one
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
