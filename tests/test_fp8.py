@@ -3,7 +3,6 @@
 interpreter tests of the Triton kernels, GPU tests at the real Qwen-Image-Edit block dims."""
 from __future__ import annotations
 
-import types
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch
 import fused_dit_ops as fdo
 from fused_dit_ops import reference as ref
 from fused_dit_ops.ops import fp8 as F8
+from fused_dit_ops.bench import fp8_recipe
 from helpers import expect_input_error, native_diffusers_backend, randn, rel_err  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
@@ -385,23 +385,20 @@ def _block_linears(block):
             block.img_mlp.net[0].proj, block.img_mlp.net[2], block.txt_mlp.net[0].proj, block.txt_mlp.net[2]]
 
 
-def per_row_fp8_recipe_(model):
-    """The torchao-style FP8 recipe (dynamic activation + weight, per row), plainly in PyTorch, on the
-    same Linears: per-token activation scales and per-channel weight scales (amax / 448), e4m3 cast,
-    ``torch._scaled_mm`` (CPU and CUDA). Installed as instance forwards (``del lin.forward`` undoes)."""
-    def fwd(self, x):
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        xs = x2.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448
-        xq = (x2.float() / xs).clamp(-448, 448).to(E4M3)
-        ws = self.weight.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448
-        wq = (self.weight.float() / ws).clamp(-448, 448).to(E4M3)
-        y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), bias=self.bias, out_dtype=x.dtype)
-        return y.view(*lead, -1)
-    lins = [lin for b in model.transformer_blocks for lin in _block_linears(b)]
-    for lin in lins:
-        lin.forward = types.MethodType(fwd, lin)
-    return lins
+def test_fp8_recipe_covers_the_fused_linears_and_removes_exactly():
+    """The baseline recipe quantises the same twelve Linears per block as precision="fp8" (the
+    modulation Linears stay), and :func:`fp8_recipe.remove` restores the stock forward exactly."""
+    m = _tiny()
+    kw = _inputs(m)
+    stock = _run(m, kw)
+    lins = fp8_recipe.install(m)
+    assert {id(x) for x in lins} == {id(x) for b in m.transformer_blocks for x in _block_linears(b)}
+    with pytest.raises(RuntimeError, match="already installed"):
+        fp8_recipe.install(m)
+    recipe = _run(m, kw)
+    assert 0 < rel_err(recipe, stock) < 0.1
+    fp8_recipe.remove(m)
+    assert torch.equal(_run(m, kw), stock)
 
 
 def test_patch_fp8_tiny_qwen_accuracy_and_unpatch():
@@ -409,10 +406,9 @@ def test_patch_fp8_tiny_qwen_accuracy_and_unpatch():
     kw = _inputs(m)
     stock = _run(m, kw)
     sd = {k: v.clone() for k, v in m.state_dict().items()}
-    lins = per_row_fp8_recipe_(m)
+    fp8_recipe.install(m)
     recipe = _run(m, kw)
-    for lin in lins:
-        del lin.forward
+    fp8_recipe.remove(m)
     r = fdo.patch(m, precision="fp8")
     assert r.options["precision"] == "fp8"
     assert any("FP8 e4m3 GEMMs" in s and "(3 blocks)" in s for s in r.swapped), r
@@ -698,26 +694,43 @@ def test_gpu_tiny_model_fp8_eager_and_compiled():
     assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
 
 
+def add_outlier_channels_(model, n: int = 4, factor: float = 30.0, seed: int = 5) -> list[int]:
+    """A few large-magnitude channels in the residual streams, as trained DiTs have: ``n`` output
+    channels of the image and text input projections scaled by ``factor`` (the same channels for
+    both streams). Returns them."""
+    g = torch.Generator().manual_seed(seed)
+    chans = torch.randperm(model.img_in.out_features, generator=g)[:n].tolist()
+    with torch.no_grad():
+        for lin in (model.img_in, model.txt_in):
+            lin.weight[chans] *= factor
+            if lin.bias is not None:
+                lin.bias[chans] *= factor
+    return chans
+
+
 @pytest.mark.gpu
 @needs_fp8_gpu
-def test_gpu_qwen_edit_block_fp8_vs_recipe():
-    """One Qwen-Image-Edit-2511 block at the real dims (3072 = 24 x 128), bf16, 1 x (1024 + 1024)
-    image + 208 text tokens: the FP8-patched block's error against the same block in fp32 must not
-    exceed the per-row recipe's (torchao's dynamic activation + weight per-row scheme, in plain
-    PyTorch) by more than 10%. Prints both. Then unpatch restores the bf16 weights (moved to the CPU
-    while patched) bit for bit."""
+@pytest.mark.parametrize("layers,outliers", [(1, False), (1, True), (4, True)])
+def test_gpu_qwen_edit_block_fp8_vs_recipe(layers, outliers):
+    """Qwen-Image-Edit-2511 at the real dims (3072 = 24 x 128), bf16, 1 x (1024 + 1024) image + 208 text
+    tokens, one block or a few (with a few outlier channels in the activations, as trained DiTs have, or
+    without): the FP8-patched model's error against the same model in fp32 must not exceed the per-row
+    recipe's (torchao's dynamic activation + weight per-row scheme, in plain PyTorch) by more than
+    10%. Prints all three errors. Then unpatch restores the bf16 weights (moved to the CPU while
+    patched) bit for bit."""
     from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs
-    m32 = build_qwen_image_transformer("edit-2511", num_layers=1, device="cuda", dtype=torch.float32, seed=0)
+    m32 = build_qwen_image_transformer("edit-2511", num_layers=layers, device="cuda", dtype=torch.float32, seed=0)
+    if outliers:
+        add_outlier_channels_(m32)
     kw32 = make_qwen_inputs(m32, img_tokens=(1024, 1024), txt_len=208, seed=1)
     truth = _run(m32, kw32)
     m = m32.to(torch.bfloat16)
     del m32
     kw = make_qwen_inputs(m, img_tokens=(1024, 1024), txt_len=208, seed=1)
     bf16 = _run(m, kw)
-    lins = per_row_fp8_recipe_(m)
+    fp8_recipe.install(m)
     recipe = _run(m, kw)
-    for lin in lins:
-        del lin.forward
+    fp8_recipe.remove(m)
     sd = {k: v.clone() for k, v in m.state_dict().items()}
     r = fdo.patch(m, precision="fp8")
     assert any("FP8 e4m3 GEMMs" in s for s in r.swapped), r
@@ -725,8 +738,8 @@ def test_gpu_qwen_edit_block_fp8_vs_recipe():
     assert m.transformer_blocks[0].img_mlp.net[2].weight.device.type == "cpu"
     ours = _run(m, kw)
     e_bf16, e_recipe, e_ours = rel_err(bf16, truth), rel_err(recipe, truth), rel_err(ours, truth)
-    print(f"\nQwen-Image-Edit block vs fp32: bf16 {e_bf16:.3e}, per-row FP8 recipe {e_recipe:.3e}, "
-          f"fused FP8 {e_ours:.3e}")
+    print(f"\nQwen-Image-Edit {layers} block(s){' with outlier channels' if outliers else ''} vs fp32: "
+          f"bf16 {e_bf16:.3e}, per-row FP8 recipe {e_recipe:.3e}, fused FP8 {e_ours:.3e}")
     assert not r.runtime, r.runtime
     assert e_ours <= 1.1 * e_recipe
     mask = torch.ones(1, 208, dtype=torch.bool, device="cuda")

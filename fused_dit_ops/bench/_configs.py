@@ -85,7 +85,11 @@ MODIFIERS = {
     "nodual": {"dual_launch": False},  # one launch per stream for each norm op
     "nolookahead": {"lookahead": False},  # each block does its own norm1 + modulation
     "fp8": {"precision": "fp8"},  # the block Linears as FP8 e4m3 GEMMs (integrations/fp8.py)
+    # stock providers only: the baseline FP8 recipe (torchao's per-row dynamic scheme in plain PyTorch,
+    # bench/fp8_recipe.py) on the block Linears, e.g. stock-compile+fp8recipe
+    "fp8recipe": {"fp8_recipe": True},
 }
+STOCK_MODIFIERS = ("fp8recipe",)
 
 
 def split_modifiers(provider: str) -> tuple[str, dict]:
@@ -98,8 +102,14 @@ def split_modifiers(provider: str) -> tuple[str, dict]:
             raise ValueError(f"unknown provider modifier {m!r} in {provider!r} (known: "
                              f"{', '.join('+' + k for k in MODIFIERS)})")
         kwargs.update(MODIFIERS[m])
-    if mods and not normalize(base).startswith("patched"):
-        raise ValueError(f"provider {provider!r}: modifiers apply to patched providers only")
+    stock_ok = all(m in STOCK_MODIFIERS for m in mods)
+    patched = normalize(base).startswith("patched")
+    if mods and not patched and not stock_ok:
+        raise ValueError(f"provider {provider!r}: modifiers other than "
+                         f"{', '.join('+' + m for m in STOCK_MODIFIERS)} apply to patched providers only")
+    if patched and any(m in STOCK_MODIFIERS for m in mods):
+        raise ValueError(f"provider {provider!r}: {', '.join('+' + m for m in STOCK_MODIFIERS)} "
+                         "applies to stock providers only")
     return base, kwargs
 
 
@@ -119,6 +129,9 @@ def apply(model, name: str, *, fullgraph: bool = True, reuse_mod: bool = False, 
     ``fused_dit_ops.integrations.engine.patch_ab`` (see :data:`MODIFIERS`)."""
     name = normalize(name)
     info: dict = {"config": name}
+    if patch_kwargs.pop("fp8_recipe", False):
+        from . import fp8_recipe
+        info["fp8_recipe"] = f"{len(fp8_recipe.install(model))} Linears"
     if is_patched(name):
         patch, _ = _patch_api()
         report = patch(model, reuse_mod=reuse_mod, **patch_kwargs)
@@ -133,6 +146,8 @@ def reset(model, name: str) -> None:
     name = normalize(name)
     if is_compiled(name):
         uncompile(model)
+    from . import fp8_recipe
+    fp8_recipe.remove(model)
     if is_patched(name):
         _, unpatch = _patch_api()
         unpatch(model)

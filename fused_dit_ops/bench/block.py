@@ -162,6 +162,11 @@ def _energy_note(row) -> str:
             if row.get("j_per_call") is not None else "")
 
 
+def _fp8_columns(rows) -> list[str]:
+    """The FP8 ratio columns, where the rows have them."""
+    return [c for c in ("ratio_vs_patched_eager", "ratio_vs_fp8recipe") if any(r.get(c) is not None for r in rows)]
+
+
 def _summarize(rows, rounds: int) -> list[dict]:
     """One block's rows: with several rounds, each provider's medians in one row (the energy columns
     too when every timed row has them); then the speedup over stock eager and the time and energy
@@ -175,6 +180,10 @@ def _summarize(rows, rounds: int) -> list[dict]:
             r["speedup_vs_stock_eager"] = base / r["ms"] if base else None
     harness.add_ratio(rows, "ms", "stock-compile", "ratio_vs_stock_compile")
     harness.add_ratio(rows, "j_per_call", "stock-compile", "energy_ratio_vs_stock_compile")
+    # FP8 rows: against our bf16 patched eager and against the baseline FP8 recipe (compiled)
+    if any("+fp8" in str(r.get("provider", "")) for r in rows):
+        harness.add_ratio(rows, "ms", "patched-eager", "ratio_vs_patched_eager")
+        harness.add_ratio(rows, "ms", "stock-compile+fp8recipe", "ratio_vs_fp8recipe")
     return rows
 
 
@@ -210,7 +219,10 @@ def main(argv=None) -> int:
                          "call and average power from the GPU's energy counter (NVML; 0: off)")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp8"),
                     help="fp8: every patched provider also runs as '<provider>+fp8' (FP8 e4m3 block GEMMs, "
-                         "patch(precision='fp8')), next to its bf16 row")
+                         "patch(precision='fp8')), next to its bf16 row, and with stock-compile among the "
+                         "providers, stock-compile+fp8recipe (the baseline FP8 recipe: torchao's per-row "
+                         "dynamic scheme in plain PyTorch, compiled); ratios against patched-eager and "
+                         "against the recipe are added")
     ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
     args = ap.parse_args(argv)
     device = _configs.resolve_device(args.device, args.tiny, "bench block")
@@ -221,6 +233,8 @@ def main(argv=None) -> int:
         providers = providers + [p + "+fp8" for p in providers
                                  if _configs.is_patched(_configs.normalize(p.partition("+")[0]))
                                  and "+fp8" not in p and p + "+fp8" not in providers]
+        if "stock-compile" in providers and "stock-compile+fp8recipe" not in providers:
+            providers.append("stock-compile+fp8recipe")  # the baseline FP8 recipe, compiled
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
     if args.model in ("flux", "flux2"):
@@ -267,6 +281,7 @@ def main(argv=None) -> int:
     pending.clear()
     rows = _summarize(rows, args.rounds)
     print(harness.format_table(rows, ["provider", "ms", "speedup_vs_stock_eager", "ratio_vs_stock_compile",
+                                      *_fp8_columns(rows),
                                       "j_per_call", "avg_power_w", "energy_ratio_vs_stock_compile",
                                       "first_call_s", "max_rel_diff_vs_stock", "error"]))
     pe = next((r for r in rows if r.get("provider") == "patched-eager" and "ms" in r), None)
@@ -350,6 +365,7 @@ def _main_flux(args, device: str, providers: list[str]) -> int:
     for k in kinds:
         out_rows += [{"block": k, **r} for r in _summarize(rows[k], args.rounds)]
     print(harness.format_table(out_rows, ["block", "provider", "ms", "speedup_vs_stock_eager", "ratio_vs_stock_compile",
+                                          *_fp8_columns(out_rows),
                                           "j_per_call", "avg_power_w", "energy_ratio_vs_stock_compile",
                                           "first_call_s", "max_rel_diff_vs_stock", "error"]))
     path = harness.write_results(f"block-{args.model}" + ("-tiny" if args.tiny else ""), out_rows,
@@ -410,6 +426,7 @@ def _main_wan(args, device: str, providers: list[str]) -> int:
     pending.clear()
     rows = _summarize(rows, args.rounds)
     print(harness.format_table(rows, ["provider", "ms", "speedup_vs_stock_eager", "ratio_vs_stock_compile",
+                                      *_fp8_columns(rows),
                                       "j_per_call", "avg_power_w", "energy_ratio_vs_stock_compile",
                                       "first_call_s", "max_rel_diff_vs_stock", "error"]))
     path = harness.write_results("block-wan" + ("-tiny" if args.tiny else ""), rows,
