@@ -111,7 +111,7 @@ def _err(out, ref):
 
 def run_demo(device=None, layers=None, config="edit-2511", img_tokens=None, txt_len=None, iters=None,
              warmup=None, compile_=True, compile_backend=None, attention_backend=None, dtype=None,
-             out_dir=None, quiet=False, model="qwen") -> list[dict]:
+             out_dir=None, quiet=False, model="qwen", precision="bf16") -> list[dict]:
     from . import patch, unpatch
     from .bench.harness import format_table
     from .models import build_model_and_inputs
@@ -147,22 +147,32 @@ def run_demo(device=None, layers=None, config="edit-2511", img_tokens=None, txt_
               f"L_img {L_img}, L_txt {L_txt}; "
               f"{iters} timed forwards after {warmup} warm-up, compile backend {compile_backend}")
 
-    variants = [("stock eager", False, False)]
+    if precision not in ("bf16", "fp8"):
+        raise ValueError(f"precision must be 'bf16' or 'fp8', got {precision!r}")
+    # (name, patch precision or None for stock, compiled)
+    variants = [("stock eager", None, False)]
     if compile_:
-        variants.append(("stock compile", False, True))
-    variants.append(("patched eager", True, False))
-    if compile_:
-        variants.append(("patched compile", True, True))
+        variants.append(("stock compile", None, True))
+    for prec in ("bf16", "fp8") if precision == "fp8" else ("bf16",):
+        tag = "" if prec == "bf16" else " fp8"
+        variants.append((f"patched{tag} eager", prec, False))
+        if compile_:
+            variants.append((f"patched{tag} compile", prec, True))
 
     bar = _progress(len(variants) * (warmup + iters), "demo")
-    rows, ref, report = [], None, None
+    rows, ref, report, reports, patched_as = [], None, None, [], None
     try:
-        for name, patched, compiled in variants:
+        for name, prec, compiled in variants:
             bar.set_description(name)
             torch._dynamo.reset()
             uncompile_blocks(model)
-            if patched and report is None:
-                report = patch(model, attention_backend=attention_backend, reuse_mod=False)  # one forward, repeated
+            if prec != patched_as:
+                if patched_as is not None:
+                    unpatch(model)
+                report = patch(model, attention_backend=attention_backend, reuse_mod=False,  # one forward, repeated
+                               **({"precision": "fp8"} if prec == "fp8" else {}))
+                reports.append(report)
+                patched_as = prec
             if compiled:
                 compile_blocks(model, fullgraph=True, backend=compile_backend)
 
@@ -190,15 +200,15 @@ def run_demo(device=None, layers=None, config="edit-2511", img_tokens=None, txt_
                                   "speedup_vs_compile", "rel_err", "max_abs_err"]))
         print("ms_per_layer = forward time / layers (embeddings and the output head included); "
               "rel_err = Frobenius relative error of the output vs stock eager")
-        if report is not None:
-            print(report)
+        for r in reports:
+            print(r)
         if not gpu:
             print(CPU_NOTE)
     if out_dir:
         from .bench.harness import write_results
         extra = dict(model=family, config=config, layers=n_layers, dtype=str(dtype), L_img=L_img, L_txt=L_txt, iters=iters,
                      compile_backend=compile_backend, attention_backend=attention_backend or "auto",
-                     patch_report=str(report))
+                     precision=precision, patch_report="\n".join(str(r) for r in reports))
         path = write_results("demo", rows, extra, out_dir)
         if not quiet:
             print(f"wrote {path}")
@@ -232,6 +242,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (GPU inductor, CPU aot_eager)")
     p.add_argument("--attention-backend", default=None, help="fused_dit.attention backend (default auto)")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp8"),
+                   help="fp8: also run the model patched with precision='fp8' (FP8 e4m3 block GEMMs), eager "
+                        "and compiled, next to the bf16 rows")
     p.add_argument("--out", default=None, help="write JSON results into this directory")
     a = p.parse_args(argv)
     if a.tiny and a.model == "wan":
@@ -240,7 +253,7 @@ def main(argv=None) -> int:
         a.config = "tiny"
     run_demo(device=a.device, layers=a.layers, config=a.config, img_tokens=a.img_tokens, txt_len=a.txt_len,
              iters=a.iters, warmup=a.warmup, compile_=not a.no_compile, compile_backend=a.compile_backend,
-             attention_backend=a.attention_backend, out_dir=a.out, model=a.model)
+             attention_backend=a.attention_backend, out_dir=a.out, model=a.model, precision=a.precision)
     return 0
 
 

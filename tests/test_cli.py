@@ -91,6 +91,18 @@ def test_demo_on_cpu_says_cpu_timings_mean_nothing_for_gpus(capsys):
     assert out.rstrip().endswith("for the speed comparison.")  # the note is the last thing on screen
 
 
+def test_demo_precision_fp8_adds_fp8_rows(capsys):
+    """demo --precision fp8: the patched model also runs with FP8 block GEMMs (the CPU reference
+    implementations here), next to the bf16 rows, with a small but nonzero error against stock."""
+    assert main(["demo", "--device", "cpu", "--iters", "1", "--warmup", "0", "--no-compile",
+                 "--precision", "fp8"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("patched fp8 eager"))
+    rel = float(row.split()[-2])
+    assert 0 < rel < 0.1, row
+    assert "precision=fp8" in out and "FP8 e4m3 GEMMs" in out
+
+
 def test_profile_on_cpu_prints_no_kineto_log_lines(tmp_path):
     """libkineto (torch.profiler) logs from C++ straight to the terminal: on a machine without a GPU
     a CUDA build of torch prints "gpuGetDeviceCount failed with code 35", a CPU build its USDT/STAGE
