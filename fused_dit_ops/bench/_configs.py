@@ -85,7 +85,12 @@ MODIFIERS = {
     "nodual": {"dual_launch": False},  # one launch per stream for each norm op
     "nolookahead": {"lookahead": False},  # each block does its own norm1 + modulation
     "fp8": {"precision": "fp8"},  # the block Linears as FP8 e4m3 GEMMs (integrations/fp8.py)
+    # Wan: per-token timesteps (TI2V-5B) projected per token and modulated per token in torch, instead of
+    # collapsed to two parameter sets + an index (diffusers_wan.set_timestep_collapse)
+    "nocollapse": {"timestep_collapse": False},
 }
+# options of MODIFIERS set after patch() rather than passed to it
+_AFTER_PATCH = ("timestep_collapse",)
 
 
 def split_modifiers(provider: str) -> tuple[str, dict]:
@@ -120,8 +125,16 @@ def apply(model, name: str, *, fullgraph: bool = True, reuse_mod: bool = False, 
     name = normalize(name)
     info: dict = {"config": name}
     if is_patched(name):
-        patch, _ = _patch_api()
+        patch, unpatch = _patch_api()
+        after = {k: patch_kwargs.pop(k) for k in _AFTER_PATCH if k in patch_kwargs}
         report = patch(model, reuse_mod=reuse_mod, **patch_kwargs)
+        if "timestep_collapse" in after:
+            from ..integrations import diffusers_wan
+            try:
+                diffusers_wan.set_timestep_collapse(model, after["timestep_collapse"])
+            except ValueError as e:
+                unpatch(model)
+                raise ValueError(f"+nocollapse: {e}") from None
         info["patch"] = str(report)
     if is_compiled(name):
         info["compile"] = compile_blocks(model, fullgraph=fullgraph)
