@@ -118,6 +118,9 @@ _GEMM_OPS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "addbmm", "m
              "_scaled_mm", "addmv", "mv", "_int_mm", "dot", "einsum"}
 _ATTENTION_KERNEL = re.compile(r"flash|fmha|attention|attn|sdpa", re.I)
 _GEMM_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass|cublas|triton_tem|splitK|_mm_|matmul", re.I)
+# inductor's pointwise / reduction kernels, named after the ops they feed (e.g. a layout transform
+# "triton_poi_fused__scaled_dot_product_flash_attention_0"): memory-bound whatever the name says
+_INDUCTOR_MEMBOUND = re.compile(r"^triton_(poi|per|red)_")
 
 
 def _is_attention_op(op: str) -> bool:
@@ -137,8 +140,10 @@ def kernel_category(name: str, op: str = "", parents: Sequence[str] = ()) -> str
     op is memory-bound is "rest" (e.g. a layout copy in front of an attention call); else the
     launching op and its enclosing ops (``parents``, innermost first) decide, attention before GEMM
     (the math backend's matmuls are attention); kernels of unknown or opaque ops (inductor's) go by
-    their name (FlashAttention / cuDNN SDPA / fmha; cuBLAS / CUTLASS / nvjet / Triton templates)."""
-    if op and op_is_memory_bound(op):
+    their name (FlashAttention / cuDNN SDPA / fmha; cuBLAS / CUTLASS / nvjet / Triton templates);
+    inductor's pointwise and reduction kernels (``triton_poi_`` / ``triton_per_`` / ``triton_red_``)
+    are rest even where named after an attention or GEMM op they feed."""
+    if op and op_is_memory_bound(op) or _INDUCTOR_MEMBOUND.match(name or "") or _INDUCTOR_MEMBOUND.match(op or ""):
         return "rest"
     chain = [o for o in (op, *parents) if o]
     if any(_is_attention_op(o) for o in chain):

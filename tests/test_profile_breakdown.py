@@ -39,6 +39,11 @@ def test_kernel_category_by_op_chain_and_name():
     assert c("triton_poi_fused_add_mul_0", "") == "rest"
     assert c("triton_red_fused_native_layer_norm_1", "") == "rest"
     assert c("", "aten::native_layer_norm") == "rest"
+    # inductor's layout transform in front of SDPA, named after it (kernel name, or its own CPU range)
+    assert c("triton_poi_fused__scaled_dot_product_flash_attention_0", "") == "rest"
+    assert c("triton_poi_fused__scaled_dot_product_flash_attention_0",
+             "triton_poi_fused__scaled_dot_product_flash_attention_0", ["CompiledFxGraph"]) == "rest"
+    assert c("triton_tem_fused_addmm_0", "triton_tem_fused_addmm_0") == "gemm"
 
 
 def _ev(name, start, end, dev="CPU", id=0, linked=0, parent=None):
