@@ -15,9 +15,22 @@ kernel is assigned to the block when the CPU launch that produced it (matched by
 lies inside the range, or, for a kernel without a matched launch, when its midpoint does. On CPU
 the "kernels" are the CPU ops of the range, each counted with its self time.
 
-``--model flux``: a Flux.1 transformer (FLUX.1-dev dims; tiny on CPU) of ``--layers`` N double-stream
-+ 2N single-stream blocks at 4096 image + 512 text tokens; ``--kind double`` (default) or
-``--kind single`` picks the block list that ``--layer`` indexes.
+``--model flux`` / ``flux2``: a Flux.1 / FLUX.2 transformer (FLUX.1-dev / FLUX.2-dev dims; tiny on
+CPU) of ``--layers`` N double-stream + 2N single-stream blocks at 4096 image + 512 text tokens;
+``--kind double`` (default) or ``--kind single`` picks the block list that ``--layer`` indexes.
+
+``--model wan``: a Wan transformer of ``--layers`` N self + cross attention blocks, ``--config``
+t2v-14b (default), ti2v-5b (per-token timestep), i2v-14b, t2v-1.3b or a14b (on the CPU the matching
+tiny config), at 480p x 81 frames (latent 21 x 60 x 104: 32760 tokens) + 512 text tokens.
+
+Per configuration, a second table splits the block's time into GEMMs, attention and the rest
+(everything else: norms, modulation, RoPE, residuals, copies), each in us and as a share of the
+block; the fused block aims at rest <= 12%. A kernel counts as attention or GEMM when its launching
+op or an op enclosing it is one (attention first), except that a kernel whose own op is
+memory-bound (a copy, an elementwise op) is rest; kernels of opaque ops (inductor's) go by name.
+
+Configurations of a patched model may carry the benchmarks' patch options: ``--b
+patched+nocollapse`` (Wan TI2V: no two-set timestep collapse), ``patched+nopack``, ...
 
 Without a CUDA GPU (or with ``--device cpu``) it profiles the tiny config on the CPU: the rows
 are CPU ops with their self time. That checks the tool and the patched model's wiring; it says
@@ -96,6 +109,62 @@ _MEMBOUND_KERNEL = re.compile(r"elementwise|reduce_kernel|layer_norm|rms_norm|no
                               r"_gate_residual|_norm_scale_shift|_joint_qk|rope|qkv_cat", re.I)
 _COMPUTE_KERNEL = re.compile(r"gemm|cutlass|xmma|flash|fmha|attention|sm90_|sm80_|cublas|triton_tem|mm_",
                              re.I)
+
+# -- GEMM / attention / rest --------------------------------------------------------------------------
+
+REST_TARGET_PCT = 12.0  # the fused block's aim: everything but GEMMs and attention <= 12% of the block
+_ATTENTION_OP = re.compile(r"attention|attn|flash|sdpa|fmha", re.I)
+_GEMM_OPS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "addbmm", "matmul", "linear", "_addmm_activation",
+             "_scaled_mm", "addmv", "mv", "_int_mm", "dot", "einsum"}
+_ATTENTION_KERNEL = re.compile(r"flash|fmha|attention|attn|sdpa", re.I)
+_GEMM_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass|cublas|triton_tem|splitK|_mm_|matmul", re.I)
+# inductor's pointwise / reduction kernels, named after the ops they feed (e.g. a layout transform
+# "triton_poi_fused__scaled_dot_product_flash_attention_0"): memory-bound whatever the name says
+_INDUCTOR_MEMBOUND = re.compile(r"^triton_(poi|per|red)_")
+
+
+def _is_attention_op(op: str) -> bool:
+    ns, base = _op_base(op)
+    return bool(_ATTENTION_OP.search(base) or _ATTENTION_OP.search(ns))
+
+
+def _is_gemm_op(op: str) -> bool:
+    ns, base = _op_base(op)
+    if ns == "fused_dit":
+        return base in _COMPUTE_BOUND and not _ATTENTION_OP.search(base)
+    return ns == "aten" and base in _GEMM_OPS
+
+
+def kernel_category(name: str, op: str = "", parents: Sequence[str] = ()) -> str:
+    """"attention", "gemm" or "rest" for one kernel (CPU: one op). By the ops: a kernel whose own
+    op is memory-bound is "rest" (e.g. a layout copy in front of an attention call); else the
+    launching op and its enclosing ops (``parents``, innermost first) decide, attention before GEMM
+    (the math backend's matmuls are attention); kernels of unknown or opaque ops (inductor's) go by
+    their name (FlashAttention / cuDNN SDPA / fmha; cuBLAS / CUTLASS / nvjet / Triton templates);
+    inductor's pointwise and reduction kernels (``triton_poi_`` / ``triton_per_`` / ``triton_red_``)
+    are rest even where named after an attention or GEMM op they feed."""
+    if op and op_is_memory_bound(op) or _INDUCTOR_MEMBOUND.match(name or "") or _INDUCTOR_MEMBOUND.match(op or ""):
+        return "rest"
+    chain = [o for o in (op, *parents) if o]
+    if any(_is_attention_op(o) for o in chain):
+        return "attention"
+    if any(_is_gemm_op(o) for o in chain):
+        return "gemm"
+    if _ATTENTION_KERNEL.search(name or ""):
+        return "attention"
+    if _GEMM_KERNEL.search(name or "") and not kernel_is_memory_bound(name):
+        return "gemm"
+    return "rest"
+
+
+def _parents(ev, stop: str = MARK, depth: int = 16) -> list[str]:
+    """Names of the ops enclosing a profiler event, innermost first, up to the block's range."""
+    out, p = [], getattr(ev, "cpu_parent", None)
+    while p is not None and len(out) < depth and p.name != stop:
+        out.append(p.name)
+        p = getattr(p, "cpu_parent", None)
+    return out
+
 
 _ITEMSIZE = {
     "c10::BFloat16": 2, "c10::Half": 2, "float": 4, "double": 8, "int": 4, "long int": 8, "bool": 1,
@@ -233,6 +302,7 @@ class KernelRecord:
     us: float
     bytes: int | None = None
     memory_bound: bool = False
+    category: str = "rest"  # "gemm", "attention" or "rest" (kernel_category)
 
 
 @dataclass
@@ -248,14 +318,31 @@ class LayerProfile:
     def total_us(self) -> float:
         return sum(k.us for k in self.kernels)
 
+    def breakdown(self) -> dict:
+        """The block's device time split into GEMMs, attention and the rest (everything else:
+        norms, modulation, RoPE, residuals, copies), in us and as shares of the block; ``rest_ok``:
+        rest within :data:`REST_TARGET_PCT` (CUDA profiles only; None on the CPU)."""
+        total = self.total_us
+        gemm = sum(k.us for k in self.kernels if k.category == "gemm")
+        attn = sum(k.us for k in self.kernels if k.category == "attention")
+        rest = total - gemm - attn
+
+        def pct(v):
+            return 100.0 * v / total if total > 0 else None
+        return {"total_us": total, "gemm_us": gemm, "attention_us": attn, "rest_us": rest,
+                "gemm_pct": pct(gemm), "attention_pct": pct(attn), "rest_pct": pct(rest),
+                "rest_target_pct": REST_TARGET_PCT,
+                "rest_ok": (pct(rest) <= REST_TARGET_PCT) if self.device == "cuda" and total > 0 else None}
+
     def summary(self) -> "OrderedDict[str, dict]":
         """Per short name: count, us, share (%), op, floor bytes/us where known, sorted by time."""
         groups: dict[str, dict] = {}
         total = self.total_us or 1.0
         for k in self.kernels:
             g = groups.setdefault(k.short, {"count": 0, "us": 0.0, "ops": Counter(), "bytes": 0, "bytes_us": 0.0,
-                                            "memory_bound": k.memory_bound})
+                                            "memory_bound": k.memory_bound, "cats": Counter()})
             g["count"] += 1
+            g["cats"][k.category] += k.us
             g["us"] += k.us
             if k.op:
                 g["ops"][k.op] += 1
@@ -265,12 +352,13 @@ class LayerProfile:
         for g in groups.values():
             g["share"] = 100.0 * g["us"] / total
             g["op"] = g["ops"].most_common(1)[0][0] if g["ops"] else ""
-            del g["ops"]
+            g["category"] = g["cats"].most_common(1)[0][0] if g["cats"] else "rest"
+            del g["ops"], g["cats"]
         return OrderedDict(sorted(groups.items(), key=lambda kv: -kv[1]["us"]))
 
     def to_dict(self) -> dict:
         return {"label": self.label, "device": self.device, "range_us": self.range_us, "span_us": self.span_us,
-                "total_us": self.total_us, "meta": self.meta,
+                "total_us": self.total_us, "breakdown": self.breakdown(), "meta": self.meta,
                 "kernels": [k.__dict__ for k in self.kernels]}
 
 
@@ -283,6 +371,10 @@ class _MarkedBlock(torch.nn.Module):
         super().__init__()
         self.inner = inner
         self._label, self._sync = label, sync
+        # a patched block's state reference: the patched model forward still sees a patched block here
+        from .integrations.engine import ATTR
+        if ATTR in inner.__dict__:
+            self.__dict__[ATTR] = inner.__dict__[ATTR]
 
     def forward(self, *args, **kwargs):
         if self._sync:
@@ -432,7 +524,8 @@ def extract_block(events: Sequence, label: str = MARK, occurrence: int = 0, devi
             if mb and op_ev is not None and per_op[id(op_ev)] == 1:
                 nbytes = op_min_bytes(op, op_ev.input_shapes, getattr(op_ev, "input_dtypes", None))
             us = k.time_range.end - k.time_range.start
-            kernels.append(KernelRecord(k.name, short_name(k.name), op, us, nbytes, mb))
+            cat = kernel_category(k.name, op, _parents(op_ev, label) if op_ev is not None else ())
+            kernels.append(KernelRecord(k.name, short_name(k.name), op, us, nbytes, mb, cat))
         if picked:
             span = max(k.time_range.end for k in picked) - min(k.time_range.start for k in picked)
     else:
@@ -451,7 +544,8 @@ def extract_block(events: Sequence, label: str = MARK, occurrence: int = 0, devi
             # bytes where the op itself moves the data (no memory-bound child op doing it)
             if mb and not any(op_is_memory_bound(c.name) for c in e.cpu_children):
                 nbytes = op_min_bytes(e.name, e.input_shapes, getattr(e, "input_dtypes", None))
-            kernels.append(KernelRecord(e.name, cpu_op_name(e.name), e.name, us, nbytes, mb))
+            kernels.append(KernelRecord(e.name, cpu_op_name(e.name), e.name, us, nbytes, mb,
+                                        kernel_category("", e.name, _parents(e, label))))
     return LayerProfile(label=label, device="cuda" if cuda else device, kernels=kernels,
                         range_us=t1 - t0, span_us=span)
 
@@ -523,20 +617,21 @@ def comparison_rows(profiles: Sequence[LayerProfile], names: Sequence[str], band
     for k in keys[:top]:
         op = next((s[k]["op"] for s in sums if k in s and s[k]["op"]), "")
         op = "" if op == k or cpu_op_name(op) == k else op
-        row = {"kernel": k, "op": op if len(op) <= 40 else op[:37] + "..."}
+        cat = next((s[k]["category"] for s in sums if k in s), "")
+        row = {"kernel": k, "op": op if len(op) <= 40 else op[:37] + "...", "class": cat}
         for s, name in zip(sums, names):
             row.update(cells(s.get(k), name))
         rows.append(row)
     rest = keys[top:]
     if rest:
-        row = {"kernel": f"({len(rest)} more kernel names)", "op": ""}
+        row = {"kernel": f"({len(rest)} more kernel names)", "op": "", "class": ""}
         for s, name in zip(sums, names):
             gs = [s[k] for k in rest if k in s]
             row.update({f"{name} n": sum(g["count"] for g in gs) or None,
                         f"{name} us": sum(g["us"] for g in gs) or None,
                         f"{name} %": sum(g["share"] for g in gs) or None, f"{name} floor%": None})
         rows.append(row)
-    total = {"kernel": "TOTAL (kernel time)", "op": ""}
+    total = {"kernel": "TOTAL (kernel time)", "op": "", "class": ""}
     for p, s, name in zip(profiles, sums, names):
         total.update({f"{name} n": len(p.kernels), f"{name} us": p.total_us, f"{name} %": 100.0 if p.kernels else 0.0,
                       f"{name} floor%": None})
@@ -550,7 +645,7 @@ def format_comparison(profiles: Sequence[LayerProfile], names: Sequence[str], ba
     then the block's time lines and the speedup of each configuration over the first."""
     from .bench.harness import format_table
     rows = comparison_rows(profiles, names, bandwidth, top)
-    cols = ["kernel", "op"] + [f"{n} {c}" for n in names for c in ("n", "us", "%", "floor%")]
+    cols = ["kernel", "op", "class"] + [f"{n} {c}" for n in names for c in ("n", "us", "%", "floor%")]
     lines = [title] if title else []
     lines.append(format_table(rows, cols))
     lines.append("")
@@ -559,6 +654,7 @@ def format_comparison(profiles: Sequence[LayerProfile], names: Sequence[str], ba
         span = f", GPU span {p.span_us:.1f} us" if p.span_us is not None else ""
         lines.append(f"{n}: {len(p.kernels)} kernels, {unit} time {p.total_us:.1f} us{span}, "
                      f"block range {p.range_us:.1f} us")
+    lines.append(format_breakdown(profiles, names))
     if len(profiles) >= 2 and profiles[0].total_us > 0:
         for p, n in zip(profiles[1:], names[1:]):
             if p.total_us > 0:
@@ -568,6 +664,25 @@ def format_comparison(profiles: Sequence[LayerProfile], names: Sequence[str], ba
         lines.append(f"floor% = minimum bytes / ({bandwidth / 1e9:.0f} GB/s measured copy bandwidth x time); "
                      "blank: compute-bound or bytes not inferable")
     return "\n".join(lines)
+
+
+def breakdown_rows(profiles: Sequence[LayerProfile], names: Sequence[str]) -> list[dict]:
+    """One row per configuration: the block's device time, GEMM, attention and rest (us and % of
+    the block), and whether rest is within :data:`REST_TARGET_PCT` (CUDA)."""
+    return [{"config": n, **p.breakdown()} for p, n in zip(profiles, names)]
+
+
+def format_breakdown(profiles: Sequence[LayerProfile], names: Sequence[str]) -> str:
+    """The breakdown table as text (see :func:`breakdown_rows`)."""
+    from .bench.harness import format_table
+    rows = breakdown_rows(profiles, names)
+    for r in rows:
+        r["rest_ok"] = {True: "yes", False: "NO", None: ""}[r["rest_ok"]]
+    unit = "kernel" if profiles and profiles[0].device == "cuda" else "CPU-op self"
+    cols = ["config", "total_us", "gemm_us", "gemm_pct", "attention_us", "attention_pct", "rest_us", "rest_pct",
+            "rest_ok"]
+    return (f"block time by class ({unit} time; rest = total - GEMM - attention, target <= "
+            f"{REST_TARGET_PCT:g}% of the block):\n" + format_table(rows, cols))
 
 
 def write_png(profiles: Sequence[LayerProfile], names: Sequence[str], path: str | Path, top: int = 20,
@@ -610,60 +725,131 @@ def _dtype(s: str) -> torch.dtype:
             "fp32": torch.float32, "float32": torch.float32}[s]
 
 
-def run_profile(a: str = "stock", b: str = "patched", *, config: str | None = None, layers: int = 3, layer: int = 1,
-                device: str | None = None, dtype: str | None = None, tokens=None, txt_len: int | None = None,
-                warmup: int = 2, trace: str | None = None, model: str = "qwen",
-                kind: str = "double") -> tuple[list[LayerProfile], list[str], dict]:
-    """Build the demo model once and profile block ``layer`` of one forward in configurations a and b.
+MODELS = ("qwen", "flux", "flux2", "wan")
 
-    ``model``: "qwen" (``layers`` blocks) or "flux" (``layers`` double-stream + 2 x ``layers``
-    single-stream blocks; ``kind`` "double" or "single" says which list ``layer`` indexes)."""
+
+def _config_name(spec: str) -> tuple[str, str, dict]:
+    """(display name, base configuration, patch options) of "stock", "patched", "patched+nopack", ..."""
+    base, opts = _configs_mod().split_modifiers(spec)
+    mods = spec.strip().split("+")[1:]
+    norm = _configs_mod().normalize(base)
+    return "+".join([norm, *mods]), norm, opts
+
+
+def _configs_mod():
     from .bench import _configs
-    from .models import build_flux_transformer, build_qwen_image_transformer, make_flux_inputs, make_qwen_inputs
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return _configs
+
+
+def _build(model: str, config: str | None, layers: int, layer: int, kind: str, device: str, dt, tokens,
+           txt_len) -> tuple:
+    """(model, inputs, block list attribute, meta) of ``--model``."""
+    from . import models as M
+    _configs = _configs_mod()
     cuda = torch.device(device).type == "cuda"
-    dt = _dtype(dtype) if dtype else (torch.bfloat16 if cuda else torch.float32)
-    names = [_configs.normalize(a), _configs.normalize(b)]
-    if model == "flux":
+    if model in ("flux", "flux2"):
+        table, build, make = ((M.FLUX_CONFIGS, M.build_flux_transformer, M.make_flux_inputs) if model == "flux" else
+                              (M.FLUX2_CONFIGS, M.build_flux2_transformer, M.make_flux2_inputs))
         config = config or ("dev" if cuda else "tiny")
+        if config not in table:
+            raise SystemExit(f"--config {config!r} is not a {model} config; choose from {', '.join(table)}")
         attr = {"double": "transformer_blocks", "single": "single_transformer_blocks"}.get(kind)
         if attr is None:
             raise SystemExit(f"--kind {kind!r}: choose double or single")
         n = layers if kind == "double" else 2 * layers
         if not 0 <= layer < n:
             raise SystemExit(f"--layer {layer} is outside the model's {n} {kind}-stream blocks")
-        m = build_flux_transformer(config, num_layers=layers, num_single_layers=2 * layers, device=device, dtype=dt)
-        inputs = make_flux_inputs(m, img_tokens=_configs.parse_tokens(tokens), txt_len=txt_len)
-        meta = {"model": "flux", "config": config, "layers": layers, "single_layers": 2 * layers, "kind": kind,
+        m = build(config, num_layers=layers, num_single_layers=2 * layers, device=device, dtype=dt)
+        inputs = make(m, img_tokens=_configs.parse_tokens(tokens), txt_len=txt_len)
+        meta = {"model": model, "config": config, "layers": layers, "single_layers": 2 * layers, "kind": kind,
                 "block": f"{attr}[{layer}]", "layer": layer, "device": device, "dtype": str(dt),
                 "img_tokens": inputs["img_ids"].shape[0], "txt_len": inputs["encoder_hidden_states"].shape[1]}
+    elif model == "wan":
+        attr = "blocks"
+        if config is not None and config not in M.WAN_CONFIGS:
+            raise SystemExit(f"--config {config!r} is not a Wan config; choose from {', '.join(M.WAN_CONFIGS)}")
+        if not cuda and config is not None and not config.startswith("tiny"):
+            config = "tiny-ti2v" if config == "ti2v-5b" else "tiny-i2v" if config == "i2v-14b" else "tiny"
+        config = config or ("t2v-14b" if cuda else "tiny")
+        if not 0 <= layer < layers:
+            raise SystemExit(f"--layer {layer} is outside the model's {layers} blocks")
+        latent = _configs.parse_tokens(tokens)
+        if latent is not None and len(latent) != 3:
+            raise SystemExit("--tokens for wan is the latent frames,height,width (default 21,60,104: 480p, "
+                             "81 frames; tiny 3,6,10)")
+        m = M.build_wan_transformer(config, num_layers=layers, device=device, dtype=dt)
+        inputs = M.make_wan_inputs(m, latent=latent, txt_len=txt_len,
+                                   per_token=True if config.endswith("ti2v") else None)
+        x = inputs["hidden_states"]
+        pt, ph, pw = m.config.patch_size
+        meta = {"model": "wan", "config": config, "layers": layers, "block": f"blocks[{layer}]", "layer": layer,
+                "device": device, "dtype": str(dt), "latent": list(x.shape[2:]),
+                "tokens": (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw),
+                "txt_len": inputs["encoder_hidden_states"].shape[1],
+                "per_token_timestep": inputs["timestep"].dim() == 2}
     elif model == "qwen":
         attr = "transformer_blocks"
         config = config or ("edit-2511" if cuda else "tiny")
         if not 0 <= layer < layers:
             raise SystemExit(f"--layer {layer} is outside the model's {layers} layers")
-        m = build_qwen_image_transformer(config, num_layers=layers, device=device, dtype=dt)
-        inputs = make_qwen_inputs(m, img_tokens=_configs.parse_tokens(tokens), txt_len=txt_len)
-        meta = {"config": config, "layers": layers, "layer": layer, "device": device, "dtype": str(dt),
-                "img_tokens": inputs["hidden_states"].shape[1], "txt_len": inputs["encoder_hidden_states"].shape[1]}
+        m = M.build_qwen_image_transformer(config, num_layers=layers, device=device, dtype=dt)
+        inputs = M.make_qwen_inputs(m, img_tokens=_configs.parse_tokens(tokens), txt_len=txt_len)
+        meta = {"model": "qwen", "config": config, "layers": layers, "layer": layer, "device": device,
+                "dtype": str(dt), "img_tokens": inputs["hidden_states"].shape[1],
+                "txt_len": inputs["encoder_hidden_states"].shape[1]}
     else:
-        raise SystemExit(f"--model {model!r}: choose qwen or flux")
-    model = m
+        raise SystemExit(f"--model {model!r}: choose from {', '.join(MODELS)}")
+    return m, inputs, attr, meta
+
+
+def run_profile(a: str = "stock", b: str = "patched", *, config: str | None = None, layers: int = 3, layer: int = 1,
+                device: str | None = None, dtype: str | None = None, tokens=None, txt_len: int | None = None,
+                warmup: int = 2, trace: str | None = None, model: str = "qwen",
+                kind: str = "double") -> tuple[list[LayerProfile], list[str], dict]:
+    """Build the demo model once and profile block ``layer`` of one forward in configurations a and b
+    (stock, patched, stock-compile, patched-compile; a patched one may carry the benchmarks' patch
+    options, e.g. "patched+nocollapse").
+
+    ``model``: "qwen" (``layers`` blocks), "flux" / "flux2" (``layers`` double-stream + 2 x ``layers``
+    single-stream blocks; ``kind`` "double" or "single" says which list ``layer`` indexes) or "wan"
+    (``layers`` self + cross attention blocks; ``config`` t2v-14b, ti2v-5b, ...; on the CPU the
+    matching tiny config)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.device(device).type == "cuda"
+    dt = _dtype(dtype) if dtype else (torch.bfloat16 if cuda else torch.float32)
+    specs = [_config_name(x) for x in (a, b)]  # fails on a bad name before the model is built
+    names = [n for n, _, _ in specs]
+    m, inputs, attr, meta = _build(model, config, layers, layer, kind, device, dt, tokens, txt_len)
+    _configs = _configs_mod()
     profiles = []
-    for i, name in enumerate(names):
-        info = _configs.apply(model, name)
+    for i, (name, base, opts) in enumerate(specs):
+        info = _configs.apply(m, base, **opts)
         try:
-            block = getattr(model, attr)[layer]
-            path = Path(trace) / f"profile-{i}-{name}.json" if trace else None
-            prof = profile_layer(lambda: model(**inputs), block, model=model, warmup=warmup, trace=path,
-                                 device=device)
+            block = getattr(m, attr)[layer]
+            path = Path(trace) / f"profile-{i}-{name.replace('+', '_')}.json" if trace else None
+            prof = profile_layer(lambda: m(**inputs), block, model=m, warmup=warmup, trace=path, device=device)
             prof.meta.update(info)
             if path:
                 prof.meta["trace"] = str(path)
             profiles.append(prof)
         finally:
-            _configs.reset(model, name)
+            _configs.reset(m, base)
     return profiles, names, meta
+
+
+def _title(meta: dict, names: Sequence[str]) -> str:
+    vs = f"{names[0]} vs {names[1]}"
+    if meta.get("model") in ("flux", "flux2"):
+        return (f"{meta['model']} {meta['block']} of {meta['layers']} double + {meta['single_layers']} single blocks "
+                f"({meta['config']}, {meta['device']}, {meta['dtype']}, L_img {meta['img_tokens']}, "
+                f"L_txt {meta['txt_len']}): {vs}")
+    if meta.get("model") == "wan":
+        per = ", per-token timestep" if meta["per_token_timestep"] else ""
+        return (f"wan {meta['block']} of {meta['layers']} ({meta['config']}, {meta['device']}, {meta['dtype']}, "
+                f"latent {'x'.join(map(str, meta['latent']))} = {meta['tokens']} tokens, L_txt {meta['txt_len']}"
+                f"{per}): {vs}")
+    return (f"block {meta['layer']} of {meta['layers']} ({meta['config']}, {meta['device']}, {meta['dtype']}, "
+            f"L_img {meta['img_tokens']}, L_txt {meta['txt_len']}): {vs}")
 
 
 def main(argv=None) -> int:
@@ -672,23 +858,27 @@ def main(argv=None) -> int:
                                  description=plain_doc(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a", default="stock", help="first configuration: stock, patched, stock-compile, "
-                                                  "patched-compile (default stock)")
+                                                  "patched-compile (default stock); a patched one may end in "
+                                                  "patch options as in bench block, e.g. patched+nocollapse")
     ap.add_argument("--b", default="patched", help="second configuration (default patched)")
-    ap.add_argument("--model", default="qwen", choices=("qwen", "flux"),
-                    help="qwen (Qwen-Image-Edit-2511, default) or flux (Flux.1: --layers N double + 2N single "
-                         "blocks)")
+    ap.add_argument("--model", default="qwen", choices=MODELS,
+                    help="qwen (Qwen-Image-Edit-2511, default), flux (Flux.1) or flux2 (FLUX.2): --layers N "
+                         "double + 2N single blocks; wan (Wan2.1 / 2.2: --layers N self + cross attention blocks)")
     ap.add_argument("--kind", default="double", choices=("double", "single"),
-                    help="flux: the block list --layer indexes (default double)")
+                    help="flux, flux2: the block list --layer indexes (default double)")
     ap.add_argument("--config", default=None, help="model config (default edit-2511 on CUDA, tiny on CPU; "
-                                                   "flux: dev on CUDA)")
+                                                   "flux, flux2: dev on CUDA; wan: t2v-14b on CUDA, or ti2v-5b, "
+                                                   "i2v-14b, t2v-1.3b, a14b; on the CPU the matching tiny one)")
     ap.add_argument("--layers", type=int, default=3, help="model depth (default 3)")
     ap.add_argument("--layer", type=int, default=1, help="which block to cut out (default 1)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--dtype", default=None, help="bf16 (CUDA default), fp16, fp32 (CPU default)")
     ap.add_argument("--tokens", "--img-tokens", dest="tokens", default=None,
                     help="image tokens per image, target first: e.g. 4096,4096 (default 4096,4096; tiny: 16,16; "
-                         "flux: 4096; tiny 15)")
-    ap.add_argument("--txt-len", type=int, default=None, help="text tokens (default 208; tiny: 7; flux: 512)")
+                         "flux, flux2: 4096; tiny 15); wan: latent frames,height,width (default 21,60,104; "
+                         "tiny 3,6,10)")
+    ap.add_argument("--txt-len", type=int, default=None, help="text tokens (default 208; tiny: 7; flux, flux2, "
+                                                              "wan: 512)")
     ap.add_argument("--warmup", type=int, default=2, help="unprofiled forwards before the profiled one")
     ap.add_argument("--top", type=int, default=30, help="kernel names shown (the rest folded into one row)")
     ap.add_argument("--trace", default=None, help="directory for the chrome traces (one per configuration)")
@@ -711,13 +901,7 @@ def main(argv=None) -> int:
                                         model=args.model, kind=args.kind)
     from .bench import harness
     bw = harness.device_copy_bandwidth_bytes_per_s(meta["device"])
-    if meta.get("model") == "flux":
-        title = (f"flux {meta['block']} of {meta['layers']} double + {meta['single_layers']} single blocks "
-                 f"({meta['config']}, {meta['device']}, {meta['dtype']}, L_img {meta['img_tokens']}, "
-                 f"L_txt {meta['txt_len']}): {names[0]} vs {names[1]}")
-    else:
-        title = (f"block {meta['layer']} of {meta['layers']} ({meta['config']}, {meta['device']}, {meta['dtype']}, "
-                 f"L_img {meta['img_tokens']}, L_txt {meta['txt_len']}): {names[0]} vs {names[1]}")
+    title = _title(meta, names)
     print(format_comparison(profiles, names, bw, top=args.top, title=title))
     if args.trace:
         for p in profiles:
@@ -727,6 +911,7 @@ def main(argv=None) -> int:
     if args.json:
         doc = {"meta": meta, "bandwidth_bytes_per_s": bw, "names": names,
                "rows": comparison_rows(profiles, names, bw, args.top),
+               "breakdown": breakdown_rows(profiles, names),
                "profiles": [p.to_dict() for p in profiles]}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1, default=str))

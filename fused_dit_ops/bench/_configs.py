@@ -88,8 +88,13 @@ MODIFIERS = {
     # stock providers only: the baseline FP8 recipe (torchao's per-row dynamic scheme in plain PyTorch,
     # bench/fp8_recipe.py) on the block Linears, e.g. stock-compile+fp8recipe
     "fp8recipe": {"fp8_recipe": True},
+    # Wan: per-token timesteps (TI2V-5B) projected per token and modulated per token in torch, instead of
+    # collapsed to two parameter sets + an index (diffusers_wan.set_timestep_collapse)
+    "nocollapse": {"timestep_collapse": False},
 }
 STOCK_MODIFIERS = ("fp8recipe",)
+# options of MODIFIERS set after patch() rather than passed to it
+_AFTER_PATCH = ("timestep_collapse",)
 
 
 def split_modifiers(provider: str) -> tuple[str, dict]:
@@ -133,8 +138,16 @@ def apply(model, name: str, *, fullgraph: bool = True, reuse_mod: bool = False, 
         from . import fp8_recipe
         info["fp8_recipe"] = f"{len(fp8_recipe.install(model))} Linears"
     if is_patched(name):
-        patch, _ = _patch_api()
+        patch, unpatch = _patch_api()
+        after = {k: patch_kwargs.pop(k) for k in _AFTER_PATCH if k in patch_kwargs}
         report = patch(model, reuse_mod=reuse_mod, **patch_kwargs)
+        if "timestep_collapse" in after:
+            from ..integrations import diffusers_wan
+            try:
+                diffusers_wan.set_timestep_collapse(model, after["timestep_collapse"])
+            except ValueError as e:
+                unpatch(model)
+                raise ValueError(f"+nocollapse: {e}") from None
         info["patch"] = str(report)
     if is_compiled(name):
         info["compile"] = compile_blocks(model, fullgraph=fullgraph)

@@ -31,6 +31,13 @@ ratios against stock compile of the same block. No target for Flux.
 same way: a model of one double-stream and one single-stream block (~3 GB) runs one forward at
 1024 x 1024 (4096 image + 512 text tokens), both blocks' arguments are captured (the model-level
 modulation outputs, the joint RoPE (cos, sin)) and each block is timed alone. No target.
+
+``--model wan``: block 0 of a 1-block Wan model (``--config`` t2v-14b default, ti2v-5b, i2v-14b, ...)
+at 480p x 81 frames (32760 tokens) + 512 text tokens, one timestep per batch row. The block's
+attention calls (self-attention, cross-attention to the text; I2V: to the image context) are also
+timed alone at its shapes, with the attention each provider's block calls (``fused_dit.attention``
+for patched providers, diffusers' dispatch for stock ones): the rows get the backend, its TFLOP/s
+(4 B H Lq Lk D per call) and the attention's share of the block (``--attn-rep-ms 0``: off).
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ import time
 
 import torch
 
-from . import _configs, harness
+from . import _attn_share, _configs, harness
 
 PROVIDERS = ("stock-eager", "stock-compile", "patched-eager", "patched-compile")
 TARGET_MS = 4.3  # patched eager, H100
@@ -223,6 +230,9 @@ def main(argv=None) -> int:
                          "providers, stock-compile+fp8recipe (the baseline FP8 recipe: torchao's per-row "
                          "dynamic scheme in plain PyTorch, compiled); ratios against patched-eager and "
                          "against the recipe are added")
+    ap.add_argument("--attn-rep-ms", type=int, default=200,
+                    help="wan: time the block's attention calls alone at its shapes this long each (TFLOP/s "
+                         "and share of the block; 0: off)")
     ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
     args = ap.parse_args(argv)
     device = _configs.resolve_device(args.device, args.tiny, "bench block")
@@ -425,14 +435,20 @@ def _main_wan(args, device: str, providers: list[str]) -> int:
             print(f"  {p}: {row['ms']:.3f} ms (first call {row['first_call_s']:.1f} s{_energy_note(row)})")
     pending.clear()
     rows = _summarize(rows, args.rounds)
+    attn = None
+    if args.attn_rep_ms > 0:
+        attn = _attn_share.measure(model, inputs, providers, device, rep_ms=args.attn_rep_ms)
+        _attn_share.annotate(rows, attn, "ms", 1)
+        print(_attn_share.describe(attn))
     print(harness.format_table(rows, ["provider", "ms", "speedup_vs_stock_eager", "ratio_vs_stock_compile",
                                       *_fp8_columns(rows),
+                                      "attn_backend", "attn_tflops", "attn_share_pct",
                                       "j_per_call", "avg_power_w", "energy_ratio_vs_stock_compile",
                                       "first_call_s", "max_rel_diff_vs_stock", "error"]))
     path = harness.write_results("block-wan" + ("-tiny" if args.tiny else ""), rows,
                                  extra={"model": "wan", "shape": shape, "device": device, "rounds": args.rounds,
                                         "rep_ms": args.rep_ms, "energy_s": args.energy_s,
-                                        "cooldown_s": args.cooldown},
+                                        "cooldown_s": args.cooldown, "attention": attn},
                                  out_dir=args.out)
     print(f"results: {path}")
     return 0

@@ -38,6 +38,18 @@ on an 80 GB GPU: ``--layers N`` builds N double + 6N single blocks, ``--layers D
 1024 x 1024 (4096 image + 512 text tokens), one forward per step (guidance-distilled, guidance 4),
 called as the pipeline calls it (hidden_states, encoder_hidden_states, timestep, img_ids / txt_ids
 with four axes, guidance). Same rows as for Flux. No target.
+
+``--model wan``: a Wan transformer of ``--layers`` N blocks (default 4 of the real 40; ``--config``
+t2v-14b default, ti2v-5b, i2v-14b, t2v-1.3b, a14b) at 480p x 81 frames (32760 tokens), a CFG pair
+of 512-token prompts per step. TI2V-5B passes a per-token timestep (0 on the conditioning frame);
+the patched model collapses it to two parameter sets + a per-token index, and the provider
+``patched-eager+nocollapse`` runs the patched model without that collapse (the timestep projected
+per token, per-token modulation in torch): with ``--config ti2v-5b`` it is in the default provider
+list, and a line states what the collapse saves per forward. The blocks' attention calls are also
+timed alone at the model's shapes with the attention each provider calls (``fused_dit.attention``
+for patched providers, diffusers' dispatch for stock ones): the rows get its backend, TFLOP/s
+(4 B H Lq Lk D per call) and the share of the forward (layers x attention per block / forward;
+``--attn-rep-ms 0``: off).
 """
 from __future__ import annotations
 
@@ -49,9 +61,10 @@ import time
 
 import torch
 
-from . import _configs, harness
+from . import _attn_share, _configs, harness
 
 PROVIDERS = ("stock-eager", "stock-compile", "patched-eager", "patched-compile")
+NOCOLLAPSE = "patched-eager+nocollapse"  # Wan TI2V: patched without the two-set timestep collapse
 TARGET_FORWARD_MS = 265.0
 TARGET_STEP_S = 0.53
 # the same against stock compile (318 ms, the H100 reference the target was set against): compares across GPUs
@@ -180,8 +193,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fused_dit_ops bench model",
                                  description=harness.plain_doc(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--providers", default=",".join(PROVIDERS),
-                    help=f"comma list from {', '.join(PROVIDERS)}; a patched one may end in patch options "
+    ap.add_argument("--providers", default=None,
+                    help=f"comma list from {', '.join(PROVIDERS)} (default: all four; wan ti2v-5b: also "
+                         "patched-eager+nocollapse); a patched one may end in patch options "
                          f"({', '.join('+' + m for m in _configs.MODIFIERS)}, e.g. '+noreuse': "
                          "patch(reuse_mod=False)); a name may repeat (interleaved A/B)")
     ap.add_argument("--model", default="qwen", choices=("qwen", "flux", "flux2", "wan"),
@@ -215,11 +229,16 @@ def main(argv=None) -> int:
                     help="seconds of GPU idle between a provider's warm-up and its timed steps (default 0); "
                          "the GPU's temperature and SM clock before and after the timed steps are recorded "
                          "either way")
+    ap.add_argument("--attn-rep-ms", type=int, default=200,
+                    help="wan: time the blocks' attention calls alone at the model's shapes this long each "
+                         "(TFLOP/s and share of the forward; 0: off)")
     ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
     args = ap.parse_args(argv)
     device = _configs.resolve_device(args.device, args.tiny, "bench model")
     if device is None:
         return 2
+    if args.providers is None:
+        args.providers = ",".join(default_providers(args.model, args.config))
     providers = _configs.parse_providers(args.providers, "bench model")
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
@@ -345,6 +364,30 @@ def _main_flux(args, device: str, providers: list[str]) -> int:
     return 0
 
 
+def default_providers(model: str, config: str | None) -> tuple[str, ...]:
+    """The four providers; for Wan TI2V-5B also the patched model without the timestep collapse."""
+    if model == "wan" and config == "ti2v-5b":
+        return PROVIDERS[:3] + (NOCOLLAPSE,) + PROVIDERS[3:]
+    return PROVIDERS
+
+
+def collapse_saving(rows) -> dict | None:
+    """What the two-set collapse saves per forward: the first patched provider with "+nocollapse"
+    against the same provider without it, where both have a time; else None."""
+    by = {r["provider"]: r for r in rows if "ms_forward" in r}
+    for name, r in by.items():
+        if "+nocollapse" not in name:
+            continue
+        base = by.get("+".join(m for m in name.split("+") if m != "nocollapse"))
+        if base is None:
+            continue
+        saved = r["ms_forward"] - base["ms_forward"]
+        return {"provider": base["provider"], "ms": base["ms_forward"], "nocollapse_provider": name,
+                "nocollapse_ms": r["ms_forward"], "saved_ms": saved, "saved_pct": 100.0 * saved / r["ms_forward"],
+                "speedup": r["ms_forward"] / base["ms_forward"]}
+    return None
+
+
 def _main_wan(args, device: str, providers: list[str]) -> int:
     """``--model wan``: the Wan transformer forward, a CFG pair per step (two 512-token prompts)."""
     from ..models import WAN_CONFIGS, build_wan_transformer, make_wan_inputs
@@ -386,15 +429,27 @@ def _main_wan(args, device: str, providers: list[str]) -> int:
                        ["ms_cond", "ms_uncond", "ms_forward", "s_per_step"],
                        lambda row: f"{row['ms_forward']:.1f} ms/forward, {row['s_per_step']:.3f} s/step "
                                    f"(warm-up {row['warmup_s']:.1f} s)")
+    attn = None
+    if args.attn_rep_ms > 0:
+        attn = _attn_share.measure(model, cond, providers, device, rep_ms=args.attn_rep_ms)
+        _attn_share.annotate(rows, attn, "ms_forward", layers)
+        print(_attn_share.describe(attn))
     print(harness.format_table(rows, ["provider", "ms_cond", "ms_uncond", "ms_forward", "s_per_step",
-                                      "speedup_vs_stock_eager", "ratio_vs_stock_compile", "warmup_s",
-                                      "max_rel_diff_vs_stock", "error"]))
+                                      "speedup_vs_stock_eager", "ratio_vs_stock_compile", "attn_backend",
+                                      "attn_tflops", "attn_share_pct", "warmup_s", "max_rel_diff_vs_stock",
+                                      "error"]))
+    collapse = collapse_saving(rows)
+    if collapse:
+        print(f"two-set timestep collapse: {collapse['nocollapse_provider']} {collapse['nocollapse_ms']:.1f} ms -> "
+              f"{collapse['provider']} {collapse['ms']:.1f} ms per forward: saves {collapse['saved_ms']:.1f} ms "
+              f"({collapse['saved_pct']:.1f}%)")
     if torch.device(device).type == "cuda":
         shape["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     path = harness.write_results("model-wan" + ("-tiny" if args.tiny else ""), rows,
                                  extra={"model": "wan", "shape": shape, "device": device, "build_s": build_s,
                                         "steps": args.steps, "warmup": args.warmup, "dynamic": args.dynamic,
-                                        "rounds": args.rounds, "cooldown_s": args.cooldown},
+                                        "rounds": args.rounds, "cooldown_s": args.cooldown,
+                                        "attention": attn, "collapse_saving": collapse},
                                  out_dir=args.out)
     print(f"results: {path}")
     return 0

@@ -19,6 +19,11 @@ row ([2B] timesteps, [2B, 6, C] parameters) and a per-token set index [B, L], wh
 ops select from (exact, once every token's timestep is one of the two; checked per forward with
 one device sync, or by a device-side assert while a CUDA graph is captured).
 
+Without the collapse (:func:`set_timestep_collapse` ``(model, False)``, for measuring what it saves): the
+stock model forward projects the per-token timestep and the blocks get the per-token temb [B, L, 6, C];
+each block then runs its q|k|v GEMM, QK norm + RoPE, attention and MLP fused and its modulation per
+token in torch, as the stock block does (the fused modulation ops take at most two parameter sets).
+
 Wan2.2 A14B has two experts (``pipeline.transformer`` and ``pipeline.transformer_2``): two models,
 each patched by its own ``fused_dit_ops.patch`` call.
 """
@@ -86,6 +91,8 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary
     if rotary_emb is None:
         return _stock_fallback(self, st, hidden_states, encoder_hidden_states, temb, rotary_emb,
                                "block called without rotary_emb (stock block forward)")
+    if temb.dim() == 4 and not collapses(st):
+        return _per_token_block(self, st, hidden_states, encoder_hidden_states, temb, rotary_emb)
     if temb.dim() != 3:
         return _stock_fallback(self, st, hidden_states, encoder_hidden_states, temb, rotary_emb,
                                "per-token temb [B, L, 6, C] not collapsed to two sets (stock block forward)")
@@ -98,6 +105,48 @@ def fused_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary
         raise ValueError(f"temb has {temb.shape[0]} rows for a batch of {hidden_states.shape[0]}: a collapsed "
                          "(two-set) temb needs the per-token index of the patched model forward")
     return self_cross.run_block(self, st, hidden_states, encoder_hidden_states, temb, rotary_emb, index)
+
+
+def _per_token_block(self, st, x, ctx, temb, rot):
+    """The block with an uncollapsed per-token temb [B, L, 6, C] (collapse switched off): the six
+    fp32 parameters per token and the modulation arithmetic in torch, as the stock block computes
+    them; q|k|v, QK norm + RoPE, attention and the MLP as in the fused block."""
+    from .double_stream import fused_mlp
+    sc = st.family.self_cross
+    tables = st.rope_tables(rot)
+    engine.cp_check_rows(st, tables, x.shape[1])
+    e = getattr(self, sc.table).unsqueeze(0) + temb.float()  # [B, L, 6, C]
+    sh1, sc1, g1, sh2, sc2, g2 = (e[:, :, j] for j in st.order)
+    n1, n2, n3 = (engine.get(self, n) for n in (sc.norm1, sc.norm2, sc.norm3))
+    xn = (n1(x.float()) * (1 + sc1) + sh1).type_as(x)
+    x = (x.float() + self_cross.self_attention(self, st, xn, tables) * g1).type_as(x)
+    x = x + self_cross.cross_attention(self, st, n2(x.float()).type_as(x), ctx)
+    xn = (n3(x.float()) * (1 + sc2) + sh2).type_as(x)
+    ff = engine.get(self, sc.mlp)
+    y = fused_mlp(ff, xn) if st.mlp and st.modulation else ff(xn)
+    return (x.float() + y.float() * g2).type_as(x)
+
+
+def collapses(st) -> bool:
+    """Whether the patched model forward collapses per-token timesteps to two sets (default)."""
+    return st.__dict__.get("wan_collapse", True)
+
+
+def set_timestep_collapse(model_or_pipeline, enabled: bool = True) -> None:
+    """Switch the per-token timestep collapse (two parameter sets + a per-token index) of a patched
+    Wan model off (``False``) or back on. Off, a per-token timestep runs the stock model forward
+    (the timestep projected for every token) into blocks that keep their fused attention, QK norm +
+    RoPE and MLP but modulate per token in torch: the difference to the default is what the collapse
+    saves. Applies until the model is patched again; shown in the patch report's options."""
+    model, _ = engine.resolve(model_or_pipeline)
+    st = model.__dict__.get(engine.ATTR)
+    if st is None or st.detached or st.family is not FAMILY:
+        raise ValueError("set_timestep_collapse needs a Wan model patched by fused_dit_ops.patch")
+    st.wan_collapse = bool(enabled)
+    if enabled:
+        st.report.options.pop("timestep_collapse", None)
+    else:
+        st.report.options["timestep_collapse"] = False
 
 
 # --- the model forward with per-token timesteps ------------------------------------------------------
@@ -162,7 +211,7 @@ def model_forward(st, args, kwargs):
         return orig(*stock_args[0], **stock_args[1])
     a = _bind(model, args, kwargs)
     ts = a["timestep"]
-    if not (isinstance(ts, torch.Tensor) and ts.dim() == 2):
+    if not (isinstance(ts, torch.Tensor) and ts.dim() == 2) or not collapses(st):
         return orig(*stock_args[0], **stock_args[1])
     why = None
     if a.get("attention_kwargs"):
