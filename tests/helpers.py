@@ -29,6 +29,20 @@ def max_ulp_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff.max().item() if diff.numel() else 0.0
 
 
+def max_ulp_err_rowwise(out: torch.Tensor, ref: torch.Tensor, row: int) -> float:
+    """Like :func:`max_ulp_err`, with each element's last place taken at the largest |ref| of its
+    group of ``row`` consecutive elements (a head's row): for outputs that cancel (RoPE's
+    x1 cos - x2 sin), whose error scales with the inputs' magnitude, not the output's."""
+    ref64 = ref.double().reshape(-1, row)
+    mag = ref64.abs().amax(-1, keepdim=True).expand_as(ref64)
+    tiny = torch.finfo(out.dtype).tiny
+    scale = torch.ldexp(torch.ones_like(ref64), torch.frexp(mag.clamp_min(tiny))[1] - 1)
+    if not torch.isfinite(out.double()).all():
+        return float("inf")
+    diff = (out.double().reshape(-1, row) - ref64).abs() / (scale * ULP[out.dtype])
+    return diff.max().item() if diff.numel() else 0.0
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan"))
 
