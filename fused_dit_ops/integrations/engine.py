@@ -965,7 +965,8 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
         _kind(kind).patch_blocks(st, [b for _, b, k in ok if k == kind], model, sw, attention_backend)
     if precision == "fp8":
         _precision("fp8").patch_blocks(st, [b for _, b, k in ok if k == "double"], report, dev, p.dtype,
-                         keep_bf16_weights or verify)
+                                       keep_bf16_weights or verify,
+                                       {kind: [b for _, b, k in ok if k == kind] for kind in ("single", "self_cross")})
     rope = get(model, fam.rope_module)
     for m in (model, rope):  # e.g. accelerate's cpu-offload hook on the model: kept, called
         prev = m.__dict__.get("forward")

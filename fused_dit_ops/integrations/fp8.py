@@ -66,6 +66,22 @@ class Fp8State:
     def unpatch(self, st):
         unpatch(st)
 
+    # the other block kinds (integrations/fp8_kinds.py): the FP8 block output, or None after checking
+    # that the model-dtype path may run (then the caller runs it)
+    def run_single(self, block, st, x, Lt, temb, rot):
+        from . import fp8_kinds as K
+        if K.single_usable(block, st, x):
+            return K.run_single(block, st, x, Lt, temb, rot)
+        check_bf16_path(block, st)
+        return None
+
+    def run_self_cross(self, block, st, x, ctx, temb, rot, index):
+        from . import fp8_kinds as K
+        if K.self_cross_usable(block, st, x):
+            return K.run_self_cross(block, st, x, ctx, temb, rot, index)
+        check_bf16_path(block, st)
+        return None
+
 
 def _links(block, targets):
     """(parent, key, child) for every module on the paths from ``block`` to the ``targets`` (each
@@ -149,11 +165,13 @@ def _should_offload(dev, keep_bf16) -> bool:
 
 
 @torch.no_grad()
-def patch_blocks(st, blocks, report, dev, dtype, keep_bf16):
-    """Quantise the weights of the patchable double-stream blocks; record and report."""
+def patch_blocks(st, blocks, report, dev, dtype, keep_bf16, others=None):
+    """Quantise the weights of the patchable double-stream blocks (and of ``others``: {kind: blocks}
+    of the other kinds, see ``fp8_kinds``); record and report."""
+    others = {k: v for k, v in (others or {}).items() if v}
     why = model_reason(st, dev, dtype)
     if why is None:
-        devs = {t.device for b in blocks for t in b.parameters()}
+        devs = {t.device for b in [*blocks, *(x for v in others.values() for x in v)] for t in b.parameters()}
         if devs != {dev}:
             why = (f"the blocks' parameters are on {sorted(map(str, devs))} while the model computes on {dev} "
                    "(offloading hooks move them): FP8 needs the model on its execution device")
@@ -188,17 +206,19 @@ def patch_blocks(st, blocks, report, dev, dtype, keep_bf16):
         f8.blocks[id(block)] = (_links(block, [m for r in rec for m in r[:1]]), rec)
     st.fp8 = f8
     n = len(f8.blocks)
-    if fam.single is not None:
-        report.stock["fp8 single-stream blocks"] = "model dtype GEMMs (FP8 covers the double-stream blocks)"
     for why, k in skipped.items():
         report.stock[f"fp8 ({k} blocks)"] = f"{why}: model dtype GEMMs"
-    if not n:
+    if n:
+        report.swapped.append(f"FP8 e4m3 GEMMs (row-wise scales; activations quantised by the ops that write "
+                              f"them): q/k/v, output projections, MLP fc1/fc2 of both streams ({n} blocks)")
+    if others:
+        from . import fp8_kinds
+        fp8_kinds.patch_blocks(st, f8, others, report)
+    if not f8.blocks:
         return
-    report.swapped.append(f"FP8 e4m3 GEMMs (row-wise scales; activations quantised by the ops that write "
-                          f"them): q/k/v, output projections, MLP fc1/fc2 of both streams ({n} blocks)")
     if offload:
         nbytes = 0
-        for block in blocks:
+        for block in [*blocks, *(x for v in others.values() for x in v)]:
             if id(block) not in f8.blocks:
                 continue
             for m, p, *_ in f8.blocks[id(block)][1]:
@@ -224,7 +244,7 @@ def unpatch(st):
         return
     for p, block in f8.offloaded:
         # back to where the block is now (its FP8 buffers follow model.to(...); the weights did not)
-        w = _buf(block, f"{st.family.streams[0].name}_qkv_w")
+        w = next((b for n, b in block._buffers.items() if n.startswith(PREFIX) and b is not None), None)
         dev = w.device if w is not None else None
         if dev is not None and p.device != dev:
             p.data = p.data.to(dev)
@@ -259,10 +279,11 @@ def _buf(block, name):
     return block._buffers.get(PREFIX + name)
 
 
-def ready(block, st, x) -> bool:
-    """Does this block run the FP8 path now? Its buffers are there in FP8 on x's device; eagerly also:
-    the modules and weights are those quantised at patch time (same objects, same version counters)."""
-    w = _buf(block, f"{st.family.streams[0].name}_qkv_w")
+def ready(block, st, x, key=None) -> bool:
+    """Does this block run the FP8 path now? Its buffers (``key``: the name of one, default the
+    double-stream q|k|v weight) are there in FP8 on x's device; eagerly also: the modules and weights
+    are those quantised at patch time (same objects, same version counters)."""
+    w = _buf(block, key or f"{st.family.streams[0].name}_qkv_w")
     if w is None:
         return False
     if w.dtype != torch.float8_e4m3fn or w.device != x.device:
