@@ -317,8 +317,9 @@ def activate_fp8_input(b, activation="none"):
 
 def quantize_fp8_cat(a, b, activation_b="none", cast=True):
     """Per-row quantisation of [a | act(b)] ([..., Ka + Kb'], Kb' = Kb, or Kb / 2 for "swiglu"), fp32
-    math: one scale per row over both parts."""
-    return quantize_fp8_rows(torch.cat([a.float(), activate_fp8_input(b, activation_b)], dim=-1), cast)
+    math: one scale per row over both parts. ``a`` None: act(b) alone."""
+    y = activate_fp8_input(b, activation_b)
+    return quantize_fp8_rows(y if a is None else torch.cat([a.float(), y], dim=-1), cast)
 
 
 def gate_residual_layer_norm_fp8(residual, update, gate, index=None, weight=None, bias=None, eps=1e-6, cast=True):

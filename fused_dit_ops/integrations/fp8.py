@@ -73,6 +73,7 @@ class Fp8State:
         if K.single_usable(block, st, x):
             return K.run_single(block, st, x, Lt, temb, rot)
         check_bf16_path(block, st)
+        _drop_fp8_prenorm(st)
         return None
 
     def run_self_cross(self, block, st, x, ctx, temb, rot, index):
@@ -80,7 +81,13 @@ class Fp8State:
         if K.self_cross_usable(block, st, x):
             return K.run_self_cross(block, st, x, ctx, temb, rot, index)
         check_bf16_path(block, st)
+        _drop_fp8_prenorm(st)
         return None
+
+
+def _drop_fp8_prenorm(st):
+    if st.prenorm is not None and isinstance(st.prenorm.outs[0], tuple):
+        st.prenorm = None  # FP8 look-ahead outputs are for the FP8 path
 
 
 def _links(block, targets):
@@ -111,15 +118,10 @@ def _paths(block, fam, s):
     qkv = [E.get(attn, p) for p in (s.q, s.k, s.v)]
     out = E.get(attn, s.out)
     ff = getattr(block, s.mlp, None)
-    net = getattr(ff, "_modules", {}).get("net")
-    mods = E.children(net) if net is not None else []
-    from diffusers.models.activations import GELU
-    if (len(mods) not in (3, 4) or type(mods[0]) is not GELU or mods[0].approximate != "tanh"
-            or not E.skippable_dropout(mods[1]) or (len(mods) == 4 and not E.skippable_dropout(mods[3]))):
-        return f"{s.mlp} is not FeedForward(GELU-tanh proj, Dropout, Linear[, Dropout])"
-    fc1, fc2 = mods[0]._modules.get("proj"), mods[2]
-    if fc1 is None or fc1.bias is None:
-        return f"{s.mlp}: the GELU projection has no bias (the fused GELU + quantisation adds it)"
+    mlp = _swiglu_mlp(ff, fam, s) if fam.mlp == "swiglu" else _gelu_mlp(ff, s)
+    if isinstance(mlp, str):
+        return mlp
+    fc1, fc2 = mlp
     lins = {"qkv": qkv, "out": [out], "fc1": [fc1], "fc2": [fc2]}
     for g, ms in lins.items():
         for m in ms:
@@ -136,6 +138,31 @@ def _paths(block, fam, s):
         if not all(E.skippable_dropout(m) for m in rest):
             return f"{fam.attn}.{head}: modules after the output projection that are not inactive Dropout"
     return lins
+
+
+def _gelu_mlp(ff, s):
+    """(fc1, fc2) of a diffusers FeedForward(GELU-tanh), or a reason string."""
+    net = getattr(ff, "_modules", {}).get("net")
+    mods = E.children(net) if net is not None else []
+    from diffusers.models.activations import GELU
+    if (len(mods) not in (3, 4) or type(mods[0]) is not GELU or mods[0].approximate != "tanh"
+            or not E.skippable_dropout(mods[1]) or (len(mods) == 4 and not E.skippable_dropout(mods[3]))):
+        return f"{s.mlp} is not FeedForward(GELU-tanh proj, Dropout, Linear[, Dropout])"
+    fc1, fc2 = mods[0]._modules.get("proj"), mods[2]
+    if fc1 is None or fc1.bias is None:
+        return f"{s.mlp}: the GELU projection has no bias (the fused GELU + quantisation adds it)"
+    return fc1, fc2
+
+
+def _swiglu_mlp(ff, fam, s):
+    """(fc1, fc2) of a SwiGLU MLP (``linear_in`` [2F, C] gate rows first, the family's SwiGLU
+    module, ``linear_out``; e.g. FLUX.2's Flux2FeedForward), or a reason string."""
+    m = getattr(ff, "_modules", {})
+    fc1, act, fc2 = m.get("linear_in"), m.get("act_fn"), m.get("linear_out")
+    acts = fam.mlp_act() if fam.mlp_act is not None else ()
+    if fc1 is None or fc2 is None or type(act) not in acts or not E.no_hooks(act):
+        return f"{s.mlp} is not (linear_in, SwiGLU, linear_out)"
+    return fc1, fc2
 
 
 def model_reason(st, dev, dtype):
@@ -347,7 +374,14 @@ def _attention(block, st, attn, iq, isc, tq, tsc, tables, dtype):
 
 
 def _mlp(block, s, q, qs, dtype):
-    mods = E.children(getattr(block, s.mlp).net)
+    ff = getattr(block, s.mlp)
+    if "linear_in" in ff._modules:  # SwiGLU: the activation and the quantisation of fc2's input in one pass
+        h = _eager.fp8_linear_unchecked(q, qs, _buf(block, f"{s.name}_fc1_w"), _buf(block, f"{s.name}_fc1_s"),
+                                        ff.linear_in.bias, dtype)
+        hq, hs = _eager.quantize_fp8_cat(None, h, "swiglu")
+        return _eager.fp8_linear_unchecked(hq, hs, _buf(block, f"{s.name}_fc2_w"), _buf(block, f"{s.name}_fc2_s"),
+                                           ff.linear_out.bias, dtype)
+    mods = E.children(ff.net)
     h = _eager.fp8_linear_unchecked(q, qs, _buf(block, f"{s.name}_fc1_w"), _buf(block, f"{s.name}_fc1_s"), None,
                                     dtype)
     hq, hs = _eager.quantize_fp8(h, mods[0].proj.bias, "gelu_tanh")
@@ -377,7 +411,8 @@ def run_block(block, st, h, e, temb, rot, index):
     si, stx = fam.streams
     tables = st.rope_tables(rot)
     compiling = torch.compiler.is_compiling()
-    pre = st.take_prenorm(block, h, e, temb, index) if not compiling and st.prenorm is not None else None
+    keys = (h, e, *temb, index) if isinstance(temb, tuple) else (h, e, temb, index)  # what look-ahead matches
+    pre = st.take_prenorm(block, *keys) if not compiling and st.prenorm is not None else None
     img_mod, txt_mod = pre.mods if pre is not None else DS.modulation_params(block, st, temb)
     i = DS._chunks(img_mod, st.order)
     t = DS._chunks(txt_mod, st.order)
@@ -405,7 +440,8 @@ def run_block(block, st, h, e, temb, rot, index):
         h, niq, nis, e, ntq, nts = _eager.dual_gate_residual_norm_scale_shift_fp8(
             h, img_y, i[5], n_i[0], n_i[1], index, E.get(nxt, si.norm1).eps,
             e, txt_y, t[5], n_t[0], n_t[1], None, E.get(nxt, stx.norm1).eps)
-        st.prenorm = E.Prenorm(nxt, (h, e, temb, index), (n_img_mod, n_txt_mod), ((niq, nis), (ntq, nts)))
+        keys = (h, e, *temb, index) if isinstance(temb, tuple) else (h, e, temb, index)
+        st.prenorm = E.Prenorm(nxt, keys, (n_img_mod, n_txt_mod), ((niq, nis), (ntq, nts)))
     else:
         h = _eager.gate_residual(h, img_y, i[5], index)
         e = _eager.gate_residual(e, txt_y, t[5], None)

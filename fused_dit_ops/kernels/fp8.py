@@ -364,18 +364,20 @@ def _rows3(x):
 
 def quantize_cat(a, b, activation="none", config=None, q_dtype=torch.float8_e4m3fn):
     """(q [..., KA + KB'] e4m3, scale [...] fp32) of [a | act(b)] (a, b 2-D or 3-D with the same
-    leading dims, last dims contiguous, free row strides; KB' = KB, or KB / 2 for "swiglu")."""
-    KA = a.shape[-1]
+    leading dims, last dims contiguous, free row strides; KB' = KB, or KB / 2 for "swiglu"; a None:
+    KA = 0)."""
+    KA = 0 if a is None else a.shape[-1]
     KB = b.shape[-1] // 2 if activation == "swiglu" else b.shape[-1]
-    q, s = _outs((*a.shape[:-1], KA + KB), a.device, q_dtype)
-    a3, b3 = _rows3(a), _rows3(b)
+    q, s = _outs((*b.shape[:-1], KA + KB), b.device, q_dtype)
+    b3 = _rows3(b)
+    a3 = b3 if a is None else _rows3(a)
     B, L = a3.shape[0], a3.shape[1]
     M = B * L
     if M == 0 or KA + KB == 0:
         return q, s
     cfg = dict(config or _cat_config(KA, KB))
     bm, ba, bb, stream = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_A"), cfg.pop("BLOCK_B"), cfg.pop("STREAM_STORES")
-    with _device_guard(a):
+    with _device_guard(b):
         launch(_quantize_cat_kernel, (cdiv(M, bm),),
                (a3, b3, q, s, M, L, KA, KB, a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1)),
                (_ACTS[activation], bm, ba, bb, stream), cfg)

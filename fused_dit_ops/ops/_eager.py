@@ -264,7 +264,7 @@ def gate_residual_norm_scale_shift_fp8(residual, update, gate, shift, scale, ind
 
 
 def quantize_fp8_cat(a, b, activation_b="none"):
-    if not fast(a):
+    if not fast(b):
         return _Q8C(a, b, activation_b)
     _check(_f8()._check_quantize_fp8_cat, a, b, activation_b)
     from ..kernels import fp8 as k8

@@ -132,24 +132,27 @@ CAT_ACTIVATIONS = ("none", "gelu_tanh", "swiglu")
 def _check_quantize_fp8_cat(a, b, activation_b):
     op = "quantize_fp8_cat"
     check_one_device(op, ("a", a), ("b", b))
-    check_tensor(op, "a", a, ndim=(2, 3))
     check_tensor(op, "b", b, ndim=(2, 3))
-    check_like(op, "b", b, "a", a)
-    _check_fp8_device(op, "a", a)
-    if b.dim() != a.dim() or tuple(b.shape[:-1]) != tuple(a.shape[:-1]):
-        fail(op, f"'b' {list(b.shape)} must have the leading dims of 'a' {list(a.shape)} (one row per token in "
-                 "each; only the last dims may differ)")
-    check_last_dim_contiguous(op, "a", a)
+    _check_fp8_device(op, "b", b)
     check_last_dim_contiguous(op, "b", b)
+    Ka = 0
+    if a is not None:
+        check_tensor(op, "a", a, ndim=(2, 3))
+        check_like(op, "b", b, "a", a)
+        if b.dim() != a.dim() or tuple(b.shape[:-1]) != tuple(a.shape[:-1]):
+            fail(op, f"'b' {list(b.shape)} must have the leading dims of 'a' {list(a.shape)} (one row per token in "
+                     "each; only the last dims may differ)")
+        check_last_dim_contiguous(op, "a", a)
+        Ka = a.shape[-1]
     if activation_b not in CAT_ACTIVATIONS:
         fail(op, f"'activation_b' must be one of {CAT_ACTIVATIONS}, got {activation_b!r}")
     Kb = b.shape[-1]
     if activation_b == "swiglu" and Kb % 2:
         fail(op, f"'b' last dimension must be even for activation_b='swiglu' (gate | linear halves), got {Kb}")
-    K = a.shape[-1] + (Kb // 2 if activation_b == "swiglu" else Kb)
+    K = Ka + (Kb // 2 if activation_b == "swiglu" else Kb)
     if K % 16:
-        fail(op, f"the output width K = {a.shape[-1]} ('a') + {K - a.shape[-1]} (activated 'b') must be a "
-                 f"multiple of 16 for the FP8 GEMM (torch._scaled_mm), got {K}")
+        fail(op, f"the output width K = {Ka} ('a') + {K - Ka} (activated 'b') must be a multiple of 16 for the "
+                 f"FP8 GEMM (torch._scaled_mm), got {K}")
     return K
 
 
@@ -524,7 +527,7 @@ def _joint_fp8_linear_fake(txt, txt_scale, img, img_scale, txt_weight, txt_weigh
 def _quantize_fp8_cat_fake(a, b, activation_b="none"):
     K = _check_quantize_fp8_cat(a, b, activation_b)
     refuse_grad("quantize_fp8_cat", TRACING, ("a", a), ("b", b))
-    return _q((*a.shape[:-1], K), a.device)
+    return _q((*b.shape[:-1], K), b.device)
 
 
 @torch.library.register_fake(f"{_NS}::gate_residual_layer_norm_fp8")
@@ -590,7 +593,8 @@ def quantize_fp8_cat(a, b, activation_b="none"):
     """(q, q_scale): per-row e4m3 quantisation of ``[a | act(b)]`` without the cat (a [..., Ka], b
     [..., Kb] with the same leading dims; act "none", "gelu_tanh" or "swiglu": silu of b's first half
     times its second half), one scale per row over both parts; q [..., Ka + Kb'] contiguous. A
-    single-stream block's output-projection input [attention | activated MLP] in one pass."""
+    single-stream block's output-projection input [attention | activated MLP] in one pass. ``a``
+    None: act(b) alone (e.g. a SwiGLU MLP's second GEMM input)."""
     return torch.ops.fused_dit.quantize_fp8_cat.default(a, b, activation_b)
 
 
