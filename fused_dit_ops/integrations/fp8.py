@@ -1,4 +1,5 @@
-"""``patch(model, precision="fp8")``: the double-stream blocks' Linears as FP8 (e4m3) GEMMs.
+"""``patch(model, precision="fp8")``: the double-stream blocks' Linears as FP8 (e4m3) GEMMs (the
+other block kinds: :mod:`.fp8_kinds`, on the same state, weight records and offload).
 
 Per patched double-stream block and stream, four GEMMs run as ``fused_dit.fp8_linear`` /
 ``joint_fp8_linear`` (``torch._scaled_mm`` on CUDA, row-wise scales): q|k|v (one packed weight),
@@ -9,7 +10,8 @@ produces them, in the same pass:
   ``dual_gate_residual_norm_scale_shift_fp8``);
 - attention output: ``quantize_fp8`` (one pass over the joint output);
 - gated residual + norm2 + modulation: ``dual_gate_residual_norm_scale_shift_fp8``;
-- fc1 output: ``quantize_fp8(h, fc1.bias, "gelu_tanh")`` (bias + GELU-tanh + quantisation, one pass).
+- fc1 output: ``quantize_fp8(h, fc1.bias, "gelu_tanh")`` (bias + GELU-tanh + quantisation, one pass);
+  a SwiGLU MLP (FLUX.2: ``linear_in``, SwiGLU, ``linear_out``): ``quantize_fp8_cat(None, h, "swiglu")``.
 
 Modulation GEMVs, embeddings and the final projection stay in the model dtype.
 
