@@ -129,22 +129,28 @@ def _close_pre_cast(got, want):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("act", ["none", "gelu_tanh", "swiglu"])
-def test_interpret_quantize_cat(act):
+def test_interpret_quantize_cat(act, chunked):
+    """Whole rows in registers, and the two-pass kernel for wide rows (here with 32-column chunks: the
+    a | b boundary inside a chunk, a ragged last chunk)."""
     from fused_dit_ops.kernels import fp8 as k
+    cfg = ({"CHUNKED": True, "BLOCK_M": 2, "BLOCK_K": 32, "STREAM_STORES": False, "num_warps": 4} if chunked
+           else None)
     a = randn(2, 7, 48)
     wide = randn(2, 7, 208)
     b = wide[..., 48:]
     b[0, 2] = 0
     a[0, 2] = 0  # a zero row: scale 1
-    got = k.quantize_cat(a, b, act, q_dtype=torch.float32)
+    got = k.quantize_cat(a, b, act, cfg, q_dtype=torch.float32)
     _close_pre_cast(got, ref.quantize_fp8_cat(a, b, act, cast=False))
     assert got[1][0, 2] == 1
-    got = k.quantize_cat(None, b.reshape(14, 160), act, q_dtype=torch.float32)
+    got = k.quantize_cat(None, b.reshape(14, 160), act, cfg, q_dtype=torch.float32)
     _close_pre_cast(got, ref.quantize_fp8_cat(None, b.reshape(14, 160), act, cast=False))
     b[1, 3, 5] = float("nan")
-    q, s = k.quantize_cat(a, b, act, q_dtype=torch.float32)
+    q, s = k.quantize_cat(a, b, act, cfg, q_dtype=torch.float32)
     assert torch.isnan(s[1, 3]) and torch.isfinite(s[0]).all()
+    assert k._cat_config(3072, 12288, "gelu_tanh")["CHUNKED"] and not k._cat_config(48, 160)["CHUNKED"]
 
 
 @pytest.mark.interpret

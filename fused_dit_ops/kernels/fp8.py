@@ -198,6 +198,56 @@ def _quantize_cat_kernel(
 
 
 @triton.jit
+def _cat_chunk(a_ptr, b_ptr, a_off, b_off, c, rmask, KA, KB, ACT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns [c, c + BLOCK_K) of the rows [a | act(b)] (fp32) and their mask."""
+    cols = c + tl.arange(0, BLOCK_K)
+    in_a = cols < KA
+    in_b = (cols >= KA) & (cols < KA + KB)
+    ma = rmask[:, None] & in_a[None, :]
+    mb = rmask[:, None] & in_b[None, :]
+    cb = tl.where(in_b, cols - KA, 0)
+    ya = tl.load(a_ptr + a_off[:, None] + tl.where(in_a, cols, 0)[None, :], mask=ma, other=0.0).to(tl.float32)
+    yb = tl.load(b_ptr + b_off[:, None] + cb[None, :], mask=mb, other=0.0).to(tl.float32)
+    if ACT == 1:
+        yb = _gelu_tanh(yb)
+    if ACT == 2:
+        u = tl.load(b_ptr + b_off[:, None] + KB + cb[None, :], mask=mb, other=0.0).to(tl.float32)
+        yb = yb / (1.0 + tl.exp(-yb)) * u
+    return tl.where(ma, ya, yb), ma | mb, cols
+
+
+@triton.jit
+def _quantize_cat_chunked_kernel(
+    a_ptr, b_ptr, q_ptr, s_ptr, M, L, KA, KB, stride_ab, stride_al, stride_bb, stride_bl,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, N_CHUNKS: tl.constexpr,
+    STREAM_STORES: tl.constexpr,
+):
+    """:func:`_quantize_cat_kernel` for rows too wide for registers: BLOCK_K columns of [a | act(b)]
+    at a time, two passes (the row maximum, then the values, recomputed from the inputs). N_CHUNKS =
+    cdiv(KA + KB, BLOCK_K) as a constexpr (the model's widths: one compile per model)."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = m < M
+    m64 = m.to(tl.int64)
+    a_off = (m64 // L) * stride_ab + (m64 % L) * stride_al
+    b_off = (m64 // L) * stride_bb + (m64 % L) * stride_bl
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    n_nan = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for i in range(0, N_CHUNKS):
+        c = i * BLOCK_K
+        y, mask, _ = _cat_chunk(a_ptr, b_ptr, a_off, b_off, c, rmask, KA, KB, ACT, BLOCK_K)
+        amax = tl.maximum(amax, tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1))
+        n_nan += tl.sum(tl.where(mask & (y != y), 1, 0), axis=1)
+    amax = tl.where(n_nan > 0, float("nan"), amax)
+    scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
+    for i in range(0, N_CHUNKS):
+        c = i * BLOCK_K
+        y, mask, cols = _cat_chunk(a_ptr, b_ptr, a_off, b_off, c, rmask, KA, KB, ACT, BLOCK_K)
+        q = tl.clamp(tl.div_rn(y, scale[:, None]), -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        _store(q_ptr + m64[:, None] * (KA + KB) + cols[None, :], q.to(q_ptr.dtype.element_ty), mask, STREAM_STORES)
+    tl.store(s_ptr + m64, scale, mask=rmask)
+
+
+@triton.jit
 def _grln_fp8_kernel(
     r_ptr, u_ptr, gate_ptr, idx_ptr, w_ptr, bias_ptr, r_out_ptr, q_ptr, s_ptr,
     L, C, B, eps,
@@ -348,13 +398,20 @@ def quantize_rows(x, bias=None, gelu=False, config=None, q_dtype=torch.float8_e4
 _ACTS = {"none": 0, "gelu_tanh": 1, "swiglu": 2}
 
 
-def _cat_config(KA: int, KB: int) -> dict:
-    # whole rows per program, as _row_config (not yet swept on a GPU)
+CAT_WHOLE_ROW_MAX = 16384  # padded row tiles (a + b, SwiGLU's two b tiles counted) held in registers at most
+
+
+def _cat_config(KA: int, KB: int, act: str = "none") -> dict:
+    """Whole rows per program (as _row_config) while the padded tiles fit, else BLOCK_K-column chunks
+    in two passes (``CHUNKED``). Not yet swept on a GPU."""
     ba, bb = next_power_of_2(max(KA, 16)), next_power_of_2(max(KB, 16))
-    width = ba + bb
-    block_m = max(1, min(4, 4096 // width))
+    width = ba + bb * (2 if act == "swiglu" else 1)
+    if width > CAT_WHOLE_ROW_MAX:
+        return {"CHUNKED": True, "BLOCK_M": 1, "BLOCK_K": 4096, "STREAM_STORES": True, "num_warps": 8}
+    block_m = 1 << (max(1, min(4, 4096 // width)).bit_length() - 1)  # a power of two
     num_warps = 16 if width >= 16384 else 8 if width >= 8192 else 4
-    return {"BLOCK_M": block_m, "BLOCK_A": ba, "BLOCK_B": bb, "STREAM_STORES": True, "num_warps": num_warps}
+    return {"CHUNKED": False, "BLOCK_M": block_m, "BLOCK_A": ba, "BLOCK_B": bb, "STREAM_STORES": True,
+            "num_warps": num_warps}
 
 
 def _rows3(x):
@@ -375,12 +432,17 @@ def quantize_cat(a, b, activation="none", config=None, q_dtype=torch.float8_e4m3
     M = B * L
     if M == 0 or KA + KB == 0:
         return q, s
-    cfg = dict(config or _cat_config(KA, KB))
-    bm, ba, bb, stream = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_A"), cfg.pop("BLOCK_B"), cfg.pop("STREAM_STORES")
+    cfg = dict(config or _cat_config(KA, KB, activation))
+    chunked, bm, stream = cfg.pop("CHUNKED"), cfg.pop("BLOCK_M"), cfg.pop("STREAM_STORES")
+    args = (a3, b3, q, s, M, L, KA, KB, a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1))
     with _device_guard(b):
-        launch(_quantize_cat_kernel, (cdiv(M, bm),),
-               (a3, b3, q, s, M, L, KA, KB, a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1)),
-               (_ACTS[activation], bm, ba, bb, stream), cfg)
+        if chunked:
+            bk = cfg.pop("BLOCK_K")
+            launch(_quantize_cat_chunked_kernel, (cdiv(M, bm),), args,
+                   (_ACTS[activation], bm, bk, cdiv(KA + KB, bk), stream), cfg)
+        else:
+            launch(_quantize_cat_kernel, (cdiv(M, bm),), args,
+                   (_ACTS[activation], bm, cfg.pop("BLOCK_A"), cfg.pop("BLOCK_B"), stream), cfg)
     return q, s
 
 
