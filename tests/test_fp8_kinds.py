@@ -394,6 +394,21 @@ def test_patch_fp8_peft_lora_on_single_block_runs_the_adapter():
     fdo.unpatch(m)
 
 
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_patch_fp8_under_inference_mode(family):
+    """torch.inference_mode(): the weight records and look-ahead go by identity there; same output as
+    under no_grad, no runtime fallback."""
+    m = tiny_flux() if family == "flux" else tiny_wan()
+    kw = _inputs(family, m, seed=11)
+    r = fdo.patch(m, precision="fp8")
+    want = _run(m, kw)
+    with torch.inference_mode():
+        got = m(**kw)[0]
+        again = m(**kw)[0]
+    assert torch.equal(got, want) and torch.equal(again, want)
+    assert not any(k.startswith("fp8") for k in r.runtime), r.runtime
+
+
 @pytest.mark.parametrize("family", ["flux", "flux2", "wan"])
 def test_patch_fp8_compile_blocks_fullgraph(family):
     """Regional compile (fullgraph, aot_eager) of the FP8-patched blocks: no graph break, same output as
