@@ -87,6 +87,39 @@ def test_gate_residual_layer_norm_fp8_cpu(dtype):
     assert torch.equal(r, rr) and torch.equal(s, sr) and torch.equal(q.float(), qr.float())
 
 
+def _wan_norm_inputs(B=2, L=13, C=96, index=False):
+    """bf16 activations, fp32 modulation parameters as column views of the [rows, 6, C] table sum."""
+    x, upd = randn(B, L, C, dtype=torch.bfloat16), randn(B, L, C, dtype=torch.bfloat16)
+    e = randn(2 * B if index else B, 6, C, std=0.5)
+    idx = torch.randint(0, 2, (B, L), dtype=torch.int32) if index else None
+    return x, upd, [e[:, j] for j in range(6)], idx
+
+
+@pytest.mark.parametrize("index", [False, True])
+def test_fp8_norm_ops_take_fp32_params_with_bf16_activations(index):
+    x, upd, p, idx = _wan_norm_inputs(index=index)
+    q, s = F8.norm_scale_shift_fp8(x, p[0], p[1], idx, 1e-6)
+    _assert_quantised(q, s, ref.norm_scale_shift(x.double(), p[0].double(), p[1].double(), idx))
+    r, q, s = F8.gate_residual_norm_scale_shift_fp8(x, upd, p[5], p[3], p[4], idx, 1e-6)
+    want_r = (x.float() + ref.select_params(p[5], idx).float() * upd.float()).to(torch.bfloat16)
+    assert r.dtype == torch.bfloat16 and torch.equal(r, want_r)
+    _assert_quantised(q, s, ref.norm_scale_shift(r.double(), p[3].double(), p[4].double(), idx))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("index", [False, True])
+def test_interpret_fp8_norm_kernels_fp32_params_bf16_activations(index):
+    from fused_dit_ops.kernels import fp8 as k
+    x, upd, p, idx = _wan_norm_inputs(index=index)
+    got = k.norm_scale_shift_fp8(x, p[0], p[1], idx, 1e-6, q_dtype=torch.float32)
+    _close_pre_cast(got, ref.norm_scale_shift_fp8(x, p[0], p[1], idx, 1e-6, cast=False))
+    r, q, s = k.gate_residual_norm_scale_shift_fp8(x, upd, p[5], p[3], p[4], idx, 1e-6, q_dtype=torch.float32)
+    rr, qr, sr = ref.gate_residual_norm_scale_shift_fp8(x, upd, p[5], p[3], p[4], idx, 1e-6, cast=False)
+    assert r.dtype == torch.bfloat16
+    torch.testing.assert_close(r.float(), rr.float(), rtol=2.0 ** -7, atol=0)  # interpreter rounding: 1 ulp
+    _close_pre_cast((q, s), ref.norm_scale_shift_fp8(r, p[3], p[4], idx, 1e-6, cast=False))
+
+
 def test_new_ops_input_errors():
     a = randn(2, 5, 48)
     expect_input_error(lambda: F8.quantize_fp8_cat(a, randn(2, 5, 40)), "quantize_fp8_cat", "multiple of 16", "88")
