@@ -24,8 +24,8 @@ instead of running it.
 
 Requirements (else the model stays bf16 on the fused ops, with the reason in ``report.stock``):
 CUDA compute capability 8.9+ and bfloat16 (CPU: any dtype, the reference implementations), all
-fused ops selected, the Linears plain ``nn.Linear`` with in/out features multiples of 16, the
-FeedForward GELU-tanh. A block whose Linears changed after patching (LoRA, replaced or edited
+fused ops selected, the Linears plain ``nn.Linear`` with in/out features multiples of 16, the MLP
+a GELU-tanh FeedForward or a SwiGLU one. A block whose Linears changed after patching (LoRA, replaced or edited
 weights) runs the bf16 fused path, counted in ``report.runtime``.
 """
 from __future__ import annotations
