@@ -427,6 +427,24 @@ def test_patch_fp8_peft_lora_on_single_block_runs_the_adapter():
     fdo.unpatch(m)
 
 
+@pytest.mark.parametrize("family", ["flux2", "wan"])
+def test_patch_fp8_verify_and_model_to_dtype(family):
+    """verify=True (bf16 weights kept: the stock half runs) fills report.verify with the FP8 error; after
+    model.to(float64).to(float32) the FP8 weight buffers are fp32: the blocks run the model-dtype fused
+    path, counted."""
+    m = tiny_flux2() if family == "flux2" else tiny_wan(num_layers=2)
+    kw = _inputs(family, m, seed=12)
+    stock = _run(m, kw)
+    r = fdo.patch(m, precision="fp8", verify=True)
+    out = _run(m, kw)
+    assert r.verify is not None and 5e-3 < r.verify["rel_fro"] < FP8_REL, r.verify
+    assert rel_err(out, stock) == pytest.approx(r.verify["rel_fro"], rel=1e-3)
+    m.to(torch.float64).to(torch.float32)
+    out = _run(m, kw)
+    assert any("weight buffers converted" in k for k in r.runtime), r.runtime
+    assert rel_err(out, stock) < 2e-6
+
+
 @pytest.mark.parametrize("family", ["flux", "wan"])
 def test_patch_fp8_under_inference_mode(family):
     """torch.inference_mode(): the weight records and look-ahead go by identity there; same output as
