@@ -598,8 +598,8 @@ def _exact_e4m3_casts(monkeypatch):
 @pytest.mark.parametrize("family", ["flux", "flux2", "wan"])
 def test_interpret_fast_path_matches_the_op_path(monkeypatch, family):
     """The eager fast path (what CUDA runs: Triton launchers and ``torch._scaled_mm`` directly) forced on
-    CPU tensors under the interpreter: the new ops are called where the FP8 blocks need them, and the output agrees with the op
-    path (CPU reference implementations) up to e4m3 rounding flips."""
+    CPU tensors under the interpreter: the new ops are called where the FP8 blocks need them, and the
+    output agrees with the op path (CPU reference implementations) up to e4m3 rounding flips."""
     from fused_dit_ops.ops import _eager
     m = {"flux": tiny_flux, "flux2": tiny_flux2, "wan": tiny_wan}[family]()
     kw = _inputs(family, m, seed=8)

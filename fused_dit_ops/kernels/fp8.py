@@ -7,7 +7,9 @@ IEEE-rounded (``tl.div_rn``), as in :mod:`fused_dit_ops.reference`. Outputs are 
 tensors: values [B, L, C] (or [M, K]) and scales [B, L] (or [M]).
 
 The norm kernels reuse the row helpers of :mod:`.modulation` (same LayerNorm / RMSNorm, same
-parameter selection); only the store differs.
+parameter selection); only the store differs. ``quantize_cat`` (rows of [a | act(b)], e.g. a
+single-stream block's [attention | GELU(MLP)]) holds whole rows up to 16384 padded columns and
+otherwise runs a two-pass kernel over column chunks (the row maximum, then the values recomputed).
 """
 from __future__ import annotations
 
