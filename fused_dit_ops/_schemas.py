@@ -72,6 +72,14 @@ SCHEMAS: dict[str, str] = {
     "joint_fp8_linear": "(Tensor txt, Tensor txt_scale, Tensor img, Tensor img_scale, Tensor txt_weight,"
     " Tensor txt_weight_scale, Tensor? txt_bias, Tensor img_weight, Tensor img_weight_scale,"
     " Tensor? img_bias, ScalarType out_dtype) -> Tensor",
+    # one e4m3 row per token over two inputs side by side, [a | act(b)] (a single-stream block's output
+    # projection input [attention | activated MLP] without the cat); act: none, gelu_tanh or swiglu
+    # (silu(b[..., :F]) * b[..., F:], half of b's width); a None: act(b) alone (a SwiGLU MLP's fc2 input)
+    "quantize_fp8_cat": "(Tensor? a, Tensor b, str activation_b=\"none\") -> (Tensor, Tensor)",
+    # gate_residual_layer_norm with the affine LayerNorm's output quantised (a Wan block's norm2 feeding
+    # the cross-attention q projection)
+    "gate_residual_layer_norm_fp8": "(Tensor residual, Tensor update, Tensor gate, Tensor? index=None,"
+    " Tensor? weight=None, Tensor? bias=None, float eps=1e-06) -> (Tensor, Tensor, Tensor)",
     # -- MLP -----------------------------------------------------------------------------
     # y = x @ weight.T (+ bias) over [2F, K] weights; out = silu(y[..., :F]) * y[..., F:] ([.., F]);
     # backend "triton" (the GEMM with the SwiGLU epilogue) or "cublas" (GEMM, then the elementwise kernel)

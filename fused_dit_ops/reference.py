@@ -304,6 +304,32 @@ def quantize_fp8(x, bias=None, activation="none", cast=True):
     return quantize_fp8_rows(y, cast)
 
 
+def activate_fp8_input(b, activation="none"):
+    """fp32 act(b): "none", "gelu_tanh", or "swiglu" (silu(b[..., :F]) * b[..., F:], width F)."""
+    y = b.float()
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "swiglu":
+        g, u = y.chunk(2, dim=-1)
+        return F.silu(g) * u
+    return y
+
+
+def quantize_fp8_cat(a, b, activation_b="none", cast=True):
+    """Per-row quantisation of [a | act(b)] ([..., Ka + Kb'], Kb' = Kb, or Kb / 2 for "swiglu"), fp32
+    math: one scale per row over both parts. ``a`` None: act(b) alone."""
+    y = activate_fp8_input(b, activation_b)
+    return quantize_fp8_rows(y if a is None else torch.cat([a.float(), y], dim=-1), cast)
+
+
+def gate_residual_layer_norm_fp8(residual, update, gate, index=None, weight=None, bias=None, eps=1e-6, cast=True):
+    """(residual_out, q, scale): residual_out as :func:`gate_residual_layer_norm`; the affine
+    LayerNorm of residual_out as stored, quantised from fp32 (no rounding to the activation dtype)."""
+    out = (residual.float() + select_params(gate, index).float() * update.float()).to(residual.dtype)
+    y = _norm(out.float(), weight, bias, eps, "layer")
+    return (out.contiguous(), *quantize_fp8_rows(y, cast))
+
+
 def quantize_fp8_weight(w: torch.Tensor):
     """(w_q float8_e4m3fn [N, K], w_scale fp32 [N]): per output channel (row) of a Linear weight."""
     return quantize_fp8_rows(w.detach())

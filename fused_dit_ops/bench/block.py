@@ -128,12 +128,32 @@ def run_provider_blocks(model, inputs: dict, provider: str, device: str, rep_ms:
         mods = list(blocks(model))
         calls = capture_block_calls(model, inputs, mods)
         how = _configs.compile_blocks(model) if _configs.is_compiled(name) else ""
-        return [_time_block(block, args, kwargs, provider, device, rep_ms, cooldown_s, energy_s, how, opts)
-                for block, (args, kwargs) in zip(mods, calls)]
+        out = [_time_block(block, args, kwargs, provider, device, rep_ms, cooldown_s, energy_s, how, opts)
+               for block, (args, kwargs) in zip(mods, calls)]
+        if opts.get("precision") == "fp8":
+            for block, (row, _) in zip(mods, out):
+                row["fp8"] = fp8_coverage(model, block)
+                if row["fp8"] != "fp8":
+                    print(f"  {provider}: block not on FP8 GEMMs: {row['fp8']}", file=sys.stderr)
+        return out
     finally:
         _configs.reset(model, name)
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
+
+
+def fp8_coverage(model, block) -> str:
+    """"fp8" when ``block`` holds FP8 weights and ran without a runtime fallback, else why not (the
+    patch report's FP8 reasons and runtime fallbacks)."""
+    st = model.__dict__.get("_fused_dit_state")
+    if st is None:
+        return "not patched"
+    rep = st.report
+    why = [f"{k}: {v}" for k, v in rep.stock.items() if k.startswith(("fp8", "precision"))]
+    if not any(n.startswith("_fused_dit_fp8_") for n in block._buffers):
+        return "; ".join(why) or "no FP8 weights on this block"
+    fall = [f"{k} ({v})" for k, v in rep.runtime.items() if k.startswith("fp8")]
+    return "; ".join(fall) if fall else "fp8"
 
 
 def _time_block(block, args, kwargs, provider, device, rep_ms, cooldown_s, energy_s, how, opts):
@@ -377,7 +397,7 @@ def _main_flux(args, device: str, providers: list[str]) -> int:
     print(harness.format_table(out_rows, ["block", "provider", "ms", "speedup_vs_stock_eager", "ratio_vs_stock_compile",
                                           *_fp8_columns(out_rows),
                                           "j_per_call", "avg_power_w", "energy_ratio_vs_stock_compile",
-                                          "first_call_s", "max_rel_diff_vs_stock", "error"]))
+                                          "first_call_s", "max_rel_diff_vs_stock", "fp8", "error"]))
     path = harness.write_results(f"block-{args.model}" + ("-tiny" if args.tiny else ""), out_rows,
                                  extra={"model": args.model, "shape": shape, "device": device,
                                         "rounds": args.rounds, "rep_ms": args.rep_ms, "energy_s": args.energy_s,
@@ -444,7 +464,7 @@ def _main_wan(args, device: str, providers: list[str]) -> int:
                                       *_fp8_columns(rows),
                                       "attn_backend", "attn_tflops", "attn_share_pct",
                                       "j_per_call", "avg_power_w", "energy_ratio_vs_stock_compile",
-                                      "first_call_s", "max_rel_diff_vs_stock", "error"]))
+                                      "first_call_s", "max_rel_diff_vs_stock", "fp8", "error"]))
     path = harness.write_results("block-wan" + ("-tiny" if args.tiny else ""), rows,
                                  extra={"model": "wan", "shape": shape, "device": device, "rounds": args.rounds,
                                         "rep_ms": args.rep_ms, "energy_s": args.energy_s,

@@ -6,6 +6,10 @@ Image stream [1, 8192, 3072] (zero_cond_t index) + text [1, 208, 3072], bf16, on
   followed by an unfused quantisation (amax, divide, cast: what FP8 costs without the fusion);
 - ``quantize_fp8`` of the attention output [8400, 3072] and, with bias + GELU-tanh, of the fc1
   output [8192, 12288], against the same in torch ops;
+- ``quantize_fp8_cat`` of a single-stream block's output-projection input [attention | act(MLP)]
+  (Flux.1: 3072 + GELU-tanh of 12288; FLUX.2: 6144 + SwiGLU of 2 x 18432; 4608 tokens) against
+  the activation, cat and quantisation in torch ops; ``gate_residual_layer_norm_fp8`` at a Wan
+  block's shape (32760 x 5120) against its bf16 op;
 - the block's eight GEMMs (q|k|v, output projection, fc1, fc2 of each stream): ``F.linear`` bf16 vs
   ``fp8_linear`` (``torch._scaled_mm``, row-wise scales).
 
@@ -97,6 +101,32 @@ def main(argv=None) -> int:
                 t(lambda: _unfused_quant(F.gelu(f1 + bias1, approximate="tanh"))))
         row("fc1 output: quantize_fp8(bias, gelu_tanh)", t(lambda: F8.quantize_fp8(f1, bias1, "gelu_tanh")),
             Li * H * (f1.element_size() + 1), base=b)
+        # Flux.1 single-stream block: [attention | GELU-tanh(MLP columns of the q|k|v|MLP output)] -> proj_out
+        # input, one row per token; FLUX.2 (C 6144, SwiGLU over 2 x 18432) the same way
+        L1 = Li // 2 + 512 if not args.tiny else Li
+        for label, (c, f, act) in (("Flux.1 single", (C, H, "gelu_tanh")),
+                                   ("FLUX.2 single", ((96, 288, "swiglu") if args.tiny else (6144, 18432, "swiglu")))):
+            fw = 2 * f if act == "swiglu" else f
+            ao, y = rnd(1, L1, c), rnd(1, L1, 3 * c + fw)
+            mlp = y[..., 3 * c:]
+
+            def cat_torch(ao=ao, mlp=mlp, act=act, f=f):
+                m = (F.gelu(mlp, approximate="tanh") if act == "gelu_tanh"
+                     else F.silu(mlp[..., :f]) * mlp[..., f:])
+                return _unfused_quant(torch.cat([ao, m], -1))
+            b = row(f"{label} proj_out input [{L1}x({c}+{f})]: torch {act} + cat + quantisation", t(cat_torch))
+            row(f"{label} proj_out input: quantize_fp8_cat", t(lambda ao=ao, mlp=mlp, act=act: F8.quantize_fp8_cat(
+                ao, mlp, act)), L1 * ((c + fw) * ao.element_size() + c + f), base=b)
+        # Wan block: gated residual + affine norm2, quantised for the cross-attention q (C 5120, fp32 gate)
+        cw, lw = (64, Li) if args.tiny else (5120, 32760)
+        xw, uw = rnd(1, lw, cw), rnd(1, lw, cw)
+        gw = (torch.randn(1, 6, cw, generator=g) * 0.5).to(device)[:, 2]
+        ww, bw = (1 + 0.1 * torch.randn(cw, generator=g)).to(device), (0.1 * torch.randn(cw, generator=g)).to(device)
+        wbytes = lw * cw * xw.element_size()
+        b = row(f"Wan gate_residual_layer_norm [{lw}x{cw}] bf16",
+                t(lambda: fdo.ops.gate_residual_norm.gate_residual_layer_norm(xw, uw, gw, None, ww, bw)), 4 * wbytes)
+        row("Wan gate_residual_layer_norm_fp8", t(lambda: F8.gate_residual_layer_norm_fp8(xw, uw, gw, None, ww, bw)),
+            3.5 * wbytes, base=b)
         # the eight GEMMs
         total_bf16 = total_fp8 = 0.0
         for name, (n, k) in (("q|k|v", (3 * C, C)), ("out proj", (C, C)), ("fc1", (H, C)), ("fc2", (C, H))):

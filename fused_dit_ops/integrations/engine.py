@@ -881,10 +881,10 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
     forward and against the parameters' version counters (writes through ``.data`` are not seen:
     re-patch after those). ``probe``: run the fused block once on a tiny input at patch time; a
     ``FusedDitInputError`` leaves the model stock with the reason. ``precision``: "bf16" (the model's
-    dtype) or "fp8": the double-stream blocks' q/k/v, output projection and MLP Linears as FP8 e4m3
-    GEMMs with row-wise scales (CUDA compute capability 8.9+, bfloat16 model; see
-    ``fused_dit_ops.integrations.fp8``); their bf16 weights wait on the CPU (pinned) while patched
-    unless ``keep_bf16_weights``. :func:`unpatch` undoes it."""
+    dtype) or "fp8": the blocks' q/k/v, output projection and MLP Linears as FP8 e4m3 GEMMs with
+    row-wise scales (CUDA compute capability 8.9+, bfloat16 model; see
+    ``fused_dit_ops.integrations.fp8`` and ``fp8_kinds``); their bf16 weights wait on the CPU (pinned)
+    while patched unless ``keep_bf16_weights``. :func:`unpatch` undoes it."""
     return patch_ab(model_or_pipeline, ops=ops, attention_backend=attention_backend, verify=verify,
                     reuse_mod=reuse_mod, probe=probe, precision=precision, keep_bf16_weights=keep_bf16_weights)
 
@@ -965,7 +965,8 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
         _kind(kind).patch_blocks(st, [b for _, b, k in ok if k == kind], model, sw, attention_backend)
     if precision == "fp8":
         _precision("fp8").patch_blocks(st, [b for _, b, k in ok if k == "double"], report, dev, p.dtype,
-                         keep_bf16_weights or verify)
+                                       keep_bf16_weights or verify,
+                                       {kind: [b for _, b, k in ok if k == kind] for kind in ("single", "self_cross")})
     rope = get(model, fam.rope_module)
     for m in (model, rope):  # e.g. accelerate's cpu-offload hook on the model: kept, called
         prev = m.__dict__.get("forward")

@@ -1,4 +1,5 @@
-"""``patch(model, precision="fp8")``: the double-stream blocks' Linears as FP8 (e4m3) GEMMs.
+"""``patch(model, precision="fp8")``: the double-stream blocks' Linears as FP8 (e4m3) GEMMs (the
+other block kinds: :mod:`.fp8_kinds`, on the same state, weight records and offload).
 
 Per patched double-stream block and stream, four GEMMs run as ``fused_dit.fp8_linear`` /
 ``joint_fp8_linear`` (``torch._scaled_mm`` on CUDA, row-wise scales): q|k|v (one packed weight),
@@ -9,7 +10,8 @@ produces them, in the same pass:
   ``dual_gate_residual_norm_scale_shift_fp8``);
 - attention output: ``quantize_fp8`` (one pass over the joint output);
 - gated residual + norm2 + modulation: ``dual_gate_residual_norm_scale_shift_fp8``;
-- fc1 output: ``quantize_fp8(h, fc1.bias, "gelu_tanh")`` (bias + GELU-tanh + quantisation, one pass).
+- fc1 output: ``quantize_fp8(h, fc1.bias, "gelu_tanh")`` (bias + GELU-tanh + quantisation, one pass);
+  a SwiGLU MLP (FLUX.2: ``linear_in``, SwiGLU, ``linear_out``): ``quantize_fp8_cat(None, h, "swiglu")``.
 
 Modulation GEMVs, embeddings and the final projection stay in the model dtype.
 
@@ -22,8 +24,8 @@ instead of running it.
 
 Requirements (else the model stays bf16 on the fused ops, with the reason in ``report.stock``):
 CUDA compute capability 8.9+ and bfloat16 (CPU: any dtype, the reference implementations), all
-fused ops selected, the Linears plain ``nn.Linear`` with in/out features multiples of 16, the
-FeedForward GELU-tanh. A block whose Linears changed after patching (LoRA, replaced or edited
+fused ops selected, the Linears plain ``nn.Linear`` with in/out features multiples of 16, the MLP
+a GELU-tanh FeedForward or a SwiGLU one. A block whose Linears changed after patching (LoRA, replaced or edited
 weights) runs the bf16 fused path, counted in ``report.runtime``.
 """
 from __future__ import annotations
@@ -66,6 +68,29 @@ class Fp8State:
     def unpatch(self, st):
         unpatch(st)
 
+    # the other block kinds (integrations/fp8_kinds.py): the FP8 block output, or None after checking
+    # that the model-dtype path may run (then the caller runs it)
+    def run_single(self, block, st, x, Lt, temb, rot):
+        from . import fp8_kinds as K
+        if K.single_usable(block, st, x):
+            return K.run_single(block, st, x, Lt, temb, rot)
+        check_bf16_path(block, st)
+        _drop_fp8_prenorm(st)
+        return None
+
+    def run_self_cross(self, block, st, x, ctx, temb, rot, index):
+        from . import fp8_kinds as K
+        if K.self_cross_usable(block, st, x):
+            return K.run_self_cross(block, st, x, ctx, temb, rot, index)
+        check_bf16_path(block, st)
+        _drop_fp8_prenorm(st)
+        return None
+
+
+def _drop_fp8_prenorm(st):
+    if st.prenorm is not None and isinstance(st.prenorm.outs[0], tuple):
+        st.prenorm = None  # FP8 look-ahead outputs are for the FP8 path
+
 
 def _links(block, targets):
     """(parent, key, child) for every module on the paths from ``block`` to the ``targets`` (each
@@ -95,15 +120,10 @@ def _paths(block, fam, s):
     qkv = [E.get(attn, p) for p in (s.q, s.k, s.v)]
     out = E.get(attn, s.out)
     ff = getattr(block, s.mlp, None)
-    net = getattr(ff, "_modules", {}).get("net")
-    mods = E.children(net) if net is not None else []
-    from diffusers.models.activations import GELU
-    if (len(mods) not in (3, 4) or type(mods[0]) is not GELU or mods[0].approximate != "tanh"
-            or not E.skippable_dropout(mods[1]) or (len(mods) == 4 and not E.skippable_dropout(mods[3]))):
-        return f"{s.mlp} is not FeedForward(GELU-tanh proj, Dropout, Linear[, Dropout])"
-    fc1, fc2 = mods[0]._modules.get("proj"), mods[2]
-    if fc1 is None or fc1.bias is None:
-        return f"{s.mlp}: the GELU projection has no bias (the fused GELU + quantisation adds it)"
+    mlp = _swiglu_mlp(ff, fam, s) if fam.mlp == "swiglu" else _gelu_mlp(ff, s)
+    if isinstance(mlp, str):
+        return mlp
+    fc1, fc2 = mlp
     lins = {"qkv": qkv, "out": [out], "fc1": [fc1], "fc2": [fc2]}
     for g, ms in lins.items():
         for m in ms:
@@ -120,6 +140,31 @@ def _paths(block, fam, s):
         if not all(E.skippable_dropout(m) for m in rest):
             return f"{fam.attn}.{head}: modules after the output projection that are not inactive Dropout"
     return lins
+
+
+def _gelu_mlp(ff, s):
+    """(fc1, fc2) of a diffusers FeedForward(GELU-tanh), or a reason string."""
+    net = getattr(ff, "_modules", {}).get("net")
+    mods = E.children(net) if net is not None else []
+    from diffusers.models.activations import GELU
+    if (len(mods) not in (3, 4) or type(mods[0]) is not GELU or mods[0].approximate != "tanh"
+            or not E.skippable_dropout(mods[1]) or (len(mods) == 4 and not E.skippable_dropout(mods[3]))):
+        return f"{s.mlp} is not FeedForward(GELU-tanh proj, Dropout, Linear[, Dropout])"
+    fc1, fc2 = mods[0]._modules.get("proj"), mods[2]
+    if fc1 is None or fc1.bias is None:
+        return f"{s.mlp}: the GELU projection has no bias (the fused GELU + quantisation adds it)"
+    return fc1, fc2
+
+
+def _swiglu_mlp(ff, fam, s):
+    """(fc1, fc2) of a SwiGLU MLP (``linear_in`` [2F, C] gate rows first, the family's SwiGLU
+    module, ``linear_out``; e.g. FLUX.2's Flux2FeedForward), or a reason string."""
+    m = getattr(ff, "_modules", {})
+    fc1, act, fc2 = m.get("linear_in"), m.get("act_fn"), m.get("linear_out")
+    acts = fam.mlp_act() if fam.mlp_act is not None else ()
+    if fc1 is None or fc2 is None or type(act) not in acts or not E.no_hooks(act):
+        return f"{s.mlp} is not (linear_in, SwiGLU, linear_out)"
+    return fc1, fc2
 
 
 def model_reason(st, dev, dtype):
@@ -149,11 +194,13 @@ def _should_offload(dev, keep_bf16) -> bool:
 
 
 @torch.no_grad()
-def patch_blocks(st, blocks, report, dev, dtype, keep_bf16):
-    """Quantise the weights of the patchable double-stream blocks; record and report."""
+def patch_blocks(st, blocks, report, dev, dtype, keep_bf16, others=None):
+    """Quantise the weights of the patchable double-stream blocks (and of ``others``: {kind: blocks}
+    of the other kinds, see ``fp8_kinds``); record and report."""
+    others = {k: v for k, v in (others or {}).items() if v}
     why = model_reason(st, dev, dtype)
     if why is None:
-        devs = {t.device for b in blocks for t in b.parameters()}
+        devs = {t.device for b in [*blocks, *(x for v in others.values() for x in v)] for t in b.parameters()}
         if devs != {dev}:
             why = (f"the blocks' parameters are on {sorted(map(str, devs))} while the model computes on {dev} "
                    "(offloading hooks move them): FP8 needs the model on its execution device")
@@ -188,17 +235,19 @@ def patch_blocks(st, blocks, report, dev, dtype, keep_bf16):
         f8.blocks[id(block)] = (_links(block, [m for r in rec for m in r[:1]]), rec)
     st.fp8 = f8
     n = len(f8.blocks)
-    if fam.single is not None:
-        report.stock["fp8 single-stream blocks"] = "model dtype GEMMs (FP8 covers the double-stream blocks)"
     for why, k in skipped.items():
         report.stock[f"fp8 ({k} blocks)"] = f"{why}: model dtype GEMMs"
-    if not n:
+    if n:
+        report.swapped.append(f"FP8 e4m3 GEMMs (row-wise scales; activations quantised by the ops that write "
+                              f"them): q/k/v, output projections, MLP fc1/fc2 of both streams ({n} blocks)")
+    if others:
+        from . import fp8_kinds
+        fp8_kinds.patch_blocks(st, f8, others, report)
+    if not f8.blocks:
         return
-    report.swapped.append(f"FP8 e4m3 GEMMs (row-wise scales; activations quantised by the ops that write "
-                          f"them): q/k/v, output projections, MLP fc1/fc2 of both streams ({n} blocks)")
     if offload:
         nbytes = 0
-        for block in blocks:
+        for block in [*blocks, *(x for v in others.values() for x in v)]:
             if id(block) not in f8.blocks:
                 continue
             for m, p, *_ in f8.blocks[id(block)][1]:
@@ -224,7 +273,7 @@ def unpatch(st):
         return
     for p, block in f8.offloaded:
         # back to where the block is now (its FP8 buffers follow model.to(...); the weights did not)
-        w = _buf(block, f"{st.family.streams[0].name}_qkv_w")
+        w = next((b for n, b in block._buffers.items() if n.startswith(PREFIX) and b is not None), None)
         dev = w.device if w is not None else None
         if dev is not None and p.device != dev:
             p.data = p.data.to(dev)
@@ -259,10 +308,11 @@ def _buf(block, name):
     return block._buffers.get(PREFIX + name)
 
 
-def ready(block, st, x) -> bool:
-    """Does this block run the FP8 path now? Its buffers are there in FP8 on x's device; eagerly also:
-    the modules and weights are those quantised at patch time (same objects, same version counters)."""
-    w = _buf(block, f"{st.family.streams[0].name}_qkv_w")
+def ready(block, st, x, key=None) -> bool:
+    """Does this block run the FP8 path now? Its buffers (``key``: the name of one, default the
+    double-stream q|k|v weight) are there in FP8 on x's device; eagerly also: the modules and weights
+    are those quantised at patch time (same objects, same version counters)."""
+    w = _buf(block, key or f"{st.family.streams[0].name}_qkv_w")
     if w is None:
         return False
     if w.dtype != torch.float8_e4m3fn or w.device != x.device:
@@ -326,7 +376,14 @@ def _attention(block, st, attn, iq, isc, tq, tsc, tables, dtype):
 
 
 def _mlp(block, s, q, qs, dtype):
-    mods = E.children(getattr(block, s.mlp).net)
+    ff = getattr(block, s.mlp)
+    if "linear_in" in ff._modules:  # SwiGLU: the activation and the quantisation of fc2's input in one pass
+        h = _eager.fp8_linear_unchecked(q, qs, _buf(block, f"{s.name}_fc1_w"), _buf(block, f"{s.name}_fc1_s"),
+                                        ff.linear_in.bias, dtype)
+        hq, hs = _eager.quantize_fp8_cat(None, h, "swiglu")
+        return _eager.fp8_linear_unchecked(hq, hs, _buf(block, f"{s.name}_fc2_w"), _buf(block, f"{s.name}_fc2_s"),
+                                           ff.linear_out.bias, dtype)
+    mods = E.children(ff.net)
     h = _eager.fp8_linear_unchecked(q, qs, _buf(block, f"{s.name}_fc1_w"), _buf(block, f"{s.name}_fc1_s"), None,
                                     dtype)
     hq, hs = _eager.quantize_fp8(h, mods[0].proj.bias, "gelu_tanh")
@@ -356,7 +413,8 @@ def run_block(block, st, h, e, temb, rot, index):
     si, stx = fam.streams
     tables = st.rope_tables(rot)
     compiling = torch.compiler.is_compiling()
-    pre = st.take_prenorm(block, h, e, temb, index) if not compiling and st.prenorm is not None else None
+    keys = (h, e, *temb, index) if isinstance(temb, tuple) else (h, e, temb, index)  # what look-ahead matches
+    pre = st.take_prenorm(block, *keys) if not compiling and st.prenorm is not None else None
     img_mod, txt_mod = pre.mods if pre is not None else DS.modulation_params(block, st, temb)
     i = DS._chunks(img_mod, st.order)
     t = DS._chunks(txt_mod, st.order)
@@ -384,7 +442,8 @@ def run_block(block, st, h, e, temb, rot, index):
         h, niq, nis, e, ntq, nts = _eager.dual_gate_residual_norm_scale_shift_fp8(
             h, img_y, i[5], n_i[0], n_i[1], index, E.get(nxt, si.norm1).eps,
             e, txt_y, t[5], n_t[0], n_t[1], None, E.get(nxt, stx.norm1).eps)
-        st.prenorm = E.Prenorm(nxt, (h, e, temb, index), (n_img_mod, n_txt_mod), ((niq, nis), (ntq, nts)))
+        keys = (h, e, *temb, index) if isinstance(temb, tuple) else (h, e, temb, index)
+        st.prenorm = E.Prenorm(nxt, keys, (n_img_mod, n_txt_mod), ((niq, nis), (ntq, nts)))
     else:
         h = _eager.gate_residual(h, img_y, i[5], index)
         e = _eager.gate_residual(e, txt_y, t[5], None)

@@ -287,6 +287,10 @@ def _ones_gate(x, rows):
 def run_block(block, st, x, ctx, temb, rot, index):
     """The fused self + cross attention block: x [B, L, C] -> x. ``temb`` [rows, 6, C] (rows = B, or
     2B with ``index`` [B, L]: token l of batch b uses set ``index[b, l] != 0``)."""
+    if st.fp8 is not None:  # precision="fp8": integrations/fp8_kinds.py
+        out = st.fp8.run_self_cross(block, st, x, ctx, temb, rot, index)
+        if out is not None:
+            return out
     sc = st.family.self_cross
     tables = st.rope_tables(rot)
     E.cp_check_rows(st, tables, x.shape[1])

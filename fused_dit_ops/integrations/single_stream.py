@@ -306,6 +306,10 @@ def run_block(block, st, h, e, temb, rot):
 def run_joint(block, st, x, Lt, temb, rot):
     """The fused single-stream block on the joint [B, Lt + Li, C] sequence -> the joint output.
     ``Lt`` 0: the text length is not known (the block got the joint sequence; the RoPE table covers it)."""
+    if st.fp8 is not None:  # precision="fp8": integrations/fp8_kinds.py
+        out = st.fp8.run_single(block, st, x, Lt, temb, rot)
+        if out is not None:
+            return out
     fam, sg = st.family, st.family.single
     compiling = torch.compiler.is_compiling()
     tables = st.rope_tables(rot)

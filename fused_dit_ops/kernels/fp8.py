@@ -7,7 +7,9 @@ IEEE-rounded (``tl.div_rn``), as in :mod:`fused_dit_ops.reference`. Outputs are 
 tensors: values [B, L, C] (or [M, K]) and scales [B, L] (or [M]).
 
 The norm kernels reuse the row helpers of :mod:`.modulation` (same LayerNorm / RMSNorm, same
-parameter selection); only the store differs.
+parameter selection); only the store differs. ``quantize_cat`` (rows of [a | act(b)], e.g. a
+single-stream block's [attention | GELU(MLP)]) holds whole rows up to 16384 padded columns and
+otherwise runs a two-pass kernel over column chunks (the row maximum, then the values recomputed).
 """
 from __future__ import annotations
 
@@ -148,6 +150,128 @@ def _quantize_rows_kernel(
     _quant_store(y, mask, q_ptr, s_ptr, m64[:, None] * K + cols[None, :], m64, rmask, STREAM_STORES)
 
 
+@triton.jit
+def _row_amax(y, mask):
+    """Per-row absolute maximum of the tile (masked columns ignored), NaN for a row holding a NaN."""
+    amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1)
+    n_nan = tl.sum(tl.where(mask & (y != y), 1, 0), axis=1)
+    return tl.where(n_nan > 0, float("nan"), amax)
+
+
+@triton.jit
+def _quantize_cat_kernel(
+    a_ptr, b_ptr, q_ptr, s_ptr, M, L, KA, KB, stride_ab, stride_al, stride_bb, stride_bl,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    STREAM_STORES: tl.constexpr,
+):
+    """Rows of [a | act(b)] (a [M, KA], b [M, KB] or [M, 2 KB] for SwiGLU; row m of each at
+    (m // L) * stride_*b + (m % L) * stride_*l, last dims contiguous): one scale per row over both
+    tiles, values into one contiguous [M, KA + KB] output. ACT: 0 none, 1 GELU-tanh, 2 SwiGLU
+    (silu(b[:, :KB]) * b[:, KB:])."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = m < M
+    m64 = m.to(tl.int64)
+    ca = tl.arange(0, BLOCK_A)
+    cb = tl.arange(0, BLOCK_B)
+    mask_a = rmask[:, None] & (ca < KA)[None, :]
+    mask_b = rmask[:, None] & (cb < KB)[None, :]
+    a_off = (m64 // L) * stride_ab + (m64 % L) * stride_al
+    b_off = (m64 // L) * stride_bb + (m64 % L) * stride_bl
+    ya = tl.load(a_ptr + a_off[:, None] + ca[None, :], mask=mask_a, other=0.0,
+                 eviction_policy="evict_first").to(tl.float32)
+    yb = tl.load(b_ptr + b_off[:, None] + cb[None, :], mask=mask_b, other=0.0,
+                 eviction_policy="evict_first").to(tl.float32)
+    if ACT == 1:
+        yb = _gelu_tanh(yb)
+    if ACT == 2:
+        u = tl.load(b_ptr + b_off[:, None] + KB + cb[None, :], mask=mask_b, other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
+        yb = yb / (1.0 + tl.exp(-yb)) * u
+    am_a = _row_amax(ya, mask_a)
+    am_b = _row_amax(yb, mask_b)
+    amax = tl.where((am_a != am_a) | (am_b != am_b), float("nan"), tl.maximum(am_a, am_b))
+    scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
+    qa = tl.clamp(tl.div_rn(ya, scale[:, None]), -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    qb = tl.clamp(tl.div_rn(yb, scale[:, None]), -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    out = m64[:, None] * (KA + KB)
+    _store(q_ptr + out + ca[None, :], qa.to(q_ptr.dtype.element_ty), mask_a, STREAM_STORES)
+    _store(q_ptr + out + KA + cb[None, :], qb.to(q_ptr.dtype.element_ty), mask_b, STREAM_STORES)
+    tl.store(s_ptr + m64, scale, mask=rmask)
+
+
+@triton.jit
+def _cat_chunk(a_ptr, b_ptr, a_off, b_off, c, rmask, KA, KB, ACT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns [c, c + BLOCK_K) of the rows [a | act(b)] (fp32) and their mask."""
+    cols = c + tl.arange(0, BLOCK_K)
+    in_a = cols < KA
+    in_b = (cols >= KA) & (cols < KA + KB)
+    ma = rmask[:, None] & in_a[None, :]
+    mb = rmask[:, None] & in_b[None, :]
+    cb = tl.where(in_b, cols - KA, 0)
+    ya = tl.load(a_ptr + a_off[:, None] + tl.where(in_a, cols, 0)[None, :], mask=ma, other=0.0).to(tl.float32)
+    yb = tl.load(b_ptr + b_off[:, None] + cb[None, :], mask=mb, other=0.0).to(tl.float32)
+    if ACT == 1:
+        yb = _gelu_tanh(yb)
+    if ACT == 2:
+        u = tl.load(b_ptr + b_off[:, None] + KB + cb[None, :], mask=mb, other=0.0).to(tl.float32)
+        yb = yb / (1.0 + tl.exp(-yb)) * u
+    return tl.where(ma, ya, yb), ma | mb, cols
+
+
+@triton.jit
+def _quantize_cat_chunked_kernel(
+    a_ptr, b_ptr, q_ptr, s_ptr, M, L, KA, KB, stride_ab, stride_al, stride_bb, stride_bl,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, N_CHUNKS: tl.constexpr,
+    STREAM_STORES: tl.constexpr,
+):
+    """:func:`_quantize_cat_kernel` for rows too wide for registers: BLOCK_K columns of [a | act(b)]
+    at a time, two passes (the row maximum, then the values, recomputed from the inputs). N_CHUNKS =
+    cdiv(KA + KB, BLOCK_K) as a constexpr (the model's widths: one compile per model)."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = m < M
+    m64 = m.to(tl.int64)
+    a_off = (m64 // L) * stride_ab + (m64 % L) * stride_al
+    b_off = (m64 // L) * stride_bb + (m64 % L) * stride_bl
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    n_nan = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for i in range(0, N_CHUNKS):
+        c = i * BLOCK_K
+        y, mask, _ = _cat_chunk(a_ptr, b_ptr, a_off, b_off, c, rmask, KA, KB, ACT, BLOCK_K)
+        amax = tl.maximum(amax, tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1))
+        n_nan += tl.sum(tl.where(mask & (y != y), 1, 0), axis=1)
+    amax = tl.where(n_nan > 0, float("nan"), amax)
+    scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
+    for i in range(0, N_CHUNKS):
+        c = i * BLOCK_K
+        y, mask, cols = _cat_chunk(a_ptr, b_ptr, a_off, b_off, c, rmask, KA, KB, ACT, BLOCK_K)
+        q = tl.clamp(tl.div_rn(y, scale[:, None]), -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        _store(q_ptr + m64[:, None] * (KA + KB) + cols[None, :], q.to(q_ptr.dtype.element_ty), mask, STREAM_STORES)
+    tl.store(s_ptr + m64, scale, mask=rmask)
+
+
+@triton.jit
+def _grln_fp8_kernel(
+    r_ptr, u_ptr, gate_ptr, idx_ptr, w_ptr, bias_ptr, r_out_ptr, q_ptr, s_ptr,
+    L, C, B, eps,
+    stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_ib, stride_il,
+    HAS_INDEX: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STREAM_STORES: tl.constexpr,
+):
+    """gate_residual_layer_norm_fp8: residual_out stored in the residual dtype, the affine LayerNorm
+    of residual_out as stored (fp32) quantised per row."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n, cols, cmask, mask, out_off, row, rmask, _ = _gate_residual_layer_norm_rows(
+        pid_m, b, r_ptr, u_ptr, gate_ptr, idx_ptr, r_out_ptr, L, C, B, eps,
+        stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_ib, stride_il,
+        HAS_INDEX, BLOCK_M, BLOCK_C, STREAM_STORES)
+    if HAS_WEIGHT:
+        n = n * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        n = n + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    _quant_store(n, mask, q_ptr, s_ptr, out_off, row, rmask, STREAM_STORES)
+
+
 # --- launch configuration ---------------------------------------------------------------------------
 # Whole rows per program; not yet swept on a GPU: the row counts follow the bf16 norm kernels
 # (kernels/modulation.py:_norm_config).
@@ -271,3 +395,73 @@ def quantize_rows(x, bias=None, gelu=False, config=None, q_dtype=torch.float8_e4
                (x3, x3 if bias is None else bias, q, s, M, L, K, x3.stride(0), x3.stride(1)),
                (bias is not None, bool(gelu), bm, bk, stream), cfg)
     return q, s
+
+
+_ACTS = {"none": 0, "gelu_tanh": 1, "swiglu": 2}
+
+
+CAT_WHOLE_ROW_MAX = 16384  # padded row tiles (a + b, SwiGLU's two b tiles counted) held in registers at most
+
+
+def _cat_config(KA: int, KB: int, act: str = "none") -> dict:
+    """Whole rows per program (as _row_config) while the padded tiles fit, else BLOCK_K-column chunks
+    in two passes (``CHUNKED``). Not yet swept on a GPU."""
+    ba, bb = next_power_of_2(max(KA, 16)), next_power_of_2(max(KB, 16))
+    width = ba + bb * (2 if act == "swiglu" else 1)
+    if width > CAT_WHOLE_ROW_MAX:
+        return {"CHUNKED": True, "BLOCK_M": 1, "BLOCK_K": 4096, "STREAM_STORES": True, "num_warps": 8}
+    block_m = 1 << (max(1, min(4, 4096 // width)).bit_length() - 1)  # a power of two
+    num_warps = 16 if width >= 16384 else 8 if width >= 8192 else 4
+    return {"CHUNKED": False, "BLOCK_M": block_m, "BLOCK_A": ba, "BLOCK_B": bb, "STREAM_STORES": True,
+            "num_warps": num_warps}
+
+
+def _rows3(x):
+    """[B, L, K] view of x (3-D as is; 2-D [M, K] as [1, M, K], its row stride kept)."""
+    return x if x.dim() == 3 else x.unsqueeze(0)
+
+
+def quantize_cat(a, b, activation="none", config=None, q_dtype=torch.float8_e4m3fn):
+    """(q [..., KA + KB'] e4m3, scale [...] fp32) of [a | act(b)] (a, b 2-D or 3-D with the same
+    leading dims, last dims contiguous, free row strides; KB' = KB, or KB / 2 for "swiglu"; a None:
+    KA = 0)."""
+    KA = 0 if a is None else a.shape[-1]
+    KB = b.shape[-1] // 2 if activation == "swiglu" else b.shape[-1]
+    q, s = _outs((*b.shape[:-1], KA + KB), b.device, q_dtype)
+    b3 = _rows3(b)
+    a3 = b3 if a is None else _rows3(a)
+    B, L = a3.shape[0], a3.shape[1]
+    M = B * L
+    if M == 0 or KA + KB == 0:
+        return q, s
+    cfg = dict(config or _cat_config(KA, KB, activation))
+    chunked, bm, stream = cfg.pop("CHUNKED"), cfg.pop("BLOCK_M"), cfg.pop("STREAM_STORES")
+    args = (a3, b3, q, s, M, L, KA, KB, a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1))
+    with _device_guard(b):
+        if chunked:
+            bk = cfg.pop("BLOCK_K")
+            launch(_quantize_cat_chunked_kernel, (cdiv(M, bm),), args,
+                   (_ACTS[activation], bm, bk, cdiv(KA + KB, bk), stream), cfg)
+        else:
+            launch(_quantize_cat_kernel, (cdiv(M, bm),), args,
+                   (_ACTS[activation], bm, cfg.pop("BLOCK_A"), cfg.pop("BLOCK_B"), stream), cfg)
+    return q, s
+
+
+def gate_residual_layer_norm_fp8(residual, update, gate, index=None, weight=None, bias=None, eps=1e-6, config=None,
+                                 q_dtype=torch.float8_e4m3fn):
+    """(residual_out, q, scale) of ``gate_residual_layer_norm_fp8``."""
+    B, L, C = residual.shape
+    r_out = torch.empty((B, L, C), dtype=residual.dtype, device=residual.device)
+    q, s = _outs((B, L, C), residual.device, q_dtype)
+    if r_out.numel() == 0:
+        return r_out, q, s
+    bm, bc, stream, cfg = _row_launch(config, C)
+    idx, sib, sil = _index_args(index, residual)
+    with _device_guard(residual):
+        launch(_grln_fp8_kernel, (cdiv(L, bm), B),
+               (residual, update, gate, idx, residual if weight is None else weight,
+                residual if bias is None else bias, r_out, q, s, L, C, B, float(eps),
+                residual.stride(0), residual.stride(1), update.stride(0), update.stride(1), gate.stride(0), sib, sil),
+               (index is not None, weight is not None, bias is not None, bm, bc, stream), cfg)
+    return r_out, q, s

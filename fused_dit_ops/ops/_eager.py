@@ -241,6 +241,44 @@ def quantize_fp8(x, bias=None, activation="none"):
     return k8.quantize_rows(x, bias, activation == "gelu_tanh")
 
 
+_NSS8 = torch.ops.fused_dit.norm_scale_shift_fp8.default
+_GRNS8 = torch.ops.fused_dit.gate_residual_norm_scale_shift_fp8.default
+_Q8C = torch.ops.fused_dit.quantize_fp8_cat.default
+_GRLN8 = torch.ops.fused_dit.gate_residual_layer_norm_fp8.default
+
+
+def norm_scale_shift_fp8(x, shift, scale, index=None, eps=1e-6, norm="layer"):
+    if not fast(x):
+        return _NSS8(x, shift, scale, index, eps, norm)
+    _check(_f8()._check_norm_scale_shift_fp8, x, shift, scale, index, eps, norm)
+    from ..kernels import fp8 as k8
+    return k8.norm_scale_shift_fp8(x, shift, scale, index, eps, norm)
+
+
+def gate_residual_norm_scale_shift_fp8(residual, update, gate, shift, scale, index=None, eps=1e-6):
+    if not fast(residual):
+        return _GRNS8(residual, update, gate, shift, scale, index, eps)
+    _check(_f8()._check_grns_fp8, residual, update, gate, shift, scale, index, eps)
+    from ..kernels import fp8 as k8
+    return k8.gate_residual_norm_scale_shift_fp8(residual, update, gate, shift, scale, index, eps)
+
+
+def quantize_fp8_cat(a, b, activation_b="none"):
+    if not fast(b):
+        return _Q8C(a, b, activation_b)
+    _check(_f8()._check_quantize_fp8_cat, a, b, activation_b)
+    from ..kernels import fp8 as k8
+    return k8.quantize_cat(a, b, activation_b)
+
+
+def gate_residual_layer_norm_fp8(residual, update, gate, index=None, weight=None, bias=None, eps=1e-6):
+    if not fast(residual):
+        return _GRLN8(residual, update, gate, index, weight, bias, eps)
+    _check(_f8()._check_grln_fp8, residual, update, gate, index, weight, bias, eps)
+    from ..kernels import fp8 as k8
+    return k8.gate_residual_layer_norm_fp8(residual, update, gate, index, weight, bias, eps)
+
+
 def fp8_linear_unchecked(x, x_scale, weight, weight_scale, bias, out_dtype, activation="none"):
     """``fp8_linear`` on activations the caller's quantising op just wrote and weights it quantised at
     patch time: unchecked on the fast path."""

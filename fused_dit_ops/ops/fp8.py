@@ -12,6 +12,10 @@ channel; ``value ~= q * scale``. Semantics: :mod:`fused_dit_ops.reference` (``*_
 - ``quantize_fp8(x, bias, activation)``: per-row quantisation of x [..., K] (+ bias, GELU-tanh);
 - ``fp8_linear(x, x_scale, weight, weight_scale, bias, out_dtype, activation)``: the FP8 GEMM;
 - ``joint_fp8_linear``: the two streams' projections (e.g. q|k|v) into one joint [B, Lt + Li, N] buffer.
+- ``quantize_fp8_cat(a, b, activation_b)``: per-row quantisation of [a | act(b)] without the cat (a
+  single-stream block's [attention | GELU-tanh or SwiGLU of the MLP] output-projection input);
+- ``gate_residual_layer_norm_fp8``: ``gate_residual_layer_norm`` (gated residual + affine LayerNorm)
+  with the normed output quantised (a Wan block's norm2 feeding the cross-attention q projection).
 
 CUDA: Triton kernels (quantisation in the kernel that computes the row) and ``torch._scaled_mm``
 with row-wise scales (needs compute capability 8.9+; out_dtype bfloat16). CPU: the reference.
@@ -120,6 +124,44 @@ def _check_quantize_fp8(x, bias, activation):
         if bias.shape[0] != K:
             fail(op, f"'bias' must have shape [K] = [{K}] (the last dim of 'x'), got {list(bias.shape)}")
     _check_activation_name(op, activation)
+
+
+CAT_ACTIVATIONS = ("none", "gelu_tanh", "swiglu")
+
+
+def _check_quantize_fp8_cat(a, b, activation_b):
+    op = "quantize_fp8_cat"
+    check_one_device(op, ("a", a), ("b", b))
+    check_tensor(op, "b", b, ndim=(2, 3))
+    _check_fp8_device(op, "b", b)
+    check_last_dim_contiguous(op, "b", b)
+    Ka = 0
+    if a is not None:
+        check_tensor(op, "a", a, ndim=(2, 3))
+        check_like(op, "b", b, "a", a)
+        if b.dim() != a.dim() or tuple(b.shape[:-1]) != tuple(a.shape[:-1]):
+            fail(op, f"'b' {list(b.shape)} must have the leading dims of 'a' {list(a.shape)} (one row per token in "
+                     "each; only the last dims may differ)")
+        check_last_dim_contiguous(op, "a", a)
+        Ka = a.shape[-1]
+    if activation_b not in CAT_ACTIVATIONS:
+        fail(op, f"'activation_b' must be one of {CAT_ACTIVATIONS}, got {activation_b!r}")
+    Kb = b.shape[-1]
+    if activation_b == "swiglu" and Kb % 2:
+        fail(op, f"'b' last dimension must be even for activation_b='swiglu' (gate | linear halves), got {Kb}")
+    K = Ka + (Kb // 2 if activation_b == "swiglu" else Kb)
+    if K % 16:
+        fail(op, f"the output width K = {Ka} ('a') + {K - Ka} (activated 'b') must be a multiple of 16 for the "
+                 f"FP8 GEMM (torch._scaled_mm), got {K}")
+    return K
+
+
+def _check_grln_fp8(residual, update, gate, index, weight, bias, eps):
+    op = "gate_residual_layer_norm_fp8"
+    from .gate_residual_norm import _check as _grln_check
+    _grln_check(residual, update, gate, index, weight, bias, eps, op)
+    _check_fp8_device(op, "residual", residual)
+    _mult16(op, "residual", "channels C", residual.shape[2])
 
 
 def _check_fp8_operand(op, x_name, x, s_name, s, rows_ndim=None):
@@ -330,6 +372,21 @@ def _joint_fp8_linear_cuda(txt, txt_scale, img, img_scale, txt_weight, txt_weigh
     return _grad("joint_fp8_linear", out, *args)
 
 
+@torch.library.impl(f"{_NS}::quantize_fp8_cat", "CUDA")
+def _quantize_fp8_cat_cuda(a, b, activation_b="none"):
+    from ..kernels import fp8 as k
+    _check_quantize_fp8_cat(a, b, activation_b)
+    return _grad("quantize_fp8_cat", k.quantize_cat(a, b, activation_b), a, b)
+
+
+@torch.library.impl(f"{_NS}::gate_residual_layer_norm_fp8", "CUDA")
+def _grln_fp8_cuda(residual, update, gate, index=None, weight=None, bias=None, eps=1e-6):
+    from ..kernels import fp8 as k
+    _check_grln_fp8(residual, update, gate, index, weight, bias, eps)
+    out = k.gate_residual_layer_norm_fp8(residual, update, gate, index, weight, bias, eps)
+    return _grad("gate_residual_layer_norm_fp8", out, residual, update, gate, weight, bias)
+
+
 # --- CPU: the reference ---------------------------------------------------------------------------------
 
 @torch.library.impl(f"{_NS}::norm_scale_shift_fp8", "CPU")
@@ -383,8 +440,22 @@ def _joint_fp8_linear_cpu(txt, txt_scale, img, img_scale, txt_weight, txt_weight
     return _grad("joint_fp8_linear", ref.joint_fp8_linear(*args, out_dtype), *args)
 
 
+@torch.library.impl(f"{_NS}::quantize_fp8_cat", "CPU")
+def _quantize_fp8_cat_cpu(a, b, activation_b="none"):
+    _check_quantize_fp8_cat(a, b, activation_b)
+    return _grad("quantize_fp8_cat", ref.quantize_fp8_cat(a, b, activation_b), a, b)
+
+
+@torch.library.impl(f"{_NS}::gate_residual_layer_norm_fp8", "CPU")
+def _grln_fp8_cpu(residual, update, gate, index=None, weight=None, bias=None, eps=1e-6):
+    _check_grln_fp8(residual, update, gate, index, weight, bias, eps)
+    out = ref.gate_residual_layer_norm_fp8(residual, update, gate, index, weight, bias, eps)
+    return _grad("gate_residual_layer_norm_fp8", out, residual, update, gate, weight, bias)
+
+
 OPS = ("norm_scale_shift_fp8", "dual_norm_scale_shift_fp8", "gate_residual_norm_scale_shift_fp8",
-       "dual_gate_residual_norm_scale_shift_fp8", "quantize_fp8", "fp8_linear", "joint_fp8_linear")
+       "dual_gate_residual_norm_scale_shift_fp8", "quantize_fp8", "fp8_linear", "joint_fp8_linear", "quantize_fp8_cat",
+       "gate_residual_layer_norm_fp8")
 
 # no backward (see ops/modulation.py): the dispatcher skips the Autograd key
 for _op in OPS:
@@ -452,6 +523,21 @@ def _joint_fp8_linear_fake(txt, txt_scale, img, img_scale, txt_weight, txt_weigh
     return torch.empty((B, Lt + Li, N), dtype=out_dtype, device=txt.device)
 
 
+@torch.library.register_fake(f"{_NS}::quantize_fp8_cat")
+def _quantize_fp8_cat_fake(a, b, activation_b="none"):
+    K = _check_quantize_fp8_cat(a, b, activation_b)
+    refuse_grad("quantize_fp8_cat", TRACING, ("a", a), ("b", b))
+    return _q((*b.shape[:-1], K), b.device)
+
+
+@torch.library.register_fake(f"{_NS}::gate_residual_layer_norm_fp8")
+def _grln_fp8_fake(residual, update, gate, index=None, weight=None, bias=None, eps=1e-6):
+    _check_grln_fp8(residual, update, gate, index, weight, bias, eps)
+    refuse_grad("gate_residual_layer_norm_fp8", TRACING, ("residual", residual), ("update", update), ("gate", gate),
+                ("weight", weight), ("bias", bias))
+    return (residual.new_empty(residual.shape), *_q(residual.shape, residual.device))
+
+
 # --- public Python API ----------------------------------------------------------------------------------
 
 def norm_scale_shift_fp8(x, shift, scale, index=None, eps=1e-6, norm="layer"):
@@ -501,6 +587,21 @@ def joint_fp8_linear(txt, txt_scale, img, img_scale, txt_weight, txt_weight_scal
     weight) in rows [Lt, Lt + Li) of one new buffer (on CUDA each GEMM writes its rows in place)."""
     return torch.ops.fused_dit.joint_fp8_linear.default(txt, txt_scale, img, img_scale, txt_weight, txt_weight_scale,
                                                        txt_bias, img_weight, img_weight_scale, img_bias, out_dtype)
+
+
+def quantize_fp8_cat(a, b, activation_b="none"):
+    """(q, q_scale): per-row e4m3 quantisation of ``[a | act(b)]`` without the cat (a [..., Ka], b
+    [..., Kb] with the same leading dims; act "none", "gelu_tanh" or "swiglu": silu of b's first half
+    times its second half), one scale per row over both parts; q [..., Ka + Kb'] contiguous. A
+    single-stream block's output-projection input [attention | activated MLP] in one pass. ``a``
+    None: act(b) alone (e.g. a SwiGLU MLP's second GEMM input)."""
+    return torch.ops.fused_dit.quantize_fp8_cat.default(a, b, activation_b)
+
+
+def gate_residual_layer_norm_fp8(residual, update, gate, index=None, weight=None, bias=None, eps=1e-6):
+    """(residual_out, q, q_scale): :func:`~fused_dit_ops.ops.gate_residual_norm.gate_residual_layer_norm`
+    with the affine LayerNorm of residual_out written as e4m3 values and per-token fp32 scales."""
+    return torch.ops.fused_dit.gate_residual_layer_norm_fp8.default(residual, update, gate, index, weight, bias, eps)
 
 
 @torch.no_grad()

@@ -17,18 +17,18 @@ _NS = "fused_dit"
 _OP = "gate_residual_layer_norm"
 
 
-def _check(residual, update, gate, index, weight, bias, eps):
-    B, L, C = _check_gate_residual(residual, update, gate, index, _OP, "", ("weight", weight), ("bias", bias))
+def _check(residual, update, gate, index, weight, bias, eps, op=_OP):
+    B, L, C = _check_gate_residual(residual, update, gate, index, op, "", ("weight", weight), ("bias", bias))
     for name, v in (("weight", weight), ("bias", bias)):
         if v is None:
             continue
-        check_tensor(_OP, name, v, ndim=1)
+        check_tensor(op, name, v, ndim=1)
         if v.shape[0] != C:
-            fail(_OP, f"'{name}' must have shape [C] = [{C}], got [{v.shape[0]}]")
+            fail(op, f"'{name}' must have shape [C] = [{C}], got [{v.shape[0]}]")
         if C > 1 and v.stride(0) != 1:
-            fail(_OP, f"'{name}' must be contiguous, got stride {v.stride(0)}")
+            fail(op, f"'{name}' must be contiguous, got stride {v.stride(0)}")
     if not eps > 0:
-        fail(_OP, f"'eps' must be > 0, got {eps}")
+        fail(op, f"'eps' must be > 0, got {eps}")
 
 
 @torch.library.impl(f"{_NS}::{_OP}", "CUDA")
