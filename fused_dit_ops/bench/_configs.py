@@ -85,6 +85,7 @@ MODIFIERS = {
     "nodual": {"dual_launch": False},  # one launch per stream for each norm op
     "nolookahead": {"lookahead": False},  # each block does its own norm1 + modulation
     "fp8": {"precision": "fp8"},  # the block Linears as FP8 e4m3 GEMMs (integrations/fp8.py)
+    "fp8attn": {"attention_precision": "fp8"},  # the joint attention on e4m3 q/k/v (integrations/fp8_attention.py)
 }
 
 

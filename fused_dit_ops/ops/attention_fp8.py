@@ -167,7 +167,7 @@ def attention_fp8_cuda_unchecked(q, k, v, q_descale, k_descale, v_descale, softm
                                  out_dtype=torch.bfloat16):
     """FlashAttention-3's FP8 forward on checked inputs (raises AttentionBackendError without it)."""
     dev = q.device
-    why = _reason_for(dev.type, dev.index if dev.index is not None else torch.cuda.current_device())
+    why = _reason_for(dev.type, dev.index)  # CUDA tensors carry their device index
     if why is not None:
         raise dispatch.AttentionBackendError(f"fused_dit.attention_fp8: {why}; run attention in bfloat16 "
                                              f"(patch(..., attention_precision='bf16'))")
