@@ -455,6 +455,27 @@ def test_patch_fp8_attention_lora_blocks_count_the_fallback():
     assert rel_err(out, want) < 2e-6
 
 
+def test_bench_attention_fp8_rows_run(monkeypatch):
+    """``bench attention --fp8``: its three rows' functions run on their argument sets (CPU here, the
+    reference implementations; the bench itself needs CUDA)."""
+    from fused_dit_ops.bench import attention as BA
+    monkeypatch.setattr(A8, "fp8_attention_unavailable_reason", lambda dev=None, caps=None: None)
+    B, N, H, D = 1, 37, 2, 32
+    ran = {}
+
+    def add(label, backend, fn, make_args):
+        out = fn(*make_args())
+        assert out.shape == (B, N, H, D) and torch.isfinite(out.float()).all()
+        ran[label] = backend
+
+    BA._fp8_rows(add, lambda: tuple(randn(B, N, H, D, dtype=torch.bfloat16) for _ in range(3)), B, N, H, D, 5,
+                 torch.bfloat16, "t", [], dev="cpu")
+    assert ran == {"fp8": "fa3-fp8", "step-bf16": "step-bf16", "step-fp8": "step-fp8"}
+    skipped = []
+    BA._fp8_rows(add, None, B, N, H, D, 5, torch.float16, "t", skipped, dev="cpu")
+    assert "bfloat16" in skipped[0]["reason"]
+
+
 # --- GPU ------------------------------------------------------------------------------------------------
 
 def _e4m3_ulps(a, b):
