@@ -267,6 +267,40 @@ def test_cuda_without_fa3_fp8_is_a_clear_error(monkeypatch):
         A8.attention_fp8_cuda_unchecked(*o)
 
 
+@pytest.mark.parametrize("raw", [True, False])
+def test_cuda_path_passes_the_descales_to_fa3(monkeypatch, raw):
+    """The CUDA implementation's call into FlashAttention-3, against stand-ins with its signatures (the
+    registered ``fa3_fwd.fwd`` op, or ``flash_attn_func``) computing the reference semantics: the
+    descales, the default softmax scale and num_splits=1 arrive (driven on CPU tensors)."""
+    import types
+    calls = []
+
+    def semantics(q, k, v, qd, kd, vd, scale, causal):
+        return ref.attention_fp8(q, k, v, qd, kd, vd, scale, causal, torch.bfloat16)
+
+    def fwd(q, k, v, *, q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, is_causal=False,
+            num_splits=0):
+        calls.append(("fwd", softmax_scale, num_splits))
+        return semantics(q, k, v, q_descale, k_descale, v_descale, softmax_scale, is_causal), None, None, None
+    fwd._schema = types.SimpleNamespace(arguments=[types.SimpleNamespace(name=n) for n in (
+        "q", "k", "v", "q_descale", "k_descale", "v_descale", "softmax_scale", "is_causal", "num_splits")])
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None,
+                        v_descale=None):
+        calls.append(("func", softmax_scale, None))
+        return semantics(q, k, v, q_descale, k_descale, v_descale, softmax_scale, causal)
+
+    mod = types.SimpleNamespace(__name__="fa3_fwd_interface", flash_attn_func=flash_attn_func)
+    monkeypatch.setattr(A8, "_reason_for", lambda t, i: None)
+    monkeypatch.setattr(dispatch, "_fa3_module", lambda: mod)
+    monkeypatch.setattr(A8, "_FA3_DESCALE_OP", {id(mod): fwd if raw else None})
+    q, k, v, ws, tt, ti = joint_inputs(2, 13, 3, 32, 4)
+    o = ref.joint_qk_norm_rope_fp8(q, k, v, 4, *ws, tt, ti)
+    out = A8.attention_fp8_cuda_unchecked(*o)
+    assert calls == [("fwd", 32 ** -0.5, 1)] if raw else [("func", 32 ** -0.5, None)]
+    assert torch.equal(out, ref.attention_fp8(*o))
+
+
 # --- Triton kernels under the interpreter ---------------------------------------------------------------
 # The interpreter's fp32 -> e4m3 conversion is wrong where rounding carries into the exponent: these tests
 # read the values just before the cast (q_dtype=torch.float32); the cast is covered by the GPU tests.
@@ -453,6 +487,21 @@ def test_patch_fp8_attention_lora_blocks_count_the_fallback():
     out = _run(m, kw)
     assert any("module calls" in k and "model dtype attention" in k for k in r.runtime), r.runtime
     assert rel_err(out, want) < 2e-6
+
+
+def test_context_parallel_calls_keep_the_model_dtype_attention():
+    """Under diffusers' context parallelism (a processor with a context-parallel config) the block runs
+    diffusers' attention: FP8 attention steps aside, counted."""
+    import types
+    from fused_dit_ops.integrations.fp8_attention import Fp8AttentionState
+    m = _tiny(num_layers=1)
+    r = fdo.patch(m, attention_precision="fp8")
+    st = m.__dict__["_fused_dit_state"]
+    proc = types.SimpleNamespace(_parallel_config=types.SimpleNamespace(context_parallel_config=object()))
+    assert not Fp8AttentionState().usable(st, proc)
+    assert any("context parallelism" in k for k in r.runtime), r.runtime
+    assert Fp8AttentionState().usable(st, types.SimpleNamespace(_parallel_config=None))
+    fdo.unpatch(m)
 
 
 def test_bench_attention_fp8_rows_run(monkeypatch):
