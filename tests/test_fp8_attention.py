@@ -421,6 +421,21 @@ def test_patch_fp8_attention_flux_double_stream_blocks():
     assert torch.equal(_run(m, kw), stock)
 
 
+def test_patch_fp8_attention_flux2_double_stream_blocks():
+    """FLUX.2's double-stream blocks (model-level modulation, SwiGLU) run the same attention step."""
+    from fused_dit_ops.models import build_flux2_transformer, make_flux2_inputs
+    m = build_flux2_transformer("tiny", seed=1, attention_head_dim=32, axes_dims_rope=(8, 8, 8, 8))
+    kw = make_flux2_inputs(m, seed=1)
+    stock = _run(m, kw)
+    r = fdo.patch(m, attention_precision="fp8")
+    assert _swapped(r) and "fp8 attention, single-stream blocks" in r.stock, r
+    e = rel_err(_run(m, kw), stock)
+    print(f"\ntiny FLUX.2 vs fp32, FP8 attention: {e:.3e}")
+    assert 1e-3 < e < FP8_ATTN_MODEL_REL and not r.runtime
+    fdo.unpatch(m)
+    assert torch.equal(_run(m, kw), stock)
+
+
 def test_patch_fp8_attention_compile_blocks_fullgraph():
     """Regional compile (fullgraph, aot_eager) of blocks with FP8 GEMMs and FP8 attention: no graph break,
     the eager output, no recompile for the next step."""
