@@ -80,6 +80,15 @@ SCHEMAS: dict[str, str] = {
     # the cross-attention q projection)
     "gate_residual_layer_norm_fp8": "(Tensor residual, Tensor update, Tensor gate, Tensor? index=None,"
     " Tensor? weight=None, Tensor? bias=None, float eps=1e-06) -> (Tensor, Tensor, Tensor)",
+    # FP8 attention inputs (float8_e4m3fn, one fp32 descale per (batch, head)): the joint QK RMSNorm +
+    # RoPE of joint_qk_norm_rope_ written as e4m3 with a static per-tensor bound (no reduction), and v
+    # quantised with its per-(batch, head) amax over the tokens; then attention on them (FA3 on CUDA)
+    "joint_qk_norm_rope_fp8": "(Tensor q, Tensor k, Tensor v, SymInt txt_len, Tensor txt_q_weight,"
+    " Tensor txt_k_weight, Tensor img_q_weight, Tensor img_k_weight, Tensor txt_cos_sin,"
+    " Tensor img_cos_sin, float eps=1e-06, bool interleaved=True)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "attention_fp8": "(Tensor q, Tensor k, Tensor v, Tensor q_descale, Tensor k_descale, Tensor v_descale,"
+    " float? softmax_scale=None, bool causal=False, ScalarType out_dtype=bfloat16) -> Tensor",
     # -- MLP -----------------------------------------------------------------------------
     # y = x @ weight.T (+ bias) over [2F, K] weights; out = silu(y[..., :F]) * y[..., F:] ([.., F]);
     # backend "triton" (the GEMM with the SwiGLU epilogue) or "cublas" (GEMM, then the elementwise kernel)

@@ -71,6 +71,14 @@ def _attention_sections() -> list[tuple[str, list[tuple[str, str]]]]:
             rows = [("error", f"{type(e).__name__}: {e}")]
         name = str(dtype).replace("torch.", "")
         out.append((f"attention backends ({name}, 24 heads x 128, preference order)", rows))
+    try:
+        from .ops.attention_fp8 import fp8_attention_unavailable_reason
+        why = fp8_attention_unavailable_reason() if torch.cuda.is_available() else "no CUDA device"
+        fa = "yes (FlashAttention-3 FP8 forward)" if why is None else f"no: {why}"
+    except Exception as e:  # noqa: BLE001
+        fa = f"error: {type(e).__name__}: {e}"
+    out.append(("FP8 attention (attention_fp8, patch(attention_precision='fp8'))", [("CUDA", fa),
+                                                                                   ("CPU", "reference")]))
     return out
 
 

@@ -68,7 +68,7 @@ _ELEMENTWISE = {
     "_to_copy", "clone", "contiguous", "copy_", "cat", "stack", "index_select", "gather",
 }
 # fused_dit ops that are compute-bound (GEMMs, attention); every other op is memory-bound
-_COMPUTE_BOUND = ("attention", "joint_linear", "swiglu_linear", "fp8_linear", "joint_fp8_linear")
+_COMPUTE_BOUND = ("attention", "joint_linear", "swiglu_linear", "fp8_linear", "joint_fp8_linear", "attention_fp8")
 
 
 def _writes_of(schema: str):

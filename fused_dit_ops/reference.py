@@ -352,6 +352,80 @@ def joint_fp8_linear(txt, txt_scale, img, img_scale, txt_weight, txt_weight_scal
     """[B, Lt + Li, N]: cat([fp8_linear(txt ...), fp8_linear(img ...)], dim=1)."""
     return torch.cat([fp8_linear(txt, txt_scale, txt_weight, txt_weight_scale, txt_bias, out_dtype),
                       fp8_linear(img, img_scale, img_weight, img_weight_scale, img_bias, out_dtype)], dim=1)
+
+
+# --- FP8 attention inputs: one fp32 descale per (batch, head) (FlashAttention-3's layout) ------------
+# q and k after the QK RMSNorm (weight w) + RoPE are bounded without looking at the data: the
+# normalised row has rms 1, so each of its D values is at most sqrt(D) in magnitude, and more
+# precisely every rotated pair (x_2i, x_2i+1) has norm <= sqrt(D) * max|w|; RoPE keeps pair norms.
+# One static scale per tensor (both streams' weights) therefore never saturates:
+# scale = sqrt(D) * max|w| * QK_BOUND_MARGIN / 448 (the margin covers the 16-bit roundings of
+# diffusers' RMSNorm). v has no such bound: its scale is amax over the tokens and head_dim of each
+# (batch, head) / 448.
+
+QK_BOUND_MARGIN = 1.0 + 2.0 ** -6
+
+
+def qk_bound_scale(weights, D: int) -> torch.Tensor:
+    """fp32 scalar tensor: sqrt(D) * max|w| * QK_BOUND_MARGIN / 448 over ``weights`` (the RMSNorm
+    weights of one of q / k, both streams), 1 when they are all zero."""
+    wmax = torch.stack([w.detach().float().abs().amax() for w in weights]).amax()
+    bound = wmax * torch.tensor(float(D) ** 0.5 * QK_BOUND_MARGIN, dtype=torch.float32)
+    return torch.where(wmax == 0, torch.ones_like(bound), bound / FP8_MAX)
+
+
+def quantize_fp8_heads(y: torch.Tensor, scale: torch.Tensor | None = None, cast: bool = True):
+    """(q float8_e4m3fn [B, N, H, D], descale fp32 [B, H]) of y [B, N, H, D] (fp32 math). ``scale``:
+    a given fp32 scalar (the static q/k bound) or None: amax over (N, D) of each (batch, head) / 448
+    (1 for an all-zero head; +inf for a head holding a NaN, so that every dequantised value of it is NaN)."""
+    y = y.float()
+    B, N, H, _ = y.shape
+    if scale is None:
+        amax = y.abs().amax(dim=(1, 3)) if y.numel() else y.new_zeros(B, H)
+        amax = torch.where(y.isnan().any(dim=3).any(dim=1), torch.full_like(amax, float("inf")), amax)
+        s = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)
+    else:
+        s = scale.float().expand(B, H)
+    q = (y / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    return (q.to(FP8_DTYPE) if cast else q).contiguous(), s.contiguous()
+
+
+def dequantize_fp8_heads(q: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
+    """fp32 q [B, N, H, D] * descale [B, H]."""
+    return q.float() * descale.float()[:, None, :, None]
+
+
+def joint_qk_norm_rope_fp8(q, k, v, txt_len, txt_q_weight, txt_k_weight, img_q_weight, img_k_weight,
+                           txt_cos_sin, img_cos_sin, eps=1e-6, interleaved=True, cast=True, qk_scale="bound"):
+    """(q8, k8, v8, q_descale, k_descale, v_descale): the joint QK RMSNorm + RoPE of
+    ``joint_qk_norm_rope_`` (rows < txt_len: text weights and table) computed in fp32 and quantised
+    to e4m3 with the static bound scale (``qk_scale="amax"``: per-(batch, head) amax instead, for
+    accuracy comparisons); v quantised per (batch, head) with its amax. Inputs are not modified."""
+    D = q.shape[-1]
+    outs, scales = [], []
+    for x, wt, wi in ((q, txt_q_weight, img_q_weight), (k, txt_k_weight, img_k_weight)):
+        y = torch.cat([apply_rope(rms_norm_diffusers(x[:, :txt_len], wt, eps).float(), txt_cos_sin, None,
+                                  interleaved),
+                       apply_rope(rms_norm_diffusers(x[:, txt_len:], wi, eps).float(), img_cos_sin, None,
+                                  interleaved)], dim=1)
+        s = qk_bound_scale((wt, wi), D) if qk_scale == "bound" else None
+        o, d = quantize_fp8_heads(y, s, cast)
+        outs.append(o)
+        scales.append(d)
+    vo, vd = quantize_fp8_heads(v, None, cast)
+    return outs[0], outs[1], vo, scales[0], scales[1], vd
+
+
+def attention_fp8(q, k, v, q_descale, k_descale, v_descale, softmax_scale=None, causal=False, out_dtype=None):
+    """:func:`attention` of the dequantised e4m3 inputs (value = q * descale[b, h_kv]; the q descale is
+    per kv head, as FlashAttention-3 takes it), fp32 math, one rounding to ``out_dtype`` (bf16 default)."""
+    H, Hkv = q.shape[2], k.shape[2]
+    qd = q_descale.float().repeat_interleave(H // Hkv, dim=1) if Hkv and H != Hkv else q_descale
+    out = attention(dequantize_fp8_heads(q, qd), dequantize_fp8_heads(k, k_descale),
+                    dequantize_fp8_heads(v, v_descale), softmax_scale, causal)
+    return out.to(out_dtype or torch.bfloat16).contiguous()
+
+
 def swiglu_linear(x, weight, bias=None):
     """``silu(y[..., :F]) * y[..., F:]`` of ``y = x @ weight.T + bias`` (weight [2F, K]: the gate rows,
     then the linear rows; diffusers ``Flux2FeedForward.linear_in`` followed by ``Flux2SwiGLU``), with

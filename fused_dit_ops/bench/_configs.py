@@ -91,6 +91,7 @@ MODIFIERS = {
     # Wan: per-token timesteps (TI2V-5B) projected per token and modulated per token in torch, instead of
     # collapsed to two parameter sets + an index (diffusers_wan.set_timestep_collapse)
     "nocollapse": {"timestep_collapse": False},
+    "fp8attn": {"attention_precision": "fp8"},  # the joint attention on e4m3 q/k/v (integrations/fp8_attention.py)
 }
 STOCK_MODIFIERS = ("fp8recipe",)
 # options of MODIFIERS set after patch() rather than passed to it

@@ -16,6 +16,15 @@ Columns: ms (median, CUDA events, ``harness.time_us``), TFLOP/s = 4 B N^2 H D / 
 three times each and the smallest median kept, so clock drift does not show up as overhead.
 Unavailable backends are listed with the reason and skipped; ``math`` is skipped above N 4096
 (it materialises the [B, H, N, N] score matrix).
+
+``--fp8`` adds, per shape, the FP8 attention of ``patch(attention_precision="fp8")``:
+
+- ``fp8``: ``fused_dit.attention_fp8`` on e4m3 q, k, v with per-(batch, head) descales
+  (FlashAttention-3's FP8 forward; the quantisation not included);
+- ``step-bf16``: the block's bf16 attention step, ``joint_qk_norm_rope_`` (QK RMSNorm + RoPE in place
+  on the joint q, k) then ``attention`` (automatic backend);
+- ``step-fp8``: the FP8 step, ``joint_qk_norm_rope_fp8`` (the same norm + RoPE written as e4m3, v
+  quantised) then ``attention_fp8``: what FP8 attention saves or costs in a block.
 """
 from __future__ import annotations
 
@@ -45,6 +54,47 @@ def _host_select_us(q, k, v) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def _fp8_rows(add, make, B, N, H, D, Lt, dtype, sname, skipped, dev="cuda") -> None:
+    """The ``--fp8`` rows of one shape (see the module doc): ``add(label, backend, fn, make_args)``
+    times ``fn`` over argument sets from ``make_args``."""
+    from .. import reference as ref
+    from ..ops import attention_fp8 as A8
+    from ..ops.rope import joint_qk_norm_rope_
+    why = A8.fp8_attention_unavailable_reason(dev)
+    if why is None and dtype != torch.bfloat16:
+        why = "FP8 attention takes a bfloat16 model (FlashAttention-3's FP8 forward returns bfloat16)"
+    if why is not None:
+        skipped.append(dict(shape=sname, backend="fp8", reason=why))
+        print(f"  skip {sname}/fp8: {why}")
+        return
+    ws = [(1 + 0.1 * torch.randn(D, device=dev)).to(dtype) for _ in range(4)]
+    pos = torch.arange(max(Lt, N - Lt, 1), device=dev, dtype=torch.float32)[:, None]
+    ang = pos / 10000.0 ** (torch.arange(D // 2, device=dev, dtype=torch.float32) / (D // 2))
+    tab = torch.cat([ang.cos(), ang.sin()], 1).contiguous()
+
+    def make_joint():  # q, k, v column views of one joint projection, as in a block
+        buf = torch.randn(B, N, 3 * H * D, device=dev, dtype=dtype)
+        return tuple(buf[..., i * H * D:(i + 1) * H * D].unflatten(-1, (H, D)) for i in range(3))
+
+    def make_fp8():  # e4m3 q, k, v with their per-(batch, head) descales
+        qs = [ref.quantize_fp8_heads(t) for t in make()]
+        return (*(t for t, _ in qs), *(d for _, d in qs))
+
+    op = torch.ops.fused_dit.attention.default
+    add("fp8", "fa3-fp8", lambda *a: A8.attention_fp8(*a), make_fp8)
+
+    def step_bf16(q, k, v):
+        joint_qk_norm_rope_(q, k, Lt, *ws, tab, tab)
+        return op(q, k, v, None, False, None)
+
+    def step_fp8(q, k, v):
+        o = A8.joint_qk_norm_rope_fp8(q, k, v, Lt, *ws, tab, tab)
+        return A8.attention_fp8(*o)
+
+    for label, fn in (("step-bf16", step_bf16), ("step-fp8", step_fp8)):
+        add(label, label, fn, make_joint)
+
+
 def main(argv=None) -> int:
     import fused_dit_ops  # noqa: F401  (registers the op)
     from .. import attention_dispatch as disp
@@ -57,6 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default=",".join(disp.BACKENDS), help="comma list of backends to time")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--rep-ms", type=int, default=300, help="timing window per row (default 300 ms)")
+    p.add_argument("--fp8", action="store_true",
+                   help="also time FP8 attention (attention_fp8) and the bf16 / FP8 attention steps of a block "
+                        "(QK norm + RoPE, then attention); needs FlashAttention-3 FP8 (sm90), bf16")
     p.add_argument("--out", default=None, help="directory for the JSON (default bench/results)")
     args = p.parse_args(argv)
     harness.require_cuda()
@@ -91,8 +144,8 @@ def main(argv=None) -> int:
         chosen = disp.select(*probe, False, None)
         shape_rows = []
 
-        def add(label, backend, fn):
-            us = harness.time_us(harness.rotating(make, fn, n_sets=sets), rep_ms=rep)
+        def add(label, backend, fn, make_args=None):
+            us = harness.time_us(harness.rotating(make_args or make, fn, n_sets=sets), rep_ms=rep)
             r = dict(shape=sname, B=B, N=N, H=H, D=D, dtype=args.dtype, row=label, backend=backend,
                      ms=us / 1e3, tflops=_flops(B, N, H, D) / (us * 1e-6) / 1e12)
             shape_rows.append(r)
@@ -120,6 +173,8 @@ def main(argv=None) -> int:
             shape_rows.append(dict(shape=sname, B=B, N=N, H=H, D=D, dtype=args.dtype, row=label,
                                    backend=chosen, ms=us / 1e3,
                                    tflops=_flops(B, N, H, D) / (us * 1e-6) / 1e12))
+        if args.fp8:
+            _fp8_rows(add, make, B, N, H, D, s.L_txt or 0, dtype, sname, skipped)
         auto_row = next(r for r in shape_rows if r["row"] == "auto")
         auto_row["overhead_pct"] = 100.0 * (best["auto"] / best[f"direct:{chosen}"] - 1.0)
         auto_row["host_us_per_call"] = _host_select_us(*probe)

@@ -11,6 +11,11 @@ on them alone. Providers:
 - ``patched-eager``: after ``fused_dit_ops.patch(model)`` (arguments captured again, patched);
 - ``patched-compile``: patched, then compiled.
 
+``--precision fp8`` adds each patched provider with ``+fp8`` (FP8 e4m3 block GEMMs); ``--fp8-attention``
+adds ``+fp8attn`` (the joint attention on e4m3 q/k/v through FlashAttention-3), so that
+``--providers patched-eager --precision fp8 --fp8-attention`` times ``patched-eager``,
+``patched-eager+fp8``, ``patched-eager+fp8attn`` and ``patched-eager+fp8+fp8attn`` in one run.
+
 Reported: median ms (``triton.testing.do_bench``, L2 flushed), speedup over stock eager, the
 first-call (compile) seconds, the max relative difference of the image output from stock
 eager and, where NVML is importable, joules per call and average power over ``--energy-s``
@@ -253,6 +258,11 @@ def main(argv=None) -> int:
     ap.add_argument("--attn-rep-ms", type=int, default=200,
                     help="wan: time the block's attention calls alone at its shapes this long each (TFLOP/s "
                          "and share of the block; 0: off)")
+    ap.add_argument("--fp8-attention", action="store_true",
+                    help="also run every patched provider as '<provider>+fp8attn' (the double-stream joint "
+                         "attention on e4m3 q/k/v, patch(attention_precision='fp8'); FlashAttention-3 on CUDA) and, "
+                         "with --precision fp8, as '<provider>+fp8+fp8attn': one run shows bf16, FP8 GEMMs and FP8 "
+                         "GEMMs + FP8 attention")
     ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
     args = ap.parse_args(argv)
     device = _configs.resolve_device(args.device, args.tiny, "bench block")
@@ -265,6 +275,10 @@ def main(argv=None) -> int:
                                  and "+fp8" not in p and p + "+fp8" not in providers]
         if "stock-compile" in providers and "stock-compile+fp8recipe" not in providers:
             providers.append("stock-compile+fp8recipe")  # the baseline FP8 recipe, compiled
+    if args.fp8_attention:
+        patched = [p for p in providers if _configs.is_patched(_configs.normalize(p.partition("+")[0]))
+                   and "+fp8attn" not in p]
+        providers = providers + [p + "+fp8attn" for p in patched if p + "+fp8attn" not in providers]
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
     if args.model in ("flux", "flux2"):

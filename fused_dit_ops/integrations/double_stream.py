@@ -270,6 +270,7 @@ class JointAttnProcessor:
             fused_qk = False
             st.count("QK RMSNorm weights of mixed dtypes: module calls, RoPE and cat in torch")
         lists = None
+        out = None
         if fused_qk and st.qk_path == "joint":
             packs = None if compiling else st.packed_qkv.get(id(attn))
             if packs is not None:  # checks the modules are still plain, re-packs replaced parameters
@@ -289,8 +290,13 @@ class JointAttnProcessor:
             for _, m in projs:
                 c.append(c[-1] + m.out_features)
             q, k, v = (buf[..., c[j]:c[j + 1]].unflatten(-1, (-1, hd)) for j in range(3))
-            _eager.joint_qk_norm_rope_(q, k, Lt, *weights, txt_tab, img_tab, eps, st.family.rope_interleaved)
+            if st.attn_fp8 is not None and st.attn_fp8.usable(st, self):  # attention_precision="fp8"
+                out = st.attn_fp8.attention(q, k, v, Lt, weights, txt_tab, img_tab, eps, st.family.rope_interleaved)
+            else:
+                _eager.joint_qk_norm_rope_(q, k, Lt, *weights, txt_tab, img_tab, eps, st.family.rope_interleaved)
         else:
+            if st.attn_fp8 is not None:
+                st.attn_fp8.not_joint(st)
             t = [p[0](txt).unflatten(-1, (-1, hd)) for p in projs]
             i = [p[1](img).unflatten(-1, (-1, hd)) for p in projs]
             if fused_qk:
@@ -299,9 +305,10 @@ class JointAttnProcessor:
                 rq = [_ref.apply_rope(n(x), tab).to(x.dtype)
                       for n, x, tab in zip(norms, (t[0], t[1], i[0], i[1]), (txt_tab, txt_tab, img_tab, img_tab))]
                 q, k, v = torch.cat([rq[0], rq[2]], 1), torch.cat([rq[1], rq[3]], 1), torch.cat([t[2], i[2]], 1)
-        out = E.cp_attention(q, k, v, self)  # context parallelism: diffusers' all-to-all / ring, or None
+        if out is None:  # context parallelism: diffusers' all-to-all / ring, or None
+            out = E.cp_attention(q, k, v, self)
         if out is not None:
-            pass  # (this rank's tokens against every rank's keys)
+            pass  # (FP8 attention, or this rank's tokens against every rank's keys)
         elif st.attention:
             # on the fast path, q, k, v of the joint buffer skip the op's checks (built just above)
             attend = _eager.attention_unchecked if lists is not None else _eager.attention

@@ -199,7 +199,7 @@ def _kind(kind):
 def _precision(name):
     """The module of a lower-precision block path ("fp8": ``fp8.py``, a variant of the double-stream
     kind); like the block kinds, it builds on this module, which reaches it by name."""
-    return importlib.import_module(f"{__package__}.{ {'fp8': 'fp8'}[name]}")
+    return importlib.import_module(f"{__package__}.{ {'fp8': 'fp8', 'fp8_attention': 'fp8_attention'}[name]}")
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -305,6 +305,7 @@ class State:
         self._mod_hit = None  # (temb, temb._version, hit) decided once per forward
         self.forwards = 0  # eager fused model forwards so far (see PackedLinears.get)
         self.fp8 = None  # precision="fp8": fp8.Fp8State
+        self.attn_fp8 = None  # attention_precision="fp8": fp8_attention.Fp8AttentionState
         self.token_index = None  # per-token parameter-set index of this forward (Family.model_forward)
         self.cp = False  # diffusers' context parallelism on in this forward (see _note_cp)
         self.model = None  # the patched model
@@ -867,7 +868,7 @@ def is_patched(model_or_pipeline) -> bool:
 
 def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, verify: bool = False,
           reuse_mod: bool = True, probe: bool = True, precision: str = "bf16",
-          keep_bf16_weights: bool = False) -> PatchReport:
+          keep_bf16_weights: bool = False, attention_precision: str = "bf16") -> PatchReport:
     """Put every block of a supported diffusers transformer (or ``pipeline.transformer``) on fused
     ops, in place, per instance. Returns a :class:`PatchReport`. Patching twice re-patches.
 
@@ -884,13 +885,17 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
     dtype) or "fp8": the blocks' q/k/v, output projection and MLP Linears as FP8 e4m3 GEMMs with
     row-wise scales (CUDA compute capability 8.9+, bfloat16 model; see
     ``fused_dit_ops.integrations.fp8`` and ``fp8_kinds``); their bf16 weights wait on the CPU (pinned)
-    while patched unless ``keep_bf16_weights``. :func:`unpatch` undoes it."""
+    while patched unless ``keep_bf16_weights``. ``attention_precision``: "bf16" (the model's dtype) or
+    "fp8": the double-stream blocks' joint attention on e4m3 q, k, v (FlashAttention-3's FP8 forward on
+    CUDA, sm90, bfloat16 model; the CPU runs the reference; see
+    ``fused_dit_ops.integrations.fp8_attention``), with either ``precision``. :func:`unpatch` undoes it."""
     return patch_ab(model_or_pipeline, ops=ops, attention_backend=attention_backend, verify=verify,
-                    reuse_mod=reuse_mod, probe=probe, precision=precision, keep_bf16_weights=keep_bf16_weights)
+                    reuse_mod=reuse_mod, probe=probe, precision=precision, keep_bf16_weights=keep_bf16_weights,
+                    attention_precision=attention_precision)
 
 
 def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False, reuse_mod=True, probe=True,
-             precision="bf16", keep_bf16_weights=False, **switches) -> PatchReport:
+             precision="bf16", keep_bf16_weights=False, attention_precision="bf16", **switches) -> PatchReport:
     """:func:`patch` plus the benchmarks' A/B switches (not public API): ``pack_qkv`` (one q/k/v
     GEMM per stream over packed weights), ``pack_mod`` (one modulation GEMV per block),
     ``lookahead`` (a block's end fused with the next block's norm1), ``dual_launch`` (both streams'
@@ -898,6 +903,8 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
     projections as modules, then ``qk_norm_rope_cat``). All on / "joint" by default."""
     if precision not in ("bf16", "fp8"):
         raise ValueError(f"precision must be 'bf16' or 'fp8', got {precision!r}")
+    if attention_precision not in ("bf16", "fp8"):
+        raise ValueError(f"attention_precision must be 'bf16' or 'fp8', got {attention_precision!r}")
     bad = set(switches) - set(SWITCHES)
     if bad:
         raise TypeError(f"unknown patch options {sorted(bad)}")
@@ -921,6 +928,8 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
                                       attention_backend=attention_backend or "auto", verify=verify,
                                       reuse_mod=reuse_mod,
                                       **({"precision": precision} if precision != "bf16" else {}),
+                                      **({"attention_precision": attention_precision}
+                                         if attention_precision != "bf16" else {}),
                                       **{k: v for k, v in sw.items() if v != SWITCHES[k]}))
     if p.dtype not in DTYPES:
         report.stock["model"] = f"dtype {p.dtype} not supported (fp32, bf16, fp16)"
@@ -967,6 +976,9 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
         _precision("fp8").patch_blocks(st, [b for _, b, k in ok if k == "double"], report, dev, p.dtype,
                                        keep_bf16_weights or verify,
                                        {kind: [b for _, b, k in ok if k == kind] for kind in ("single", "self_cross")})
+    if attention_precision == "fp8":
+        _precision("fp8_attention").patch_blocks(st, [b for _, b, k in ok if k == "double"], report, dev, p.dtype,
+                                                 attention_backend)
     rope = get(model, fam.rope_module)
     for m in (model, rope):  # e.g. accelerate's cpu-offload hook on the model: kept, called
         prev = m.__dict__.get("forward")
@@ -1083,6 +1095,7 @@ def unpatch(model_or_pipeline) -> bool:
         return False
     if st.fp8 is not None:
         st.fp8.unpatch(st)
+    st.attn_fp8 = None
     for attn, old in st.procs:
         attn.set_processor(old)
     for pk in [*(p for pair in st.packed_qkv.values() for p in pair), *st.packed_mod.values()]:

@@ -359,9 +359,12 @@ def _attention(block, st, attn, iq, isc, tq, tsc, tables, dtype):
     for p in (si.q, si.k, si.v):
         c.append(c[-1] + E.get(attn, p).out_features)
     q, k, v = (buf[..., c[j]:c[j + 1]].unflatten(-1, (-1, hd)) for j in range(3))
-    _eager.joint_qk_norm_rope_(q, k, Lt, *[n.weight for n in norms], txt_tab, img_tab, getattr(attn, si.q_norm).eps,
-                               fam.rope_interleaved)
-    out = _eager.attention_unchecked(q, k, v, None, False, attn.processor.backend).flatten(2, 3)
+    weights, eps = [n.weight for n in norms], getattr(attn, si.q_norm).eps
+    if st.attn_fp8 is not None and st.attn_fp8.usable(st, attn.processor):  # attention_precision="fp8"
+        out = st.attn_fp8.attention(q, k, v, Lt, weights, txt_tab, img_tab, eps, fam.rope_interleaved).flatten(2, 3)
+    else:
+        _eager.joint_qk_norm_rope_(q, k, Lt, *weights, txt_tab, img_tab, eps, fam.rope_interleaved)
+        out = _eager.attention_unchecked(q, k, v, None, False, attn.processor.backend).flatten(2, 3)
     if B == 1:  # one pass over the joint output; row views per stream
         oq, osc = _eager.quantize_fp8(out)
         t8, i8 = (oq[:, :Lt], osc[:, :Lt]), (oq[:, Lt:], osc[:, Lt:])

@@ -8,3 +8,4 @@ from . import fp8  # noqa: F401
 from . import swiglu  # noqa: F401
 from . import qk_norm_across_heads  # noqa: F401
 from . import gate_residual_norm  # noqa: F401
+from . import attention_fp8  # noqa: F401

@@ -292,6 +292,40 @@ def joint_fp8_linear_unchecked(txt, txt_scale, img, img_scale, wt, wst, bt, wi, 
     if not fast(txt):
         return _JL8(txt, txt_scale, img, img_scale, wt, wst, bt, wi, wsi, bi, out_dtype)
     return _f8().joint_fp8_linear_unchecked(txt, txt_scale, img, img_scale, wt, wst, bt, wi, wsi, bi, out_dtype)
+
+
+# --- FP8 attention: the quantising QK norm + RoPE (checked) and FA3 on its outputs -------------------
+
+_A8 = None
+_JQK8 = torch.ops.fused_dit.joint_qk_norm_rope_fp8.default
+_ATT8 = torch.ops.fused_dit.attention_fp8.default
+
+
+def _a8():
+    global _A8
+    if _A8 is None:
+        from . import attention_fp8
+        _A8 = attention_fp8
+    return _A8
+
+
+def joint_qk_norm_rope_fp8(q, k, v, txt_len, wqt, wkt, wqi, wki, txt_tab, img_tab, eps=1e-6, interleaved=True):
+    if not fast(q):
+        return _JQK8(q, k, v, txt_len, wqt, wkt, wqi, wki, txt_tab, img_tab, eps, interleaved)
+    _check(_a8()._check_joint_qk_norm_rope_fp8, q, k, v, txt_len, wqt, wkt, wqi, wki, txt_tab, img_tab, eps)
+    from ..kernels import attention_fp8 as ka
+    return ka.joint_qk_norm_rope_fp8(q, k, v, txt_len, (wqt, wkt, wqi, wki), (txt_tab, img_tab), eps, interleaved)
+
+
+def attention_fp8_unchecked(q, k, v, q_descale, k_descale, v_descale, softmax_scale=None, causal=False,
+                            out_dtype=torch.bfloat16):
+    """``attention_fp8`` on the outputs ``joint_qk_norm_rope_fp8`` just returned: unchecked on the fast path."""
+    if not fast(q):
+        return _ATT8(q, k, v, q_descale, k_descale, v_descale, softmax_scale, causal, out_dtype)
+    return _a8().attention_fp8_cuda_unchecked(q, k, v, q_descale, k_descale, v_descale, softmax_scale, causal,
+                                              out_dtype)
+
+
 def swiglu_linear(x, weight, bias=None, backend=None):
     if not fast(x):
         return _SWL(x, weight, bias, backend)
