@@ -6,10 +6,10 @@
                  ``Flux2SwiGLU``: the [L, 2F] product is written, read back, and the silu output
                  written and read once more)
   compile        ``torch.compile`` of the same
-  fused          ``fused_dit_ops.swiglu_linear`` (backend "triton"): one Triton GEMM whose epilogue
-                 applies the SwiGLU, writing only [L, F]
-  fused-cublas   ``swiglu_linear(backend="cublas")``: the cuBLAS GEMM, then one Triton elementwise
-                 kernel (reads [L, 2F] once, writes [L, F])
+  fused-triton   ``swiglu_linear(backend="triton")``: one Triton GEMM whose epilogue applies the
+                 SwiGLU, writing only [L, F]
+  fused-cublas   ``fused_dit_ops.swiglu_linear`` (backend "cublas", the default): the cuBLAS GEMM,
+                 then one Triton elementwise kernel (reads [L, 2F] once, writes [L, F])
 
 Shapes (``--shapes``): flux2-img (4096 image tokens), flux2-txt (512 text tokens), flux2-joint
 (4608, the single blocks), each C 6144 -> 2 x 18432; ``LxCxF`` for others. Timed by CUDA-graph
@@ -48,8 +48,8 @@ def providers(x, w, skip_compile=False):
     import fused_dit_ops as fdo
     out = {
         "torch": lambda a, b: stock(a, b),
-        "fused": lambda a, b: fdo.swiglu_linear(a, b),
-        "fused-cublas": lambda a, b: fdo.swiglu_linear(a, b, None, "cublas"),
+        "fused-triton": lambda a, b: fdo.swiglu_linear(a, b, None, "triton"),
+        "fused-cublas": lambda a, b: fdo.swiglu_linear(a, b),
     }
     if not skip_compile:
         out["compile"] = torch.compile(stock)

@@ -8,9 +8,11 @@ Op (schema in ``fused_dit_ops._schemas``):
   input projection followed by ``Flux2SwiGLU`` (and the MLP rows of a FLUX.2 single block's
   ``to_qkv_mlp_proj``), computed with one rounding.
 
-CUDA backends: "triton" (default): a Triton GEMM whose epilogue applies the SwiGLU, so the [L, 2F]
-pre-activation is never written; "cublas": ``F.linear`` (cuBLAS), then a Triton elementwise kernel
-(one read of [L, 2F], one write of [L, F]). CPU: the reference (fp32 math).
+CUDA backends: "cublas" (default): ``F.linear`` (cuBLAS), then a Triton elementwise kernel (one read
+of [L, 2F], one write of [L, F]); "triton": a Triton GEMM whose epilogue applies the SwiGLU, so the
+[L, 2F] pre-activation is never written. On an H100 at FLUX.2's shapes the cuBLAS GEMM's higher rate
+outweighs the extra pass (``bench swiglu``: 0.96x against 0.91x of the Triton GEMM's time at 4608
+tokens; docs/performance.md). CPU: the reference (fp32 math).
 """
 from __future__ import annotations
 
@@ -56,9 +58,9 @@ def _check_swiglu_linear(x, weight, bias, backend):
 def swiglu_linear_cuda_unchecked(x, weight, bias, backend=None):
     """The CUDA implementation without the checks (callers that validated or built the inputs)."""
     from ..kernels import swiglu as k
-    if backend == "cublas":
-        return k.swiglu_cublas(x, weight, bias)
-    return k.swiglu_linear(x, weight, bias)
+    if backend == "triton":
+        return k.swiglu_linear(x, weight, bias)
+    return k.swiglu_cublas(x, weight, bias)
 
 
 @torch.library.impl(f"{_NS}::swiglu_linear", "CUDA")
@@ -101,6 +103,6 @@ def swiglu_linear(x, weight, bias=None, backend=None):
 
     ``x`` [L, K] or [B, L, K] (fp32/bf16/fp16, last dim contiguous); ``weight`` [2F, K] with the gate
     rows first (diffusers ``Flux2FeedForward.linear_in.weight``), rows contiguous; ``bias`` [2F] or
-    None. ``backend`` (CUDA): None / "triton" (the GEMM with the SwiGLU in its epilogue) or "cublas"
-    (cuBLAS GEMM, then an elementwise kernel)."""
+    None. ``backend`` (CUDA): None / "cublas" (cuBLAS GEMM, then an elementwise kernel; the default)
+    or "triton" (a Triton GEMM with the SwiGLU in its epilogue)."""
     return torch.ops.fused_dit.swiglu_linear.default(x, weight, bias, backend)
