@@ -296,6 +296,9 @@ class State:
         self.packed_qkv: dict = {}  # id(attn) -> (text, image) PackedLinears
         self.packed_mod: dict = {}  # id(block) -> PackedLinears of the streams' modulation Linears
         self._silu = None  # (temb, temb._version, silu(temb)): one SiLU per forward, not per block
+        # weakref to the joint output of the last single-stream block: its two halves' base when the
+        # views carry none (inference tensors, made under torch.inference_mode(), have no _base)
+        self.last_joint = None
         self.next_block: dict = {}  # id(block) -> the patched block that follows it in the model
         self.lookahead = False  # True inside an eager patched model forward (with look-ahead pairs)
         self.prenorm = None  # Prenorm left by the previous block for the next one

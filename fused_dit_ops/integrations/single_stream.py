@@ -30,6 +30,8 @@ sequence (:func:`run_joint`).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -139,11 +141,19 @@ def _adjacent(model, fam, a, b):
 
 # --- block forward ----------------------------------------------------------------------------------
 
-def joint_of(e, h):
+def joint_of(e, h, hint=None):
     """The [B, Lt + Li, C] tensor whose row halves ``e`` and ``h`` are (the previous single block's
-    output), or None: then the block concatenates."""
+    output), or None: then the block concatenates. ``hint``: the previous single block's joint output,
+    for views that carry no ``_base`` (inference tensors); it must share their storage."""
     b = e._base
-    if b is None or h._base is not b or b.dim() != 3 or not b.is_contiguous():
+    if b is None and hint is not None and e.is_inference() and h._base is None:
+        if e.untyped_storage().data_ptr() != hint.untyped_storage().data_ptr() or \
+                h.untyped_storage().data_ptr() != hint.untyped_storage().data_ptr():
+            return None
+        b = hint
+    elif b is None or h._base is not b:
+        return None
+    if b.dim() != 3 or not b.is_contiguous():
         return None
     if (e.shape[0] != b.shape[0] or e.shape[2] != b.shape[2] or e.shape[1] + h.shape[1] != b.shape[1]
             or e.stride() != b.stride() or h.stride() != b.stride()
@@ -296,10 +306,15 @@ def _out_proj(block, st, a, mlp):
 def run_block(block, st, h, e, temb, rot):
     """The fused single-stream block: (h, e) -> (h, e) (image, text), views of one joint output."""
     Lt = e.shape[1]
-    x = None if torch.compiler.is_compiling() else joint_of(e, h)
+    x = None
+    if not torch.compiler.is_compiling():
+        last = st.last_joint() if st.last_joint is not None else None
+        x = joint_of(e, h, last)
     if x is None:
         x = torch.cat([e, h], dim=1)
     x = run_joint(block, st, x, Lt, temb, rot)
+    if not torch.compiler.is_compiling() and x.is_inference():
+        st.last_joint = weakref.ref(x)
     return x[:, Lt:], x[:, :Lt]
 
 
