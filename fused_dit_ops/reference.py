@@ -255,7 +255,8 @@ def attention(q, k, v, softmax_scale=None, causal=False):
 
 # --- FP8 (float8_e4m3fn) activations and GEMMs -------------------------------------------------
 # Row-wise scaling: one fp32 scale per token (activation) or per output channel (weight),
-# scale = amax(row) / 448 (1 for an all-zero row, NaN for a row with a NaN), values = clamp(row / scale, -448, 448) cast to
+# scale = amax(row) / 448 (1 for an all-zero row, NaN for a row with a NaN), values =
+# clamp(row * (448 / amax), -448, 448) (the reciprocal: 1 for an all-zero row; one division per row) cast to
 # float8_e4m3fn (round to nearest even). The quantised value of a modulated norm is computed from
 # its fp32 value (no intermediate rounding to the activation dtype).
 
@@ -269,7 +270,8 @@ def quantize_fp8_rows(y: torch.Tensor, cast: bool = True):
     y = y.float()
     amax = y.abs().amax(-1) if y.shape[-1] else y.new_zeros(y.shape[:-1])
     scale = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)  # NaN rows: NaN
-    q = (y / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX)
+    inv = torch.where(amax == 0, torch.ones_like(amax), FP8_MAX / amax)
+    q = (y * inv.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX)
     return (q.to(FP8_DTYPE) if cast else q).contiguous(), scale.contiguous()
 
 
