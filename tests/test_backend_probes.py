@@ -64,6 +64,8 @@ def test_listing_reports_a_raising_probe_and_env_still_prints(monkeypatch):
     assert rows["math"].available
     from fused_dit_ops.env import _attention_sections, report
     sections = dict(_attention_sections())
+    fp8 = [t for t in sections if t.startswith("FP8 attention")]
+    assert len(fp8) == 1 and dict(sections.pop(fp8[0]))["CPU"] == "reference"
     for title, lines in sections.items():
         assert title.startswith("attention backends (")
         assert [n for n, _ in lines] == list(disp.BACKENDS), lines  # per-backend rows, not one "error" row
