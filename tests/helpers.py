@@ -75,6 +75,14 @@ def tiny():
     return build_qwen_image_transformer("tiny", seed=3)
 
 
+def cuda_fp8() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+# FP8 GPU tests: torch._scaled_mm's e4m3 GEMM needs compute capability 8.9+ (Ada, Hopper)
+needs_fp8_gpu = pytest.mark.skipif(not cuda_fp8(), reason="needs a CUDA GPU with compute capability 8.9+")
+
+
 def run_no_grad(model, kw):
     """A diffusers transformer's first output, under torch.no_grad() (as pipelines call it)."""
     with torch.no_grad():

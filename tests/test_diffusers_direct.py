@@ -19,14 +19,12 @@ import fused_dit_ops as fdo  # noqa: E402
 from fused_dit_ops.ops import _eager  # noqa: E402
 from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs  # noqa: E402
 
-from helpers import expect_input_error, rel_err  # noqa: E402
+from helpers import expect_input_error, rel_err, run_no_grad  # noqa: E402
 
 CPU_FP32_REL = 2e-6  # as in test_diffusers_patch
 
 
-def _run(model, kw):
-    with torch.no_grad():
-        return model(**kw)[0]
+_run = run_no_grad
 
 
 # --- the ops' eager fast path: the op's own checks, then the launcher -----------------------------

@@ -11,7 +11,8 @@ import fused_dit_ops as fdo
 from fused_dit_ops import reference as ref
 from fused_dit_ops.ops import fp8 as F8
 from fused_dit_ops.bench import fp8_recipe
-from helpers import expect_input_error, native_diffusers_backend, randn, rel_err  # noqa: F401
+from helpers import (cuda_fp8, expect_input_error, native_diffusers_backend, needs_fp8_gpu, randn, rel_err,
+                     run_no_grad)  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
 
@@ -195,7 +196,7 @@ def _op_cases(device="cpu"):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("op", F8.OPS)
 def test_opcheck(op, device):
-    if device == "cuda" and not _cuda_fp8():
+    if device == "cuda" and not cuda_fp8():
         pytest.skip("needs a CUDA GPU with compute capability 8.9+")
     args = _op_cases(device)[op]
     fp8_inputs = any(isinstance(a, torch.Tensor) and a.dtype == E4M3 for a in args)
@@ -378,9 +379,7 @@ def _inputs(m, seed=1, **kw):
     return make_qwen_inputs(m, img_tokens=(13, 7), txt_len=5, seed=seed, **kw)
 
 
-def _run(m, kw):
-    with torch.no_grad():
-        return m(**kw)[0]
+_run = run_no_grad
 
 
 def _block_linears(block):
@@ -605,11 +604,6 @@ def test_patch_fp8_compile_blocks_fullgraph():
 
 # --- GPU --------------------------------------------------------------------------------------------------
 
-def _cuda_fp8():
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-
-
-needs_fp8_gpu = pytest.mark.skipif(not _cuda_fp8(), reason="needs a CUDA GPU with compute capability 8.9+")
 
 
 def _e4m3_ulps(a, b):

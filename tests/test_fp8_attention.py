@@ -11,7 +11,7 @@ import fused_dit_ops as fdo
 from fused_dit_ops import attention_dispatch as dispatch
 from fused_dit_ops import reference as ref
 from fused_dit_ops.ops import attention_fp8 as A8
-from helpers import expect_input_error, native_diffusers_backend, randn, rel_err  # noqa: F401
+from helpers import expect_input_error, native_diffusers_backend, randn, rel_err, run_no_grad  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
 
@@ -368,9 +368,7 @@ def _inputs(m, seed=1, **kw):
     return make_qwen_inputs(m, img_tokens=(13, 7), txt_len=5, seed=seed, **kw)
 
 
-def _run(m, kw):
-    with torch.no_grad():
-        return m(**kw)[0]
+_run = run_no_grad
 
 
 def _swapped(r):

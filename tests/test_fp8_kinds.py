@@ -9,15 +9,15 @@ kernels. GPU (marked gpu): one block of each family at the real dims in bf16 aga
 """
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
 import fused_dit_ops as fdo
 from fused_dit_ops import reference as ref
+from fused_dit_ops.bench import fp8_recipe
 from fused_dit_ops.ops import fp8 as F8
-from helpers import expect_input_error, native_diffusers_backend, randn, rel_err  # noqa: F401
+from helpers import (expect_input_error, native_diffusers_backend, needs_fp8_gpu, randn, rel_err,
+                     run_no_grad)  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
 
@@ -203,31 +203,7 @@ def test_interpret_gate_residual_layer_norm_fp8(index):
 
 # --- tiny models ------------------------------------------------------------------------------------------
 
-def _run(m, kw):
-    with torch.no_grad():
-        return m(**kw)[0]
-
-
-def recipe_(lins):
-    """The per-row FP8 recipe (per-token activation and per-channel weight scales, amax / 448, e4m3,
-    ``torch._scaled_mm``) on these Linears, as instance forwards (``del lin.forward`` undoes)."""
-    def fwd(self, x):
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        xs = x2.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448
-        xq = (x2.float() / xs).clamp(-448, 448).to(E4M3)
-        ws = self.weight.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448
-        wq = (self.weight.float() / ws).clamp(-448, 448).to(E4M3)
-        y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), bias=self.bias, out_dtype=x.dtype)
-        return y.view(*lead, -1)
-    for lin in lins:
-        lin.forward = types.MethodType(fwd, lin)
-    return lins
-
-
-def _undo(lins):
-    for lin in lins:
-        del lin.forward
+_run = run_no_grad
 
 
 def flux_linears(m, single=True, double=True):
@@ -302,9 +278,9 @@ def test_patch_fp8_tiny_accuracy_vs_recipe_and_unpatch(case):
     kw = _inputs(family, m)
     stock = _run(m, kw)
     sd = {k: v.clone() for k, v in m.state_dict().items()}
-    lins = recipe_(linears(m))
+    fp8_recipe.install(m, linears=linears(m))
     recipe = _run(m, kw)
-    _undo(lins)
+    fp8_recipe.remove(m)
     r = fdo.patch(m, precision="fp8")
     for mark in marks:
         assert any("FP8 e4m3 GEMMs" in s and mark in s for s in r.swapped), r
@@ -328,9 +304,9 @@ def test_patch_fp8_flux_single_blocks_quantised():
     m = tiny_flux()
     kw = _inputs("flux", m, seed=3)
     stock = _run(m, kw)
-    lins = recipe_(flux_linears(m, double=False))
+    fp8_recipe.install(m, linears=flux_linears(m, double=False))
     recipe = _run(m, kw)
-    _undo(lins)
+    fp8_recipe.remove(m)
     r = fdo.patch(m, precision="fp8")
     with torch.no_grad():
         for b in m.transformer_blocks:
@@ -488,11 +464,6 @@ def test_patch_fp8_compile_blocks_fullgraph(family):
 
 # --- GPU: one block of each family at the real dims (bf16) ---------------------------------------------
 
-def _cuda_fp8():
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-
-
-needs_fp8_gpu = pytest.mark.skipif(not _cuda_fp8(), reason="needs a CUDA GPU with compute capability 8.9+")
 
 
 def _real(family):
@@ -530,9 +501,9 @@ def test_gpu_real_dims_block_fp8_vs_recipe(family):
         del m32
     kw = _inputs(family, m, **tok)
     bf16 = _run(m, kw)
-    lins = recipe_(linears(m))
+    fp8_recipe.install(m, linears=linears(m))
     recipe = _run(m, kw)
-    _undo(lins)
+    fp8_recipe.remove(m)
     sd = {k: v.clone() for k, v in m.state_dict().items()}
     r = fdo.patch(m, precision="fp8")
     assert any("FP8 e4m3 GEMMs" in s for s in r.swapped) and any("kept on the CPU" in s for s in r.swapped), r

@@ -61,15 +61,19 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), s
 
 
-def install(model: torch.nn.Module, blocks=None) -> list[torch.nn.Linear]:
+def install(model: torch.nn.Module, blocks=None, linears=None) -> list[torch.nn.Linear]:
     """Put the recipe on the Linears of ``blocks`` (default: every block list of the model:
-    ``transformer_blocks``, ``single_transformer_blocks``, ``blocks``). Returns the Linears."""
+    ``transformer_blocks``, ``single_transformer_blocks``, ``blocks``), or on exactly ``linears``.
+    Returns the Linears."""
     if getattr(model, ATTR, None):
         raise RuntimeError("the FP8 recipe is already installed on this model")
-    if blocks is None:
-        blocks = [b for name in ("transformer_blocks", "single_transformer_blocks", "blocks")
-                  for b in (getattr(model, name, None) or [])]
-    lins = [lin for b in blocks for lin in block_linears(b)]
+    if linears is not None:
+        lins = list(linears)
+    else:
+        if blocks is None:
+            blocks = [b for name in ("transformer_blocks", "single_transformer_blocks", "blocks")
+                      for b in (getattr(model, name, None) or [])]
+        lins = [lin for b in blocks for lin in block_linears(b)]
     for lin in lins:
         w, s = quantize_weight(lin.weight.detach())
         lin._fp8_recipe_w, lin._fp8_recipe_s = w, s
