@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, launch, next_power_of_2
-from .gate_residual_norm import _gate_residual_layer_norm_rows
+from .gate_residual_norm import _affine_rows, _gate_residual_layer_norm_rows
 from .modulation import (_device_guard, _index_args, _layer_norm_rows, _load_rows, _modulate_rows, _row_select,
                          _store, _whole_rows)
 
@@ -270,10 +270,7 @@ def _grln_fp8_kernel(
         pid_m, b, r_ptr, u_ptr, gate_ptr, idx_ptr, r_out_ptr, L, C, B, eps,
         stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_ib, stride_il,
         HAS_INDEX, BLOCK_M, BLOCK_C, STREAM_STORES)
-    if HAS_WEIGHT:
-        n = n * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        n = n + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    n = _affine_rows(n, w_ptr, bias_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
     _quant_store(n, mask, q_ptr, s_ptr, out_off, row, rmask, STREAM_STORES)
 
 

@@ -43,6 +43,16 @@ def _gate_residual_layer_norm_rows(
 
 
 @triton.jit
+def _affine_rows(n, w_ptr, bias_ptr, cols, cmask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """n * weight + bias (each optional) of fp32 rows [BLOCK_M, BLOCK_C]: the LayerNorm's affine part."""
+    if HAS_WEIGHT:
+        n = n * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        n = n + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return n
+
+
+@triton.jit
 def _gate_residual_layer_norm_kernel(
     r_ptr, u_ptr, gate_ptr, idx_ptr, w_ptr, bias_ptr, r_out_ptr, y_ptr,
     L, C, B, eps,
@@ -56,10 +66,7 @@ def _gate_residual_layer_norm_kernel(
         pid_m, b, r_ptr, u_ptr, gate_ptr, idx_ptr, r_out_ptr, L, C, B, eps,
         stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_ib, stride_il,
         HAS_INDEX, BLOCK_M, BLOCK_C, STREAM_STORES)
-    if HAS_WEIGHT:
-        n = n * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        n = n + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    n = _affine_rows(n, w_ptr, bias_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
     _store(y_ptr + out_off, n.to(y_ptr.dtype.element_ty), mask, STREAM_STORES)
 
 
