@@ -38,7 +38,7 @@ from ..ops import _eager
 from . import engine as E
 from . import self_cross as SC
 from . import single_stream as SS
-from .fp8 import PREFIX, _buf, _links, ready
+from .fp8_weights import PREFIX, _buf, _links, ready
 from ..ops.fp8 import quantize_weight
 
 SINGLE_KEY = "single_qkvm_w"  # the buffer whose presence marks a single-stream block as quantised
