@@ -83,6 +83,18 @@ def cuda_fp8() -> bool:
 needs_fp8_gpu = pytest.mark.skipif(not cuda_fp8(), reason="needs a CUDA GPU with compute capability 8.9+")
 
 
+def tiny_fp8_qwen(num_layers=3, **kw):
+    """The tiny Qwen-Image model of the FP8 tests (3 heads, widths multiples of 16)."""
+    from fused_dit_ops.models import build_qwen_image_transformer
+    return build_qwen_image_transformer("tiny", seed=3, num_layers=num_layers, num_attention_heads=3, **kw)
+
+
+def tiny_fp8_qwen_inputs(m, seed=1, **kw):
+    """Its inputs: 13 + 7 image tokens (two parameter sets), 5 text tokens."""
+    from fused_dit_ops.models import make_qwen_inputs
+    return make_qwen_inputs(m, img_tokens=(13, 7), txt_len=5, seed=seed, **kw)
+
+
 def run_no_grad(model, kw):
     """A diffusers transformer's first output, under torch.no_grad() (as pipelines call it)."""
     with torch.no_grad():

@@ -12,7 +12,7 @@ from fused_dit_ops import reference as ref
 from fused_dit_ops.ops import fp8 as F8
 from fused_dit_ops.bench import fp8_recipe
 from helpers import (cuda_fp8, expect_input_error, native_diffusers_backend, needs_fp8_gpu, randn, rel_err,
-                     run_no_grad)  # noqa: F401
+                     run_no_grad, tiny_fp8_qwen, tiny_fp8_qwen_inputs)  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
 
@@ -369,14 +369,7 @@ def test_interpret_nan_row_stays_nan():
 FP8_MODEL_REL = 0.15
 
 
-def _tiny(num_layers=3, **kw):
-    from fused_dit_ops.models import build_qwen_image_transformer
-    return build_qwen_image_transformer("tiny", seed=3, num_layers=num_layers, num_attention_heads=3, **kw)
-
-
-def _inputs(m, seed=1, **kw):
-    from fused_dit_ops.models import make_qwen_inputs
-    return make_qwen_inputs(m, img_tokens=(13, 7), txt_len=5, seed=seed, **kw)
+_tiny, _inputs = tiny_fp8_qwen, tiny_fp8_qwen_inputs
 
 
 _run = run_no_grad

@@ -11,7 +11,8 @@ import fused_dit_ops as fdo
 from fused_dit_ops import attention_dispatch as dispatch
 from fused_dit_ops import reference as ref
 from fused_dit_ops.ops import attention_fp8 as A8
-from helpers import expect_input_error, native_diffusers_backend, randn, rel_err, run_no_grad  # noqa: F401
+from helpers import (expect_input_error, native_diffusers_backend, randn, rel_err, run_no_grad,
+                     tiny_fp8_qwen, tiny_fp8_qwen_inputs)  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
 
@@ -358,14 +359,7 @@ FP8_ATTN_MODEL_REL = 5e-2
 FP8_MODEL_REL = 0.15  # tests/test_fp8.py's bound for the FP8 GEMM path
 
 
-def _tiny(num_layers=3, **kw):
-    from fused_dit_ops.models import build_qwen_image_transformer
-    return build_qwen_image_transformer("tiny", seed=3, num_layers=num_layers, num_attention_heads=3, **kw)
-
-
-def _inputs(m, seed=1, **kw):
-    from fused_dit_ops.models import make_qwen_inputs
-    return make_qwen_inputs(m, img_tokens=(13, 7), txt_len=5, seed=seed, **kw)
+_tiny, _inputs = tiny_fp8_qwen, tiny_fp8_qwen_inputs
 
 
 _run = run_no_grad
