@@ -95,3 +95,20 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
         wan_ops.main(["--device", "cpu", "--tiny", "--shapes", "nope", "--out", str(tmp_path)])
     assert wan_ops.main(["--device", "cpu", "--out", str(tmp_path)]) == 2  # real shapes need CUDA
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("op", wan_ops.OPS)
+def test_fused_kernel_path_interpreted(op, monkeypatch):
+    """The ``fused`` provider as it runs on CUDA (the eager fast path: input check, then the Triton
+    kernel), here on CPU tensors under the Triton interpreter, against the diffusers expression."""
+    from fused_dit_ops.ops import _eager
+    monkeypatch.setattr(_eager, "fast", lambda x: True)
+    s = SMALL
+    d = wan_ops.make_inputs(op, s, "cpu", torch.bfloat16, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = wan_ops.EAGER[op](*wan_ops.args_for(op, "eager", d, s))
+        out = wan_ops.providers(op, ["fused"])["fused"](*wan_ops.args_for(op, "fused", d, s))
+    for o, r in zip(wan_ops._flat(out), wan_ops._flat(ref)):
+        assert o.dtype == torch.bfloat16 and o.shape == r.shape
+        torch.testing.assert_close(o.float(), r.float(), rtol=1.6e-2, atol=2e-2)
