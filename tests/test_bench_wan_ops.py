@@ -1,5 +1,6 @@
 """``bench wan-ops``: the CPU smoke run (every op and provider, the fused outputs against the diffusers
 expressions), the byte counts of the floor, and the eager RoPE table against diffusers' own."""
+import dataclasses
 import json
 
 import pytest
@@ -29,11 +30,19 @@ def test_smoke_run_cpu(tmp_path, capsys):
         assert r["max_rel_diff_vs_eager"] < 2e-2, r
 
 
-@pytest.mark.parametrize("shape", ["tiny-a", "tiny-b"])
-@pytest.mark.parametrize("op", wan_ops.OPS)
-def test_fused_matches_eager(op, shape):
-    """The fused op on the integration's arguments equals the diffusers expression (bf16, one rounding)."""
-    s = wan_ops.TINY[shape]
+def _cases():
+    for shape in ("tiny-a", "tiny-b"):
+        for op in wan_ops.OPS:
+            yield op, shape, False
+        for op in wan_ops.MOD_OPS:
+            yield op, shape, True
+
+
+@pytest.mark.parametrize("op,shape,per_token", list(_cases()))
+def test_fused_matches_eager(op, shape, per_token):
+    """The fused op on the integration's arguments equals the diffusers expression (bf16, one rounding);
+    per_token: two parameter sets + index against the stock per-token parameters."""
+    s = dataclasses.replace(wan_ops.TINY[shape], per_token=per_token)
     g = torch.Generator().manual_seed(3)
     d = wan_ops.make_inputs(op, s, "cpu", torch.bfloat16, g)
     with torch.no_grad():
@@ -45,6 +54,28 @@ def test_fused_matches_eager(op, shape):
         assert o.dtype == torch.bfloat16 and o.shape == r.shape
         assert torch.isfinite(r.float()).all() and r.float().abs().max() > 0.1
         torch.testing.assert_close(o.float(), r.float(), rtol=1.6e-2, atol=2e-2)
+
+
+def test_per_token_smoke_run_and_arguments(tmp_path):
+    rc = wan_ops.main(["--device", "cpu", "--tiny", "--per-token", "--shapes", "tiny-a", "--providers", "eager,fused",
+                       "--rounds", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    (path,) = tmp_path.glob("wan-ops-tiny-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["shape"], r["op"]) for r in rows} == {("tiny-a+index", op) for op in wan_ops.MOD_OPS}
+    assert all(r["max_rel_diff_vs_eager"] < 2e-2 for r in rows)
+    s = dataclasses.replace(wan_ops.TINY["tiny-a"], per_token=True)  # grid 3 x 3 x 5: 15 tokens per frame
+    d = wan_ops.make_inputs("norm_scale_shift", s, "cpu")
+    x, sh, sc, index = wan_ops.args_for("norm_scale_shift", "fused", d, s)
+    assert sh.shape == (2, s.C) and index.dtype == torch.int32 and index.shape == (1, 45)
+    assert index[0, :15].eq(0).all() and index[0, 15:].eq(1).all()
+    _, sh_tok, _ = wan_ops.args_for("norm_scale_shift", "eager", d, s)
+    assert sh_tok.shape == (1, 45, s.C) and sh_tok.dtype == torch.float32
+    torch.testing.assert_close(sh_tok[0, 3], sh[0])
+    torch.testing.assert_close(sh_tok[0, 20], sh[1])
+    assert wan_ops.bytes_moved("gate_residual", s) == 3 * 45 * 72 * 2 + 45 * 4
+    assert wan_ops.bytes_moved("qk_norm_rope_across_heads", s) == wan_ops.bytes_moved(
+        "qk_norm_rope_across_heads", wan_ops.TINY["tiny-a"])
 
 
 def test_fused_arguments_are_the_integrations():
@@ -98,13 +129,13 @@ def test_bad_arguments(tmp_path):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("op", wan_ops.OPS)
-def test_fused_kernel_path_interpreted(op, monkeypatch):
+@pytest.mark.parametrize("op,per_token", [(op, False) for op in wan_ops.OPS] + [(op, True) for op in wan_ops.MOD_OPS])
+def test_fused_kernel_path_interpreted(op, per_token, monkeypatch):
     """The ``fused`` provider as it runs on CUDA (the eager fast path: input check, then the Triton
     kernel), here on CPU tensors under the Triton interpreter, against the diffusers expression."""
     from fused_dit_ops.ops import _eager
     monkeypatch.setattr(_eager, "fast", lambda x: True)
-    s = SMALL
+    s = dataclasses.replace(wan_ops.TINY["tiny-a"], per_token=per_token)
     d = wan_ops.make_inputs(op, s, "cpu", torch.bfloat16, torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = wan_ops.EAGER[op](*wan_ops.args_for(op, "eager", d, s))

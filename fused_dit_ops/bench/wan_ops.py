@@ -30,10 +30,17 @@ activation-sized tensors, bf16, and of the RoPE table; the [B, C] parameters are
 by the copy bandwidth measured in the same run; ``pct_floor`` = 100 x floor / time (the target:
 >= 87, within 1.15x of the floor). ``--device cpu --tiny``: a smoke run on tiny shapes (timings
 meaningless) that also checks every provider's output against eager.
+
+``--per-token --shapes wan-ti2v5b``: Wan2.2 TI2V-5B's per-token timestep (the conditioning frame's
+tokens at timestep 0). The patched model runs the modulation ops on two fp32 parameter sets [2B, 6, C]
+and a per-token int32 index [B, L] (``fused``); the stock block modulates with per-token fp32
+parameters [B, L, C] (views of ``table + temb.float()`` [B, L, 6, C]), which ``eager`` and ``compile``
+get. The floor adds the index's bytes.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -69,10 +76,19 @@ class Shape:
     C: int
     heads: int
     text_len: int
+    per_token: bool = False  # Wan2.2 TI2V's per-token timestep (two parameter sets + a per-token index)
+
+    @property
+    def label(self) -> str:
+        return self.name + ("+index" if self.per_token else "")
 
 
-def wan_shape(s: StreamShape) -> Shape:
-    return Shape(s.name, s.B, s.L, s.C, s.C // HEAD_DIM, TEXT_LEN)
+def wan_shape(s: StreamShape, per_token: bool = False) -> Shape:
+    return Shape(s.name, s.B, s.L, s.C, s.C // HEAD_DIM, TEXT_LEN, per_token)
+
+
+MOD_OPS = ("norm_scale_shift", "gate_residual_layer_norm", "gate_residual_norm_scale_shift", "gate_residual",
+           "block_end_lookahead")
 
 
 # tiny shapes for --tiny: widths, heads and token counts not powers of two
@@ -171,15 +187,17 @@ EAGER = {"norm_scale_shift": eager_norm_scale_shift, "gate_residual_layer_norm":
 # --- the fused calls, as self_cross.run_block makes them ----------------------------------------------
 
 def _fused(op):
+    """The op as ``self_cross.run_block`` calls it (``index``: the per-token set index, or None)."""
     from ..ops import _eager as E
     if op == "norm_scale_shift":
-        return lambda x, shift, scale: E.norm_scale_shift(x, shift, scale, None, None, None, EPS)
+        return lambda x, shift, scale, index=None: E.norm_scale_shift(x, shift, scale, index, None, None, EPS)
     if op == "gate_residual_layer_norm":
-        return lambda x, a, gate, w, b: E.gate_residual_layer_norm(x, a, gate, None, w, b, EPS)
+        return lambda x, a, gate, w, b, index=None: E.gate_residual_layer_norm(x, a, gate, index, w, b, EPS)
     if op in ("gate_residual_norm_scale_shift", "block_end_lookahead"):
-        return lambda x, a, gate, shift, scale: E.gate_residual_norm_scale_shift(x, a, gate, shift, scale, None, EPS)
+        return lambda x, a, gate, shift, scale, index=None: E.gate_residual_norm_scale_shift(x, a, gate, shift, scale,
+                                                                                            index, EPS)
     if op == "gate_residual":
-        return lambda x, y, gate: E.gate_residual(x, y, gate, None)
+        return lambda x, y, gate, index=None: E.gate_residual(x, y, gate, index)
     if op == "qk_norm_rope_across_heads":
         return lambda q, k, wq, wk, table, heads: E.qk_norm_rope_across_heads(q, k, wq, wk, table, heads, EPS, True)
     if op == "qk_norm_across_heads_cross":
@@ -207,8 +225,14 @@ def make_inputs(op: str, s: Shape, device, dtype=torch.bfloat16, generator=None)
     d["x"] = rnd(B, L, C)
     if op != "norm_scale_shift":
         d["u"] = rnd(B, L, C)
-    # the block's fp32 modulation: scale_shift_table [1, 6, C] + temb.float() [B, 6, C]
-    d["e"] = rnd(1, 6, C, std=C ** -0.5, dt=torch.float32) + rnd(B, 6, C, std=0.3, dt=torch.float32)
+    # the block's fp32 modulation: scale_shift_table [1, 6, C] + temb.float() [B, 6, C] ([2B, 6, C] for
+    # the two timesteps of a per-token timestep)
+    rows = 2 * B if s.per_token else B
+    d["e"] = rnd(1, 6, C, std=C ** -0.5, dt=torch.float32) + rnd(rows, 6, C, std=0.3, dt=torch.float32)
+    if s.per_token:
+        # TI2V: the conditioning (first) frame's tokens at timestep 0 (set 0), the others at t (set 1)
+        f, h, w = _grid(s)
+        d["index"] = (torch.arange(L, device=device) >= h * w).to(torch.int32).expand(B, L).contiguous()
     if op == "gate_residual_layer_norm":
         d["w"], d["b"] = 1 + rnd(C, std=0.1, dt=torch.float32), rnd(C, std=0.1, dt=torch.float32)
     return d
@@ -219,22 +243,32 @@ def args_for(op: str, provider: str, d: dict, s: Shape) -> tuple:
     q/k projections for the diffusers expression, [B, C] column views, the stride-0 ones gate and
     q/k views of the packed q|k|v output for the fused op."""
     fused = provider == "fused"
-    e = d.get("e")
-    if e is not None:
-        p = (lambda j: e[:, j]) if fused else (lambda j: e[:, j:j + 1])
-    if op == "norm_scale_shift":
-        return d["x"], p(0), p(1)
-    if op == "gate_residual_layer_norm":
-        return d["x"], d["u"], p(2), d["w"], d["b"]
-    if op == "gate_residual_norm_scale_shift":
-        if fused:  # x + 1 * update, the plain add (self_cross._ones_gate)
-            ones = torch.ones(1, s.C, dtype=torch.float32, device=e.device).expand(e.shape[0], s.C)
-            return d["x"], d["u"], ones, p(3), p(4)
-        return d["x"], d["u"], p(3), p(4)
-    if op == "gate_residual":
-        return d["x"], d["u"], p(5)
-    if op == "block_end_lookahead":  # this block's c_gate, the next block's shift / scale
-        return d["x"], d["u"], p(5), p(0), p(1)
+    if op in MOD_OPS:
+        e = d["e"]
+        index = d.get("index")
+        if fused:
+            p = lambda j: e[:, j]  # noqa: E731
+        elif index is None:
+            p = lambda j: e[:, j:j + 1]  # noqa: E731  (diffusers' chunk(6, dim=1): [B, 1, C])
+        else:
+            # the stock TI2V block: table + per-token temb [B, L, 6, C] fp32, chunk(6, dim=2).squeeze(2)
+            B = e.shape[0] // 2
+            e_tok = torch.where((index != 0)[..., None, None], e[B:, None], e[:B, None])
+            p = lambda j: e_tok[:, :, j]  # noqa: E731
+        tail = (index,) if fused and index is not None else ()
+        if op == "norm_scale_shift":
+            return (d["x"], p(0), p(1), *tail)
+        if op == "gate_residual_layer_norm":
+            return (d["x"], d["u"], p(2), d["w"], d["b"], *tail)
+        if op == "gate_residual_norm_scale_shift":
+            if fused:  # x + 1 * update, the plain add (self_cross._ones_gate)
+                ones = torch.ones(1, s.C, dtype=torch.float32, device=e.device).expand(e.shape[0], s.C)
+                return (d["x"], d["u"], ones, p(3), p(4), *tail)
+            return d["x"], d["u"], p(3), p(4)
+        if op == "gate_residual":
+            return (d["x"], d["u"], p(5), *tail)
+        if op == "block_end_lookahead":  # this block's c_gate, the next block's shift / scale
+            return (d["x"], d["u"], p(5), p(0), p(1), *tail)
     if op == "qk_norm_rope_across_heads":
         C = s.C
         qkv = d["qkv"]
@@ -248,8 +282,11 @@ def args_for(op: str, provider: str, d: dict, s: Shape) -> tuple:
 
 
 def bytes_moved(op: str, s: Shape, itemsize: int = 2) -> int:
-    """Bytes the op must move: reads + writes of its activation-sized tensors (and the RoPE table)."""
+    """Bytes the op must move: reads + writes of its activation-sized tensors (and the RoPE table; with a
+    per-token timestep, the int32 index [B, L] of the modulation ops)."""
     act = s.B * s.L * s.C * itemsize
+    if op in MOD_OPS and s.per_token:
+        return bytes_moved(op, Shape(s.name, s.B, s.L, s.C, s.heads, s.text_len), itemsize) + s.B * s.L * 4
     if op == "norm_scale_shift":
         return 2 * act  # read x, write y
     if op == "gate_residual":
@@ -318,7 +355,7 @@ def run(shapes, ops, names, rounds: int, device, dtype) -> list[dict]:
                     times[n].append(_time(device, s, op, n, provs[n], dtype, g))
             med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
             for n, us in med.items():
-                rows.append({"shape": s.name, "op": op, "role": ROLE[op], "provider": n, "B": s.B, "L": s.L,
+                rows.append({"shape": s.label, "op": op, "role": ROLE[op], "provider": n, "B": s.B, "L": s.L,
                              "C": s.C, "us": us, "us_rounds": times[n], "bytes": nbytes, "GB/s": nbytes / us / 1e3,
                              "floor_us": floor_us, "pct_floor": 100 * floor_us / us,
                              "x_vs_eager": med["eager"] / us if "eager" in med else None,
@@ -336,10 +373,15 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None,
                     help=f"comma list from: {', '.join(STREAMS)} (default: {','.join(WAN_SHAPES)}; "
                          f"--tiny: {','.join(TINY)})")
-    ap.add_argument("--ops", default=",".join(OPS), help=f"comma list from: {', '.join(OPS)} (default: all)")
+    ap.add_argument("--ops", default=None, help=f"comma list from: {', '.join(OPS)} (default: all; "
+                                                "--per-token: the modulation ops)")
     ap.add_argument("--providers", default=",".join(PROVIDERS), help="comma list from: eager, compile, fused")
     ap.add_argument("--rounds", type=int, default=3,
                     help="timing rounds per provider, interleaved; the median is reported (default 3)")
+    ap.add_argument("--per-token", action="store_true",
+                    help="Wan2.2 TI2V's per-token timestep (use with --shapes wan-ti2v5b): the modulation ops "
+                         "with two fp32 parameter sets + the per-token index (fused) against the stock per-token "
+                         "[B, L, C] fp32 parameters (eager, compile); rows 'SHAPE+index'")
     ap.add_argument("--device", default=None, help="cuda (default) or cpu with --tiny")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run (CPU ok), not a measurement")
     ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
@@ -353,12 +395,12 @@ def main(argv=None) -> int:
     shapes = []
     for n in names:
         if n in table:
-            shapes.append(table[n])
+            shapes.append(dataclasses.replace(table[n], per_token=args.per_token))
         elif n in STREAMS:
-            shapes.append(wan_shape(STREAMS[n]))
+            shapes.append(wan_shape(STREAMS[n], args.per_token))
         else:
             raise SystemExit(f"--shapes: unknown shape {n!r}; choose from {', '.join([*STREAMS, *table])}")
-    ops_ = [o.strip() for o in args.ops.split(",") if o.strip()]
+    ops_ = [o.strip() for o in (args.ops or ",".join(MOD_OPS if args.per_token else OPS)).split(",") if o.strip()]
     bad = [o for o in ops_ if o not in OPS]
     if bad:
         raise SystemExit(f"--ops: unknown {', '.join(bad)}; choose from {', '.join(OPS)}")
@@ -386,7 +428,8 @@ def main(argv=None) -> int:
         print(f"fused: worst {worst['pct_floor']:.1f}% of the floor ({worst['shape']} {worst['op']}); "
               f"{sum(r['pct_floor'] >= 100 / 1.15 for r in fused)}/{len(fused)} rows within 1.15x")
     extra = {"copy_bandwidth_TBps": bw / 1e12, "dtype": str(dtype), "rounds": args.rounds, "device": device,
-             "shapes": {s.name: {"B": s.B, "L": s.L, "C": s.C, "heads": s.heads, "text_len": s.text_len}
+             "shapes": {s.label: {"B": s.B, "L": s.L, "C": s.C, "heads": s.heads, "text_len": s.text_len,
+                                  "per_token": s.per_token}
                         for s in shapes}}
     path = harness.write_results("wan-ops" + ("-tiny" if args.tiny else ""), rows, extra, args.out)
     print(f"wrote {path}")
