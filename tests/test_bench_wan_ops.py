@@ -143,3 +143,16 @@ def test_fused_kernel_path_interpreted(op, per_token, monkeypatch):
     for o, r in zip(wan_ops._flat(out), wan_ops._flat(ref)):
         assert o.dtype == torch.bfloat16 and o.shape == r.shape
         torch.testing.assert_close(o.float(), r.float(), rtol=1.6e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_run_one_shape(tmp_path):
+    """The CUDA path (graph replay, the kernels) at a real Wan shape, every op, eager and fused."""
+    rc = wan_ops.main(["--shapes", "wan1.3b", "--providers", "eager,fused", "--rounds", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    (path,) = tmp_path.glob("wan-ops-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["op"], r["provider"]) for r in rows} == {(op, p) for op in wan_ops.OPS for p in ("eager", "fused")}
+    for r in rows:
+        assert r["us"] > 0 and 0 < r["pct_floor"] < 150, r
+        assert r["max_rel_diff_vs_eager"] < 2e-2, r
