@@ -9,6 +9,7 @@ BENCHES = {
     "model": "fused_dit_ops.bench.model",
     "fp8": "fused_dit_ops.bench.fp8",
     "parallel": "fused_dit_ops.bench.parallel",
+    "wan-ops": "fused_dit_ops.bench.wan_ops",
 }
 
 # one line each, for `python -m fused_dit_ops bench` (the modules' --help say more)
@@ -27,4 +28,6 @@ DESCRIPTIONS = {
            "the eight block GEMMs bf16 vs fp8_linear (GPU; --device cpu --tiny: smoke run)",
     "parallel": "the patched model under diffusers' context parallelism: --degree1 (one GPU: degree 1 vs none) or "
                 "--ulysses U --ring R (U x R GPUs: stock vs patched, both parallel; --device cpu --tiny: smoke run)",
+    "wan-ops": "the memory-bound ops of a patched Wan block (bf16, fp32 modulation) at Wan's widths vs eager, "
+               "torch.compile and the bandwidth floor (GPU; --device cpu --tiny: smoke run)",
 }
