@@ -95,6 +95,24 @@ def tiny_fp8_qwen_inputs(m, seed=1, **kw):
     return make_qwen_inputs(m, img_tokens=(13, 7), txt_len=5, seed=seed, **kw)
 
 
+def run_blocks_compiled(model, blocks, kw, kw_next):
+    """(output on ``kw``, output on ``kw_next``) with each of ``blocks`` compiled (fullgraph,
+    aot_eager); the second call must not recompile (``error_on_recompile``). Undone afterwards."""
+    import torch._dynamo as dynamo
+    from fused_dit_ops.demo import uncompile_blocks
+    dynamo.reset()
+    try:
+        for b in blocks:
+            b.compile(fullgraph=True, backend="aot_eager")
+        got = run_no_grad(model, kw)
+        with dynamo.config.patch(error_on_recompile=True):
+            got_next = run_no_grad(model, kw_next)
+    finally:
+        uncompile_blocks(model)
+        dynamo.reset()
+    return got, got_next
+
+
 def run_no_grad(model, kw):
     """A diffusers transformer's first output, under torch.no_grad() (as pipelines call it)."""
     with torch.no_grad():

@@ -12,7 +12,7 @@ from fused_dit_ops import reference as ref
 from fused_dit_ops.ops import fp8 as F8
 from fused_dit_ops.bench import fp8_recipe
 from helpers import (cuda_fp8, expect_input_error, native_diffusers_backend, needs_fp8_gpu, randn, rel_err,
-                     run_no_grad, tiny_fp8_qwen, tiny_fp8_qwen_inputs)  # noqa: F401
+                     run_blocks_compiled, run_no_grad, tiny_fp8_qwen, tiny_fp8_qwen_inputs)  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
 
@@ -574,23 +574,12 @@ def test_patch_fp8_ops_subset_reported():
 def test_patch_fp8_compile_blocks_fullgraph():
     """Regional compile (fullgraph, aot_eager) of the FP8-patched blocks: no graph break, same output
     as eager, no recompile for the next step."""
-    import torch._dynamo as dynamo
     m = _tiny(num_layers=2)
     kw = _inputs(m, seed=3)
     fdo.patch(m, precision="fp8")
     eager = _run(m, kw)
-    dynamo.reset()
-    try:
-        for b in m.transformer_blocks:
-            b.compile(fullgraph=True, backend="aot_eager")
-        got = _run(m, kw)
-        with dynamo.config.patch(error_on_recompile=True):
-            got2 = _run(m, _inputs(m, seed=5))
-        assert torch.isfinite(got2).all()
-    finally:
-        from fused_dit_ops.demo import uncompile_blocks
-        uncompile_blocks(m)
-        dynamo.reset()
+    got, got2 = run_blocks_compiled(m, m.transformer_blocks, kw, _inputs(m, seed=5))
+    assert torch.isfinite(got2).all()
     # compiled blocks have no look-ahead (each block does its own quantised norm1): same math
     assert rel_err(got, eager) < 1e-5
 

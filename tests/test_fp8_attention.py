@@ -11,8 +11,8 @@ import fused_dit_ops as fdo
 from fused_dit_ops import attention_dispatch as dispatch
 from fused_dit_ops import reference as ref
 from fused_dit_ops.ops import attention_fp8 as A8
-from helpers import (expect_input_error, native_diffusers_backend, randn, rel_err, run_no_grad,
-                     tiny_fp8_qwen, tiny_fp8_qwen_inputs)  # noqa: F401
+from helpers import (expect_input_error, native_diffusers_backend, randn, rel_err, run_blocks_compiled,
+                     run_no_grad, tiny_fp8_qwen, tiny_fp8_qwen_inputs)  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
 
@@ -432,23 +432,12 @@ def test_patch_fp8_attention_flux2_double_stream_blocks():
 def test_patch_fp8_attention_compile_blocks_fullgraph():
     """Regional compile (fullgraph, aot_eager) of blocks with FP8 GEMMs and FP8 attention: no graph break,
     the eager output, no recompile for the next step."""
-    import torch._dynamo as dynamo
     m = _tiny(num_layers=2)
     kw = _inputs(m, seed=3)
     fdo.patch(m, precision="fp8", attention_precision="fp8")
     eager = _run(m, kw)
-    dynamo.reset()
-    try:
-        for b in m.transformer_blocks:
-            b.compile(fullgraph=True, backend="aot_eager")
-        got = _run(m, kw)
-        with dynamo.config.patch(error_on_recompile=True):
-            got2 = _run(m, _inputs(m, seed=5))
-        assert torch.isfinite(got2).all()
-    finally:
-        from fused_dit_ops.demo import uncompile_blocks
-        uncompile_blocks(m)
-        dynamo.reset()
+    got, got2 = run_blocks_compiled(m, m.transformer_blocks, kw, _inputs(m, seed=5))
+    assert torch.isfinite(got2).all()
     assert rel_err(got, eager) < 1e-5
     fdo.unpatch(m)
 

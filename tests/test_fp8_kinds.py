@@ -17,7 +17,7 @@ from fused_dit_ops import reference as ref
 from fused_dit_ops.bench import fp8_recipe
 from fused_dit_ops.ops import fp8 as F8
 from helpers import (expect_input_error, native_diffusers_backend, needs_fp8_gpu, randn, rel_err,
-                     run_no_grad)  # noqa: F401
+                     run_blocks_compiled, run_no_grad)  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
 
@@ -440,25 +440,13 @@ def test_patch_fp8_under_inference_mode(family):
 def test_patch_fp8_compile_blocks_fullgraph(family):
     """Regional compile (fullgraph, aot_eager) of the FP8-patched blocks: no graph break, same output as
     eager, no recompile for the next step."""
-    import torch._dynamo as dynamo
     m = {"flux": tiny_flux, "flux2": tiny_flux2, "wan": tiny_wan}[family]()
     kw = _inputs(family, m, seed=3)
     fdo.patch(m, precision="fp8")
     eager = _run(m, kw)
-    lists = [m.blocks] if family == "wan" else [m.transformer_blocks, m.single_transformer_blocks]
-    dynamo.reset()
-    try:
-        for lst in lists:
-            for b in lst:
-                b.compile(fullgraph=True, backend="aot_eager")
-        got = _run(m, kw)
-        with dynamo.config.patch(error_on_recompile=True):
-            got2 = _run(m, _inputs(family, m, seed=5))
-        assert torch.isfinite(got2).all()
-    finally:
-        from fused_dit_ops.demo import uncompile_blocks
-        uncompile_blocks(m)
-        dynamo.reset()
+    blocks = [*m.blocks] if family == "wan" else [*m.transformer_blocks, *m.single_transformer_blocks]
+    got, got2 = run_blocks_compiled(m, blocks, kw, _inputs(family, m, seed=5))
+    assert torch.isfinite(got2).all()
     assert rel_err(got, eager) < 1e-5
 
 
