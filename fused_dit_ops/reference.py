@@ -388,7 +388,7 @@ def quantize_fp8_heads(y: torch.Tensor, scale: torch.Tensor | None = None, cast:
         s = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)
     else:
         s = scale.float().expand(B, H)
-    q = (y / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    q = (y * (1.0 / s)[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)  # one division per scale
     return (q.to(FP8_DTYPE) if cast else q).contiguous(), s.contiguous()
 
 

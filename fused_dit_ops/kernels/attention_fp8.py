@@ -16,7 +16,8 @@ head)), and their launcher.
    :mod:`fused_dit_ops.reference`), so the quantisation of q and k costs nothing beyond the
    bf16 kernel's work. The programs of token 0 write the three descale tensors.
 
-Values are ``clamp(y / scale, -448, 448)`` with an IEEE-rounded division (``tl.div_rn``), cast to
+Values are ``clamp(y * (1 / scale), -448, 448)`` (the reciprocal an IEEE-rounded division, once per
+scale: a division per value would cost more ALU time than the memory traffic), cast to
 float8_e4m3fn on store (round to nearest), as :mod:`fused_dit_ops.reference` computes them. Outputs
 are new contiguous tensors; inputs are read through their strides (views of a joint projection).
 """
@@ -58,18 +59,18 @@ def _v_amax_kernel(v_ptr, amax_ptr, N, H, s_b, s_l, s_h,
 
 
 @triton.jit
-def _quant(y, inv_scale_div, QMAX: tl.constexpr):
-    """clamp(y / scale, -QMAX, QMAX) (IEEE division; NaN kept)."""
-    return tl.clamp(tl.div_rn(y, inv_scale_div), -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL)
+def _quant(y, inv, QMAX: tl.constexpr):
+    """clamp(y * inv, -QMAX, QMAX) (inv = 1 / scale; NaN kept)."""
+    return tl.clamp(y * inv, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
-def _qk_row_fp8(x_in, s_in_h, x_out, s_out_h, w_ptr, heads64, hmask, cos, sin, eps, scale,
+def _qk_row_fp8(x_in, s_in_h, x_out, s_out_h, w_ptr, heads64, hmask, cos, sin, eps, inv,
                 D: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, TAIL: tl.constexpr,
                 TAIL_BLOCK: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
                 ROUND: tl.constexpr):
-    """RMSNorm + RoPE of [BLOCK_H, D] head rows of one token of q or k (as ``kernels/rope.py``), divided
-    by ``scale`` and stored quantised (head rows of the output at heads64 * s_out_h)."""
+    """RMSNorm + RoPE of [BLOCK_H, D] head rows of one token of q or k (as ``kernels/rope.py``),
+    multiplied by ``inv`` (1 / scale) and stored quantised (head rows of the output at heads64 * s_out_h)."""
     hin = heads64 * s_in_h
     hout = heads64 * s_out_h
     x1, x2 = _load_pairs(x_in, hin, hmask, HALF, HALF_BLOCK, BLOCK_H, INTERLEAVED)
@@ -86,12 +87,12 @@ def _qk_row_fp8(x_in, s_in_h, x_out, s_out_h, w_ptr, heads64, hmask, cos, sin, e
     x2 = _norm_scale(x2, r, w2[None, :], ROUND, wty)
     y1 = x1 * cos[None, :] - x2 * sin[None, :]
     y2 = x1 * sin[None, :] + x2 * cos[None, :]
-    _store_pairs(x_out, hout, hmask, _quant(y1, scale, 448.0), _quant(y2, scale, 448.0), HALF, HALF_BLOCK,
+    _store_pairs(x_out, hout, hmask, _quant(y1, inv, 448.0), _quant(y2, inv, 448.0), HALF, HALF_BLOCK,
                  BLOCK_H, INTERLEAVED)
     if TAIL > 0:
         wt = tl.load(w_ptr + 2 * HALF + j, mask=j < TAIL, other=0.0).to(tl.float32)
         xt = _norm_scale(xt, r, wt[None, :], ROUND, wty)
-        tl.store(x_out + hout[:, None] + 2 * HALF + j[None, :], _quant(xt, scale, 448.0).to(x_out.dtype.element_ty),
+        tl.store(x_out + hout[:, None] + 2 * HALF + j[None, :], _quant(xt, inv, 448.0).to(x_out.dtype.element_ty),
                  mask=tm)
 
 
@@ -137,9 +138,9 @@ def _qk_v_fp8_kernel(
         wq = wqi
         wk = wki
     out = b * o_b + lo * o_l
-    _qk_row_fp8(q + b * sq_b + lo * sq_l, sq_h, q8 + out, D, wq, heads64, hmask, cos, sin, eps, sq,
+    _qk_row_fp8(q + b * sq_b + lo * sq_l, sq_h, q8 + out, D, wq, heads64, hmask, cos, sin, eps, tl.div_rn(1.0, sq),
                 D, HALF, HALF_BLOCK, TAIL, TAIL_BLOCK, BLOCK_H, INTERLEAVED, ROUND)
-    _qk_row_fp8(k + b * sk_b + lo * sk_l, sk_h, k8 + out, D, wk, heads64, hmask, cos, sin, eps, sk,
+    _qk_row_fp8(k + b * sk_b + lo * sk_l, sk_h, k8 + out, D, wk, heads64, hmask, cos, sin, eps, tl.div_rn(1.0, sk),
                 D, HALF, HALF_BLOCK, TAIL, TAIL_BLOCK, BLOCK_H, INTERLEAVED, ROUND)
     # v: per-(batch, head) scale from its amax (1 for an all-zero head)
     am = tl.load(vmax + b * H + heads64, mask=hmask, other=0.0)
@@ -147,7 +148,7 @@ def _qk_v_fp8_kernel(
     c = tl.arange(0, D_BLOCK)
     m = hmask[:, None] & (c < D)[None, :]
     x = tl.load(v + b * sv_b + lo * sv_l + (heads64 * sv_h)[:, None] + c[None, :], mask=m, other=0.0)
-    qv = _quant(x.to(tl.float32), sv[:, None], 448.0)
+    qv = _quant(x.to(tl.float32), tl.div_rn(1.0, sv)[:, None], 448.0)
     tl.store(v8 + out + (heads64 * D)[:, None] + c[None, :], qv.to(v8.dtype.element_ty), mask=m)
     if lo == 0:
         tl.store(qd + b * H + heads64, tl.zeros((BLOCK_H,), tl.float32) + sq, mask=hmask)
