@@ -95,18 +95,21 @@ def tiny_fp8_qwen_inputs(m, seed=1, **kw):
     return make_qwen_inputs(m, img_tokens=(13, 7), txt_len=5, seed=seed, **kw)
 
 
-def run_blocks_compiled(model, blocks, kw, kw_next):
+def run_blocks_compiled(model, blocks, kw, kw_next=None, backend="aot_eager"):
     """(output on ``kw``, output on ``kw_next``) with each of ``blocks`` compiled (fullgraph,
-    aot_eager); the second call must not recompile (``error_on_recompile``). Undone afterwards."""
+    ``backend``; "inductor" on a GPU); the second call must not recompile (``error_on_recompile``;
+    None without ``kw_next``). Undone afterwards."""
     import torch._dynamo as dynamo
     from fused_dit_ops.demo import uncompile_blocks
     dynamo.reset()
     try:
         for b in blocks:
-            b.compile(fullgraph=True, backend="aot_eager")
+            b.compile(fullgraph=True, backend=backend)
         got = run_no_grad(model, kw)
-        with dynamo.config.patch(error_on_recompile=True):
-            got_next = run_no_grad(model, kw_next)
+        got_next = None
+        if kw_next is not None:
+            with dynamo.config.patch(error_on_recompile=True):
+                got_next = run_no_grad(model, kw_next)
     finally:
         uncompile_blocks(model)
         dynamo.reset()

@@ -659,16 +659,7 @@ def test_gpu_tiny_model_fp8_eager_and_compiled():
     eager = _run(m, kw)
     assert not r.runtime, r.runtime
     assert 1e-3 < rel_err(eager, stock) < 0.2
-    import torch._dynamo as dynamo
-    dynamo.reset()
-    try:
-        for b in m.transformer_blocks:
-            b.compile(fullgraph=True)
-        compiled = _run(m, kw)
-    finally:
-        from fused_dit_ops.demo import uncompile_blocks
-        uncompile_blocks(m)
-        dynamo.reset()
+    compiled, _ = run_blocks_compiled(m, m.transformer_blocks, kw, backend="inductor")
     assert rel_err(compiled, eager) < 2e-2  # bf16: inductor fuses the glue differently
     fdo.unpatch(m)
     assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())

@@ -610,18 +610,8 @@ def test_gpu_tiny_fp8_eager_and_compiled(family):
     eager = _run(m, kw)
     assert not r.runtime, r.runtime
     assert 5e-3 < rel_err(eager, stock) < FP8_REL
-    import torch._dynamo as dynamo
-    lists = [m.blocks] if family == "wan" else [m.transformer_blocks, m.single_transformer_blocks]
-    dynamo.reset()
-    try:
-        for lst in lists:
-            for b in lst:
-                b.compile(fullgraph=True)
-        compiled = _run(m, kw)
-    finally:
-        from fused_dit_ops.demo import uncompile_blocks
-        uncompile_blocks(m)
-        dynamo.reset()
+    blocks = [*m.blocks] if family == "wan" else [*m.transformer_blocks, *m.single_transformer_blocks]
+    compiled, _ = run_blocks_compiled(m, blocks, kw, backend="inductor")
     assert rel_err(compiled, eager) < 2e-2  # bf16: inductor fuses the glue differently
     fdo.unpatch(m)
     assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
