@@ -13,8 +13,11 @@ Image stream [1, 8192, 3072] (zero_cond_t index) + text [1, 208, 3072], bf16, on
 - the block's eight GEMMs (q|k|v, output projection, fc1, fc2 of each stream): ``F.linear`` bf16 vs
   ``fp8_linear`` (``torch._scaled_mm``, row-wise scales).
 
-Median us (``triton.testing.do_bench``, L2 flushed), GB/s for the memory-bound rows, TFLOP/s for
-the GEMMs, and the FP8 / bf16 ratio. ``--device cpu --tiny``: a smoke run of the same code.
+GPU time per call in us (``harness.time_graph_us``: CUDA-graph replay over rotating input sets
+larger than L2, so no host launch cost and inputs from DRAM), GB/s for the memory-bound rows,
+TFLOP/s for the GEMMs, the FP8 / bf16 ratio, and for the norm ops the host time per eager call
+(``host_us``: what an uncaptured, uncompiled caller pays on the CPU). ``--device cpu --tiny``: a
+smoke run of the same code.
 """
 from __future__ import annotations
 
@@ -58,12 +61,24 @@ def main(argv=None) -> int:
     mi, mt = rnd(2, 6 * C, std=0.5), rnd(1, 6 * C, std=0.5)
     i6, t6 = mi.chunk(6, -1), mt.chunk(6, -1)
     idx = (torch.arange(Li, device=device) >= Li // 2).to(torch.int32)[None]
-    t = lambda fn: harness.time_us_on(device, fn, rep_ms=args.rep_ms)  # noqa: E731
+
+    def t(make, fn):
+        """GPU time of fn(*make()) (fresh input sets from ``make``, rotated past L2)."""
+        if device == "cuda":
+            return harness.time_graph_us(make, fn)
+        a = make()
+        return harness.time_us_on(device, lambda: fn(*a), rep_ms=args.rep_ms)
+
+    def host(fn):
+        return harness.host_us_per_call(fn) if device == "cuda" else None
+
     act_bytes = (Li + Lt) * C * h.element_size()
     rows = []
 
-    def row(name, us, nbytes=None, flops=None, base=None):
+    def row(name, us, nbytes=None, flops=None, base=None, host_us=None):
         r = {"case": name, "us": us}
+        if host_us is not None:
+            r["host_us"] = host_us
         if nbytes:
             r["GB/s"] = nbytes / us / 1e3
         if flops:
@@ -75,75 +90,83 @@ def main(argv=None) -> int:
 
     with torch.no_grad():
         # norm1 + modulation (both streams)
-        b = row("dual_norm_scale_shift bf16", t(lambda: fdo.dual_norm_scale_shift(h, i6[0], i6[1], idx, 1e-6, e, t6[0],
-                                                                                  t6[1], None, 1e-6)), 2 * act_bytes)
-        row("dual_norm_scale_shift_fp8", t(lambda: F8.dual_norm_scale_shift_fp8(h, i6[0], i6[1], idx, 1e-6, e, t6[0],
-                                                                                t6[1], None, 1e-6)),
-            act_bytes * 1.5, base=b)
+        streams = lambda: (rnd(1, Li, C), rnd(1, Lt, C))  # noqa: E731
+        norm16 = lambda h, e: fdo.dual_norm_scale_shift(h, i6[0], i6[1], idx, 1e-6, e, t6[0], t6[1], None, 1e-6)  # noqa: E731
+        norm8 = lambda h, e: F8.dual_norm_scale_shift_fp8(h, i6[0], i6[1], idx, 1e-6, e, t6[0], t6[1], None, 1e-6)  # noqa: E731
+        b = row("dual_norm_scale_shift bf16", t(streams, norm16), 2 * act_bytes, host_us=host(lambda: norm16(h, e)))
+        row("dual_norm_scale_shift_fp8", t(streams, norm8), act_bytes * 1.5, base=b, host_us=host(lambda: norm8(h, e)))
 
-        def unfused():
-            ya, yb = fdo.dual_norm_scale_shift(h, i6[0], i6[1], idx, 1e-6, e, t6[0], t6[1], None, 1e-6)
+        def unfused(h, e):
+            ya, yb = norm16(h, e)
             return _unfused_quant(ya), _unfused_quant(yb)
-        row("dual_norm_scale_shift bf16 + unfused quantisation", t(unfused), base=b)
+        row("dual_norm_scale_shift bf16 + unfused quantisation", t(streams, unfused), base=b)
         # gated residual + norm2 + modulation
-        b = row("dual_gate_residual_norm_scale_shift bf16",
-                t(lambda: fdo.dual_gate_residual_norm_scale_shift(h, ui, i6[2], i6[3], i6[4], idx, 1e-6, e, ut, t6[2],
-                                                                  t6[3], t6[4], None, 1e-6)), 4 * act_bytes)
-        row("dual_gate_residual_norm_scale_shift_fp8",
-            t(lambda: F8.dual_gate_residual_norm_scale_shift_fp8(h, ui, i6[2], i6[3], i6[4], idx, 1e-6, e, ut, t6[2],
-                                                                 t6[3], t6[4], None, 1e-6)), act_bytes * 3.5, base=b)
+        four = lambda: (rnd(1, Li, C), rnd(1, Li, C), rnd(1, Lt, C), rnd(1, Lt, C))  # noqa: E731
+        grn16 = lambda h, ui, e, ut: fdo.dual_gate_residual_norm_scale_shift(  # noqa: E731
+            h, ui, i6[2], i6[3], i6[4], idx, 1e-6, e, ut, t6[2], t6[3], t6[4], None, 1e-6)
+        grn8 = lambda h, ui, e, ut: F8.dual_gate_residual_norm_scale_shift_fp8(  # noqa: E731
+            h, ui, i6[2], i6[3], i6[4], idx, 1e-6, e, ut, t6[2], t6[3], t6[4], None, 1e-6)
+        b = row("dual_gate_residual_norm_scale_shift bf16", t(four, grn16), 4 * act_bytes,
+                host_us=host(lambda: grn16(h, ui, e, ut)))
+        row("dual_gate_residual_norm_scale_shift_fp8", t(four, grn8), act_bytes * 3.5, base=b,
+            host_us=host(lambda: grn8(h, ui, e, ut)))
         # attention output, fc1 output
-        o = rnd(1, Li + Lt, C)
-        b = row("attention output: torch amax/divide/cast", t(lambda: _unfused_quant(o)))
-        row("attention output: quantize_fp8", t(lambda: F8.quantize_fp8(o)), act_bytes * 1.5, base=b)
-        f1, bias1 = rnd(Li, H), rnd(H)
+        att = lambda: (rnd(1, Li + Lt, C),)  # noqa: E731
+        b = row("attention output: torch amax/divide/cast", t(att, _unfused_quant))
+        row("attention output: quantize_fp8", t(att, F8.quantize_fp8), act_bytes * 1.5, base=b)
+        bias1 = rnd(H)
+        fc1 = lambda: (rnd(Li, H),)  # noqa: E731
         b = row("fc1 output: torch bias + GELU-tanh + quantisation",
-                t(lambda: _unfused_quant(F.gelu(f1 + bias1, approximate="tanh"))))
-        row("fc1 output: quantize_fp8(bias, gelu_tanh)", t(lambda: F8.quantize_fp8(f1, bias1, "gelu_tanh")),
-            Li * H * (f1.element_size() + 1), base=b)
+                t(fc1, lambda f1: _unfused_quant(F.gelu(f1 + bias1, approximate="tanh"))))
+        row("fc1 output: quantize_fp8(bias, gelu_tanh)", t(fc1, lambda f1: F8.quantize_fp8(f1, bias1, "gelu_tanh")),
+            Li * H * (2 + 1), base=b)
         # Flux.1 single-stream block: [attention | GELU-tanh(MLP columns of the q|k|v|MLP output)] -> proj_out
         # input, one row per token; FLUX.2 (C 6144, SwiGLU over 2 x 18432) the same way
         L1 = Li // 2 + 512 if not args.tiny else Li
         for label, (c, f, act) in (("Flux.1 single", (C, H, "gelu_tanh")),
                                    ("FLUX.2 single", ((96, 288, "swiglu") if args.tiny else (6144, 18432, "swiglu")))):
             fw = 2 * f if act == "swiglu" else f
-            ao, y = rnd(1, L1, c), rnd(1, L1, 3 * c + fw)
-            mlp = y[..., 3 * c:]
+            pair = lambda c=c, fw=fw: (rnd(1, L1, c), rnd(1, L1, 3 * c + fw)[..., 3 * c:])  # noqa: E731
 
-            def cat_torch(ao=ao, mlp=mlp, act=act, f=f):
+            def cat_torch(ao, mlp, act=act, f=f):
                 m = (F.gelu(mlp, approximate="tanh") if act == "gelu_tanh"
                      else F.silu(mlp[..., :f]) * mlp[..., f:])
                 return _unfused_quant(torch.cat([ao, m], -1))
-            b = row(f"{label} proj_out input [{L1}x({c}+{f})]: torch {act} + cat + quantisation", t(cat_torch))
-            row(f"{label} proj_out input: quantize_fp8_cat", t(lambda ao=ao, mlp=mlp, act=act: F8.quantize_fp8_cat(
-                ao, mlp, act)), L1 * ((c + fw) * ao.element_size() + c + f), base=b)
+            b = row(f"{label} proj_out input [{L1}x({c}+{f})]: torch {act} + cat + quantisation", t(pair, cat_torch))
+            row(f"{label} proj_out input: quantize_fp8_cat",
+                t(pair, lambda ao, mlp, act=act: F8.quantize_fp8_cat(ao, mlp, act)),
+                L1 * ((c + fw) * 2 + c + f), base=b)
         # Wan block: gated residual + affine norm2, quantised for the cross-attention q (C 5120, fp32 gate)
         cw, lw = (64, Li) if args.tiny else (5120, 32760)
-        xw, uw = rnd(1, lw, cw), rnd(1, lw, cw)
+        wan = lambda: (rnd(1, lw, cw), rnd(1, lw, cw))  # noqa: E731
         gw = (torch.randn(1, 6, cw, generator=g) * 0.5).to(device)[:, 2]
         ww, bw = (1 + 0.1 * torch.randn(cw, generator=g)).to(device), (0.1 * torch.randn(cw, generator=g)).to(device)
-        wbytes = lw * cw * xw.element_size()
+        wbytes = lw * cw * h.element_size()
         b = row(f"Wan gate_residual_layer_norm [{lw}x{cw}] bf16",
-                t(lambda: fdo.ops.gate_residual_norm.gate_residual_layer_norm(xw, uw, gw, None, ww, bw)), 4 * wbytes)
-        row("Wan gate_residual_layer_norm_fp8", t(lambda: F8.gate_residual_layer_norm_fp8(xw, uw, gw, None, ww, bw)),
-            3.5 * wbytes, base=b)
-        # the eight GEMMs
+                t(wan, lambda xw, uw: fdo.ops.gate_residual_norm.gate_residual_layer_norm(xw, uw, gw, None, ww, bw)),
+                4 * wbytes)
+        row("Wan gate_residual_layer_norm_fp8",
+            t(wan, lambda xw, uw: F8.gate_residual_layer_norm_fp8(xw, uw, gw, None, ww, bw)), 3.5 * wbytes, base=b)
+        # the eight GEMMs (activations rotated; one weight each)
         total_bf16 = total_fp8 = 0.0
         for name, (n, k) in (("q|k|v", (3 * C, C)), ("out proj", (C, C)), ("fc1", (H, C)), ("fc2", (C, H))):
             for stream, L in (("image", Li), ("text", Lt)):
-                x, w, bb = rnd(L, k), rnd(n, k, std=0.02), rnd(n)
-                xq, xs = F8.quantize_fp8(x)
+                w, bb = rnd(n, k, std=0.02), rnd(n)
                 wq, ws = F8.quantize_weight(w)
                 fl = 2 * L * n * k
-                tb = row(f"{stream} {name} [{L}x{k}]x[{n}x{k}] F.linear bf16", t(lambda: F.linear(x, w, bb)), flops=fl)
-                tf = row(f"{stream} {name} fp8_linear", t(lambda: F8.fp8_linear(xq, xs, wq, ws, bb, dt)), flops=fl,
+                x16 = lambda L=L, k=k: (rnd(L, k),)  # noqa: E731
+                x8 = lambda L=L, k=k: F8.quantize_fp8(rnd(L, k))  # noqa: E731
+                tb = row(f"{stream} {name} [{L}x{k}]x[{n}x{k}] F.linear bf16",
+                         t(x16, lambda x, w=w, bb=bb: F.linear(x, w, bb)), flops=fl)
+                tf = row(f"{stream} {name} fp8_linear",
+                         t(x8, lambda xq, xs, wq=wq, ws=ws, bb=bb: F8.fp8_linear(xq, xs, wq, ws, bb, dt)), flops=fl,
                          base=tb)
                 total_bf16 += tb
                 total_fp8 += tf
         row("eight GEMMs bf16 (sum)", total_bf16)
         row("eight GEMMs fp8_linear (sum)", total_fp8, base=total_bf16)
     print(f"bench fp8: image {Li} + text {Lt} tokens, C {C}, MLP {H}, {dt}, device {device}")
-    print(harness.format_table(rows, ["case", "us", "GB/s", "TFLOP/s", "ratio_vs_bf16"]))
+    print(harness.format_table(rows, ["case", "us", "GB/s", "TFLOP/s", "ratio_vs_bf16", "host_us"]))
     path = harness.write_results("fp8" + ("-tiny" if args.tiny else ""), rows,
                                  extra={"shape": {"img": Li, "txt": Lt, "C": C, "mlp": H, "dtype": str(dt)},
                                         "device": device}, out_dir=args.out)

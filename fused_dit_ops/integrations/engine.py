@@ -975,12 +975,15 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
         report.swapped.append(name)
     for kind in dict.fromkeys(k for _, _, k in ok):
         _kind(kind).patch_blocks(st, [b for _, b, k in ok if k == kind], model, sw, attention_backend)
+    # the GEMMs' dtype is the block Linears' (Wan keeps its first parameters, the tables, in fp32)
+    gemm_dtype = next((m.weight.dtype for _, b, _ in ok for m in b.modules() if isinstance(m, torch.nn.Linear)),
+                      p.dtype)
     if precision == "fp8":
-        _precision("fp8").patch_blocks(st, [b for _, b, k in ok if k == "double"], report, dev, p.dtype,
+        _precision("fp8").patch_blocks(st, [b for _, b, k in ok if k == "double"], report, dev, gemm_dtype,
                                        keep_bf16_weights or verify,
                                        {kind: [b for _, b, k in ok if k == kind] for kind in ("single", "self_cross")})
     if attention_precision == "fp8":
-        _precision("fp8_attention").patch_blocks(st, [b for _, b, k in ok if k == "double"], report, dev, p.dtype,
+        _precision("fp8_attention").patch_blocks(st, [b for _, b, k in ok if k == "double"], report, dev, gemm_dtype,
                                                  attention_backend)
     rope = get(model, fam.rope_module)
     for m in (model, rope):  # e.g. accelerate's cpu-offload hook on the model: kept, called
