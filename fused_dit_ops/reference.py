@@ -264,13 +264,23 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
 
+def _fdiv(a, b) -> torch.Tensor:
+    """a / b with one IEEE rounding on any device (as the kernels' ``tl.div_rn``): both operands as
+    tensors of one device. (torch turns ``tensor / python_scalar`` into a multiplication by the
+    reciprocal on CUDA, and ``python_scalar / tensor`` into ``reciprocal(tensor) * scalar``.)"""
+    t = a if isinstance(a, torch.Tensor) else b
+    a = a if isinstance(a, torch.Tensor) else torch.full_like(t, a)
+    b = b if isinstance(b, torch.Tensor) else torch.full_like(t, b)
+    return torch.div(a, b)
+
+
 def quantize_fp8_rows(y: torch.Tensor, cast: bool = True):
     """(q float8_e4m3fn [..., K], scale fp32 [...]) of y [..., K], computed in fp32. ``cast=False``:
     q as the fp32 values just before the e4m3 cast (clamped, scaled), for tests of that stage."""
     y = y.float()
     amax = y.abs().amax(-1) if y.shape[-1] else y.new_zeros(y.shape[:-1])
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)  # NaN rows: NaN
-    inv = torch.where(amax == 0, torch.ones_like(amax), FP8_MAX / amax)
+    scale = torch.where(amax == 0, torch.ones_like(amax), _fdiv(amax, FP8_MAX))  # NaN rows: NaN
+    inv = torch.where(amax == 0, torch.ones_like(amax), _fdiv(FP8_MAX, amax))
     q = (y * inv.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX)
     return (q.to(FP8_DTYPE) if cast else q).contiguous(), scale.contiguous()
 
@@ -373,7 +383,7 @@ def qk_bound_scale(weights, D: int) -> torch.Tensor:
     weights of one of q / k, both streams), 1 when they are all zero."""
     wmax = torch.stack([w.detach().float().abs().amax() for w in weights]).amax()
     bound = wmax * torch.tensor(float(D) ** 0.5 * QK_BOUND_MARGIN, dtype=torch.float32)
-    return torch.where(wmax == 0, torch.ones_like(bound), bound / FP8_MAX)
+    return torch.where(wmax == 0, torch.ones_like(bound), _fdiv(bound, FP8_MAX))
 
 
 def quantize_fp8_heads(y: torch.Tensor, scale: torch.Tensor | None = None, cast: bool = True):
@@ -385,10 +395,10 @@ def quantize_fp8_heads(y: torch.Tensor, scale: torch.Tensor | None = None, cast:
     if scale is None:
         amax = y.abs().amax(dim=(1, 3)) if y.numel() else y.new_zeros(B, H)
         amax = torch.where(y.isnan().any(dim=3).any(dim=1), torch.full_like(amax, float("inf")), amax)
-        s = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)
+        s = torch.where(amax == 0, torch.ones_like(amax), _fdiv(amax, FP8_MAX))
     else:
         s = scale.float().expand(B, H)
-    q = (y * (1.0 / s)[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)  # one division per scale
+    q = (y * _fdiv(1.0, s)[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)  # one division per scale
     return (q.to(FP8_DTYPE) if cast else q).contiguous(), s.contiguous()
 
 

@@ -328,34 +328,41 @@ def test_interpret_dual_gate_residual_norm_fp8(dtype):
             _close_pre_cast((q, s), ref.norm_scale_shift_fp8(r, *args[3:5], args[5], cast=False))
 
 
+# the two-pass kernel of wide rows, with 32-column chunks (a ragged last chunk of the 96 columns)
+_CHUNKED = {"CHUNKED": True, "BLOCK_M": 2, "BLOCK_K": 64, "STREAM_STORES": False, "num_warps": 4}
+
+
 @pytest.mark.interpret
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("bias,gelu", [(False, False), (True, True)])
-def test_interpret_quantize_rows(bias, gelu):
+def test_interpret_quantize_rows(bias, gelu, chunked):
     from fused_dit_ops.kernels import fp8 as k
+    cfg = _CHUNKED if chunked else None
     x = randn(2, 7, 96)
     x[0, 3] = 0  # a zero row (no bias): scale 1
     b = randn(96) if bias else None
-    got = k.quantize_rows(x, b, gelu, q_dtype=torch.float32)
+    got = k.quantize_rows(x, b, gelu, cfg, q_dtype=torch.float32)
     want = ref.quantize_fp8(x, b, "gelu_tanh" if gelu else "none", cast=False)
     _close_pre_cast(got, want)
     if not bias:
         assert got[1][0, 3] == 1 and (got[0][0, 3] == 0).all()
     # rows of a [B, L, K] view with free batch and token strides (a stream's rows of a joint buffer)
     j = randn(2, 19, 96)
-    got = k.quantize_rows(j[:, 5:], b, gelu, q_dtype=torch.float32)
+    got = k.quantize_rows(j[:, 5:], b, gelu, cfg, q_dtype=torch.float32)
     _close_pre_cast(got, ref.quantize_fp8(j[:, 5:], b, "gelu_tanh" if gelu else "none", cast=False))
     t = randn(4, 3, 96).transpose(0, 1)
-    got = k.quantize_rows(t, b, gelu, q_dtype=torch.float32)
+    got = k.quantize_rows(t, b, gelu, cfg, q_dtype=torch.float32)
     assert got[0].shape == (3, 4, 96) and got[0].is_contiguous()
     _close_pre_cast(got, ref.quantize_fp8(t, b, "gelu_tanh" if gelu else "none", cast=False))
 
 
 @pytest.mark.interpret
-def test_interpret_nan_row_stays_nan():
+@pytest.mark.parametrize("chunked", [False, True])
+def test_interpret_nan_row_stays_nan(chunked):
     from fused_dit_ops.kernels import fp8 as k
     x = randn(3, 48)
     x[1, 5] = float("nan")
-    q, s = k.quantize_rows(x, q_dtype=torch.float32)
+    q, s = k.quantize_rows(x, None, False, _CHUNKED if chunked else None, q_dtype=torch.float32)
     assert torch.isnan(s[1]) and torch.isnan(q[1]).all()
     assert torch.isfinite(s[[0, 2]]).all() and torch.isfinite(q[[0, 2]]).all()
     qr, sr = ref.quantize_fp8_rows(x)
@@ -621,7 +628,22 @@ def test_gpu_kernels_match_reference(C):
         elif g.dtype == torch.float32:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=0)
         else:  # the residual in bf16: fp32 math, one rounding (an FMA may round differently: 1 ulp)
-            torch.testing.assert_close(g.float(), w.float(), rtol=2.0 ** -7, atol=0)
+            torch.testing.assert_close(g.float(), w.float(), rtol=2.0 ** -7, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+@pytest.mark.parametrize("K", [96, 12288])
+def test_gpu_nan_and_zero_rows(K):
+    """A row holding a NaN gets a NaN scale (every dequantised value NaN), an all-zero row scale 1, on
+    the whole-row kernel (96) and the two-pass one (12288); quantize_fp8_cat likewise."""
+    x = randn(4, K, dtype=torch.bfloat16, device="cuda")
+    x[1, 7] = float("nan")
+    x[2] = 0
+    for q, s in (F8.quantize_fp8(x), F8.quantize_fp8_cat(x[:, :48], x[:, 48:], "gelu_tanh")):
+        assert torch.isnan(s[1]) and s[2] == 1 and torch.isfinite(s[[0, 3]]).all(), s
+        assert torch.isnan(ref.dequantize_fp8_rows(q, s)[1]).all()
+        assert (q[2].float() == 0).all() and torch.isfinite(q[[0, 3]].float()).all()
 
 
 @pytest.mark.gpu

@@ -565,8 +565,13 @@ def test_gpu_kernel_matches_reference(interleaved):
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
         if g.dtype == E4M3:
+            # Rare differences: an FMA, or a bf16 rounding of the normalised value that flips, can move a
+            # value across an e4m3 rounding point: one code point, or (near zero, where the codes are
+            # dense) more codes but at most a bf16 ulp of the head row's largest value.
             d = _e4m3_ulps(g, w)
-            assert d.max() <= 1 and (d > 0).float().mean() < 1e-3, (d.max(), (d > 0).float().mean())
+            gap = (g.float() - w.float()).abs()
+            far = (d > 1) & (gap > 2.0 ** -7 * w.float().abs().amax(-1, keepdim=True))
+            assert not far.any() and (d > 0).float().mean() < 1e-3, (d.max(), (d > 0).float().mean(), gap[far])
         else:
             torch.testing.assert_close(g, w, rtol=1e-6, atol=0)
 

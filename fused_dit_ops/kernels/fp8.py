@@ -28,12 +28,21 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 @triton.jit
+def _nan_max(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _row_amax(y, mask):
+    """Per-row absolute maximum of the tile (masked columns ignored), NaN for a row holding a NaN: one
+    NaN-propagating max reduction."""
+    return tl.reduce(tl.where(mask, tl.abs(y), 0.0), 1, _nan_max)
+
+
+@triton.jit
 def _quant_store(y, mask, q_ptr, s_ptr, out_off, row_off, rmask, STREAM_STORES: tl.constexpr):
     """Per-row quantisation of the fp32 tile y [BLOCK_M, BLOCK_C] (masked columns ignored)."""
-    amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1)
-    # a NaN anywhere in the row makes its scale NaN (max and clamp need not propagate NaN)
-    n_nan = tl.sum(tl.where(mask & (y != y), 1, 0), axis=1)
-    amax = tl.where(n_nan > 0, float("nan"), amax)
+    amax = _row_amax(y, mask)
     scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
     inv = tl.where(amax == 0.0, 1.0, tl.div_rn(448.0, amax))  # one division per row, not per value
     q = y * inv[:, None]
@@ -154,14 +163,6 @@ def _quantize_rows_kernel(
 
 
 @triton.jit
-def _row_amax(y, mask):
-    """Per-row absolute maximum of the tile (masked columns ignored), NaN for a row holding a NaN."""
-    amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1)
-    n_nan = tl.sum(tl.where(mask & (y != y), 1, 0), axis=1)
-    return tl.where(n_nan > 0, float("nan"), amax)
-
-
-@triton.jit
 def _quantize_cat_kernel(
     a_ptr, b_ptr, q_ptr, s_ptr, M, L, KA, KB, stride_ab, stride_al, stride_bb, stride_bl,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -204,53 +205,64 @@ def _quantize_cat_kernel(
 
 
 @triton.jit
-def _cat_chunk(a_ptr, b_ptr, a_off, b_off, c, rmask, KA, KB, ACT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Columns [c, c + BLOCK_K) of the rows [a | act(b)] (fp32) and their mask."""
-    cols = c + tl.arange(0, BLOCK_K)
-    in_a = cols < KA
-    in_b = (cols >= KA) & (cols < KA + KB)
-    ma = rmask[:, None] & in_a[None, :]
-    mb = rmask[:, None] & in_b[None, :]
-    cb = tl.where(in_b, cols - KA, 0)
-    ya = tl.load(a_ptr + a_off[:, None] + tl.where(in_a, cols, 0)[None, :], mask=ma, other=0.0).to(tl.float32)
-    yb = tl.load(b_ptr + b_off[:, None] + cb[None, :], mask=mb, other=0.0).to(tl.float32)
+def _act_chunk(b_row, c, cb, msk, bias_ptr, KB, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVICT: tl.constexpr):
+    """act(b[c : c + BLOCK_K] (+ bias)) of the rows at b_row (fp32) for one column chunk."""
+    y = tl.load(b_row + c + cb[None, :], mask=msk, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + c + cb, mask=(c + cb) < KB, other=0.0).to(tl.float32)[None, :]
     if ACT == 1:
-        yb = _gelu_tanh(yb)
+        y = _gelu_tanh(y)
     if ACT == 2:
-        u = tl.load(b_ptr + b_off[:, None] + KB + cb[None, :], mask=mb, other=0.0).to(tl.float32)
-        yb = yb / (1.0 + tl.exp(-yb)) * u
-    return tl.where(ma, ya, yb), ma | mb, cols
+        u = tl.load(b_row + KB + c + cb[None, :], mask=msk, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        y = y / (1.0 + tl.exp(-y)) * u
+    return y
 
 
 @triton.jit
 def _quantize_cat_chunked_kernel(
-    a_ptr, b_ptr, q_ptr, s_ptr, M, L, KA, KB, stride_ab, stride_al, stride_bb, stride_bl,
-    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, N_CHUNKS: tl.constexpr,
-    STREAM_STORES: tl.constexpr,
+    a_ptr, b_ptr, bias_ptr, q_ptr, s_ptr, M, L, KA, KB, stride_ab, stride_al, stride_bb, stride_bl,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    N_A: tl.constexpr, N_B: tl.constexpr, STREAM_STORES: tl.constexpr,
 ):
-    """:func:`_quantize_cat_kernel` for rows too wide for registers: BLOCK_K columns of [a | act(b)]
-    at a time, two passes (the row maximum, then the values, recomputed from the inputs). N_CHUNKS =
-    cdiv(KA + KB, BLOCK_K) as a constexpr (the model's widths: one compile per model)."""
+    """:func:`_quantize_cat_kernel` for rows too wide for registers (and ``quantize_rows`` of wide
+    rows: KA = 0, b = x, optional bias): BLOCK_K columns at a time over a, then over b, in two passes.
+    Pass 1 folds |y| into an elementwise [BLOCK_M, BLOCK_K] maximum (one row reduction at the end),
+    keeping the rows in L2; pass 2 reads them again (from L2), scales and stores. Contiguous column
+    chunks of each input: vector loads and stores. N_A, N_B = cdiv(KA, BLOCK_K), cdiv(KB, BLOCK_K) as
+    constexprs (the model's widths: one compile per model)."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = m < M
     m64 = m.to(tl.int64)
-    a_off = (m64 // L) * stride_ab + (m64 % L) * stride_al
-    b_off = (m64 // L) * stride_bb + (m64 % L) * stride_bl
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    n_nan = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for i in range(0, N_CHUNKS):
+    a_row = (a_ptr + (m64 // L) * stride_ab + (m64 % L) * stride_al)[:, None]
+    b_row = (b_ptr + (m64 // L) * stride_bb + (m64 % L) * stride_bl)[:, None]
+    q_row = (q_ptr + m64 * (KA + KB))[:, None]
+    k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for i in range(0, N_A):
         c = i * BLOCK_K
-        y, mask, _ = _cat_chunk(a_ptr, b_ptr, a_off, b_off, c, rmask, KA, KB, ACT, BLOCK_K)
-        amax = tl.maximum(amax, tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1))
-        n_nan += tl.sum(tl.where(mask & (y != y), 1, 0), axis=1)
-    amax = tl.where(n_nan > 0, float("nan"), amax)
+        msk = rmask[:, None] & ((c + k) < KA)[None, :]
+        y = tl.load(a_row + c + k[None, :], mask=msk, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        acc = tl.maximum(acc, tl.abs(y), propagate_nan=tl.PropagateNan.ALL)
+    for i in range(0, N_B):
+        c = i * BLOCK_K
+        msk = rmask[:, None] & ((c + k) < KB)[None, :]
+        y = _act_chunk(b_row, c, k, msk, bias_ptr, KB, ACT, HAS_BIAS, "evict_last")
+        acc = tl.maximum(acc, tl.where(msk, tl.abs(y), 0.0), propagate_nan=tl.PropagateNan.ALL)
+    amax = tl.reduce(acc, 1, _nan_max)
     scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
-    inv = tl.where(amax == 0.0, 1.0, tl.div_rn(448.0, amax))
-    for i in range(0, N_CHUNKS):
+    inv = tl.where(amax == 0.0, 1.0, tl.div_rn(448.0, amax))[:, None]
+    for i in range(0, N_A):
         c = i * BLOCK_K
-        y, mask, cols = _cat_chunk(a_ptr, b_ptr, a_off, b_off, c, rmask, KA, KB, ACT, BLOCK_K)
-        q = tl.clamp(y * inv[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
-        _store(q_ptr + m64[:, None] * (KA + KB) + cols[None, :], q.to(q_ptr.dtype.element_ty), mask, STREAM_STORES)
+        msk = rmask[:, None] & ((c + k) < KA)[None, :]
+        y = tl.load(a_row + c + k[None, :], mask=msk, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        q = tl.clamp(y * inv, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        _store(q_row + c + k[None, :], q.to(q_ptr.dtype.element_ty), msk, STREAM_STORES)
+    for i in range(0, N_B):
+        c = i * BLOCK_K
+        msk = rmask[:, None] & ((c + k) < KB)[None, :]
+        y = _act_chunk(b_row, c, k, msk, bias_ptr, KB, ACT, HAS_BIAS, "evict_first")
+        q = tl.clamp(y * inv, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        _store(q_row + KA + c + k[None, :], q.to(q_ptr.dtype.element_ty), msk, STREAM_STORES)
     tl.store(s_ptr + m64, scale, mask=rmask)
 
 
@@ -391,27 +403,45 @@ def quantize_rows(x, bias=None, gelu=False, config=None, q_dtype=torch.float8_e4
     M = B * L
     if M == 0 or K == 0:
         return q, s
-    bm, bk, stream, cfg = _row_launch(config, K)
+    cfg = dict(config or _rows_config(K))
+    chunked, bm, stream = cfg.pop("CHUNKED", False), cfg.pop("BLOCK_M"), cfg.pop("STREAM_STORES")
     with _device_guard(x):
-        launch(_quantize_rows_kernel, (cdiv(M, bm),),
-               (x3, x3 if bias is None else bias, q, s, M, L, K, x3.stride(0), x3.stride(1)),
-               (bias is not None, bool(gelu), bm, bk, stream), cfg)
+        if chunked:
+            bk = cfg.pop("BLOCK_K")
+            launch(_quantize_cat_chunked_kernel, (cdiv(M, bm),),
+                   (x3, x3, x3 if bias is None else bias, q, s, M, L, 0, K, x3.stride(0), x3.stride(1),
+                    x3.stride(0), x3.stride(1)),
+                   (1 if gelu else 0, bias is not None, bm, bk, 0, cdiv(K, bk), stream), cfg)
+        else:
+            launch(_quantize_rows_kernel, (cdiv(M, bm),),
+                   (x3, x3 if bias is None else bias, q, s, M, L, K, x3.stride(0), x3.stride(1)),
+                   (bias is not None, bool(gelu), bm, cfg.pop("BLOCK_C"), stream), cfg)
     return q, s
 
 
 _ACTS = {"none": 0, "gelu_tanh": 1, "swiglu": 2}
 
 
-CAT_WHOLE_ROW_MAX = 16384  # padded row tiles (a + b, SwiGLU's two b tiles counted) held in registers at most
+# padded row tiles (a + b, SwiGLU's two b tiles counted) held in registers at most; wider rows take the
+# two-pass chunked kernel (an H100 ran the whole-row kernel at ~1.5 TB/s for 16384-column tiles)
+CAT_WHOLE_ROW_MAX = 8192
+CHUNKED_CONFIG = {"CHUNKED": True, "BLOCK_M": 1, "BLOCK_K": 2048, "STREAM_STORES": True, "num_warps": 8}
+
+
+def _rows_config(K: int) -> dict:
+    """quantize_rows: whole rows (``_row_config``) up to CAT_WHOLE_ROW_MAX padded columns, else chunked."""
+    if next_power_of_2(max(K, 16)) > CAT_WHOLE_ROW_MAX:
+        return dict(CHUNKED_CONFIG)
+    return dict(_row_config(K), CHUNKED=False)
 
 
 def _cat_config(KA: int, KB: int, act: str = "none") -> dict:
     """Whole rows per program (as _row_config) while the padded tiles fit, else BLOCK_K-column chunks
-    in two passes (``CHUNKED``). Not yet swept on a GPU."""
+    in two passes (``CHUNKED``)."""
     ba, bb = next_power_of_2(max(KA, 16)), next_power_of_2(max(KB, 16))
     width = ba + bb * (2 if act == "swiglu" else 1)
     if width > CAT_WHOLE_ROW_MAX:
-        return {"CHUNKED": True, "BLOCK_M": 1, "BLOCK_K": 4096, "STREAM_STORES": True, "num_warps": 8}
+        return dict(CHUNKED_CONFIG)
     block_m = 1 << (max(1, min(4, 4096 // width)).bit_length() - 1)  # a power of two
     num_warps = 16 if width >= 16384 else 8 if width >= 8192 else 4
     return {"CHUNKED": False, "BLOCK_M": block_m, "BLOCK_A": ba, "BLOCK_B": bb, "STREAM_STORES": True,
@@ -442,8 +472,8 @@ def quantize_cat(a, b, activation="none", config=None, q_dtype=torch.float8_e4m3
     with _device_guard(b):
         if chunked:
             bk = cfg.pop("BLOCK_K")
-            launch(_quantize_cat_chunked_kernel, (cdiv(M, bm),), args,
-                   (_ACTS[activation], bm, bk, cdiv(KA + KB, bk), stream), cfg)
+            launch(_quantize_cat_chunked_kernel, (cdiv(M, bm),), (a3, b3, b3, *args[2:]),
+                   (_ACTS[activation], False, bm, bk, cdiv(KA, bk), cdiv(KB, bk), stream), cfg)
         else:
             launch(_quantize_cat_kernel, (cdiv(M, bm),), args,
                    (_ACTS[activation], bm, cfg.pop("BLOCK_A"), cfg.pop("BLOCK_B"), stream), cfg)
