@@ -103,6 +103,22 @@ def test_demo_precision_fp8_adds_fp8_rows(capsys):
     assert "precision=fp8" in out and "FP8 e4m3 GEMMs" in out
 
 
+def test_bench_fp8_tiny_smoke_writes_every_row(tmp_path, capsys):
+    """bench fp8 --tiny on the CPU: every case runs (the norm ops, the quantisations, the wide-row and
+    cat quantisations, the GEMMs) and lands in the JSON with its FP8 / bf16 ratio where it has one."""
+    import json
+    assert main(["bench", "fp8", "--device", "cpu", "--tiny", "--rep-ms", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("fp8-tiny-*.json")).read_text())["rows"]
+    cases = [r["case"] for r in rows]
+    for want in ("dual_norm_scale_shift_fp8", "dual_gate_residual_norm_scale_shift_fp8", "attention output: quantize_fp8",
+                 "fc1 output: quantize_fp8(bias, gelu_tanh)", "Wan gate_residual_layer_norm_fp8",
+                 "eight GEMMs fp8_linear (sum)"):
+        assert want in cases, cases
+    assert sum("quantize_fp8_cat" in c for c in cases) == 2
+    assert all(r["us"] > 0 for r in rows)
+    assert all(r["ratio_vs_bf16"] > 0 for r in rows if "fp8" in r["case"] and "torch" not in r["case"])
+
+
 def test_profile_on_cpu_prints_no_kineto_log_lines(tmp_path):
     """libkineto (torch.profiler) logs from C++ straight to the terminal: on a machine without a GPU
     a CUDA build of torch prints "gpuGetDeviceCount failed with code 35", a CPU build its USDT/STAGE
