@@ -975,7 +975,7 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
         report.swapped.append(name)
     for kind in dict.fromkeys(k for _, _, k in ok):
         _kind(kind).patch_blocks(st, [b for _, b, k in ok if k == kind], model, sw, attention_backend)
-    # the GEMMs' dtype is the block Linears' (Wan keeps its first parameters, the tables, in fp32)
+    # the GEMMs' dtype is the block Linears' (a model may keep its first parameters, tables, in fp32)
     gemm_dtype = next((m.weight.dtype for _, b, _ in ok for m in b.modules() if isinstance(m, torch.nn.Linear)),
                       p.dtype)
     if precision == "fp8":
