@@ -397,32 +397,55 @@ def test_patch_fp8_attention_tiny_qwen_accuracy_and_unpatch():
         fdo.patch(m, attention_precision="fp16")
 
 
-def test_patch_fp8_attention_flux_double_stream_blocks():
-    """Flux.1: the double-stream blocks take FP8 attention; the single-stream blocks keep the model dtype
-    (reported)."""
+def _count_fp8_attention(monkeypatch):
+    """{"calls": n}: FP8 attention steps run (every block kind calls the state's attention)."""
+    from fused_dit_ops.integrations import fp8_attention as FA
+    seen = {"calls": 0}
+    real = FA.Fp8AttentionState.attention
+
+    def counted(self, *a, **k):
+        seen["calls"] += 1
+        return real(self, *a, **k)
+    monkeypatch.setattr(FA.Fp8AttentionState, "attention", counted)
+    return seen
+
+
+def test_patch_fp8_attention_flux_double_and_single_stream_blocks(monkeypatch):
+    """Flux.1: the double- and the single-stream blocks take FP8 attention, with bf16 and with FP8 GEMMs
+    (one FP8 attention step per block per forward)."""
     from fused_dit_ops.models import build_flux_transformer, make_flux_inputs
     m = build_flux_transformer("tiny", seed=1, attention_head_dim=32, axes_dims_rope=(8, 12, 12))
     kw = make_flux_inputs(m, seed=1)
     stock = _run(m, kw)
+    n_blocks = len(m.transformer_blocks) + len(m.single_transformer_blocks)
+    assert len(m.single_transformer_blocks) > 0
+    seen = _count_fp8_attention(monkeypatch)
     for prec in ("bf16", "fp8"):
         r = fdo.patch(m, precision=prec, attention_precision="fp8")
-        assert _swapped(r) and "fp8 attention, single-stream blocks" in r.stock, r
+        assert _swapped(r) and not any("attention_precision" in k for k in r.stock), r
+        assert any("single-stream blocks" in s for s in r.swapped if "FP8 e4m3 attention" in s), r.swapped
+        seen["calls"] = 0
         e = rel_err(_run(m, kw), stock)
+        assert seen["calls"] == n_blocks, (prec, seen, n_blocks)
         print(f"\ntiny Flux vs fp32, precision={prec} + FP8 attention: {e:.3e}")
         assert 1e-3 < e < (FP8_ATTN_MODEL_REL if prec == "bf16" else FP8_MODEL_REL) and not r.runtime, (prec, e)
     fdo.unpatch(m)
     assert torch.equal(_run(m, kw), stock)
 
 
-def test_patch_fp8_attention_flux2_double_stream_blocks():
-    """FLUX.2's double-stream blocks (model-level modulation, SwiGLU) run the same attention step."""
+def test_patch_fp8_attention_flux2_double_and_single_stream_blocks(monkeypatch):
+    """FLUX.2's double- and single-stream blocks (model-level modulation, SwiGLU) run the same attention
+    step."""
     from fused_dit_ops.models import build_flux2_transformer, make_flux2_inputs
     m = build_flux2_transformer("tiny", seed=1, attention_head_dim=32, axes_dims_rope=(8, 8, 8, 8))
     kw = make_flux2_inputs(m, seed=1)
     stock = _run(m, kw)
+    seen = _count_fp8_attention(monkeypatch)
     r = fdo.patch(m, attention_precision="fp8")
-    assert _swapped(r) and "fp8 attention, single-stream blocks" in r.stock, r
+    assert _swapped(r) and not any("attention_precision" in k for k in r.stock), r
+    seen["calls"] = 0
     e = rel_err(_run(m, kw), stock)
+    assert seen["calls"] == len(m.transformer_blocks) + len(m.single_transformer_blocks), seen
     print(f"\ntiny FLUX.2 vs fp32, FP8 attention: {e:.3e}")
     assert 1e-3 < e < FP8_ATTN_MODEL_REL and not r.runtime
     fdo.unpatch(m)

@@ -1,8 +1,9 @@
-"""``patch(model, attention_precision="fp8")``: the double-stream blocks' joint attention on FP8 inputs.
+"""``patch(model, attention_precision="fp8")``: the joint attention of double- and single-stream blocks on
+FP8 inputs.
 
 In a patched double-stream block (``precision="bf16"`` or ``"fp8"``) the q|k|v projections write one
-joint buffer; the bf16 attention step is ``joint_qk_norm_rope_`` in place, then ``attention``. With
-FP8 attention it is:
+joint buffer, in a single-stream block one q|k|v|MLP buffer; the bf16 attention step is
+``joint_qk_norm_rope_`` in place on the q, k views, then ``attention``. With FP8 attention it is:
 
 1. ``joint_qk_norm_rope_fp8``: the same QK RMSNorm + RoPE, written as e4m3 q and k with a static
    scale per tensor (sqrt(head_dim) * max|RMSNorm weight| * margin / 448: a bound no normalised and
@@ -15,8 +16,10 @@ Where it applies (else the model-dtype attention, with the reason in ``report.st
 counted in ``report.runtime`` per call): CUDA with FlashAttention-3 FP8 kernels (fa3-fwd or
 flash_attn_3, sm90) and a bfloat16 model, or the CPU (the reference implementations: dequantise, fp32
 math; for tests); the fused QK norm + RoPE and attention ops selected (``qk_path="joint"``); head_dim
-a multiple of 16 and at most 256; ``attention_backend`` unset or "fa3". Per call: blocks whose
-projections run as modules (LoRA, hooks) and context parallelism keep the model-dtype attention.
+a multiple of 16 and at most 256; ``attention_backend`` unset or "fa3". Per call: double-stream blocks
+whose projections run as modules (LoRA, hooks), single-stream blocks whose QK norms are hooked, and
+context parallelism keep the model-dtype attention. A single-stream block passes its one pair of QK
+norm weights for both streams.
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ class Fp8AttentionState:
 
 
 def model_reason(st, blocks, dev, dtype, backend) -> str | None:
-    """Why the model's double-stream blocks cannot take FP8 attention (None: they can)."""
+    """Why the model's double- and single-stream blocks cannot take FP8 attention (None: they can)."""
     missing = [o for o, on in (("qk_norm_rope", st.qk), ("attention", st.attention)) if not on]
     if missing:
         return f"needs the fused ops qk_norm_rope and attention; missing {missing}"
@@ -80,10 +83,12 @@ def model_reason(st, blocks, dev, dtype, backend) -> str | None:
     return None
 
 
-def patch_blocks(st, blocks, report, dev, dtype, backend):
-    """Turn FP8 attention on for the patched double-stream blocks, or report why not."""
+def patch_blocks(st, by_kind, report, dev, dtype, backend):
+    """Turn FP8 attention on for the patched double- and single-stream blocks ({kind: blocks}), or report
+    why not."""
+    blocks = [b for kind in ("double", "single") for b in by_kind.get(kind, ())]
     if not blocks:
-        report.stock["attention_precision"] = "fp8 attention covers double-stream blocks; none is patched"
+        report.stock["attention_precision"] = "fp8 attention covers double- and single-stream blocks; none is patched"
         return
     why = model_reason(st, blocks, dev, dtype, backend)
     if why:
@@ -92,9 +97,7 @@ def patch_blocks(st, blocks, report, dev, dtype, backend):
     st.attn_fp8 = Fp8AttentionState()
     where = ("FlashAttention-3 FP8 forward" if dev.type == "cuda"
              else "CPU reference: dequantised, fp32 math")
-    report.swapped.append(f"FP8 e4m3 attention in the double-stream blocks ({len(blocks)} blocks; {where}): q, k "
-                          "quantised by the QK RMSNorm + RoPE op (static scale from the norm weights), v per "
-                          "(batch, head) amax")
-    if st.family.single is not None:
-        report.stock["fp8 attention, single-stream blocks"] = "model dtype attention (FP8 attention covers the " \
-                                                             "double-stream blocks)"
+    kinds = ", ".join(f"{len(by_kind[k])} {name}" for k, name in (("double", "double-stream"),
+                                                                  ("single", "single-stream")) if by_kind.get(k))
+    report.swapped.append(f"FP8 e4m3 attention ({kinds} blocks; {where}): q, k quantised by the QK RMSNorm + "
+                          "RoPE op (static scale from the norm weights), v per (batch, head) amax")

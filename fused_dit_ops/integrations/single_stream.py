@@ -268,6 +268,10 @@ def _attention(block, st, attn, xn, tables, Lt):
     norms = [getattr(attn, sg.q_norm), getattr(attn, sg.k_norm)]
     if st.qk and E.no_hooks(*norms) and norms[0].weight.dtype == norms[1].weight.dtype:
         wq, wk = norms[0].weight, norms[1].weight
+        if st.attn_fp8 is not None and st.attn_fp8.usable(st, attn.processor):  # attention_precision="fp8"
+            out = st.attn_fp8.attention(q, k, v, Lt, (wq, wk, wq, wk), txt_tab, img_tab, norms[0].eps,
+                                        fam.rope_interleaved)
+            return out.flatten(2, 3), mlp
         _eager.joint_qk_norm_rope_(q, k, Lt, wq, wk, wq, wk, txt_tab, img_tab, norms[0].eps, fam.rope_interleaved)
     else:
         if st.qk:
