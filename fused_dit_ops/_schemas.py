@@ -89,6 +89,9 @@ SCHEMAS: dict[str, str] = {
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "attention_fp8": "(Tensor q, Tensor k, Tensor v, Tensor q_descale, Tensor k_descale, Tensor v_descale,"
     " float? softmax_scale=None, bool causal=False, ScalarType out_dtype=bfloat16) -> Tensor",
+    # x [B, N, H, D] as e4m3 with one fp32 descale per (batch, head): its amax over N and D / 448
+    # (q, k or v of an attention whose QK norm is not per head, e.g. Wan's across all heads)
+    "quantize_fp8_heads": "(Tensor x) -> (Tensor, Tensor)",
     # -- MLP -----------------------------------------------------------------------------
     # y = x @ weight.T (+ bias) over [2F, K] weights; out = silu(y[..., :F]) * y[..., F:] ([.., F]);
     # backend "triton" (the GEMM with the SwiGLU epilogue) or "cublas" (GEMM, then the elementwise kernel)

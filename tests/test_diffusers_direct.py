@@ -144,7 +144,7 @@ _FAST = ("norm_scale_shift", "dual_norm_scale_shift", "gate_residual_norm_scale_
 _FAST_FP8 = ("dual_norm_scale_shift_fp8", "dual_gate_residual_norm_scale_shift_fp8", "quantize_fp8",
              "fp8_linear_unchecked", "joint_fp8_linear_unchecked", "norm_scale_shift_fp8",
              "gate_residual_norm_scale_shift_fp8", "quantize_fp8_cat", "gate_residual_layer_norm_fp8",
-             "joint_qk_norm_rope_fp8", "attention_fp8_unchecked")
+             "joint_qk_norm_rope_fp8", "attention_fp8_unchecked", "quantize_fp8_heads")
 _DIRECT_CALLS = {"dual_norm_scale_shift": 1, "joint_qk_norm_rope_": 2, "dual_gate_residual_norm_scale_shift": 3,
                  "gate_residual": 2, "joint_linear_unchecked": 2, "attention_unchecked": 2}
 

@@ -172,7 +172,8 @@ def _op_cases(device="cpu"):
     o = ref.joint_qk_norm_rope_fp8(q.cpu(), k.cpu(), v.cpu(), 5, *[w.cpu() for w in ws], tt.cpu(), ti.cpu())
     o = [t.to(device) for t in o]
     return {"joint_qk_norm_rope_fp8": (q, k, v, 5, *ws, tt, ti, 1e-6, True),
-            "attention_fp8": (*o, None, False, torch.bfloat16)}
+            "attention_fp8": (*o, None, False, torch.bfloat16),
+            "quantize_fp8_heads": (v,)}
 
 
 def _cuda_fa3_fp8():
@@ -241,6 +242,51 @@ def test_input_errors():
     expect_input_error(lambda: A(o[0], o[1][:, :, :2], o[2][:, :, :2], *o[3:]), "'k'", "Hkv must divide")
 
 
+def test_quantize_fp8_heads_cpu_semantics():
+    """x [B, N, H, D] (a strided column view) -> contiguous e4m3 with descale amax / 448 per (batch,
+    head); 1 for an all-zero head; +inf for a head holding a NaN; the input untouched."""
+    _, _, v, _, _, _ = joint_inputs(2, 11, 3, 32, 4)
+    v[1, :, 2] = 0
+    before = v.clone()
+    q8, d = A8.quantize_fp8_heads(v)
+    assert q8.dtype == E4M3 and q8.is_contiguous() and q8.shape == v.shape and d.shape == (2, 3)
+    assert torch.equal(v, before)
+    amax = v.abs().amax(dim=(1, 3))
+    torch.testing.assert_close(d[amax > 0], (amax / 448)[amax > 0], rtol=1e-6, atol=0)
+    assert d[1, 2] == 1 and (q8[1, :, 2].float() == 0).all()
+    deq = ref.dequantize_fp8_heads(q8, d)
+    assert rel_err(deq, v) < 2.0 ** -4
+    w = v.clone()
+    w[0, 3, 1, 5] = float("nan")
+    q8, d = A8.quantize_fp8_heads(w)
+    assert d[0, 1] == float("inf") and ref.dequantize_fp8_heads(q8, d)[0, :, 1].isnan().all()
+    assert torch.isfinite(d[[0, 0, 1], [0, 2, 0]]).all()
+
+
+def test_quantize_fp8_heads_input_errors():
+    Q = A8.quantize_fp8_heads
+    expect_input_error(lambda: Q(torch.randn(1, 5, 2, 24)), "quantize_fp8_heads", "'x'", "multiple of 16", "24")
+    expect_input_error(lambda: Q(torch.randn(5, 2, 32)), "quantize_fp8_heads", "'x'")
+    expect_input_error(lambda: Q(torch.randn(1, 5, 2, 32, dtype=torch.float64)), "'x'", "float64")
+    expect_input_error(lambda: Q(torch.randn(1, 5, 2, 64)[..., ::2]), "'x'", "contiguous")
+
+
+def test_quantize_fp8_heads_compile_fullgraph_dynamic():
+    import torch._dynamo as dynamo
+
+    def step(q, k, v):
+        (q8, qd), (k8, kd), (v8, vd) = (A8.quantize_fp8_heads(t) for t in (q, k, v))
+        return A8.attention_fp8(q8, k8, v8, qd, kd, vd, None, False, torch.float32)
+
+    dynamo.reset()
+    f = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
+    for N in (13, 21):
+        q, k, v, _, _, _ = joint_inputs(1, N, 3, 32, 5)
+        with dynamo.config.patch(error_on_recompile=N == 21):
+            got = f(q, k, v)
+        torch.testing.assert_close(got, step(q, k, v))
+
+
 def test_fast_path_runs_the_ops_own_checks(monkeypatch):
     from fused_dit_ops.ops import _eager
     monkeypatch.setattr(_eager, "fast", lambda x: not torch.is_grad_enabled())
@@ -249,6 +295,7 @@ def test_fast_path_runs_the_ops_own_checks(monkeypatch):
     with torch.no_grad():
         expect_input_error(lambda: _eager.joint_qk_norm_rope_fp8(q, k, v, 4, *ws, tt, ti), "joint_qk_norm_rope_fp8",
                            "multiple of 16")
+        expect_input_error(lambda: _eager.quantize_fp8_heads(v), "quantize_fp8_heads", "multiple of 16")
 
 
 def test_cuda_without_fa3_fp8_is_a_clear_error(monkeypatch):
@@ -351,6 +398,23 @@ def test_interpret_long_v_edges(Lt):
     assert ref.dequantize_fp8_heads(got[2], got[5])[0, :, 0].isnan().all()
 
 
+@pytest.mark.interpret
+def test_interpret_quantize_fp8_heads():
+    """More tokens than one amax program takes, 3 heads (a masked head lane), a strided view, an all-zero
+    head, a NaN."""
+    from fused_dit_ops.kernels import attention_fp8 as ka
+    _, _, v, _, _, _ = joint_inputs(2, 300, 3, 32, 5)
+    v[1, :, 1] = 0
+    got = ka.quantize_heads(v, q_dtype=torch.float32)
+    want = ref.quantize_fp8_heads(v, None, cast=False)
+    assert got[0].is_contiguous()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-3)
+    assert torch.equal(got[1], want[1]) and got[1][1, 1] == 1
+    v[0, 200, 2, 7] = float("nan")
+    x8, d = ka.quantize_heads(v, q_dtype=torch.float32)
+    assert d[0, 2] == float("inf") and torch.isfinite(d[0, :2]).all()
+
+
 # --- patch(model, attention_precision="fp8") on tiny models (CPU, fp32) --------------------------------
 
 # measured on CPU (the tiny 3-layer Qwen-Image model below, against the fp32 model): bf16 patch +
@@ -448,6 +512,37 @@ def test_patch_fp8_attention_flux2_double_and_single_stream_blocks(monkeypatch):
     assert seen["calls"] == len(m.transformer_blocks) + len(m.single_transformer_blocks), seen
     print(f"\ntiny FLUX.2 vs fp32, FP8 attention: {e:.3e}")
     assert 1e-3 < e < FP8_ATTN_MODEL_REL and not r.runtime
+    fdo.unpatch(m)
+    assert torch.equal(_run(m, kw), stock)
+
+
+def test_patch_fp8_attention_wan_self_attention(monkeypatch):
+    """Wan (QK norm across all heads): the self-attention of every block runs on e4m3 q, k, v quantised per
+    (batch, head) (one call per block per forward), with bf16 and with FP8 GEMMs; the cross-attention
+    keeps the model dtype; unpatch restores the stock output."""
+    from fused_dit_ops.integrations import fp8_attention as FA
+    from test_fp8_kinds import _inputs as kinds_inputs, tiny_wan
+    m = tiny_wan()
+    kw = kinds_inputs("wan", m, seed=1)
+    stock = _run(m, kw)
+    seen = {"calls": 0}
+    real = FA.Fp8AttentionState.attention_heads
+
+    def counted(self, *a):
+        seen["calls"] += 1
+        return real(self, *a)
+    monkeypatch.setattr(FA.Fp8AttentionState, "attention_heads", counted)
+    for prec in ("bf16", "fp8"):
+        base = _run(m, kw) if fdo.patch(m, precision=prec) else None
+        r = fdo.patch(m, precision=prec, attention_precision="fp8")
+        assert any("FP8 e4m3 self-attention" in s for s in r.swapped), r
+        assert not any("attention_precision" in k for k in r.stock), r
+        seen["calls"] = 0
+        out = _run(m, kw)
+        assert seen["calls"] == len(m.blocks) and not r.runtime, (seen, r.runtime)
+        e, e_own = rel_err(out, stock), rel_err(out, base)
+        print(f"\ntiny Wan, precision={prec} + FP8 self-attention: {e:.3e} vs fp32, {e_own:.3e} vs without")
+        assert 1e-3 < e_own and e < (FP8_ATTN_MODEL_REL if prec == "bf16" else FP8_MODEL_REL), (prec, e, e_own)
     fdo.unpatch(m)
     assert torch.equal(_run(m, kw), stock)
 
@@ -597,6 +692,20 @@ def test_gpu_kernel_matches_reference(interleaved):
             assert not far.any() and (d > 0).float().mean() < 1e-3, (d.max(), (d > 0).float().mean(), gap[far])
         else:
             torch.testing.assert_close(g, w, rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+                    reason="needs a CUDA GPU with compute capability 8.9+")
+def test_gpu_quantize_fp8_heads_matches_reference():
+    """Wan's self-attention shape class (40 heads x 128, 1170 tokens, a bf16 column view of a q|k|v buffer):
+    descales equal, e4m3 codes within one code point of the reference (the same fp32 operations)."""
+    buf = randn(1, 1170, 3 * 40 * 128, dtype=torch.bfloat16, device="cuda")
+    v = buf[..., 2 * 5120:].unflatten(-1, (40, 128))
+    got, want = A8.quantize_fp8_heads(v), ref.quantize_fp8_heads(v)
+    assert torch.equal(got[1], want[1])
+    d = _e4m3_ulps(got[0], want[0])
+    assert d.max() <= 1 and (d > 0).float().mean() < 1e-4, (d.max(), (d > 0).float().mean())
 
 
 @pytest.mark.gpu

@@ -984,7 +984,8 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
                                        {kind: [b for _, b, k in ok if k == kind] for kind in ("single", "self_cross")})
     if attention_precision == "fp8":
         _precision("fp8_attention").patch_blocks(st, {kind: [b for _, b, k in ok if k == kind]
-                                                      for kind in ("double", "single")}, report, dev, gemm_dtype,
+                                                      for kind in ("double", "single", "self_cross")}, report, dev,
+                                                 gemm_dtype,
                                                  attention_backend)
     rope = get(model, fam.rope_module)
     for m in (model, rope):  # e.g. accelerate's cpu-offload hook on the model: kept, called

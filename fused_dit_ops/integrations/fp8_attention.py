@@ -20,6 +20,11 @@ a multiple of 16 and at most 256; ``attention_backend`` unset or "fa3". Per call
 whose projections run as modules (LoRA, hooks), single-stream blocks whose QK norms are hooked, and
 context parallelism keep the model-dtype attention. A single-stream block passes its one pair of QK
 norm weights for both streams.
+
+Self + cross attention blocks (Wan) normalise q and k across all heads, where no static bound per head
+holds: their self-attention runs the model-dtype QK norm + RoPE, then ``quantize_fp8_heads`` on q, k
+and v (per (batch, head) amax; a reduction and a cast pass each), then ``attention_fp8``. Their
+cross-attention (512 text tokens) keeps the model dtype.
 """
 from __future__ import annotations
 
@@ -47,6 +52,12 @@ class Fp8AttentionState:
         """Count a call whose projections ran as modules (no joint buffer): model-dtype attention."""
         if not torch.compiler.is_compiling():
             st.count("fp8 attention: q/k/v projections as module calls (LoRA, hooks): model dtype attention")
+
+    def attention_heads(self, q, k, v):
+        """[B, N, H, D] in q's dtype: FP8 attention of q, k already normalised and rotated (Wan's QK norm
+        across all heads), each quantised with its per-(batch, head) amax."""
+        (q8, qd), (k8, kd), (v8, vd) = (_eager.quantize_fp8_heads(t) for t in (q, k, v))
+        return _eager.attention_fp8_unchecked(q8, k8, v8, qd, kd, vd, None, False, q.dtype)
 
     def attention(self, q, k, v, txt_len, weights, txt_tab, img_tab, eps, interleaved):
         """[B, N, H, D] in q's dtype: FP8 attention of the joint q, k, v views (before the QK norm)."""
@@ -86,9 +97,10 @@ def model_reason(st, blocks, dev, dtype, backend) -> str | None:
 def patch_blocks(st, by_kind, report, dev, dtype, backend):
     """Turn FP8 attention on for the patched double- and single-stream blocks ({kind: blocks}), or report
     why not."""
-    blocks = [b for kind in ("double", "single") for b in by_kind.get(kind, ())]
+    blocks = [b for kind in ("double", "single", "self_cross") for b in by_kind.get(kind, ())]
     if not blocks:
-        report.stock["attention_precision"] = "fp8 attention covers double- and single-stream blocks; none is patched"
+        report.stock["attention_precision"] = ("fp8 attention covers double-stream, single-stream and self + cross "
+                                               "attention blocks; none is patched")
         return
     why = model_reason(st, blocks, dev, dtype, backend)
     if why:
@@ -99,5 +111,11 @@ def patch_blocks(st, by_kind, report, dev, dtype, backend):
              else "CPU reference: dequantised, fp32 math")
     kinds = ", ".join(f"{len(by_kind[k])} {name}" for k, name in (("double", "double-stream"),
                                                                   ("single", "single-stream")) if by_kind.get(k))
-    report.swapped.append(f"FP8 e4m3 attention ({kinds} blocks; {where}): q, k quantised by the QK RMSNorm + "
-                          "RoPE op (static scale from the norm weights), v per (batch, head) amax")
+    if kinds:
+        report.swapped.append(f"FP8 e4m3 attention ({kinds} blocks; {where}): q, k quantised by the QK RMSNorm + "
+                              "RoPE op (static scale from the norm weights), v per (batch, head) amax")
+    if by_kind.get("self_cross"):
+        report.swapped.append(f"FP8 e4m3 self-attention ({len(by_kind['self_cross'])} self + cross attention "
+                              f"blocks; {where}): q, k after the QK norm across heads + RoPE, and v, each "
+                              "quantised per (batch, head) amax (quantize_fp8_heads); the cross-attention keeps "
+                              "the model dtype")

@@ -176,6 +176,8 @@ def _attend(st, attn, q, k, v, parallel=False):
     out = E.cp_attention(q, k, v, attn.processor) if parallel else None
     if out is not None:
         return out
+    if parallel and st.attn_fp8 is not None and st.attn_fp8.usable(st, attn.processor):  # attention_precision
+        return st.attn_fp8.attention_heads(q, k, v)
     if st.attention:
         return _eager.attention(q, k, v, None, False, None)
     from diffusers.models.attention_dispatch import dispatch_attention_fn

@@ -65,6 +65,21 @@ def _quant(y, inv, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _heads_row_fp8(x_row, s_h, out_row, amax_row, heads64, hmask, D: tl.constexpr, D_BLOCK: tl.constexpr):
+    """One token's [BLOCK_H, D] (head h at x_row + h * s_h) scaled by 1 / its (batch, head) scale (amax /
+    448 from ``amax_row``, 1 for an all-zero head) and stored quantised at out_row (heads D apart);
+    returns the scales."""
+    am = tl.load(amax_row + heads64, mask=hmask, other=0.0)
+    s = tl.where(am == 0.0, 1.0, tl.div_rn(am, 448.0))
+    c = tl.arange(0, D_BLOCK)
+    m = hmask[:, None] & (c < D)[None, :]
+    x = tl.load(x_row + (heads64 * s_h)[:, None] + c[None, :], mask=m, other=0.0)
+    q = _quant(x.to(tl.float32), tl.div_rn(1.0, s)[:, None], 448.0)
+    tl.store(out_row + (heads64 * D)[:, None] + c[None, :], q.to(out_row.dtype.element_ty), mask=m)
+    return s
+
+
+@triton.jit
 def _qk_row_fp8(x_in, s_in_h, x_out, s_out_h, w_ptr, heads64, hmask, cos, sin, eps, inv,
                 D: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, TAIL: tl.constexpr,
                 TAIL_BLOCK: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
@@ -143,17 +158,51 @@ def _qk_v_fp8_kernel(
     _qk_row_fp8(k + b * sk_b + lo * sk_l, sk_h, k8 + out, D, wk, heads64, hmask, cos, sin, eps, tl.div_rn(1.0, sk),
                 D, HALF, HALF_BLOCK, TAIL, TAIL_BLOCK, BLOCK_H, INTERLEAVED, ROUND)
     # v: per-(batch, head) scale from its amax (1 for an all-zero head)
-    am = tl.load(vmax + b * H + heads64, mask=hmask, other=0.0)
-    sv = tl.where(am == 0.0, 1.0, tl.div_rn(am, 448.0))
-    c = tl.arange(0, D_BLOCK)
-    m = hmask[:, None] & (c < D)[None, :]
-    x = tl.load(v + b * sv_b + lo * sv_l + (heads64 * sv_h)[:, None] + c[None, :], mask=m, other=0.0)
-    qv = _quant(x.to(tl.float32), tl.div_rn(1.0, sv)[:, None], 448.0)
-    tl.store(v8 + out + (heads64 * D)[:, None] + c[None, :], qv.to(v8.dtype.element_ty), mask=m)
+    sv = _heads_row_fp8(v + b * sv_b + lo * sv_l, sv_h, v8 + out, vmax + b * H, heads64, hmask, D, D_BLOCK)
     if lo == 0:
         tl.store(qd + b * H + heads64, tl.zeros((BLOCK_H,), tl.float32) + sq, mask=hmask)
         tl.store(kd + b * H + heads64, tl.zeros((BLOCK_H,), tl.float32) + sk, mask=hmask)
         tl.store(vd + b * H + heads64, sv, mask=hmask)
+
+
+@triton.jit
+def _heads_fp8_kernel(x, x8, xd, amax_ptr, H, s_b, s_l, s_h, o_b, o_l,
+                      D: tl.constexpr, D_BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One token's [BLOCK_H, D] of x quantised with its (batch, head) scale from ``_v_amax_kernel`` (the
+    v step of ``_qk_v_fp8_kernel``); the programs of token 0 write the descales."""
+    lo = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = heads < H
+    heads64 = heads.to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    s = _heads_row_fp8(x + b * s_b + lo * s_l, s_h, x8 + b * o_b + lo * o_l, amax_ptr + b * H, heads64, hmask, D,
+                       D_BLOCK)
+    if lo == 0:
+        tl.store(xd + b * H + heads64, s, mask=hmask)
+
+
+def quantize_heads(x, *, config=None, q_dtype=torch.float8_e4m3fn):
+    """(x8 [B, N, H, D] contiguous, descale fp32 [B, H]) of x [B, N, H, D] (last dim contiguous, other
+    strides free): per (batch, head) amax / 448 (1 for an all-zero head, +inf for a head holding a NaN),
+    two launches (the amax reduction, then the cast). ``q_dtype=torch.float32``: the values before
+    the e4m3 cast (test hook, as ``joint_qk_norm_rope_fp8``)."""
+    B, N, H, D = x.shape
+    out = torch.empty((B, N, H, D), dtype=q_dtype, device=x.device)
+    descale = torch.ones((B, H), dtype=torch.float32, device=x.device)
+    if B == 0 or H == 0 or D == 0 or N == 0:
+        return out, descale
+    amax = torch.zeros((B, H), dtype=torch.float32, device=x.device)
+    cfg = dict(config or {})
+    bh = cfg.pop("BLOCK_H", _block_h(H))
+    nw = cfg.pop("num_warps", 4)
+    with _device_guard(x):
+        launch_kernel(_v_amax_kernel, (cdiv(N, V_BLOCK_N), H, B),
+                      (x, amax, N, H, x.stride(0), x.stride(1), x.stride(2)),
+                      (D, next_power_of_2(D), V_BLOCK_N, V_SUB_N), dict(num_warps=4))
+        launch_kernel(_heads_fp8_kernel, (N, cdiv(H, bh), B),
+                      (x, out, descale, amax, H, x.stride(0), x.stride(1), x.stride(2), N * H * D, H * D),
+                      (D, next_power_of_2(D), bh), dict(num_warps=nw, **cfg))
+    return out, descale
 
 
 def joint_qk_norm_rope_fp8(q, k, v, txt_len, weights, tables, eps, interleaved, *, config=None,

@@ -317,9 +317,21 @@ def joint_qk_norm_rope_fp8(q, k, v, txt_len, wqt, wkt, wqi, wki, txt_tab, img_ta
     return ka.joint_qk_norm_rope_fp8(q, k, v, txt_len, (wqt, wkt, wqi, wki), (txt_tab, img_tab), eps, interleaved)
 
 
+_QH8 = torch.ops.fused_dit.quantize_fp8_heads.default
+
+
+def quantize_fp8_heads(x):
+    if not fast(x):
+        return _QH8(x)
+    _check(_a8()._check_quantize_fp8_heads, x)
+    from ..kernels import attention_fp8 as ka
+    return ka.quantize_heads(x)
+
+
 def attention_fp8_unchecked(q, k, v, q_descale, k_descale, v_descale, softmax_scale=None, causal=False,
                             out_dtype=torch.bfloat16):
-    """``attention_fp8`` on the outputs ``joint_qk_norm_rope_fp8`` just returned: unchecked on the fast path."""
+    """``attention_fp8`` on the outputs ``joint_qk_norm_rope_fp8`` or ``quantize_fp8_heads`` just returned:
+    unchecked on the fast path."""
     if not fast(q):
         return _ATT8(q, k, v, q_descale, k_descale, v_descale, softmax_scale, causal, out_dtype)
     return _a8().attention_fp8_cuda_unchecked(q, k, v, q_descale, k_descale, v_descale, softmax_scale, causal,

@@ -12,6 +12,8 @@ Schemas live in ``fused_dit_ops._schemas``; semantics in :mod:`fused_dit_ops.ref
   diffusers' 16-bit roundings). v (the projection output, unbounded) uses its amax over the tokens
   and head_dim of each (batch, head): a reduction kernel over v, then the cast in the q/k kernel.
   Inputs are read through their strides (column views of the joint projection) and not modified.
+- ``quantize_fp8_heads(x)``: x [B, N, H, D] as e4m3 with a descale per (batch, head) from its amax
+  (a reduction kernel, then the cast): q, k and v where the QK norm is not per head (Wan);
 - ``attention_fp8(q, k, v, q_descale, k_descale, v_descale, softmax_scale, causal, out_dtype)``:
   softmax(q k^T * scale) v of the dequantised inputs. CUDA: FlashAttention-3's FP8 forward (fa3-fwd
   or flash_attn_3; sm90), which returns bfloat16 and also rounds the softmax probabilities to e4m3 for
@@ -67,6 +69,13 @@ def _check_joint_qk_norm_rope_fp8(q, k, v, txt_len, wqt, wkt, wqi, wki, txt_cos_
     if not 0 <= txt_len <= N:
         fail(op, f"'txt_len' must be in [0, N] = [0, {N}], got {txt_len}")
     _check_norm_rope_params(op, D, txt_len, N - txt_len, q, (wqt, wkt, wqi, wki), txt_cos_sin, img_cos_sin, eps)
+
+
+def _check_quantize_fp8_heads(x):
+    op = "quantize_fp8_heads"
+    check_heads(op, "x", x, ndim=4)
+    _check_fp8_device(op, "x", x)
+    _check_head_dim(op, "x", x.shape[-1])
 
 
 def _check_descale(op, name, d, B, Hkv, ref_name, ref_t):
@@ -202,6 +211,13 @@ def _joint_qk_norm_rope_fp8_cuda(q, k, v, txt_len, wqt, wkt, wqi, wki, txt_cos_s
     return _grad("joint_qk_norm_rope_fp8", out, q, k, v, wqt, wkt, wqi, wki)
 
 
+@torch.library.impl(f"{_NS}::quantize_fp8_heads", "CUDA")
+def _quantize_fp8_heads_cuda(x):
+    from ..kernels import attention_fp8 as ka
+    _check_quantize_fp8_heads(x)
+    return _grad("quantize_fp8_heads", ka.quantize_heads(x), x)
+
+
 @torch.library.impl(f"{_NS}::attention_fp8", "CUDA")
 def _attention_fp8_cuda(q, k, v, q_descale, k_descale, v_descale, softmax_scale=None, causal=False,
                         out_dtype=torch.bfloat16):
@@ -223,6 +239,12 @@ def _joint_qk_norm_rope_fp8_cpu(q, k, v, txt_len, wqt, wkt, wqi, wki, txt_cos_si
     return _grad("joint_qk_norm_rope_fp8", out, q, k, v, wqt, wkt, wqi, wki)
 
 
+@torch.library.impl(f"{_NS}::quantize_fp8_heads", "CPU")
+def _quantize_fp8_heads_cpu(x):
+    _check_quantize_fp8_heads(x)
+    return _grad("quantize_fp8_heads", ref.quantize_fp8_heads(x), x)
+
+
 @torch.library.impl(f"{_NS}::attention_fp8", "CPU")
 def _attention_fp8_cpu(q, k, v, q_descale, k_descale, v_descale, softmax_scale=None, causal=False,
                        out_dtype=torch.bfloat16):
@@ -236,7 +258,7 @@ def _attention_fp8_cpu(q, k, v, q_descale, k_descale, v_descale, softmax_scale=N
     return _grad("attention_fp8", out, q_descale, k_descale, v_descale)
 
 
-OPS = ("joint_qk_norm_rope_fp8", "attention_fp8")
+OPS = ("joint_qk_norm_rope_fp8", "attention_fp8", "quantize_fp8_heads")
 
 # no backward (see ops/modulation.py): the dispatcher skips the Autograd key
 for _op in OPS:
@@ -254,6 +276,15 @@ def _joint_qk_norm_rope_fp8_fake(q, k, v, txt_len, wqt, wkt, wqi, wki, txt_cos_s
     B, N, H, D = q.shape
     vals = [torch.empty((B, N, H, D), dtype=FP8, device=q.device) for _ in range(3)]
     return (*vals, *[torch.empty((B, H), dtype=torch.float32, device=q.device) for _ in range(3)])
+
+
+@torch.library.register_fake(f"{_NS}::quantize_fp8_heads")
+def _quantize_fp8_heads_fake(x):
+    _check_quantize_fp8_heads(x)
+    refuse_grad("quantize_fp8_heads", TRACING, ("x", x))
+    B, N, H, D = x.shape
+    return (torch.empty((B, N, H, D), dtype=FP8, device=x.device),
+            torch.empty((B, H), dtype=torch.float32, device=x.device))
 
 
 @torch.library.register_fake(f"{_NS}::attention_fp8")
@@ -287,3 +318,12 @@ def attention_fp8(q, k, v, q_descale, k_descale, v_descale, softmax_scale=None, 
     CUDA: FlashAttention-3's FP8 forward (sm90); CPU: the reference (dequantise, fp32 math)."""
     return torch.ops.fused_dit.attention_fp8.default(q, k, v, q_descale, k_descale, v_descale, softmax_scale,
                                                     causal, out_dtype)
+
+
+def quantize_fp8_heads(x):
+    """(x8, descale): x [B, N, H, D] as a new contiguous float8_e4m3fn tensor with one fp32 descale per
+    (batch, head) ([B, H], FlashAttention-3's layout): its amax over the tokens and head_dim / 448 (1 for
+    an all-zero head; +inf for a head holding a NaN, so that every dequantised value of it is NaN).
+    The q, k and v of :func:`attention_fp8` where the QK norm is not per head (Wan's norm across all
+    heads). x is not modified."""
+    return torch.ops.fused_dit.quantize_fp8_heads.default(x)
