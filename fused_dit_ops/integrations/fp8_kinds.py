@@ -174,32 +174,7 @@ def run_single(block, st, x, Lt, temb, rot):
     y = _eager.fp8_linear_unchecked(xq, xs, _buf(block, "single_qkvm_w"), _buf(block, "single_qkvm_s"),
                                     _buf(block, "single_qkvm_b"), dtype)
     q, k, v = (y[..., j * D:(j + 1) * D].unflatten(-1, (-1, hd)) for j in range(3))
-    if fam.rope_joint:
-        img_tab, txt_tab = (tables[Lt:], tables[:Lt]) if Lt else (tables, tables)
-    else:
-        img_tab, txt_tab = tables
-    norms = [getattr(attn, sg.q_norm), getattr(attn, sg.k_norm)]
-    o = None
-    if E.no_hooks(*norms) and norms[0].weight.dtype == norms[1].weight.dtype:
-        wq, wk = norms[0].weight, norms[1].weight
-        if st.attn_fp8 is not None and st.attn_fp8.usable(st, attn.processor):  # attention_precision="fp8"
-            o = st.attn_fp8.attention(q, k, v, Lt, (wq, wk, wq, wk), txt_tab, img_tab, norms[0].eps,
-                                      fam.rope_interleaved).flatten(2, 3)
-        else:
-            _eager.joint_qk_norm_rope_(q, k, Lt, wq, wk, wq, wk, txt_tab, img_tab, norms[0].eps,
-                                       fam.rope_interleaved)
-    else:
-        if not compiling:
-            st.count("single-stream QK RMSNorm modules hooked or of mixed dtypes: module calls, RoPE in torch")
-        from .. import reference as _ref
-
-        def norm_rope(t, n):
-            t = n(t)
-            return torch.cat([_ref.apply_rope(t[:, :Lt], txt_tab, None, fam.rope_interleaved),
-                              _ref.apply_rope(t[:, Lt:], img_tab, None, fam.rope_interleaved)], 1)
-        q, k = norm_rope(q, norms[0]), norm_rope(k, norms[1])
-    if o is None:
-        o = _eager.attention(q, k, v, None, False, None).flatten(2, 3)
+    o = SS.attend(st, attn, q, k, v, Lt, tables)
     # [attention | act(MLP)]: one row per token over both, the activation on the MLP columns
     oq, osc = _eager.quantize_fp8_cat(o, y[..., 3 * D:], sg.mlp_act)
     out = _eager.fp8_linear_unchecked(oq, osc, _buf(block, "single_out_w"), _buf(block, "single_out_s"),

@@ -252,26 +252,35 @@ def _projections(block, st, attn, xn, D):
 
 def _attention(block, st, attn, xn, tables, Lt):
     """(attention output [B, L, D], activated MLP) of the normed joint input; a module call instead
-    returns one tensor: the attention output, or with ``Single.attn_module_mlp`` the block's update.
-    ``Lt`` 0 with a joint table: one table over the whole sequence (text and image share the norms)."""
-    fam, sg = st.family, st.family.single
-    if fam.rope_joint:
-        img_tab, txt_tab = (tables[Lt:], tables[:Lt]) if Lt else (tables, tables)
-    else:
-        img_tab, txt_tab = tables
+    returns one tensor: the attention output, or with ``Single.attn_module_mlp`` the block's update."""
+    fam = st.family
     if not E.no_hooks(attn) or not E.no_global_hooks() or type(attn.processor) not in fam.stock_processors():
         return attn(hidden_states=xn, image_rotary_emb=fam.rope_stock(tables))
     D = attn.inner_dim
     hd = D // attn.heads
     q, k, v, mlp = _projections(block, st, attn, xn, D)
     q, k, v = (t.unflatten(-1, (-1, hd)) for t in (q, k, v))
+    return attend(st, attn, q, k, v, Lt, tables), mlp
+
+
+def attend(st, attn, q, k, v, Lt, tables):
+    """[B, L, D] attention of the q, k, v head views [B, L, H, hd] of a single-stream block's projections:
+    the QK RMSNorm + RoPE (the fused op; FP8 attention with attention_precision="fp8"; the norm modules,
+    hooked, with RoPE in torch), then the attention (diffusers' all-to-all / ring under context
+    parallelism). ``Lt`` 0 with a joint table: one table over the whole sequence (text and image share
+    the norms). The bf16 and the FP8-GEMM forwards both call it."""
+    fam, sg = st.family, st.family.single
+    if fam.rope_joint:
+        img_tab, txt_tab = (tables[Lt:], tables[:Lt]) if Lt else (tables, tables)
+    else:
+        img_tab, txt_tab = tables
     norms = [getattr(attn, sg.q_norm), getattr(attn, sg.k_norm)]
     if st.qk and E.no_hooks(*norms) and norms[0].weight.dtype == norms[1].weight.dtype:
         wq, wk = norms[0].weight, norms[1].weight
         if st.attn_fp8 is not None and st.attn_fp8.usable(st, attn.processor):  # attention_precision="fp8"
             out = st.attn_fp8.attention(q, k, v, Lt, (wq, wk, wq, wk), txt_tab, img_tab, norms[0].eps,
                                         fam.rope_interleaved)
-            return out.flatten(2, 3), mlp
+            return out.flatten(2, 3)
         _eager.joint_qk_norm_rope_(q, k, Lt, wq, wk, wq, wk, txt_tab, img_tab, norms[0].eps, fam.rope_interleaved)
     else:
         if st.qk:
@@ -291,7 +300,7 @@ def _attention(block, st, attn, xn, tables, Lt):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
         out = dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
                                     backend=getattr(attn.processor, "_attention_backend", None), parallel_config=None)
-    return out.flatten(2, 3).to(q.dtype), mlp
+    return out.flatten(2, 3).to(q.dtype)
 
 
 def _out_proj(block, st, a, mlp):
