@@ -40,11 +40,18 @@ def _row_amax(y, mask):
 
 
 @triton.jit
+def _row_scales(amax):
+    """(scale, reciprocal) per row of the row maxima: amax / 448 and 448 / amax, each one IEEE
+    division per row (not per value); 1 and 1 for an all-zero row, NaN for a NaN row."""
+    scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
+    inv = tl.where(amax == 0.0, 1.0, tl.div_rn(448.0, amax))
+    return scale, inv
+
+
+@triton.jit
 def _quant_store(y, mask, q_ptr, s_ptr, out_off, row_off, rmask, STREAM_STORES: tl.constexpr):
     """Per-row quantisation of the fp32 tile y [BLOCK_M, BLOCK_C] (masked columns ignored)."""
-    amax = _row_amax(y, mask)
-    scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
-    inv = tl.where(amax == 0.0, 1.0, tl.div_rn(448.0, amax))  # one division per row, not per value
+    scale, inv = _row_scales(_row_amax(y, mask))
     q = y * inv[:, None]
     q = tl.clamp(q, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
     _store(q_ptr + out_off, q.to(q_ptr.dtype.element_ty), mask, STREAM_STORES)
@@ -194,8 +201,7 @@ def _quantize_cat_kernel(
     am_a = _row_amax(ya, mask_a)
     am_b = _row_amax(yb, mask_b)
     amax = tl.where((am_a != am_a) | (am_b != am_b), float("nan"), tl.maximum(am_a, am_b))
-    scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
-    inv = tl.where(amax == 0.0, 1.0, tl.div_rn(448.0, amax))
+    scale, inv = _row_scales(amax)
     qa = tl.clamp(ya * inv[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
     qb = tl.clamp(yb * inv[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
     out = m64[:, None] * (KA + KB)
@@ -249,8 +255,8 @@ def _quantize_cat_chunked_kernel(
         y = _act_chunk(b_row, c, k, msk, bias_ptr, KB, ACT, HAS_BIAS, "evict_last")
         acc = tl.maximum(acc, tl.where(msk, tl.abs(y), 0.0), propagate_nan=tl.PropagateNan.ALL)
     amax = tl.reduce(acc, 1, _nan_max)
-    scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
-    inv = tl.where(amax == 0.0, 1.0, tl.div_rn(448.0, amax))[:, None]
+    scale, inv = _row_scales(amax)
+    inv = inv[:, None]
     for i in range(0, N_A):
         c = i * BLOCK_K
         msk = rmask[:, None] & ((c + k) < KA)[None, :]
