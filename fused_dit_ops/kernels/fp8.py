@@ -49,13 +49,27 @@ def _row_scales(amax):
 
 
 @triton.jit
-def _quant_store(y, mask, q_ptr, s_ptr, out_off, row_off, rmask, STREAM_STORES: tl.constexpr):
-    """Per-row quantisation of the fp32 tile y [BLOCK_M, BLOCK_C] (masked columns ignored)."""
+def _store_e4m3(q_ptr, q, row_off, rmask, ncols, BLOCK: tl.constexpr, STREAM_STORES: tl.constexpr):
+    """Store the e4m3 tile q [BLOCK_M, BLOCK] (columns < ncols; row r at q_ptr + row_off[r]) eight
+    bytes per thread: as [BLOCK_M, BLOCK / 8, 8], so that the store takes the layout of the 16-bit
+    loads (eight elements per thread). A [BLOCK_M, BLOCK] e4m3 store gets sixteen per thread (one
+    128-bit vector), which moves the whole computation into that layout and converts every loaded
+    tile through shared memory (about twice the barriers of the model-dtype kernel)."""
+    BM: tl.constexpr = q.shape[0]
+    c3 = (tl.arange(0, BLOCK // 8) * 8)[None, :, None] + tl.arange(0, 8)[None, None, :]
+    m3 = rmask[:, None, None] & (c3 < ncols)
+    _store(q_ptr + row_off[:, None, None] + c3, tl.reshape(q, [BM, BLOCK // 8, 8]), m3, STREAM_STORES)
+
+
+@triton.jit
+def _quant_store(y, mask, q_ptr, s_ptr, row, rmask, C, BLOCK_C: tl.constexpr, STREAM_STORES: tl.constexpr):
+    """Per-row quantisation of the fp32 tile y [BLOCK_M, BLOCK_C] (masked columns ignored) into
+    contiguous rows of C values (row r at row[r] * C) and one scale per row."""
     scale, inv = _row_scales(_row_amax(y, mask))
     q = y * inv[:, None]
     q = tl.clamp(q, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
-    _store(q_ptr + out_off, q.to(q_ptr.dtype.element_ty), mask, STREAM_STORES)
-    tl.store(s_ptr + row_off, scale, mask=rmask)
+    _store_e4m3(q_ptr, q.to(q_ptr.dtype.element_ty), row * C, rmask, C, BLOCK_C, STREAM_STORES)
+    tl.store(s_ptr + row, scale, mask=rmask)
 
 
 @triton.jit
@@ -74,7 +88,7 @@ def _norm_fp8_rows(
     y = _modulate_rows(n, sel, scale_ptr, shift_ptr, b, B, stride_scale, stride_shift, cols, mask,
                        0.0, 0.0, 0.0, 0.0, HAS_INDEX, True)
     row = (b * L + l).to(tl.int64)
-    _quant_store(y, mask, q_ptr, s_ptr, row[:, None] * C + cols[None, :], row, rmask, STREAM_STORES)
+    _quant_store(y, mask, q_ptr, s_ptr, row, rmask, C, BLOCK_C, STREAM_STORES)
 
 
 @triton.jit
@@ -112,7 +126,7 @@ def _grns_fp8_rows(
         HAS_INDEX, BLOCK_M, BLOCK_C, STREAM_STORES)
     y = _modulate_rows(n, sel, scale_ptr, shift_ptr, b, B, stride_scale, stride_shift, cols, mask,
                        0.0, 0.0, 0.0, 0.0, HAS_INDEX, True)
-    _quant_store(y, mask, q_ptr, s_ptr, out_off, row, rmask, STREAM_STORES)
+    _quant_store(y, mask, q_ptr, s_ptr, row, rmask, C, BLOCK_C, STREAM_STORES)
 
 
 @triton.jit
@@ -166,7 +180,7 @@ def _quantize_rows_kernel(
         y = y + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if GELU:
         y = _gelu_tanh(y)
-    _quant_store(y, mask, q_ptr, s_ptr, m64[:, None] * K + cols[None, :], m64, rmask, STREAM_STORES)
+    _quant_store(y, mask, q_ptr, s_ptr, m64, rmask, K, BLOCK_K, STREAM_STORES)
 
 
 @triton.jit
@@ -204,9 +218,9 @@ def _quantize_cat_kernel(
     scale, inv = _row_scales(amax)
     qa = tl.clamp(ya * inv[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
     qb = tl.clamp(yb * inv[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
-    out = m64[:, None] * (KA + KB)
-    _store(q_ptr + out + ca[None, :], qa.to(q_ptr.dtype.element_ty), mask_a, STREAM_STORES)
-    _store(q_ptr + out + KA + cb[None, :], qb.to(q_ptr.dtype.element_ty), mask_b, STREAM_STORES)
+    out = m64 * (KA + KB)
+    _store_e4m3(q_ptr, qa.to(q_ptr.dtype.element_ty), out, rmask, KA, BLOCK_A, STREAM_STORES)
+    _store_e4m3(q_ptr + KA, qb.to(q_ptr.dtype.element_ty), out, rmask, KB, BLOCK_B, STREAM_STORES)
     tl.store(s_ptr + m64, scale, mask=rmask)
 
 
@@ -241,7 +255,7 @@ def _quantize_cat_chunked_kernel(
     m64 = m.to(tl.int64)
     a_row = (a_ptr + (m64 // L) * stride_ab + (m64 % L) * stride_al)[:, None]
     b_row = (b_ptr + (m64 // L) * stride_bb + (m64 % L) * stride_bl)[:, None]
-    q_row = (q_ptr + m64 * (KA + KB))[:, None]
+    q_row = m64 * (KA + KB)
     k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for i in range(0, N_A):
@@ -262,13 +276,13 @@ def _quantize_cat_chunked_kernel(
         msk = rmask[:, None] & ((c + k) < KA)[None, :]
         y = tl.load(a_row + c + k[None, :], mask=msk, other=0.0, eviction_policy="evict_first").to(tl.float32)
         q = tl.clamp(y * inv, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
-        _store(q_row + c + k[None, :], q.to(q_ptr.dtype.element_ty), msk, STREAM_STORES)
+        _store_e4m3(q_ptr + c, q.to(q_ptr.dtype.element_ty), q_row, rmask, KA - c, BLOCK_K, STREAM_STORES)
     for i in range(0, N_B):
         c = i * BLOCK_K
         msk = rmask[:, None] & ((c + k) < KB)[None, :]
         y = _act_chunk(b_row, c, k, msk, bias_ptr, KB, ACT, HAS_BIAS, "evict_first")
         q = tl.clamp(y * inv, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
-        _store(q_row + KA + c + k[None, :], q.to(q_ptr.dtype.element_ty), msk, STREAM_STORES)
+        _store_e4m3(q_ptr + KA + c, q.to(q_ptr.dtype.element_ty), q_row, rmask, KB - c, BLOCK_K, STREAM_STORES)
     tl.store(s_ptr + m64, scale, mask=rmask)
 
 
@@ -289,7 +303,7 @@ def _grln_fp8_kernel(
         stride_rb, stride_rl, stride_ub, stride_ul, stride_gate, stride_ib, stride_il,
         HAS_INDEX, BLOCK_M, BLOCK_C, STREAM_STORES)
     n = _affine_rows(n, w_ptr, bias_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS)
-    _quant_store(n, mask, q_ptr, s_ptr, out_off, row, rmask, STREAM_STORES)
+    _quant_store(n, mask, q_ptr, s_ptr, row, rmask, C, BLOCK_C, STREAM_STORES)
 
 
 # --- launch configuration ---------------------------------------------------------------------------
