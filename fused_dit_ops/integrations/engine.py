@@ -686,8 +686,6 @@ def _model_forward(self, *args, **kwargs):
         # the fused ops are inference-only (no backward): gradients need the stock forward
         why = ("autograd: grad mode on and parameters or inputs require grad (stock forward; "
                "run inference under torch.no_grad() or torch.inference_mode())")
-    if not why and st.cp and st.fp8 is not None:
-        why = "precision='fp8' under context parallelism is not implemented (stock forward)"
     if why:
         st.count(why)
         _fp8_stock_check(st, why)
@@ -941,9 +939,6 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
         report.stock["model"] = "ops=[] selects no fused op"
         return report
     why = _parallel_reason(model, fam)
-    if not why and precision == "fp8" and getattr(getattr(model, "_parallel_config", None),
-                                                  "context_parallel_config", None) is not None:
-        why = "precision='fp8' under context parallelism is not implemented: stock forward"
     if why:
         report.stock["model"] = why
         return report

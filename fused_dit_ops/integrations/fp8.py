@@ -22,6 +22,11 @@ On CUDA the original bf16 weights of those Linears move to pinned CPU memory whi
 they are on the CPU, a forward that would need the stock code (a padded text mask, autograd) raises
 instead of running it.
 
+Under diffusers' context parallelism each rank runs this path (and the other kinds', ``fp8_kinds``)
+on its shard of the sequence: the GEMMs and the quantising ops are per token; the attention goes
+through ``engine.cp_attention`` (diffusers' all-to-all / ring) on model-dtype q, k, v, so FP8
+attention (``attention_precision="fp8"``) does not apply there (counted in ``report.runtime``).
+
 Requirements (else the model stays bf16 on the fused ops, with the reason in ``report.stock``):
 CUDA compute capability 8.9+ and bfloat16 (CPU: any dtype, the reference implementations), all
 fused ops selected, the Linears plain ``nn.Linear`` with in/out features multiples of 16, the MLP
@@ -303,11 +308,17 @@ def _attention(block, st, attn, iq, isc, tq, tsc, tables, dtype):
         c.append(c[-1] + E.get(attn, p).out_features)
     q, k, v = (buf[..., c[j]:c[j + 1]].unflatten(-1, (-1, hd)) for j in range(3))
     weights, eps = [n.weight for n in norms], getattr(attn, si.q_norm).eps
-    if st.attn_fp8 is not None and st.attn_fp8.usable(st, attn.processor):  # attention_precision="fp8"
-        out = st.attn_fp8.attention(q, k, v, Lt, weights, txt_tab, img_tab, eps, fam.rope_interleaved).flatten(2, 3)
+    proc = attn.processor
+    # attention_precision="fp8" (not under context parallelism: usable() counts that call)
+    if st.attn_fp8 is not None and st.attn_fp8.usable(st, proc):
+        out = st.attn_fp8.attention(q, k, v, Lt, weights, txt_tab, img_tab, eps, fam.rope_interleaved)
     else:
         _eager.joint_qk_norm_rope_(q, k, Lt, *weights, txt_tab, img_tab, eps, fam.rope_interleaved)
-        out = _eager.attention_unchecked(q, k, v, None, False, attn.processor.backend).flatten(2, 3)
+        # context parallelism: diffusers' all-to-all / ring over this rank's rows (None without it)
+        out = E.cp_attention(q, k, v, proc)
+        if out is None:
+            out = _eager.attention_unchecked(q, k, v, None, False, proc.backend)
+    out = out.flatten(2, 3).to(dtype)
     if B == 1:  # one pass over the joint output; row views per stream
         oq, osc = _eager.quantize_fp8(out)
         t8, i8 = (oq[:, :Lt], osc[:, :Lt]), (oq[:, Lt:], osc[:, Lt:])
@@ -345,12 +356,13 @@ def _as_fp8(outs):
 
 def usable(block, st, h, e) -> bool:
     """The FP8 path for this call: the block is ready, the streams fit the dual ops, the attention
-    module still has our processor and no hooks."""
+    module still has our processor and no hooks. Context parallelism runs it too (per-token GEMMs and
+    quantisation on this rank's rows, the attention through ``engine.cp_attention``)."""
     attn = getattr(block, st.family.attn)
     proc = attn.processor
     return (h.shape[0] == e.shape[0] and h.shape[-1] == e.shape[-1] and h.dtype == e.dtype
             and isinstance(proc, DS.JointAttnProcessor) and E.no_hooks(attn) and E.no_global_hooks()
-            and not st.mode_stock and proc._parallel_config is None and ready(block, st, h))
+            and not st.mode_stock and ready(block, st, h))
 
 
 def run_block(block, st, h, e, temb, rot, index):
@@ -358,6 +370,7 @@ def run_block(block, st, h, e, temb, rot, index):
     fam = st.family
     si, stx = fam.streams
     tables = st.rope_tables(rot)
+    E.cp_check_rows(st, tables, h.shape[1] + e.shape[1])
     compiling = torch.compiler.is_compiling()
     keys = (h, e, *temb, index) if isinstance(temb, tuple) else (h, e, temb, index)  # what look-ahead matches
     pre = st.take_prenorm(block, *keys) if not compiling and st.prenorm is not None else None

@@ -172,12 +172,14 @@ def _attn_ok(st, attn):
 
 def _attend(st, attn, q, k, v, parallel=False):
     """``parallel``: self-attention over the sequence, which diffusers' context parallelism shards
-    (the cross-attention's context is not sharded: each rank attends its own queries to all of it)."""
+    (the cross-attention's context is not sharded: each rank attends its own queries to all of it).
+    FP8 attention (attention_precision="fp8") is the self-attention's, not under context parallelism
+    (``usable`` counts that call: model-dtype attention through diffusers' all-to-all / ring)."""
+    if parallel and st.attn_fp8 is not None and st.attn_fp8.usable(st, attn.processor):
+        return st.attn_fp8.attention_heads(q, k, v)
     out = E.cp_attention(q, k, v, attn.processor) if parallel else None
     if out is not None:
         return out
-    if parallel and st.attn_fp8 is not None and st.attn_fp8.usable(st, attn.processor):  # attention_precision
-        return st.attn_fp8.attention_heads(q, k, v)
     if st.attention:
         return _eager.attention(q, k, v, None, False, None)
     from diffusers.models.attention_dispatch import dispatch_attention_fn
