@@ -20,8 +20,8 @@ under parallelism runs the model-dtype attention, counted.
 Without processes: what each rank needs (the RoPE tables and the per-token parameter-set index of a
 shard), and the stock fallback for tensor parallelism.
 
-Default run of this file ``-m "not slow"``: about a minute and a half on two cores; the ``slow`` ones (4
-processes, the other families and orders) a few minutes more.
+Default run of this file ``-m "not slow"``: under a minute on two cores; the ``slow`` ones (4 processes,
+the other families and orders) a few minutes more.
 
 GPU (@pytest.mark.gpu): supporting parallelism costs a run without it nothing (one GPU; diffusers has
 no degree-1 context parallelism: its config refuses ring_degree == ulysses_degree == 1 and its
