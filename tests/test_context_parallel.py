@@ -239,7 +239,7 @@ def test_fp8_ulysses2_other_families_and_orders(family, when, blocks, monkeypatc
 @pytest.mark.parametrize("family,world,ring,blocks,exact", [
     ("wan", 4, 1, 2, True),  # 6 image rows per rank (the text is not sharded)
     ("qwen", 2, 2, 2, True), ("wan", 4, 2, 2, True),  # ring: its merge rounds in fp32
-    ("flux", 2, 1, 4, False)])  # diffusers' native SDPA per rank, our CPU attention in one process
+    ("flux", 2, 1, 4, False)])  # diffusers' native SDPA per rank (float64 in the one-process run)
 def test_fp8_4_processes_ring_and_native_attention(family, world, ring, blocks, exact, monkeypatch):
     _check_fp8(family, "before", blocks, monkeypatch, world=world, ring=ring, exact=exact)
 
