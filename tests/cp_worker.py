@@ -70,23 +70,25 @@ def cpu_ring_standin():
     def op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
            enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
         assert attn_mask is None and not is_causal and dropout_p == 0.0
-        q, k, v = (t.double() for t in (query, key, value))
-        s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (scale if scale is not None else q.shape[-1] ** -0.5)
-        lse = torch.logsumexp(s, dim=-1)  # [B, H, Sq]
-        out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), v).to(query.dtype)
-        lse = lse.transpose(1, 2).float()
+        out, lse = attention64(query, key, value, scale)
         return (out, lse) if return_lse else out
     ad._native_attention_forward_op = op
 
 
+def attention64(q, k, v, scale=None):
+    """(softmax(q k^T * scale) v rounded once to q's dtype, log-sum-exp [B, S, H] fp32) of [B, S, H, D]
+    in float64: the same result for any order of the keys (all-to-all puts each rank's rows in rank
+    order) and any query rows, up to a float64 rounding near an fp32 tie."""
+    qd, kd, vd = (t.double() for t in (q, k, v))
+    s = torch.einsum("bqhd,bkhd->bhqk", qd, kd) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), vd).to(q.dtype)
+    return out, torch.logsumexp(s, dim=-1).transpose(1, 2).float()
+
+
 def exact_attention(q, k, v, softmax_scale=None, causal=False, backend=None):
-    """softmax(q k^T * scale) v of [B, S, H, D] in float64, rounded once to q's dtype: the same result
-    for any order of the keys (all-to-all puts each rank's rows in rank order) and any query rows, up
-    to a float64 rounding near an fp32 tie."""
+    """Our ``attention`` op's signature over :func:`attention64`."""
     assert not causal
-    qh, kh, vh = (t.double().transpose(1, 2) for t in (q, k, v))
-    s = (qh @ kh.transpose(-1, -2)) * (softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5)
-    return (torch.softmax(s, -1) @ vh).transpose(1, 2).contiguous().to(q.dtype)
+    return attention64(q, k, v, softmax_scale)[0].contiguous()
 
 
 def exact_attention_patches():
