@@ -33,6 +33,7 @@ import os
 import socket
 import tempfile
 import types
+import warnings
 
 import pytest
 import torch
@@ -59,9 +60,16 @@ def _parallel(family, world, when, ulysses=None, ring=1, precision="bf16", offlo
               attention_precision="bf16"):
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(cp_worker.run, args=(world, _port(), family, ulysses or world // ring, ring, when, d, "all",
-                                      precision, offload, exact, attention_precision),
-                 nprocs=world, join=True)
+        try:
+            mp.spawn(cp_worker.run, args=(world, _port(), family, ulysses or world // ring, ring, when, d, "all",
+                                          precision, offload, exact, attention_precision),
+                     nprocs=world, join=True)
+        except mp.ProcessExitedException as e:
+            # a signal after every rank finished its work and tore its group down (the ``done-<rank>``
+            # markers) is the process exit, not the code under test; anything earlier fails the test
+            if not (e.signal_name and all(os.path.exists(os.path.join(d, f"done-{r}")) for r in range(world))):
+                raise
+            warnings.warn(f"a context-parallel worker died at exit after finishing: {e}")
         return torch.load(os.path.join(d, "out.pt"), weights_only=False)
 
 
