@@ -7,14 +7,15 @@ head)), and their launcher.
    Grid (token chunks of BLOCK_N, H, B): each program reduces its chunk in registers and folds it
    into a zero-initialised fp32 [B, H] buffer with one ``atomic_max`` (a few dozen atomics per
    address at 8k tokens). A NaN makes the head's maximum +inf (atomics cannot carry NaN reliably):
-   every dequantised value of that head is then NaN, as in the reference.
+   every dequantised value of that head is then NaN, as in the reference. The q / k scale needs no
+   pass over the data: the programs of the first chunk derive it from the RMSNorm weights
+   (sqrt(D) * max|w| over both streams * margin / 448; see :mod:`fused_dit_ops.reference`) and write
+   the q and k descales.
 2. ``_qk_v_fp8_kernel``: grid (tokens, head groups, B), one token's [BLOCK_H, D] of q, k and v per
    program: q and k get the RMSNorm + RoPE of ``kernels/rope.py`` (same helpers, same roundings),
-   divided by a static scale and written as e4m3; v is divided by its (batch, head) scale from step 1
-   and written as e4m3. The q / k scale needs no pass over the data: every program derives it from
-   the RMSNorm weights it loads anyway (sqrt(D) * max|w| over both streams * margin / 448; see
-   :mod:`fused_dit_ops.reference`), so the quantisation of q and k costs nothing beyond the
-   bf16 kernel's work. The programs of token 0 write the three descale tensors.
+   divided by the q / k scale from step 1 (one scalar load each) and written as e4m3; v is divided
+   by its (batch, head) scale from step 1 and written as e4m3, so the quantisation of q and k costs
+   nothing beyond the bf16 kernel's work. The programs of token 0 write the v descales.
 
 Values are ``clamp(y * (1 / scale), -448, 448)`` (the reciprocal an IEEE-rounded division, once per
 scale: a division per value would cost more ALU time than the memory traffic), cast to
@@ -37,11 +38,29 @@ V_SUB_N = 32  # tokens per tile inside it
 
 
 @triton.jit
-def _v_amax_kernel(v_ptr, amax_ptr, N, H, s_b, s_l, s_h,
-                   D: tl.constexpr, D_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr):
+def _bound_scale(wa, wb, sqrt_d_margin, D: tl.constexpr, D_BLOCK: tl.constexpr):
+    """sqrt(D) * max(|wa|, |wb|) * margin / 448 (1 for all-zero weights), fp32."""
+    c = tl.arange(0, D_BLOCK)
+    m = c < D
+    a = tl.max(tl.abs(tl.load(wa + c, mask=m, other=0.0).to(tl.float32)), axis=0)
+    b = tl.max(tl.abs(tl.load(wb + c, mask=m, other=0.0).to(tl.float32)), axis=0)
+    w = tl.maximum(a, b)
+    return tl.where(w == 0.0, 1.0, tl.div_rn(w * sqrt_d_margin, 448.0))
+
+
+@triton.jit
+def _v_amax_kernel(v_ptr, amax_ptr, qd, kd, wqt, wkt, wqi, wki, sqrt_d_margin, N, H, s_b, s_l, s_h,
+                   D: tl.constexpr, D_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
+                   QK_SCALES: tl.constexpr):
+    """``QK_SCALES``: the programs of the first token chunk also write the q and k descales of their
+    (batch, head) (``joint_qk_norm_rope_fp8``; ``quantize_heads`` passes dummies)."""
     t0 = tl.program_id(0) * BLOCK_N
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    if QK_SCALES:
+        if t0 == 0:
+            tl.store(qd + b * H + h, _bound_scale(wqt, wqi, sqrt_d_margin, D, D_BLOCK))
+            tl.store(kd + b * H + h, _bound_scale(wkt, wki, sqrt_d_margin, D, D_BLOCK))
     c = tl.arange(0, D_BLOCK)
     cm = c < D
     m = tl.zeros((SUB_N,), dtype=tl.float32)
@@ -112,21 +131,10 @@ def _qk_row_fp8(x_in, s_in_h, x_out, s_out_h, w_ptr, heads64, hmask, cos, sin, e
 
 
 @triton.jit
-def _bound_scale(wa, wb, sqrt_d_margin, D: tl.constexpr, D_BLOCK: tl.constexpr):
-    """sqrt(D) * max(|wa|, |wb|) * margin / 448 (1 for all-zero weights), fp32."""
-    c = tl.arange(0, D_BLOCK)
-    m = c < D
-    a = tl.max(tl.abs(tl.load(wa + c, mask=m, other=0.0).to(tl.float32)), axis=0)
-    b = tl.max(tl.abs(tl.load(wb + c, mask=m, other=0.0).to(tl.float32)), axis=0)
-    w = tl.maximum(a, b)
-    return tl.where(w == 0.0, 1.0, tl.div_rn(w * sqrt_d_margin, 448.0))
-
-
-@triton.jit
 def _qk_v_fp8_kernel(
     q, k, v, q8, k8, v8, qd, kd, vd, vmax,
     wqt, wkt, wqi, wki, ct, ci,
-    Lt, H, Pt, Pi, eps, sqrt_d_margin,
+    Lt, H, Pt, Pi, eps,
     sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, o_b, o_l, s_ct, s_ci,
     D: tl.constexpr, D_BLOCK: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
     TAIL: tl.constexpr, TAIL_BLOCK: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -137,8 +145,8 @@ def _qk_v_fp8_kernel(
     hmask = heads < H
     heads64 = heads.to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    sq = _bound_scale(wqt, wqi, sqrt_d_margin, D, D_BLOCK)
-    sk = _bound_scale(wkt, wki, sqrt_d_margin, D, D_BLOCK)
+    sq = tl.load(qd + b * H)  # the q / k scales of ``_v_amax_kernel`` (one value per tensor)
+    sk = tl.load(kd + b * H)
     i = tl.arange(0, HALF_BLOCK)
     if lo < Lt:
         row = tl.minimum(lo, Pt - 1)
@@ -160,8 +168,6 @@ def _qk_v_fp8_kernel(
     # v: per-(batch, head) scale from its amax (1 for an all-zero head)
     sv = _heads_row_fp8(v + b * sv_b + lo * sv_l, sv_h, v8 + out, vmax + b * H, heads64, hmask, D, D_BLOCK)
     if lo == 0:
-        tl.store(qd + b * H + heads64, tl.zeros((BLOCK_H,), tl.float32) + sq, mask=hmask)
-        tl.store(kd + b * H + heads64, tl.zeros((BLOCK_H,), tl.float32) + sk, mask=hmask)
         tl.store(vd + b * H + heads64, sv, mask=hmask)
 
 
@@ -197,8 +203,8 @@ def quantize_heads(x, *, config=None, q_dtype=torch.float8_e4m3fn):
     nw = cfg.pop("num_warps", 4)
     with _device_guard(x):
         launch_kernel(_v_amax_kernel, (cdiv(N, V_BLOCK_N), H, B),
-                      (x, amax, N, H, x.stride(0), x.stride(1), x.stride(2)),
-                      (D, next_power_of_2(D), V_BLOCK_N, V_SUB_N), dict(num_warps=4))
+                      (x, amax, amax, amax, x, x, x, x, 1.0, N, H, x.stride(0), x.stride(1), x.stride(2)),
+                      (D, next_power_of_2(D), V_BLOCK_N, V_SUB_N, False), dict(num_warps=4))
         launch_kernel(_heads_fp8_kernel, (N, cdiv(H, bh), B),
                       (x, out, descale, amax, H, x.stride(0), x.stride(1), x.stride(2), N * H * D, H * D),
                       (D, next_power_of_2(D), bh), dict(num_warps=nw, **cfg))
@@ -234,13 +240,14 @@ def joint_qk_norm_rope_fp8(q, k, v, txt_len, weights, tables, eps, interleaved, 
     sqrt_d_margin = float(torch.tensor(float(D) ** 0.5 * ref.QK_BOUND_MARGIN, dtype=torch.float32))
     with _device_guard(q):
         launch_kernel(_v_amax_kernel, (cdiv(N, V_BLOCK_N), H, B),
-                      (v, vmax, N, H, v.stride(0), v.stride(1), v.stride(2)),
-                      (D, next_power_of_2(D), V_BLOCK_N, V_SUB_N), dict(num_warps=4))
+                      (v, vmax, descales[0], descales[1], weights[0], weights[1], weights[2], weights[3],
+                       sqrt_d_margin, N, H, v.stride(0), v.stride(1), v.stride(2)),
+                      (D, next_power_of_2(D), V_BLOCK_N, V_SUB_N, True), dict(num_warps=4))
         launch_kernel(
             _qk_v_fp8_kernel, (N, cdiv(H, bh), B),
             (q, k, v, outs[0], outs[1], outs[2], descales[0], descales[1], descales[2], vmax,
              weights[0], weights[1], weights[2], weights[3], tables[0], tables[1],
-             txt_len, H, tables[0].shape[0], tables[1].shape[0], float(eps), sqrt_d_margin,
+             txt_len, H, tables[0].shape[0], tables[1].shape[0], float(eps),
              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
              v.stride(0), v.stride(1), v.stride(2), N * H * D, H * D, tables[0].stride(0), tables[1].stride(0)),
             (D, next_power_of_2(D), max(half, 1), next_power_of_2(max(half, 1)), tail,
