@@ -109,7 +109,7 @@ def plain(t):
     return t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
 
 
-def run(rank, world, port, family, ulysses, ring, when, out_dir, ops="all", precision="bf16", offload=False,
+def run(rank, world, init_file, family, ulysses, ring, when, out_dir, ops="all", precision="bf16", offload=False,
         exact=False, attention_precision="bf16"):
     """``precision``, ``attention_precision``: passed to ``fdo.patch``. ``offload`` (precision="fp8"): the
     bf16 weights of the quantised Linears are swapped for CPU copies as on CUDA
@@ -117,9 +117,9 @@ def run(rank, world, port, family, ulysses, ring, when, out_dir, ops="all", prec
     dict is what it was before patching and runs one more forward (the stock model under parallelism:
     ``out3``). ``exact``: every attention step in float64 (:func:`exact_attention_patches`,
     :func:`cpu_ring_standin`)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous (in the test's temporary directory): no TCP port to find free and race for
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         import fused_dit_ops as fdo
         from diffusers import ContextParallelConfig

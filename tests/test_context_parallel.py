@@ -30,7 +30,6 @@ dispatcher has no branch for it), and ring + Ulysses on 2 GPUs (skipped with few
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import types
 import warnings
@@ -48,20 +47,12 @@ REL = 1e-5
 MLP_NOTE = {"mlp"}  # the GELU-epilogue MLP is CUDA-only: the one expected stock entry on CPU
 
 
-def _port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def _parallel(family, world, when, ulysses=None, ring=1, precision="bf16", offload=False, exact=False,
               attention_precision="bf16"):
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as d:
         try:
-            mp.spawn(cp_worker.run, args=(world, _port(), family, ulysses or world // ring, ring, when, d, "all",
+            mp.spawn(cp_worker.run, args=(world, os.path.join(d, "rendezvous"), family, ulysses or world // ring, ring, when, d, "all",
                                           precision, offload, exact, attention_precision),
                      nprocs=world, join=True)
         except mp.ProcessExitedException as e:
