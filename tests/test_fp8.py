@@ -166,6 +166,28 @@ def test_scaled_mm_token_counts_not_divisible_by_16(monkeypatch, M, into):
         assert dst[0].isnan().all() and dst[M + 1:].isnan().all()
 
 
+
+@pytest.mark.parametrize("Lt", [225, 208, 1])
+def test_scaled_mm_scale_views_16_byte_aligned(monkeypatch, Lt):
+    """cuBLASLt refuses (CUBLAS_STATUS_NOT_SUPPORTED) a row-wise scale vector that is not 16-byte
+    aligned. The image rows' scales of one joint [text + image] quantisation are a view starting
+    4 x L_txt bytes in: the CUDA path hands cuBLAS an aligned copy, without changing the result."""
+    seen = []
+
+    def scaled_mm(a, b, *, scale_a, scale_b, bias=None, out_dtype=None, out=None):
+        seen.append(scale_a.data_ptr() % 16)
+        y = ((a.double() * scale_a.double()) @ (b.double() * scale_b.double())).to(out_dtype)
+        return y if out is None else out.copy_(y)
+
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    oq, osc = F8.quantize_fp8(randn(1, Lt + 32, 48))
+    wq, ws = F8.quantize_weight(randn(16, 48))
+    iq, isc = oq[0, Lt:], osc[0, Lt:]
+    assert (isc.data_ptr() % 16 != 0) == (Lt % 4 != 0)
+    got = F8._scaled_mm_into(iq, isc, wq, ws, None, torch.float32)
+    assert seen == [0]
+    torch.testing.assert_close(got, F8.fp8_linear(iq, isc, wq, ws, None, torch.float32), rtol=1e-5, atol=1e-5)
+
 # --- opcheck, compile, bad inputs ---------------------------------------------------------------------
 
 def _op_cases(device="cpu"):
@@ -664,6 +686,21 @@ def test_gpu_fp8_linear_matches_reference():
     want = ref.joint_fp8_linear(*txt, xq, xs, wq, ws, b, wq, ws, None, torch.float32)
     assert rel_err(out, want) < 5e-3
 
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+@pytest.mark.parametrize("Lt", [225, 208])
+def test_gpu_fp8_linear_on_joint_row_views(Lt):
+    """The attention output of a joint block is quantised in one pass and its image rows are a view:
+    their scales start 4 x L_txt bytes in (not 16-byte aligned for a text length of 225)."""
+    dev = "cuda"
+    oq, osc = F8.quantize_fp8(randn(1, Lt + 512, 3072, dtype=torch.bfloat16, device=dev))
+    wq, ws = F8.quantize_weight(randn(3072, 3072, dtype=torch.bfloat16, device=dev) * 0.02)
+    for rows in (slice(0, Lt), slice(Lt, None)):
+        x, s = oq[0, rows], osc[0, rows]
+        out = F8.fp8_linear(x, s, wq, ws, None, torch.bfloat16)
+        assert rel_err(out, ref.fp8_linear(x, s, wq, ws, None, torch.float32)) < 5e-3
 
 @pytest.mark.gpu
 @needs_fp8_gpu

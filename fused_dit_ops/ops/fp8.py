@@ -263,8 +263,14 @@ def _scaled_mm_into(x2, xs, w, ws, bias, out_dtype, out=None):
     cuBLAS's FP8 GEMM takes only sizes divisible by 16 (CUBLAS_STATUS_NOT_SUPPORTED otherwise). K
     and N are checked; a token count M that is not (a text length of 225, an odd image size) is
     padded with zero rows to the next multiple of 16: a copy of the e4m3 rows (1 byte per value)
-    and a GEMM over at most 15 more rows, whose results are dropped."""
+    and a GEMM over at most 15 more rows, whose results are dropped.
+
+    cuBLASLt also wants the scale vectors 16-byte aligned: the image rows' scales of one joint
+    [text + image] quantisation start 4 x L_txt bytes in (900 for a text length of 225), so a
+    misaligned scale view is copied (M floats)."""
     M, K = x2.shape
+    if xs.data_ptr() % 16:
+        xs = xs.clone()
     pad = -M % 16
     if pad:
         xp = torch.zeros((M + pad, K), dtype=x2.dtype, device=x2.device)
