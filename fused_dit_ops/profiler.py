@@ -733,6 +733,7 @@ def _config_name(spec: str) -> tuple[str, str, dict]:
     base, opts = _configs_mod().split_modifiers(spec)
     mods = spec.strip().split("+")[1:]
     norm = _configs_mod().normalize(base)
+    _configs_mod().whole_model_only(norm, "profile")
     return "+".join([norm, *mods]), norm, opts
 
 

@@ -132,3 +132,23 @@ def test_profile_flux_single_block_cpu(tmp_path, capsys):
     assert "fused_dit::joint_qk_norm_rope_" in ops[1] and "fused_dit::attention" in ops[1]
     with pytest.raises(SystemExit, match="outside"):
         profiler.run_profile(model="flux", kind="double", layers=1, layer=1, device="cpu")
+
+
+def test_bench_model_cudagraphs_providers_tiny_cpu(tmp_path):
+    """``*-cudagraphs``: the whole model under torch.compile(mode="reduce-overhead") (on the CPU the
+    compile runs without CUDA graphs); the output is taken before the next replay can overwrite it.
+    ``bench block`` and ``profile`` run one block alone and refuse these configurations by name."""
+    doc = _bench_json(model.main, ["--model", "flux", "--device", "cpu", "--tiny", "--layers", "1", "--providers",
+                                   "stock-eager,patched-cudagraphs", "--steps", "2", "--warmup", "1"],
+                      tmp_path, "model-flux-tiny-*.json")
+    rows = {r["provider"]: r for r in doc["rows"]}
+    pc = rows["patched-cudagraphs"]
+    assert "error" not in pc, pc
+    assert pc["compile"] == 'torch.compile(model, mode="reduce-overhead")'
+    assert pc["ms_forward"] > 0 and pc["max_rel_diff_vs_stock"] < 1e-3
+    with pytest.raises(SystemExit):
+        block.main(["--model", "flux", "--device", "cpu", "--tiny", "--providers", "patched-cudagraphs",
+                    "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="whole forwards only"):
+        profiler.main(["--model", "flux", "--layers", "1", "--device", "cpu", "--a", "stock",
+                       "--b", "patched-cudagraphs"])

@@ -6,7 +6,11 @@ serves every configuration (the 60-layer bf16 model is ~41 GB):
 - ``stock``: the diffusers model as built;
 - ``patched``: ``fused_dit_ops.patch(model)``;
 - ``stock-compile`` / ``patched-compile``: the same, then regional compilation of the transformer
-  blocks (diffusers' ``compile_repeated_blocks``: one block compiled once, reused by every layer).
+  blocks (diffusers' ``compile_repeated_blocks``: one block compiled once, reused by every layer);
+- ``stock-cudagraphs`` / ``patched-cudagraphs``: the same, then the whole transformer compiled with
+  ``torch.compile(model, mode="reduce-overhead")`` (CUDA graphs: no host time per kernel at replay;
+  regional compilation with CUDA graphs does not run the patched model). Whole-model forwards only
+  (``bench model``).
 
 ``X-eager`` is accepted as a synonym of ``X``.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-CONFIGS = ("stock", "patched", "stock-compile", "patched-compile")
+CONFIGS = ("stock", "patched", "stock-compile", "patched-compile", "stock-cudagraphs", "patched-cudagraphs")
 
 
 def normalize(name: str) -> str:
@@ -34,7 +38,20 @@ def is_patched(name: str) -> bool:
 
 
 def is_compiled(name: str) -> bool:
+    """Regional compilation (``*-compile``)."""
     return normalize(name.partition("+")[0]).endswith("compile")
+
+
+def is_cudagraphs(name: str) -> bool:
+    """The whole model under ``torch.compile(mode="reduce-overhead")`` (``*-cudagraphs``)."""
+    return normalize(name.partition("+")[0]).endswith("cudagraphs")
+
+
+def whole_model_only(name: str, who: str) -> None:
+    """Raise ValueError for a ``*-cudagraphs`` configuration where one block is run or profiled alone."""
+    if is_cudagraphs(name):
+        raise ValueError(f"{who}: {name!r} compiles the whole model with CUDA graphs; it applies to whole "
+                         "forwards only (python -m fused_dit_ops bench model)")
 
 
 def _patch_api():
@@ -152,13 +169,16 @@ def apply(model, name: str, *, fullgraph: bool = True, reuse_mod: bool = False, 
         info["patch"] = str(report)
     if is_compiled(name):
         info["compile"] = compile_blocks(model, fullgraph=fullgraph)
+    if is_cudagraphs(name):
+        model.compile(mode="reduce-overhead")
+        info["compile"] = 'torch.compile(model, mode="reduce-overhead")'
     return info
 
 
 def reset(model, name: str) -> None:
     """Undo :func:`apply` (uncompile, then unpatch)."""
     name = normalize(name)
-    if is_compiled(name):
+    if is_compiled(name) or is_cudagraphs(name):
         uncompile(model)
     from . import fp8_recipe
     fp8_recipe.remove(model)

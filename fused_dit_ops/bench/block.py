@@ -128,6 +128,7 @@ def run_provider_blocks(model, inputs: dict, provider: str, device: str, rep_ms:
     once for all of them): [(row, image output)] in the order of the blocks."""
     base_name, opts = _configs.split_modifiers(provider)  # e.g. "patched-eager+nopack"
     name = _configs.normalize(base_name)
+    _configs.whole_model_only(name, "bench block")
     base = "patched" if _configs.is_patched(name) else "stock"
     _configs.apply(model, base, **opts)
     try:
@@ -273,6 +274,11 @@ def main(argv=None) -> int:
     if device is None:
         return 2
     providers = _configs.parse_providers(args.providers, "bench block")
+    for p in providers:
+        try:
+            _configs.whole_model_only(_configs.normalize(p.partition("+")[0]), "bench block")
+        except ValueError as e:
+            ap.error(str(e))
     if args.precision == "fp8":
         providers = providers + [p + "+fp8" for p in providers
                                  if _configs.is_patched(_configs.normalize(p.partition("+")[0]))

@@ -7,7 +7,11 @@ each provider is applied to it in place and undone afterwards (no second copy of
 - ``stock-compile``: ``model.compile_repeated_blocks(fullgraph=True)`` (one block compiled once,
   reused by all layers);
 - ``patched-eager``: ``fused_dit_ops.patch(model)``;
-- ``patched-compile``: patched, then ``compile_repeated_blocks(fullgraph=True)``.
+- ``patched-compile``: patched, then ``compile_repeated_blocks(fullgraph=True)``;
+- ``stock-cudagraphs`` / ``patched-cudagraphs`` (not in the default list): the whole transformer under
+  ``torch.compile(model, mode="reduce-overhead")`` (CUDA graphs), for shapes where the eager forward
+  is bound by host time (small images); each forward starts a new CUDA-graph step
+  (``torch.compiler.cudagraph_mark_step_begin``).
 
 A CFG step is two forwards, as the Edit pipeline runs them: the conditional one (text length
 225 by default) and the unconditional one (208), each at the Edit image shape (target + reference,
@@ -102,9 +106,17 @@ def run_provider(model, cond: dict, uncond: dict | None, provider: str, device: 
     name = _configs.normalize(base)
     timer = _Timer(device)
     ctx = contextlib.nullcontext()
-    if _configs.is_compiled(name) and not dynamic:
+    if (_configs.is_compiled(name) or _configs.is_cudagraphs(name)) and not dynamic:
         ctx = torch._dynamo.config.patch(automatic_dynamic_shapes=False)
     info = _configs.apply(model, name, **{"reuse_mod": True, **opts})
+    if _configs.is_cudagraphs(name):
+        compiled = model
+
+        def model(**kw):  # noqa: F811  (one CUDA-graph step per forward)
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(**kw)
+    else:
+        compiled = model
     # one timestep per step (descending, as a sampler's), the same tensor for cond and uncond
     t0v = float(cond["timestep"].flatten()[0])
     # (scaled, not filled: a per-token timestep keeps its zeros, Wan2.2 TI2V's conditioning frame)
@@ -139,10 +151,10 @@ def run_provider(model, cond: dict, uncond: dict | None, provider: str, device: 
             cond_ms = [timer.ms(a, b) for a, b, _ in marks]
             uncond_ms = [timer.ms(b, c) for _, b, c in marks]
             step_ms = [timer.ms(a, c) for a, _, c in marks]
-            out = model(**cond)[0].detach()
+            out = model(**cond)[0].detach().clone()  # (a CUDA graph's output is overwritten by its next replay)
             _configs.synchronize(device)
     finally:
-        _configs.reset(model, name)
+        _configs.reset(compiled, name)
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     med = statistics.median
@@ -194,7 +206,8 @@ def main(argv=None) -> int:
                                  description=harness.plain_doc(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--providers", default=None,
-                    help=f"comma list from {', '.join(PROVIDERS)} (default: all four; wan ti2v-5b: also "
+                    help=f"comma list from {', '.join(PROVIDERS)}, stock-cudagraphs, patched-cudagraphs "
+                         "(default: the first four; wan ti2v-5b: also "
                          "patched-eager+nocollapse); a patched one may end in patch options "
                          f"({', '.join('+' + m for m in _configs.MODIFIERS)}, e.g. '+noreuse': "
                          "patch(reuse_mod=False)); a name may repeat (interleaved A/B)")
