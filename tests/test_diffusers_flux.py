@@ -269,7 +269,8 @@ def test_interpreted_direct_path_matches_stock(monkeypatch, batch):
     ref = _run(m, kw)
     fdo.patch(m)
     calls = {}
-    for name in ("norm_scale_shift", "gate_residual_norm_scale_shift", "joint_qk_norm_rope_", "gate_residual"):
+    for name in ("norm_scale_shift", "gate_residual_norm_scale_shift", "joint_qk_norm_rope_", "gate_residual",
+                 "attention"):
         real = getattr(_eager, name)
         monkeypatch.setattr(_eager, name, lambda *a, _n=name, _f=real, **k: calls.update({_n: calls.get(_n, 0) + 1})
                             or _f(*a, **k))
@@ -277,6 +278,8 @@ def test_interpreted_direct_path_matches_stock(monkeypatch, batch):
     assert rel_err(_run(m, kw), ref) < 1e-5
     # single blocks: norm once (block 0), look-ahead into block 1, gate_residual at the end
     assert calls["norm_scale_shift"] == 1 and calls["gate_residual_norm_scale_shift"] == 1, calls
+    # the single blocks' attention: the checked fast path (q, k, v views of the block's projection)
+    assert calls["attention"] == len(m.single_transformer_blocks), calls
 
 
 # --- GPU: real dims, bf16 vs an fp32 copy ----------------------------------------------------------

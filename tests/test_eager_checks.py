@@ -154,3 +154,51 @@ def test_remembered_signatures_are_bounded(stubbed, monkeypatch):
         for L in range(1, 30):
             _eager.gate_residual(torch.randn(1, L, 16), torch.randn(1, L, 16), torch.randn(1, 16))
             assert len(_eager._PASSED) <= 8
+
+
+def test_gate_residual_fast_path_calls_the_cpp_kernel_after_the_check(stubbed, monkeypatch):
+    """With the C++ kernel built, the fast path runs the op's check (remembered) and calls the C++
+    kernel directly (not the op: no dispatcher and no second check); a gate of another dtype takes the
+    Triton launcher, as the op does."""
+    launches, checks = stubbed
+    cpp = []
+    monkeypatch.setattr(_mod, "_GATE_RESIDUAL_CPP", lambda *a: cpp.append(len(a)) or a[0])
+    args = _args()["gate_residual"]
+    with torch.no_grad():
+        for _ in range(2):
+            _eager.gate_residual(*args)
+        assert cpp == [4, 4] and launches == [] and checks == ["_check_gate_residual"]
+        _eager.gate_residual(args[0].bfloat16(), args[1].bfloat16(), args[2], args[3])  # fp32 gate (Wan)
+        assert launches == ["gate_residual"] and cpp == [4, 4]
+        with pytest.raises(FusedDitInputError):
+            _eager.gate_residual(args[0].double(), *args[1:])
+    assert cpp == [4, 4]
+
+
+def test_attention_fast_path_checks_once_then_selects(monkeypatch):
+    """``_eager.attention`` on the fast path: the op's own check (remembered per signature, bad input
+    raises the op's error every time), then the backend ``attention_dispatch.select`` picks, the same
+    output as the op; empty inputs go to the op."""
+    from fused_dit_ops.ops import attention as _attn_op
+    monkeypatch.setattr(_eager, "fast", lambda x: not torch.is_grad_enabled())
+    monkeypatch.setattr(_eager, "_PASSED", set())
+    n = []
+    real = _attn_op._check_attention
+    monkeypatch.setattr(_attn_op, "_check_attention", lambda *a: n.append(1) or real(*a))
+    qkv = torch.randn(2, 7, 3 * 2 * 8)
+    q, k, v = (qkv[..., j * 16:(j + 1) * 16].unflatten(-1, (2, 8)) for j in range(3))
+    with torch.no_grad():
+        want = torch.ops.fused_dit.attention.default(q, k, v, None, False, None)
+        n.clear()
+        for _ in range(2):
+            torch.testing.assert_close(_eager.attention(q, k, v, None, False, None), want)
+        assert len(n) == 1
+        for bad in ((q, k[:1], v), (q, k, v, -1.0), (q.double(), k, v)):
+            for _ in range(2):
+                with pytest.raises(FusedDitInputError) as e:
+                    _eager.attention(*bad)
+                with pytest.raises(FusedDitInputError) as via_op:
+                    torch.ops.fused_dit.attention.default(*bad)
+                assert str(e.value) == str(via_op.value)
+        empty = _eager.attention(q[:, :0], k, v)
+        assert empty.shape == (2, 0, 2, 8)

@@ -11,7 +11,8 @@ references), and torch.profiler and dispatch modes see.
 Two functions skip the check on the fast path, for buffers the caller built itself in the same
 call: :func:`joint_linear_unchecked` (activations the modulation ops just wrote, weights the caller
 packed) and :func:`attention_unchecked` (q, k, v views of the joint buffer ``joint_linear`` just
-returned). Elsewhere they are the checked ops.
+returned). Elsewhere they are checked (:func:`attention` runs the op's check, remembered as below,
+then the backend ``attention_dispatch.select`` picks).
 
 The checks run through :func:`_check`, which remembers the metadata signatures that passed: a
 repeated call with the same shapes, strides, dtypes, devices and scalar arguments (every block of
@@ -27,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from .. import attention_dispatch as _attn
+from . import attention as _attn_op
 from . import linear as _linear
 from . import modulation as _mod
 from . import qk_norm_across_heads as _qkah
@@ -142,10 +144,11 @@ def dual_gate_residual_norm_scale_shift(ra, ua, ga, sha, sca, ia, eps_a, rb, ub,
 
 
 def gate_residual(residual, update, gate, index=None):
-    if not fast(residual) or (_mod._GATE_RESIDUAL_CPP is not None  # the C++ kernel sits behind its op
-                              and gate.dtype == residual.dtype):
+    if not fast(residual):
         return _GR(residual, update, gate, index)
     _check(_mod._check_gate_residual, residual, update, gate, index)
+    if _mod._GATE_RESIDUAL_CPP is not None and gate.dtype == residual.dtype:  # the C++ kernel: one dtype
+        return _mod._GATE_RESIDUAL_CPP(residual, update, gate, index)
     from ..kernels import modulation as km
     return km.gate_residual(residual, update, gate, index)
 
@@ -180,8 +183,15 @@ def qk_norm_rope_cat(*args):
 
 
 def attention(q, k, v, softmax_scale=None, causal=False, backend=None):
-    """q, k, v from module calls: the op, with its checks."""
-    return _ATTN(q, k, v, softmax_scale, causal, backend)
+    """q, k, v of any origin: the op's checks, then the selected backend (the op itself off the fast
+    path, and for the empty cases it handles)."""
+    if not fast(q):
+        return _ATTN(q, k, v, softmax_scale, causal, backend)
+    _check(_attn_op._check_attention, q, k, v, softmax_scale, causal, backend)
+    if q.numel() == 0 or k.shape[1] == 0:
+        return _ATTN(q, k, v, softmax_scale, causal, backend)
+    out = _attn.RUNNERS[_attn.select(q, k, v, causal, backend)](q, k, v, softmax_scale, causal)
+    return out if out.is_contiguous() else out.contiguous()
 
 
 def joint_linear_unchecked(txt, img, txt_weights, txt_biases, img_weights, img_biases):
