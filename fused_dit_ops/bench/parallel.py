@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -33,14 +32,6 @@ import torch
 from . import harness
 
 DEFAULT_CONFIG = {"qwen": "edit-2511", "flux": "dev", "flux2": "dev", "wan": "t2v-14b"}
-
-
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def _plain(t):
@@ -125,14 +116,15 @@ def degree1_overhead(family="flux", config=None, layers=2, img_tokens=(4096,), i
                 rel_err=_rel(out, ref), runtime=dict(report.runtime), swapped=list(report.swapped))
 
 
-def _rank(rank, world, port, family, config, layers, tokens, ulysses, ring, backend, iters, out_dir):
+def _rank(rank, world, family, config, layers, tokens, ulysses, ring, backend, iters, out_dir):
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
 
     import fused_dit_ops as fdo
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world)
+    # the ranks meet through a file in the run's temporary directory (no TCP port picked, then bound)
+    dist.init_process_group("nccl", init_method="file://" + os.path.join(out_dir, "rendezvous"), rank=rank,
+                            world_size=world)
     try:
         dev = torch.device("cuda", rank)
         m, kw = _build(family, config, layers, tokens, dev, torch.bfloat16)
@@ -162,7 +154,7 @@ def spawn_compare(family="flux", ulysses=2, ring=1, config=None, layers=2, img_t
     if backend is None and ring > 1:
         backend = "_native_cudnn"
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_rank, args=(world, _port(), family, config or DEFAULT_CONFIG[family], layers, img_tokens,
+        mp.spawn(_rank, args=(world, family, config or DEFAULT_CONFIG[family], layers, img_tokens,
                               ulysses, ring, backend, iters, d), nprocs=world, join=True)
         r = torch.load(os.path.join(d, "r.pt"), weights_only=False)
     return dict(family=family, ulysses=ulysses, ring=ring, backend=backend or "diffusers active", **r)
