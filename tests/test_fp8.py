@@ -350,16 +350,18 @@ def test_interpret_dual_gate_residual_norm_fp8(dtype):
             _close_pre_cast((q, s), ref.norm_scale_shift_fp8(r, *args[3:5], args[5], cast=False))
 
 
-# the two-pass kernel of wide rows, with 32-column chunks (a ragged last chunk of the 96 columns)
+# the kernels of wide rows, with 64-column chunks (a ragged last chunk of the 96 columns): two passes, or
+# one pass over the chunks held in registers
 _CHUNKED = {"CHUNKED": True, "BLOCK_M": 2, "BLOCK_K": 64, "STREAM_STORES": False, "num_warps": 4}
+_WIDE = {"whole": None, "chunked": _CHUNKED, "onepass": dict(_CHUNKED, ONEPASS=True)}
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("kernel", list(_WIDE))
 @pytest.mark.parametrize("bias,gelu", [(False, False), (True, True)])
-def test_interpret_quantize_rows(bias, gelu, chunked):
+def test_interpret_quantize_rows(bias, gelu, kernel):
     from fused_dit_ops.kernels import fp8 as k
-    cfg = _CHUNKED if chunked else None
+    cfg = _WIDE[kernel]
     x = randn(2, 7, 96)
     x[0, 3] = 0  # a zero row (no bias): scale 1
     b = randn(96) if bias else None
@@ -379,12 +381,12 @@ def test_interpret_quantize_rows(bias, gelu, chunked):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("chunked", [False, True])
-def test_interpret_nan_row_stays_nan(chunked):
+@pytest.mark.parametrize("kernel", list(_WIDE))
+def test_interpret_nan_row_stays_nan(kernel):
     from fused_dit_ops.kernels import fp8 as k
     x = randn(3, 48)
     x[1, 5] = float("nan")
-    q, s = k.quantize_rows(x, None, False, _CHUNKED if chunked else None, q_dtype=torch.float32)
+    q, s = k.quantize_rows(x, None, False, _WIDE[kernel], q_dtype=torch.float32)
     assert torch.isnan(s[1]) and torch.isnan(q[1]).all()
     assert torch.isfinite(s[[0, 2]]).all() and torch.isfinite(q[[0, 2]]).all()
     qr, sr = ref.quantize_fp8_rows(x)

@@ -162,14 +162,15 @@ def _close_pre_cast(got, want):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("kernel", ["whole", "chunked", "onepass"])
 @pytest.mark.parametrize("act", ["none", "gelu_tanh", "swiglu"])
-def test_interpret_quantize_cat(act, chunked):
-    """Whole rows in registers, and the two-pass kernel for wide rows (here with 32-column chunks: the
-    a | b boundary inside a chunk, a ragged last chunk)."""
+def test_interpret_quantize_cat(act, kernel):
+    """Whole rows in one register tile; for wide rows the two-pass kernel and the one-pass kernel over
+    chunks held in registers (here with 32-column chunks: the a | b boundary inside a chunk, a ragged
+    last chunk)."""
     from fused_dit_ops.kernels import fp8 as k
-    cfg = ({"CHUNKED": True, "BLOCK_M": 2, "BLOCK_K": 32, "STREAM_STORES": False, "num_warps": 4} if chunked
-           else None)
+    chunks = {"CHUNKED": True, "BLOCK_M": 2, "BLOCK_K": 32, "STREAM_STORES": False, "num_warps": 4}
+    cfg = {"whole": None, "chunked": chunks, "onepass": dict(chunks, ONEPASS=True)}[kernel]
     a = randn(2, 7, 48)
     wide = randn(2, 7, 208)
     b = wide[..., 48:]
@@ -183,7 +184,12 @@ def test_interpret_quantize_cat(act, chunked):
     b[1, 3, 5] = float("nan")
     q, s = k.quantize_cat(a, b, act, cfg, q_dtype=torch.float32)
     assert torch.isnan(s[1, 3]) and torch.isfinite(s[0]).all()
-    assert k._cat_config(3072, 12288, "gelu_tanh")["CHUNKED"] and not k._cat_config(48, 160)["CHUNKED"]
+    assert not k._cat_config(48, 160)["CHUNKED"]
+    # the single-stream blocks of Flux.1 and FLUX.2, fc1 outputs: one pass; rows wider than 8 chunks: two
+    for ka, kb, a in ((3072, 12288, "gelu_tanh"), (6144, 18432, "swiglu"), (0, 12288, "gelu_tanh")):
+        assert k._cat_config(ka, kb, a).get("ONEPASS"), (ka, kb, a)
+    assert k._rows_config(12288).get("ONEPASS") and k._rows_config(13824).get("ONEPASS")
+    assert k._cat_config(0, 40000, "gelu_tanh") == k.CHUNKED_CONFIG
 
 
 @pytest.mark.interpret

@@ -10,8 +10,10 @@ tensors: values [B, L, C] (or [M, K]) and scales [B, L] (or [M]).
 
 The norm kernels reuse the row helpers of :mod:`.modulation` (same LayerNorm / RMSNorm, same
 parameter selection); only the store differs. ``quantize_cat`` (rows of [a | act(b)], e.g. a
-single-stream block's [attention | GELU(MLP)]) holds whole rows up to 16384 padded columns and
-otherwise runs a two-pass kernel over column chunks (the row maximum, then the values recomputed).
+single-stream block's [attention | GELU(MLP)]) and ``quantize_rows`` hold whole rows in one tile
+up to 8192 padded columns; wider rows are held as a tuple of column chunks (up to 32768 columns: each
+value read and activated once), and rows wider still take a two-pass kernel over column chunks (the
+row maximum, then the values recomputed).
 """
 from __future__ import annotations
 
@@ -287,6 +289,52 @@ def _quantize_cat_chunked_kernel(
 
 
 @triton.jit
+def _quantize_cat_onepass_kernel(
+    a_ptr, b_ptr, bias_ptr, q_ptr, s_ptr, M, L, KA, KB, stride_ab, stride_al, stride_bb, stride_bl,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    N_A: tl.constexpr, N_B: tl.constexpr, STREAM_STORES: tl.constexpr,
+):
+    """:func:`_quantize_cat_chunked_kernel`'s rows in one pass: the row is held in registers as a tuple
+    of N_A + N_B BLOCK_K-column chunks (unrolled), so each input value is read once and activated once,
+    then the row maximum scales the held values. The chunked kernel activates every value twice: with
+    GELU-tanh or SwiGLU its instruction count per value, not memory, bounded it (sm_90 SASS: ~62
+    instructions per value over both passes, ~40 here)."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = m < M
+    m64 = m.to(tl.int64)
+    a_row = (a_ptr + (m64 // L) * stride_ab + (m64 % L) * stride_al)[:, None]
+    b_row = (b_ptr + (m64 // L) * stride_bb + (m64 % L) * stride_bl)[:, None]
+    q_row = m64 * (KA + KB)
+    k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    ya = ()
+    for i in tl.static_range(N_A):
+        c = i * BLOCK_K
+        msk = rmask[:, None] & ((c + k) < KA)[None, :]
+        y = tl.load(a_row + c + k[None, :], mask=msk, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        acc = tl.maximum(acc, tl.abs(y), propagate_nan=tl.PropagateNan.ALL)
+        ya = ya + (y,)
+    yb = ()
+    for i in tl.static_range(N_B):
+        c = i * BLOCK_K
+        msk = rmask[:, None] & ((c + k) < KB)[None, :]
+        y = _act_chunk(b_row, c, k, msk, bias_ptr, KB, ACT, HAS_BIAS, "evict_first")
+        acc = tl.maximum(acc, tl.where(msk, tl.abs(y), 0.0), propagate_nan=tl.PropagateNan.ALL)
+        yb = yb + (y,)
+    scale, inv = _row_scales(tl.reduce(acc, 1, _nan_max))
+    inv = inv[:, None]
+    for i in tl.static_range(N_A):
+        c = i * BLOCK_K
+        q = tl.clamp(ya[i] * inv, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        _store_e4m3(q_ptr + c, q.to(q_ptr.dtype.element_ty), q_row, rmask, KA - c, BLOCK_K, STREAM_STORES)
+    for i in tl.static_range(N_B):
+        c = i * BLOCK_K
+        q = tl.clamp(yb[i] * inv, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        _store_e4m3(q_ptr + KA + c, q.to(q_ptr.dtype.element_ty), q_row, rmask, KB - c, BLOCK_K, STREAM_STORES)
+    tl.store(s_ptr + m64, scale, mask=rmask)
+
+
+@triton.jit
 def _grln_fp8_kernel(
     r_ptr, u_ptr, gate_ptr, idx_ptr, w_ptr, bias_ptr, r_out_ptr, q_ptr, s_ptr,
     L, C, B, eps,
@@ -425,10 +473,11 @@ def quantize_rows(x, bias=None, gelu=False, config=None, q_dtype=torch.float8_e4
         return q, s
     cfg = dict(config or _rows_config(K))
     chunked, bm, stream = cfg.pop("CHUNKED", False), cfg.pop("BLOCK_M"), cfg.pop("STREAM_STORES")
+    onepass = cfg.pop("ONEPASS", False)
     with _device_guard(x):
         if chunked:
             bk = cfg.pop("BLOCK_K")
-            launch(_quantize_cat_chunked_kernel, (cdiv(M, bm),),
+            launch(_quantize_cat_onepass_kernel if onepass else _quantize_cat_chunked_kernel, (cdiv(M, bm),),
                    (x3, x3, x3 if bias is None else bias, q, s, M, L, 0, K, x3.stride(0), x3.stride(1),
                     x3.stride(0), x3.stride(1)),
                    (1 if gelu else 0, bias is not None, bm, bk, 0, cdiv(K, bk), stream), cfg)
@@ -442,26 +491,40 @@ def quantize_rows(x, bias=None, gelu=False, config=None, q_dtype=torch.float8_e4
 _ACTS = {"none": 0, "gelu_tanh": 1, "swiglu": 2}
 
 
-# padded row tiles (a + b, SwiGLU's two b tiles counted) held in registers at most; wider rows take the
-# two-pass chunked kernel (an H100 ran the whole-row kernel at ~1.5 TB/s for 16384-column tiles)
+# padded row tiles (a + b, SwiGLU's two b tiles counted) held in one register tile at most; wider rows are
+# held as column chunks (ONEPASS_CONFIG) up to ONEPASS_MAX_CHUNKS of them (values per thread: chunks x
+# BLOCK_K / threads = 8 per chunk), wider still they take the two-pass chunked kernel (an H100 ran the
+# whole-row kernel at ~1.5 TB/s for 16384-column tiles)
 CAT_WHOLE_ROW_MAX = 8192
 CHUNKED_CONFIG = {"CHUNKED": True, "BLOCK_M": 1, "BLOCK_K": 2048, "STREAM_STORES": True, "num_warps": 8}
+ONEPASS_CONFIG = {"CHUNKED": True, "ONEPASS": True, "BLOCK_M": 1, "BLOCK_K": 4096, "STREAM_STORES": True,
+                  "num_warps": 16}
+ONEPASS_MAX_CHUNKS = 8
+
+
+def _wide_config(KA: int, KB: int) -> dict:
+    """Rows wider than one register tile: one pass over held chunks while they fit, else two passes."""
+    bk = ONEPASS_CONFIG["BLOCK_K"]
+    if cdiv(KA, bk) + cdiv(KB, bk) <= ONEPASS_MAX_CHUNKS:
+        return dict(ONEPASS_CONFIG)
+    return dict(CHUNKED_CONFIG)
 
 
 def _rows_config(K: int) -> dict:
-    """quantize_rows: whole rows (``_row_config``) up to CAT_WHOLE_ROW_MAX padded columns, else chunked."""
+    """quantize_rows: whole rows (``_row_config``) up to CAT_WHOLE_ROW_MAX padded columns, else
+    ``_wide_config``."""
     if next_power_of_2(max(K, 16)) > CAT_WHOLE_ROW_MAX:
-        return dict(CHUNKED_CONFIG)
+        return _wide_config(0, K)
     return dict(_row_config(K), CHUNKED=False)
 
 
 def _cat_config(KA: int, KB: int, act: str = "none") -> dict:
-    """Whole rows per program (as _row_config) while the padded tiles fit, else BLOCK_K-column chunks
-    in two passes (``CHUNKED``)."""
+    """Whole rows per program (as _row_config) while the padded tiles fit, else ``_wide_config``
+    (``CHUNKED``: BLOCK_K-column chunks, held in one pass with ``ONEPASS``, else two passes)."""
     ba, bb = next_power_of_2(max(KA, 16)), next_power_of_2(max(KB, 16))
     width = ba + bb * (2 if act == "swiglu" else 1)
     if width > CAT_WHOLE_ROW_MAX:
-        return dict(CHUNKED_CONFIG)
+        return _wide_config(KA, KB)
     block_m = 1 << (max(1, min(4, 4096 // width)).bit_length() - 1)  # a power of two
     num_warps = 16 if width >= 16384 else 8 if width >= 8192 else 4
     return {"CHUNKED": False, "BLOCK_M": block_m, "BLOCK_A": ba, "BLOCK_B": bb, "STREAM_STORES": True,
@@ -488,11 +551,12 @@ def quantize_cat(a, b, activation="none", config=None, q_dtype=torch.float8_e4m3
         return q, s
     cfg = dict(config or _cat_config(KA, KB, activation))
     chunked, bm, stream = cfg.pop("CHUNKED"), cfg.pop("BLOCK_M"), cfg.pop("STREAM_STORES")
+    onepass = cfg.pop("ONEPASS", False)
     args = (a3, b3, q, s, M, L, KA, KB, a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1))
     with _device_guard(b):
         if chunked:
             bk = cfg.pop("BLOCK_K")
-            launch(_quantize_cat_chunked_kernel, (cdiv(M, bm),), (a3, b3, b3, *args[2:]),
+            launch(_quantize_cat_onepass_kernel if onepass else _quantize_cat_chunked_kernel, (cdiv(M, bm),), (a3, b3, b3, *args[2:]),
                    (_ACTS[activation], False, bm, bk, cdiv(KA, bk), cdiv(KB, bk), stream), cfg)
         else:
             launch(_quantize_cat_kernel, (cdiv(M, bm),), args,
