@@ -10,6 +10,7 @@ BENCHES = {
     "fp8": "fused_dit_ops.bench.fp8",
     "parallel": "fused_dit_ops.bench.parallel",
     "wan-ops": "fused_dit_ops.bench.wan_ops",
+    "flux-ops": "fused_dit_ops.bench.flux_ops",
 }
 
 # one line each, for `python -m fused_dit_ops bench` (the modules' --help say more)
@@ -30,4 +31,6 @@ DESCRIPTIONS = {
                 "--ulysses U --ring R (U x R GPUs: stock vs patched, both parallel; --device cpu --tiny: smoke run)",
     "wan-ops": "the memory-bound ops of a patched Wan block (bf16, fp32 modulation) at Wan's widths vs eager, "
                "torch.compile and the bandwidth floor (GPU; --device cpu --tiny: smoke run)",
+    "flux-ops": "the memory-bound ops of patched Flux.1 / FLUX.2 blocks (C 3072 / 6144, 4096 + 512 tokens) vs "
+                "eager, torch.compile and the bandwidth floor (GPU; --device cpu --tiny: smoke run)",
 }
