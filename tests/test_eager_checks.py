@@ -156,10 +156,10 @@ def test_remembered_signatures_are_bounded(stubbed, monkeypatch):
             assert len(_eager._PASSED) <= 8
 
 
-def test_gate_residual_fast_path_calls_the_cpp_kernel_after_the_check(stubbed, monkeypatch):
-    """With the C++ kernel built, the fast path runs the op's check (remembered) and calls the C++
-    kernel directly (not the op: no dispatcher and no second check); a gate of another dtype takes the
-    Triton launcher, as the op does."""
+def test_gate_residual_fast_path_cpp_kernel_only_for_cuda(stubbed, monkeypatch):
+    """With the C++ kernel built, the fast path calls it (after the op's check) for CUDA tensors of one
+    dtype; CPU tensors (the fast path forced, as in the interpreter tests) and a gate of another dtype
+    take the Triton launcher."""
     launches, checks = stubbed
     cpp = []
     monkeypatch.setattr(_mod, "_GATE_RESIDUAL_CPP", lambda *a: cpp.append(len(a)) or a[0])
@@ -167,12 +167,28 @@ def test_gate_residual_fast_path_calls_the_cpp_kernel_after_the_check(stubbed, m
     with torch.no_grad():
         for _ in range(2):
             _eager.gate_residual(*args)
-        assert cpp == [4, 4] and launches == [] and checks == ["_check_gate_residual"]
-        _eager.gate_residual(args[0].bfloat16(), args[1].bfloat16(), args[2], args[3])  # fp32 gate (Wan)
-        assert launches == ["gate_residual"] and cpp == [4, 4]
+        assert cpp == [] and launches == ["gate_residual"] * 2 and checks == ["_check_gate_residual"]
         with pytest.raises(FusedDitInputError):
             _eager.gate_residual(args[0].double(), *args[1:])
-    assert cpp == [4, 4]
+    assert launches == ["gate_residual"] * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_gate_residual_fast_path_calls_the_cpp_kernel(monkeypatch):
+    """On CUDA with _C built: the fast path calls the C++ kernel directly (no dispatcher), with the
+    op's result."""
+    real = _mod._GATE_RESIDUAL_CPP
+    if real is None:
+        pytest.skip("fused_dit_ops._C not built")
+    calls = []
+    monkeypatch.setattr(_mod, "_GATE_RESIDUAL_CPP", lambda *a: calls.append(1) or real(*a))
+    x, u = (torch.randn(2, 300, 3072, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    g = torch.randn(2, 6 * 3072, device="cuda", dtype=torch.bfloat16)[:, 3072:2 * 3072]
+    with torch.no_grad():
+        got = _eager.gate_residual(x, u, g, None)
+        want = torch.ops.fused_dit.gate_residual.default(x, u, g, None)
+    assert calls == [1, 1] and torch.equal(got, want)  # the op calls the same kernel
 
 
 def test_attention_fast_path_checks_once_then_selects(monkeypatch):

@@ -147,7 +147,8 @@ def gate_residual(residual, update, gate, index=None):
     if not fast(residual):
         return _GR(residual, update, gate, index)
     _check(_mod._check_gate_residual, residual, update, gate, index)
-    if _mod._GATE_RESIDUAL_CPP is not None and gate.dtype == residual.dtype:  # the C++ kernel: one dtype
+    # the C++ kernel when built: CUDA tensors of one dtype (the fast path on CPU tensors is for tests)
+    if _mod._GATE_RESIDUAL_CPP is not None and gate.dtype == residual.dtype and residual.is_cuda:
         return _mod._GATE_RESIDUAL_CPP(residual, update, gate, index)
     from ..kernels import modulation as km
     return km.gate_residual(residual, update, gate, index)
