@@ -39,8 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import harness
-from .wan_ops import _flat, max_rel_diff
+from . import _floor, harness
 
 EPS = 1e-6
 PROVIDERS = ("eager", "compile", "fused")
@@ -238,67 +237,20 @@ def bytes_moved(op: str, s: Shape, itemsize: int = 2) -> int:
     raise ValueError(op)
 
 
+def _columns(s: Shape) -> dict:
+    return {"shape": s.name, "B": s.B, "L_img": s.Li, "L_txt": s.Lt, "C": s.C}
+
+
+FAMILY = _floor.Family(eager=EAGER, fused=_fused, make_inputs=make_inputs, args_for=args_for,
+                       bytes_moved=bytes_moved, role=ROLE, columns=_columns)
+
+
 def providers(op: str, names, s: Shape) -> dict:
-    out = {}
-    for n in names:
-        if n == "eager":
-            out[n] = EAGER[op]
-        elif n == "compile":
-            out[n] = torch.compile(EAGER[op], dynamic=False)
-        elif n == "fused":
-            out[n] = _fused(op, s)
-        else:
-            raise ValueError(f"unknown provider {n!r}; choose from {', '.join(PROVIDERS)}")
-    return out
+    return _floor.providers(FAMILY, op, names, s)
 
 
 def _outs(out) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
-def _time(device, s, op, pname, fn, dtype, generator):
-    if torch.device(device).type == "cuda":
-        return harness.time_graph_us(lambda: args_for(op, pname, make_inputs(op, s, device, dtype), s), fn)
-    a = args_for(op, pname, make_inputs(op, s, device, dtype, generator), s)
-    return harness.time_us_on(device, lambda: fn(*a), cpu_reps=3)
-
-
-def run(shapes, ops, names, rounds: int, device, dtype) -> list[dict]:
-    bw = harness.device_copy_bandwidth_bytes_per_s(device)
-    g = torch.Generator(device=device).manual_seed(0)
-    rows = []
-    for s in shapes:
-        for op in ops:
-            nbytes = bytes_moved(op, s, torch.tensor([], dtype=dtype).element_size())
-            floor_us = nbytes / bw * 1e6
-            provs = providers(op, names, s)
-            d = make_inputs(op, s, device, dtype, g)
-            ref = _outs(EAGER[op](*args_for(op, "eager", d, s)))
-            err = {n: max_rel_diff(_outs(f(*args_for(op, n, d, s))), ref) for n, f in provs.items()}
-            del d, ref
-            times = {n: [] for n in provs}
-            for _, order in harness.rotated_rounds(list(provs), max(1, rounds)):
-                for n in order:
-                    times[n].append(_time(device, s, op, n, provs[n], dtype, g))
-            med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
-            for n, us in med.items():
-                rows.append({"shape": s.name, "op": op, "role": ROLE[op], "provider": n, "B": s.B, "L_img": s.Li,
-                             "L_txt": s.Lt, "C": s.C, "us": us, "us_rounds": times[n], "bytes": nbytes,
-                             "GB/s": nbytes / us / 1e3, "floor_us": floor_us, "pct_floor": 100 * floor_us / us,
-                             "x_vs_eager": med["eager"] / us if "eager" in med else None,
-                             "x_vs_compile": med["compile"] / us if "compile" in med else None,
-                             "max_rel_diff_vs_eager": err[n]})
-            if torch.device(device).type == "cuda":
-                torch.cuda.empty_cache()
-    return rows
-
-
-def _pick(spec, known, what):
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    bad = [n for n in names if n not in known]
-    if bad:
-        raise SystemExit(f"--{what}: unknown {', '.join(bad)}; choose from {', '.join(known)}")
-    return names
 
 
 def main(argv=None) -> int:
@@ -318,32 +270,10 @@ def main(argv=None) -> int:
     device = resolve_device(args.device, args.tiny, "bench flux-ops")
     if device is None:
         return 2
-    from .. import ops  # noqa: F401  (registers the ops)
     table = TINY if args.tiny else SHAPES
-    shapes = [table[n] for n in _pick(args.shapes or ",".join(table), list(table), "shapes")]
-    ops_ = _pick(args.ops, OPS, "ops")
-    provs = _pick(args.providers, PROVIDERS, "providers")
-    dtype = torch.bfloat16
-    bw = harness.device_copy_bandwidth_bytes_per_s(device)
-    where = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu"
-    print(f"copy bandwidth (read+write): {bw / 1e12:.3f} TB/s on {where}")
-    with torch.no_grad():
-        rows = run(shapes, ops_, provs, args.rounds, device, dtype)
-    cols = ["shape", "op", "provider", "us", "GB/s", "floor_us", "pct_floor", "x_vs_eager", "x_vs_compile",
-            "max_rel_diff_vs_eager"]
-    if torch.device(device).type == "cuda":
-        print("us: GPU time per call by CUDA-graph replay over rotating inputs > L2 (median of the rounds); floor: "
-              "bytes moved / copy bandwidth; target pct_floor >= 87 (within 1.15x of the floor)")
-    else:
-        print("CPU smoke run: wall-clock times on tiny shapes, not a measurement")
-    print(harness.format_table(rows, cols))
-    fused = [r for r in rows if r["provider"] == "fused"]
-    if fused and not args.tiny:
-        worst = min(fused, key=lambda r: r["pct_floor"])
-        print(f"fused: worst {worst['pct_floor']:.1f}% of the floor ({worst['shape']} {worst['op']}); "
-              f"{sum(r['pct_floor'] >= 100 / 1.15 for r in fused)}/{len(fused)} rows within 1.15x")
-    extra = {"copy_bandwidth_TBps": bw / 1e12, "dtype": str(dtype), "rounds": args.rounds, "device": device,
-             "shapes": {s.name: {"B": s.B, "L_img": s.Li, "L_txt": s.Lt, "C": s.C, "heads": s.heads} for s in shapes}}
-    path = harness.write_results("flux-ops" + ("-tiny" if args.tiny else ""), rows, extra, args.out)
-    print(f"wrote {path}")
-    return 0
+    shapes = [table[n] for n in _floor.pick(args.shapes or ",".join(table), list(table), "shapes")]
+    ops_ = _floor.pick(args.ops, OPS, "ops")
+    provs = _floor.pick(args.providers, PROVIDERS, "providers")
+    shapes_extra = {s.name: {"B": s.B, "L_img": s.Li, "L_txt": s.Lt, "C": s.C, "heads": s.heads} for s in shapes}
+    return _floor.main(FAMILY, "flux-ops", shapes, ops_, provs, args.rounds, device, args.tiny, shapes_extra,
+                       args.out)

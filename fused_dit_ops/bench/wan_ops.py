@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..shapes import STREAMS, StreamShape
-from . import harness
+from . import _floor, harness
 
 WAN_SHAPES = ("wan1.3b", "wan-ti2v5b", "wan14b", "wan14b-720p")
 HEAD_DIM = 128
@@ -300,70 +300,17 @@ def bytes_moved(op: str, s: Shape, itemsize: int = 2) -> int:
     raise ValueError(op)
 
 
+def _columns(s: Shape) -> dict:
+    return {"shape": s.label, "B": s.B, "L": s.L, "C": s.C}
+
+
+FAMILY = _floor.Family(eager=EAGER, fused=lambda op, s: _fused(op), make_inputs=make_inputs, args_for=args_for,
+                       bytes_moved=bytes_moved, role=ROLE, columns=_columns)
+_flat, max_rel_diff = _floor.flat, _floor.max_rel_diff
+
+
 def providers(op: str, names) -> dict:
-    out = {}
-    for n in names:
-        if n == "eager":
-            out[n] = EAGER[op]
-        elif n == "compile":
-            out[n] = torch.compile(EAGER[op], dynamic=False)
-        elif n == "fused":
-            out[n] = _fused(op)
-        else:
-            raise ValueError(f"unknown provider {n!r}; choose from {', '.join(PROVIDERS)}")
-    return out
-
-
-def _flat(out):
-    outs = out if isinstance(out, tuple) else (out,)
-    return [o.flatten(2) if o.dim() == 4 else o for o in outs]
-
-
-def max_rel_diff(out, ref) -> float:
-    """Largest max |out - ref| / max |ref| over the outputs (fp32)."""
-    errs = []
-    for o, r in zip(_flat(out), _flat(ref)):
-        o, r = o.float(), r.float()
-        errs.append(float((o - r).abs().max() / r.abs().max().clamp_min(1e-12)))
-    return max(errs)
-
-
-def _time(device, s, op, pname, fn, dtype, generator):
-    if torch.device(device).type == "cuda":
-        return harness.time_graph_us(lambda: args_for(op, pname, make_inputs(op, s, device, dtype), s), fn)
-    a = args_for(op, pname, make_inputs(op, s, device, dtype, generator), s)
-    return harness.time_us_on(device, lambda: fn(*a), cpu_reps=3)
-
-
-def run(shapes, ops, names, rounds: int, device, dtype) -> list[dict]:
-    bw = harness.device_copy_bandwidth_bytes_per_s(device)
-    g = torch.Generator(device=device).manual_seed(0)
-    rows = []
-    for s in shapes:
-        for op in ops:
-            nbytes = bytes_moved(op, s, torch.tensor([], dtype=dtype).element_size())
-            floor_us = nbytes / bw * 1e6
-            provs = providers(op, names)
-            # accuracy against eager on one input set (compile runs its first, compiling call here)
-            d = make_inputs(op, s, device, dtype, g)
-            ref = EAGER[op](*args_for(op, "eager", d, s))
-            err = {n: max_rel_diff(f(*args_for(op, n, d, s)), ref) for n, f in provs.items()}
-            del d, ref
-            times = {n: [] for n in provs}
-            for _, order in harness.rotated_rounds(list(provs), max(1, rounds)):
-                for n in order:
-                    times[n].append(_time(device, s, op, n, provs[n], dtype, g))
-            med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
-            for n, us in med.items():
-                rows.append({"shape": s.label, "op": op, "role": ROLE[op], "provider": n, "B": s.B, "L": s.L,
-                             "C": s.C, "us": us, "us_rounds": times[n], "bytes": nbytes, "GB/s": nbytes / us / 1e3,
-                             "floor_us": floor_us, "pct_floor": 100 * floor_us / us,
-                             "x_vs_eager": med["eager"] / us if "eager" in med else None,
-                             "x_vs_compile": med["compile"] / us if "compile" in med else None,
-                             "max_rel_diff_vs_eager": err[n]})
-            if torch.device(device).type == "cuda":
-                torch.cuda.empty_cache()
-    return rows
+    return _floor.providers(FAMILY, op, names, None)
 
 
 def main(argv=None) -> int:
@@ -389,7 +336,6 @@ def main(argv=None) -> int:
     device = resolve_device(args.device, args.tiny, "bench wan-ops")
     if device is None:
         return 2
-    from .. import ops  # noqa: F401  (registers the ops)
     table = dict(TINY) if args.tiny else {}
     names = [n.strip() for n in (args.shapes or ",".join(TINY if args.tiny else WAN_SHAPES)).split(",") if n.strip()]
     shapes = []
@@ -400,37 +346,8 @@ def main(argv=None) -> int:
             shapes.append(wan_shape(STREAMS[n], args.per_token))
         else:
             raise SystemExit(f"--shapes: unknown shape {n!r}; choose from {', '.join([*STREAMS, *table])}")
-    ops_ = [o.strip() for o in (args.ops or ",".join(MOD_OPS if args.per_token else OPS)).split(",") if o.strip()]
-    bad = [o for o in ops_ if o not in OPS]
-    if bad:
-        raise SystemExit(f"--ops: unknown {', '.join(bad)}; choose from {', '.join(OPS)}")
-    provs = [p.strip() for p in args.providers.split(",") if p.strip()]
-    bad = [p for p in provs if p not in PROVIDERS]
-    if bad:
-        raise SystemExit(f"--providers: unknown {', '.join(bad)}; choose from {', '.join(PROVIDERS)}")
-    dtype = torch.bfloat16
-    bw = harness.device_copy_bandwidth_bytes_per_s(device)
-    where = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu"
-    print(f"copy bandwidth (read+write): {bw / 1e12:.3f} TB/s on {where}")
-    with torch.no_grad():
-        rows = run(shapes, ops_, provs, args.rounds, device, dtype)
-    cols = ["shape", "op", "provider", "us", "GB/s", "floor_us", "pct_floor", "x_vs_eager", "x_vs_compile",
-            "max_rel_diff_vs_eager"]
-    if torch.device(device).type == "cuda":
-        print("us: GPU time per call by CUDA-graph replay over rotating inputs > L2 (median of the rounds); floor: "
-              "bytes moved / copy bandwidth; target pct_floor >= 87 (within 1.15x of the floor)")
-    else:
-        print("CPU smoke run: wall-clock times on tiny shapes, not a measurement")
-    print(harness.format_table(rows, cols))
-    fused = [r for r in rows if r["provider"] == "fused"]
-    if fused and not args.tiny:
-        worst = min(fused, key=lambda r: r["pct_floor"])
-        print(f"fused: worst {worst['pct_floor']:.1f}% of the floor ({worst['shape']} {worst['op']}); "
-              f"{sum(r['pct_floor'] >= 100 / 1.15 for r in fused)}/{len(fused)} rows within 1.15x")
-    extra = {"copy_bandwidth_TBps": bw / 1e12, "dtype": str(dtype), "rounds": args.rounds, "device": device,
-             "shapes": {s.label: {"B": s.B, "L": s.L, "C": s.C, "heads": s.heads, "text_len": s.text_len,
-                                  "per_token": s.per_token}
-                        for s in shapes}}
-    path = harness.write_results("wan-ops" + ("-tiny" if args.tiny else ""), rows, extra, args.out)
-    print(f"wrote {path}")
-    return 0
+    ops_ = _floor.pick(args.ops or ",".join(MOD_OPS if args.per_token else OPS), OPS, "ops")
+    provs = _floor.pick(args.providers, PROVIDERS, "providers")
+    shapes_extra = {s.label: {"B": s.B, "L": s.L, "C": s.C, "heads": s.heads, "text_len": s.text_len,
+                              "per_token": s.per_token} for s in shapes}
+    return _floor.main(FAMILY, "wan-ops", shapes, ops_, provs, args.rounds, device, args.tiny, shapes_extra, args.out)

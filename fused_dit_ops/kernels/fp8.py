@@ -241,6 +241,17 @@ def _act_chunk(b_row, c, cb, msk, bias_ptr, KB, ACT: tl.constexpr, HAS_BIAS: tl.
 
 
 @triton.jit
+def _cat_rows(a_ptr, b_ptr, M, L, KA, KB, stride_ab, stride_al, stride_bb, stride_bl, BLOCK_M: tl.constexpr):
+    """This program's rows of the chunked [a | act(b)] kernels: (row index int64, row mask, a and b row
+    pointers [BLOCK_M, 1], output row offset)."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m64 = m.to(tl.int64)
+    a_row = (a_ptr + (m64 // L) * stride_ab + (m64 % L) * stride_al)[:, None]
+    b_row = (b_ptr + (m64 // L) * stride_bb + (m64 % L) * stride_bl)[:, None]
+    return m64, m < M, a_row, b_row, m64 * (KA + KB)
+
+
+@triton.jit
 def _quantize_cat_chunked_kernel(
     a_ptr, b_ptr, bias_ptr, q_ptr, s_ptr, M, L, KA, KB, stride_ab, stride_al, stride_bb, stride_bl,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -252,12 +263,8 @@ def _quantize_cat_chunked_kernel(
     keeping the rows in L2; pass 2 reads them again (from L2), scales and stores. Contiguous column
     chunks of each input: vector loads and stores. N_A, N_B = cdiv(KA, BLOCK_K), cdiv(KB, BLOCK_K) as
     constexprs (the model's widths: one compile per model)."""
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = m < M
-    m64 = m.to(tl.int64)
-    a_row = (a_ptr + (m64 // L) * stride_ab + (m64 % L) * stride_al)[:, None]
-    b_row = (b_ptr + (m64 // L) * stride_bb + (m64 % L) * stride_bl)[:, None]
-    q_row = m64 * (KA + KB)
+    m64, rmask, a_row, b_row, q_row = _cat_rows(a_ptr, b_ptr, M, L, KA, KB, stride_ab, stride_al, stride_bb,
+                                                 stride_bl, BLOCK_M)
     k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for i in range(0, N_A):
@@ -299,12 +306,8 @@ def _quantize_cat_onepass_kernel(
     then the row maximum scales the held values. The chunked kernel activates every value twice: with
     GELU-tanh or SwiGLU its instruction count per value, not memory, bounded it (sm_90 SASS: ~62
     instructions per value over both passes, ~40 here)."""
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = m < M
-    m64 = m.to(tl.int64)
-    a_row = (a_ptr + (m64 // L) * stride_ab + (m64 % L) * stride_al)[:, None]
-    b_row = (b_ptr + (m64 // L) * stride_bb + (m64 % L) * stride_bl)[:, None]
-    q_row = m64 * (KA + KB)
+    m64, rmask, a_row, b_row, q_row = _cat_rows(a_ptr, b_ptr, M, L, KA, KB, stride_ab, stride_al, stride_bb,
+                                                 stride_bl, BLOCK_M)
     k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     ya = ()
