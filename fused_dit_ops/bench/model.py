@@ -109,14 +109,11 @@ def run_provider(model, cond: dict, uncond: dict | None, provider: str, device: 
     if (_configs.is_compiled(name) or _configs.is_cudagraphs(name)) and not dynamic:
         ctx = torch._dynamo.config.patch(automatic_dynamic_shapes=False)
     info = _configs.apply(model, name, **{"reuse_mod": True, **opts})
+    compiled = model
     if _configs.is_cudagraphs(name):
-        compiled = model
-
         def model(**kw):  # noqa: F811  (one CUDA-graph step per forward)
             torch.compiler.cudagraph_mark_step_begin()
             return compiled(**kw)
-    else:
-        compiled = model
     # one timestep per step (descending, as a sampler's), the same tensor for cond and uncond
     t0v = float(cond["timestep"].flatten()[0])
     # (scaled, not filled: a per-token timestep keeps its zeros, Wan2.2 TI2V's conditioning frame)

@@ -559,7 +559,8 @@ def quantize_cat(a, b, activation="none", config=None, q_dtype=torch.float8_e4m3
     with _device_guard(b):
         if chunked:
             bk = cfg.pop("BLOCK_K")
-            launch(_quantize_cat_onepass_kernel if onepass else _quantize_cat_chunked_kernel, (cdiv(M, bm),), (a3, b3, b3, *args[2:]),
+            launch(_quantize_cat_onepass_kernel if onepass else _quantize_cat_chunked_kernel, (cdiv(M, bm),),
+                   (a3, b3, b3, *args[2:]),
                    (_ACTS[activation], False, bm, bk, cdiv(KA, bk), cdiv(KB, bk), stream), cfg)
         else:
             launch(_quantize_cat_kernel, (cdiv(M, bm),), args,

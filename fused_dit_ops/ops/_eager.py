@@ -191,8 +191,7 @@ def attention(q, k, v, softmax_scale=None, causal=False, backend=None):
     _check(_attn_op._check_attention, q, k, v, softmax_scale, causal, backend)
     if q.numel() == 0 or k.shape[1] == 0:
         return _ATTN(q, k, v, softmax_scale, causal, backend)
-    out = _attn.RUNNERS[_attn.select(q, k, v, causal, backend)](q, k, v, softmax_scale, causal)
-    return out if out.is_contiguous() else out.contiguous()
+    return _attn.run_backend(_attn.select(q, k, v, causal, backend), q, k, v, softmax_scale, causal)
 
 
 def joint_linear_unchecked(txt, img, txt_weights, txt_biases, img_weights, img_biases):
@@ -206,8 +205,7 @@ def attention_unchecked(q, k, v, softmax_scale=None, causal=False, backend=None)
     """``attention`` on views of the caller's own joint buffer: unchecked on the fast path."""
     if not fast(q):
         return _ATTN(q, k, v, softmax_scale, causal, backend)
-    out = _attn.RUNNERS[_attn.select(q, k, v, causal, backend)](q, k, v, softmax_scale, causal)
-    return out if out.is_contiguous() else out.contiguous()
+    return _attn.run_backend(_attn.select(q, k, v, causal, backend), q, k, v, softmax_scale, causal)
 
 
 # --- FP8: the quantising norm ops (checked) and the FP8 GEMMs on the caller's own buffers ----------

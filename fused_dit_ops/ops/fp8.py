@@ -269,8 +269,6 @@ def _scaled_mm_into(x2, xs, w, ws, bias, out_dtype, out=None):
     [text + image] quantisation start 4 x L_txt bytes in (900 for a text length of 225), so a
     misaligned scale view is copied (M floats)."""
     M, K = x2.shape
-    if xs.data_ptr() % 16:
-        xs = xs.clone()
     pad = -M % 16
     if pad:
         xp = torch.zeros((M + pad, K), dtype=x2.dtype, device=x2.device)
@@ -278,6 +276,8 @@ def _scaled_mm_into(x2, xs, w, ws, bias, out_dtype, out=None):
         sp = torch.ones(M + pad, dtype=xs.dtype, device=xs.device)
         sp[:M].copy_(xs)
         x2, xs = xp, sp
+    elif xs.data_ptr() % 16:  # (the padded copy above is a new, aligned allocation)
+        xs = xs.clone()
     kw = dict(scale_a=xs.view(-1, 1), scale_b=ws.view(1, -1), bias=bias, out_dtype=out_dtype)
     if not pad:
         if out is None:
