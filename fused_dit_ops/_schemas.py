@@ -67,11 +67,13 @@ SCHEMAS: dict[str, str] = {
     " Tensor gate_b, Tensor shift_b, Tensor scale_b, Tensor? index_b, float eps_b)"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "quantize_fp8": "(Tensor x, Tensor? bias=None, str activation=\"none\") -> (Tensor, Tensor)",
+    # fast_accum: torch._scaled_mm's use_fast_accum on CUDA (Hopper: the tensor-core partial sums are not
+    # promoted to fp32 periodically; faster, less accurate); the CPU reference accumulates in fp32 either way
     "fp8_linear": "(Tensor x, Tensor x_scale, Tensor weight, Tensor weight_scale, Tensor? bias,"
-    " ScalarType out_dtype, str activation=\"none\") -> Tensor",
+    " ScalarType out_dtype, str activation=\"none\", bool fast_accum=False) -> Tensor",
     "joint_fp8_linear": "(Tensor txt, Tensor txt_scale, Tensor img, Tensor img_scale, Tensor txt_weight,"
     " Tensor txt_weight_scale, Tensor? txt_bias, Tensor img_weight, Tensor img_weight_scale,"
-    " Tensor? img_bias, ScalarType out_dtype) -> Tensor",
+    " Tensor? img_bias, ScalarType out_dtype, bool fast_accum=False) -> Tensor",
     # one e4m3 row per token over two inputs side by side, [a | act(b)] (a single-stream block's output
     # projection input [attention | activated MLP] without the cat); act: none, gelu_tanh or swiglu
     # (silu(b[..., :F]) * b[..., F:], half of b's width); a None: act(b) alone (a SwiGLU MLP's fc2 input)

@@ -349,7 +349,9 @@ def quantize_fp8_weight(w: torch.Tensor):
 
 def fp8_linear(x, x_scale, weight, weight_scale, bias=None, out_dtype=None, activation="none"):
     """act((x * x_scale) @ (weight * weight_scale).T + bias) in fp32, cast to out_dtype once.
-    x [..., K] e4m3 with x_scale [...]; weight [N, K] e4m3 with weight_scale [N]."""
+    x [..., K] e4m3 with x_scale [...]; weight [N, K] e4m3 with weight_scale [N]. The op's
+    ``fast_accum`` (CUDA: ``torch._scaled_mm``'s ``use_fast_accum``) has no counterpart here: the
+    products are summed in fp32 either way."""
     out_dtype = out_dtype or (bias.dtype if bias is not None else torch.bfloat16)
     y = dequantize_fp8_rows(x, x_scale) @ dequantize_fp8_rows(weight, weight_scale).t()
     if bias is not None:

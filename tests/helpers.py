@@ -116,6 +116,21 @@ def run_blocks_compiled(model, blocks, kw, kw_next=None, backend="aot_eager"):
     return got, got_next
 
 
+def spy_fp8_gemms(monkeypatch) -> list:
+    """[(function, its fast_accum)] of each FP8 GEMM the integrations call from now on (``_eager``'s
+    ``fp8_linear_unchecked`` / ``joint_fp8_linear_unchecked``, which still run)."""
+    from fused_dit_ops.ops import _eager
+    calls = []
+    for name in ("fp8_linear_unchecked", "joint_fp8_linear_unchecked"):
+        real = getattr(_eager, name)
+
+        def spy(*a, _n=name, _f=real, fast_accum=False, **k):
+            calls.append((_n, fast_accum))
+            return _f(*a, fast_accum=fast_accum, **k)
+        monkeypatch.setattr(_eager, name, spy)
+    return calls
+
+
 def run_no_grad(model, kw):
     """A diffusers transformer's first output, under torch.no_grad() (as pipelines call it)."""
     with torch.no_grad():

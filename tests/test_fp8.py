@@ -12,7 +12,8 @@ from fused_dit_ops import reference as ref
 from fused_dit_ops.ops import fp8 as F8
 from fused_dit_ops.bench import fp8_recipe
 from helpers import (cuda_fp8, expect_input_error, native_diffusers_backend, needs_fp8_gpu, randn, rel_err,
-                     run_blocks_compiled, run_no_grad, tiny_fp8_qwen, tiny_fp8_qwen_inputs)  # noqa: F401
+                     run_blocks_compiled, run_no_grad, spy_fp8_gemms, tiny_fp8_qwen,
+                     tiny_fp8_qwen_inputs)  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
 
@@ -135,6 +136,19 @@ def test_joint_fp8_linear_cpu():
     torch.testing.assert_close(out[:, 5:], F8.fp8_linear(iq, is_, wiq, wis, None, torch.float32))
 
 
+def test_fp8_gemms_cpu_ignore_fast_accum():
+    """The CPU reference accumulates in fp32 whatever ``fast_accum`` says: the same values."""
+    xq, xs = F8.quantize_fp8(randn(3, 5, 48))
+    wq, ws = F8.quantize_weight(randn(80, 48))
+    b = randn(80)
+    for act in ("none", "gelu_tanh"):
+        assert torch.equal(F8.fp8_linear(xq, xs, wq, ws, b, torch.float32, act, fast_accum=True),
+                           F8.fp8_linear(xq, xs, wq, ws, b, torch.float32, act))
+    (tq, ts), (iq, is_) = F8.quantize_fp8(randn(2, 5, 48)), F8.quantize_fp8(randn(2, 13, 48))
+    args = (tq, ts, iq, is_, wq, ws, b, wq, ws, None, torch.float32)
+    assert torch.equal(F8.joint_fp8_linear(*args, fast_accum=True), F8.joint_fp8_linear(*args))
+
+
 @pytest.mark.parametrize("M", [16, 37, 5])
 @pytest.mark.parametrize("into", [False, True])
 def test_scaled_mm_token_counts_not_divisible_by_16(monkeypatch, M, into):
@@ -143,8 +157,9 @@ def test_scaled_mm_token_counts_not_divisible_by_16(monkeypatch, M, into):
     that the dropped rows never reach the output."""
     calls = []
 
-    def scaled_mm(a, b, *, scale_a, scale_b, bias=None, out_dtype=None, out=None):
+    def scaled_mm(a, b, *, scale_a, scale_b, bias=None, out_dtype=None, out=None, use_fast_accum=False):
         assert all(n % 16 == 0 for n in (*a.shape, *b.shape)), ("not divisible by 16", a.shape, b.shape)
+        assert use_fast_accum is False
         calls.append(a.shape[0])
         y = (a.double() * scale_a.double()) @ (b.double() * scale_b.double())
         if bias is not None:
@@ -174,7 +189,7 @@ def test_scaled_mm_scale_views_16_byte_aligned(monkeypatch, Lt):
     4 x L_txt bytes in: the CUDA path hands cuBLAS an aligned copy, without changing the result."""
     seen = []
 
-    def scaled_mm(a, b, *, scale_a, scale_b, bias=None, out_dtype=None, out=None):
+    def scaled_mm(a, b, *, scale_a, scale_b, bias=None, out_dtype=None, out=None, use_fast_accum=False):
         seen.append(scale_a.data_ptr() % 16)
         y = ((a.double() * scale_a.double()) @ (b.double() * scale_b.double())).to(out_dtype)
         return y if out is None else out.copy_(y)
@@ -187,6 +202,42 @@ def test_scaled_mm_scale_views_16_byte_aligned(monkeypatch, Lt):
     got = F8._scaled_mm_into(iq, isc, wq, ws, None, torch.float32)
     assert seen == [0]
     torch.testing.assert_close(got, F8.fp8_linear(iq, isc, wq, ws, None, torch.float32), rtol=1e-5, atol=1e-5)
+
+
+def test_fast_accum_reaches_every_scaled_mm_call(monkeypatch):
+    """``fast_accum`` becomes ``torch._scaled_mm``'s ``use_fast_accum`` on the CUDA path: the unchecked
+    GEMMs (padded and unpadded token counts, the joint one per sample and stream) and the eager fast path
+    that the integrations call (a stand-in for ``torch._scaled_mm`` records the flag; CPU tensors)."""
+    from fused_dit_ops.ops import _eager
+    seen = []
+
+    def scaled_mm(a, b, *, scale_a, scale_b, bias=None, out_dtype=None, out=None, use_fast_accum=False):
+        seen.append(use_fast_accum)
+        y = ((a.double() * scale_a.double()) @ (b.double() * scale_b.double())).to(out_dtype)
+        return y if out is None else out.copy_(y)
+
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    wq, ws = F8.quantize_weight(randn(32, 48))
+    (xq, xs), (tq, ts), (iq, is_) = (F8.quantize_fp8(randn(*s, 48)) for s in ((2, 16), (2, 5), (2, 7)))
+    for fast in (True, False):
+        seen.clear()
+        F8.fp8_linear_unchecked(xq, xs, wq, ws, None, torch.float32, "none", fast)
+        F8.fp8_linear_unchecked(tq, ts, wq, ws, None, torch.float32, fast_accum=fast)  # padded to 16 rows
+        F8.joint_fp8_linear_unchecked(tq, ts, iq, is_, wq, ws, None, wq, ws, None, torch.float32, fast)
+        assert seen == [fast] * 6, seen
+    # the eager fast path (what CUDA runs in eager mode) hands it on; otherwise the op gets it
+    monkeypatch.setattr(_eager, "fast", lambda x: True)
+    seen.clear()
+    _eager.fp8_linear_unchecked(xq, xs, wq, ws, None, torch.float32, fast_accum=True)
+    _eager.joint_fp8_linear_unchecked(tq, ts, iq, is_, wq, ws, None, wq, ws, None, torch.float32, fast_accum=True)
+    assert seen == [True] * 5, seen
+    monkeypatch.setattr(_eager, "fast", lambda x: False)
+    ops = []
+    monkeypatch.setattr(_eager, "_L8", lambda *a: ops.append(("fp8_linear", a[-1])))
+    monkeypatch.setattr(_eager, "_JL8", lambda *a: ops.append(("joint_fp8_linear", a[-1])))
+    _eager.fp8_linear_unchecked(xq, xs, wq, ws, None, torch.float32, fast_accum=True)
+    _eager.joint_fp8_linear_unchecked(tq, ts, iq, is_, wq, ws, None, wq, ws, None, torch.float32, fast_accum=True)
+    assert ops == [("fp8_linear", True), ("joint_fp8_linear", True)]
 
 # --- opcheck, compile, bad inputs ---------------------------------------------------------------------
 
@@ -220,7 +271,19 @@ def _op_cases(device="cpu"):
 def test_opcheck(op, device):
     if device == "cuda" and not cuda_fp8():
         pytest.skip("needs a CUDA GPU with compute capability 8.9+")
-    args = _op_cases(device)[op]
+    _opcheck(op, _op_cases(device)[op])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("op", ["fp8_linear", "joint_fp8_linear"])
+def test_opcheck_fast_accum(op, device):
+    """The FP8 GEMMs with their trailing ``fast_accum=True``."""
+    if device == "cuda" and not cuda_fp8():
+        pytest.skip("needs a CUDA GPU with compute capability 8.9+")
+    _opcheck(op, (*_op_cases(device)[op], True))
+
+
+def _opcheck(op, args):
     fp8_inputs = any(isinstance(a, torch.Tensor) and a.dtype == E4M3 for a in args)
     utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     # opcheck's schema test compares inputs with torch.allclose, which CPU torch lacks for float8:
@@ -285,6 +348,15 @@ def test_input_errors():
                        "out_dtype")
     expect_input_error(lambda: L(xq, xs, wq, ws, None, torch.int32), "'out_dtype'")
     expect_input_error(lambda: L(xq, xs, wq, ws, None, torch.float32, "silu"), "'activation'")
+    for bad, kind in ((1, "int"), ("yes", "str"), (None, "NoneType")):
+        expect_input_error(lambda: L(xq, xs, wq, ws, None, torch.float32, "none", bad), "fp8_linear", "'fast_accum'",
+                           "must be a bool", kind)
+    (tq, ts), (iq, is_) = F8.quantize_fp8(randn(1, 5, 48)), F8.quantize_fp8(randn(1, 7, 48))
+    expect_input_error(lambda: F8.joint_fp8_linear(tq, ts, iq, is_, wq, ws, None, wq, ws, None, torch.float32,
+                                                   fast_accum=0), "joint_fp8_linear", "'fast_accum'", "bool", "int 0")
+    # the validator the implementations share (through torch.ops they get a bool already)
+    expect_input_error(lambda: F8._check_fp8_linear(xq, xs, wq, ws, None, torch.float32, "none", 1.0),
+                       "'fast_accum'", "float")
 
 
 def test_fast_path_runs_the_ops_own_checks(monkeypatch):
@@ -420,11 +492,19 @@ def test_fp8_recipe_covers_the_fused_linears_and_removes_exactly():
     stock = _run(m, kw)
     lins = fp8_recipe.install(m)
     assert {id(x) for x in lins} == {id(x) for b in m.transformer_blocks for x in _block_linears(b)}
+    assert all(x._fp8_recipe_fast_accum is True for x in lins)  # torchao's default
     with pytest.raises(RuntimeError, match="already installed"):
         fp8_recipe.install(m)
     recipe = _run(m, kw)
     assert 0 < rel_err(recipe, stock) < 0.1
     fp8_recipe.remove(m)
+    assert torch.equal(_run(m, kw), stock)
+    # use_fast_accum=False: stored per Linear (the CPU's _scaled_mm gives the same values), removed exactly
+    lins = fp8_recipe.install(m, fast_accum=False)
+    assert all(x._fp8_recipe_fast_accum is False for x in lins)
+    assert torch.equal(_run(m, kw), recipe)
+    fp8_recipe.remove(m)
+    assert not any(hasattr(x, "_fp8_recipe_fast_accum") for x in lins)
     assert torch.equal(_run(m, kw), stock)
 
 
@@ -453,6 +533,64 @@ def test_patch_fp8_tiny_qwen_accuracy_and_unpatch():
     assert not any("_fused_dit_fp8_" in n for n, _ in m.named_buffers())
     assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
     assert torch.equal(_run(m, kw), stock)
+
+
+def test_patch_fp8_fast_accum(monkeypatch):
+    """``fp8_fast_accum=True``: every FP8 GEMM of the blocks gets ``fast_accum=True``; on the CPU (the
+    reference accumulates in fp32) the output is the same as without it; unpatch restores exactly.
+    Without precision="fp8", or not a bool, it is refused before anything is patched."""
+    from fused_dit_ops.integrations.engine import is_patched
+    m = _tiny()
+    kw = _inputs(m)
+    stock = _run(m, kw)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    calls = spy_fp8_gemms(monkeypatch)
+    fdo.patch(m, precision="fp8")
+    slow = _run(m, kw)
+    assert calls and {fa for _, fa in calls} == {False}
+    r = fdo.patch(m, precision="fp8", fp8_fast_accum=True)
+    assert r.options["fp8_fast_accum"] is True and m.__dict__["_fused_dit_state"].fp8.fast_accum is True
+    assert any("fast accumulation" in s for s in r.swapped), r
+    calls.clear()
+    fast = _run(m, kw)
+    # per block: q|k|v (joint), two output projections, fc1 and fc2 of both streams
+    assert sorted(calls) == sorted([("joint_fp8_linear_unchecked", True)] * 3 + [("fp8_linear_unchecked", True)] * 18)
+    assert torch.equal(fast, slow) and not r.runtime, r.runtime
+    assert fdo.unpatch(m)
+    assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+    assert torch.equal(_run(m, kw), stock)
+    for kw_bad, match in (({}, r"fp8_fast_accum=True .*needs precision='fp8', got precision='bf16'"),
+                          ({"attention_precision": "fp8"}, "needs precision='fp8'"),
+                          ({"precision": "fp8", "fp8_fast_accum": 1}, "fp8_fast_accum must be True or False, got 1")):
+        with pytest.raises(ValueError, match=match):
+            fdo.patch(m, **{"fp8_fast_accum": True, **kw_bad})
+        assert not is_patched(m)
+
+
+def test_bench_block_fp8_fast_accum_rows(tmp_path):
+    """``bench block --precision fp8 --fp8-fast-accum`` (tiny, CPU): the FP8 GEMMs with and without fast
+    accumulation, and the recipe with (torchao's default) and without, in one run, each with its options."""
+    import json
+    from fused_dit_ops.bench import block
+    rc = block.main(["--device", "cpu", "--tiny", "--providers", "stock-compile,patched-eager", "--precision", "fp8",
+                     "--fp8-fast-accum", "--rep-ms", "5", "--energy-s", "0", "--out", str(tmp_path)])
+    assert rc == 0
+    (path,) = tmp_path.glob("block-tiny-*.json")
+    rows = {r["provider"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"stock-compile", "patched-eager", "patched-eager+fp8", "patched-eager+fp8+fastaccum",
+                         "stock-compile+fp8recipe", "stock-compile+fp8recipeslow"}
+    assert rows["patched-eager+fp8+fastaccum"]["patch_options"] == {"precision": "fp8", "fp8_fast_accum": True}
+    assert rows["stock-compile+fp8recipeslow"]["patch_options"] == {"fp8_recipe": True,
+                                                                    "fp8_recipe_fast_accum": False}
+    for r in rows.values():
+        assert "error" not in r, r
+    assert rows["patched-eager+fp8+fastaccum"]["fp8"] == "fp8"
+    # the CPU reference ignores the flag
+    assert rows["patched-eager+fp8+fastaccum"]["max_rel_diff_vs_stock"] == rows["patched-eager+fp8"][
+        "max_rel_diff_vs_stock"]
+    with pytest.raises(SystemExit):  # --fp8-fast-accum needs --precision fp8
+        block.main(["--device", "cpu", "--tiny", "--providers", "patched-eager", "--fp8-fast-accum", "--out",
+                    str(tmp_path)])
 
 
 def test_patch_fp8_batch_of_two():
@@ -689,6 +827,35 @@ def test_gpu_fp8_linear_matches_reference():
     assert rel_err(out, want) < 5e-3
 
 
+# fast_accum=True: the bound above covers the bf16 output rounding (2^-9 relative) and cuBLAS's
+# summation order with fp32-promoted partial sums; fast accumulation keeps the sums over all of K = 3072 in
+# the tensor cores' accumulator, whose precision is below fp32, so the bound is doubled. A wrong flag
+# path (dropped scales, bias or activation) misses by far more.
+FAST_ACCUM_REL = 1e-2
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_gpu_fp8_linear_fast_accum_matches_reference():
+    dev = "cuda"
+    x, w, b = (randn(2, 300, 3072, dtype=torch.bfloat16, device=dev),
+               randn(12288, 3072, dtype=torch.bfloat16, device=dev) * 0.02,
+               randn(12288, dtype=torch.bfloat16, device=dev))
+    xq, xs = F8.quantize_fp8(x)
+    wq, ws = F8.quantize_weight(w)
+    for act in ("none", "gelu_tanh"):
+        out = F8.fp8_linear(xq, xs, wq, ws, b, torch.bfloat16, act, fast_accum=True)
+        want = ref.fp8_linear(xq, xs, wq, ws, b, torch.float32, act)
+        e = rel_err(out, want)
+        print(f"\nfp8_linear fast_accum {act}: rel_err {e:.3e} "
+              f"(fp32-promoted: {rel_err(F8.fp8_linear(xq, xs, wq, ws, b, torch.bfloat16, act), want):.3e})")
+        assert e < FAST_ACCUM_REL
+    txt = F8.quantize_fp8(randn(2, 37, 3072, dtype=torch.bfloat16, device=dev))
+    out = F8.joint_fp8_linear(*txt, xq, xs, wq, ws, b, wq, ws, None, torch.bfloat16, fast_accum=True)
+    want = ref.joint_fp8_linear(*txt, xq, xs, wq, ws, b, wq, ws, None, torch.float32)
+    assert rel_err(out, want) < FAST_ACCUM_REL
+
+
 
 @pytest.mark.gpu
 @needs_fp8_gpu
@@ -748,8 +915,8 @@ def test_gpu_qwen_edit_block_fp8_vs_recipe(layers, outliers):
     tokens, one block or a few (with a few outlier channels in the activations, as trained DiTs have, or
     without): the FP8-patched model's error against the same model in fp32 must not exceed the per-row
     recipe's (torchao's dynamic activation + weight per-row scheme, in plain PyTorch) by more than
-    10%. Prints all three errors. Then unpatch restores the bf16 weights (moved to the CPU while
-    patched) bit for bit."""
+    10%, both with fp32-promoted accumulation, then both with fast accumulation. Prints the errors.
+    Unpatch restores the bf16 weights (moved to the CPU while patched) bit for bit."""
     from fused_dit_ops.models import build_qwen_image_transformer, make_qwen_inputs
     m32 = build_qwen_image_transformer("edit-2511", num_layers=layers, device="cuda", dtype=torch.float32, seed=0)
     if outliers:
@@ -760,7 +927,7 @@ def test_gpu_qwen_edit_block_fp8_vs_recipe(layers, outliers):
     del m32
     kw = make_qwen_inputs(m, img_tokens=(1024, 1024), txt_len=208, seed=1)
     bf16 = _run(m, kw)
-    fp8_recipe.install(m)
+    fp8_recipe.install(m, fast_accum=False)  # the accumulation patch(precision="fp8") uses by default
     recipe = _run(m, kw)
     fp8_recipe.remove(m)
     sd = {k: v.clone() for k, v in m.state_dict().items()}
@@ -784,3 +951,13 @@ def test_gpu_qwen_edit_block_fp8_vs_recipe(layers, outliers):
     # the weights are bit-exact (above); the stock forward again (cuBLAS may pick another kernel for the
     # new allocations, hence not bitwise)
     assert rel_err(_run(m, kw), bf16) < 5e-3
+    # fast accumulation on both sides: the recipe with torchao's default, ours with fp8_fast_accum=True
+    fp8_recipe.install(m)
+    e_recipe_fast = rel_err(_run(m, kw), truth)
+    fp8_recipe.remove(m)
+    r = fdo.patch(m, precision="fp8", fp8_fast_accum=True)
+    e_ours_fast = rel_err(_run(m, kw), truth)
+    print(f"fast accumulation: per-row FP8 recipe {e_recipe_fast:.3e}, fused FP8 {e_ours_fast:.3e}")
+    assert not r.runtime, r.runtime
+    assert e_ours_fast <= 1.1 * e_recipe_fast
+    fdo.unpatch(m)

@@ -17,7 +17,7 @@ from fused_dit_ops import reference as ref
 from fused_dit_ops.bench import fp8_recipe
 from fused_dit_ops.ops import fp8 as F8
 from helpers import (expect_input_error, native_diffusers_backend, needs_fp8_gpu, randn, rel_err,
-                     run_blocks_compiled, run_no_grad)  # noqa: F401
+                     run_blocks_compiled, run_no_grad, spy_fp8_gemms)  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
 
@@ -304,6 +304,33 @@ def test_patch_fp8_tiny_accuracy_vs_recipe_and_unpatch(case):
     assert torch.equal(_run(m, kw), stock)
 
 
+@pytest.mark.parametrize("case", ["flux", "flux2", "wan-i2v"])
+def test_patch_fp8_fast_accum_every_gemm(monkeypatch, case):
+    """``fp8_fast_accum=True`` reaches every FP8 GEMM of the single-stream and self + cross attention
+    blocks (and FLUX.2's SwiGLU double blocks); the CPU reference ignores it (same output); unpatch
+    restores exactly."""
+    family, build, _, _ = CASES[case]
+    m = build()
+    kw = _inputs(family, m)
+    stock = _run(m, kw)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    fdo.patch(m, precision="fp8")
+    slow = _run(m, kw)
+    calls = spy_fp8_gemms(monkeypatch)
+    r = fdo.patch(m, precision="fp8", fp8_fast_accum=True)
+    calls.clear()
+    fast = _run(m, kw)
+    blocks = {k: len(getattr(m, a, [])) for k, a in (("double", "transformer_blocks"),
+                                                     ("single", "single_transformer_blocks"), ("wan", "blocks"))}
+    # double: joint q|k|v + 6 per block; single: q|k|v|MLP + output; Wan: 6 (text / image K/V stay bf16)
+    n = blocks["double"] * 7 + blocks["single"] * 2 + blocks["wan"] * 6
+    assert len(calls) == n and all(fa is True for _, fa in calls), calls
+    assert torch.equal(fast, slow) and not r.runtime, r.runtime
+    assert fdo.unpatch(m)
+    assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+    assert torch.equal(_run(m, kw), stock)
+
+
 def test_patch_fp8_flux_single_blocks_quantised():
     """The single-stream blocks take the FP8 path: their error alone (double blocks edited after patching
     fall back to the fp32 fused path) matches the recipe on the single-stream Linears only."""
@@ -497,8 +524,9 @@ def test_gpu_real_dims_block_fp8_vs_recipe(family):
     """Real dims (Flux.1-dev: 1 double + 1 single block, 1024 image + 512 text tokens; Wan2.1 14B: one
     block, 3 x 32 x 52 latent (1248 tokens) + 512 text tokens; FLUX.2-dev: 1 double + 1 single block),
     bf16: the FP8-patched model's error against the same model in fp32 must not exceed the per-row
-    recipe's on the same Linears by more than 10%. Prints all three. Then unpatch restores the bf16
-    weights (moved to the CPU while patched) bit for bit."""
+    recipe's on the same Linears by more than 10%, both with fp32-promoted accumulation, then both with
+    fast accumulation. Prints the errors. Unpatch restores the bf16 weights (moved to the CPU while
+    patched) bit for bit."""
     m32, tok, linears = _real(family)
     truth = _run(m32, _inputs(family, m32, **tok))
     if family == "wan":
@@ -511,7 +539,7 @@ def test_gpu_real_dims_block_fp8_vs_recipe(family):
         del m32
     kw = _inputs(family, m, **tok)
     bf16 = _run(m, kw)
-    fp8_recipe.install(m, linears=linears(m))
+    fp8_recipe.install(m, linears=linears(m), fast_accum=False)  # patch(precision="fp8")'s accumulation
     recipe = _run(m, kw)
     fp8_recipe.remove(m)
     sd = {k: v.clone() for k, v in m.state_dict().items()}
@@ -526,6 +554,16 @@ def test_gpu_real_dims_block_fp8_vs_recipe(family):
     assert e_ours <= 1.1 * e_recipe
     fdo.unpatch(m)
     assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+    # fast accumulation on both sides: the recipe with torchao's default, ours with fp8_fast_accum=True
+    fp8_recipe.install(m, linears=linears(m))
+    e_recipe_fast = rel_err(_run(m, kw), truth)
+    fp8_recipe.remove(m)
+    r = fdo.patch(m, precision="fp8", fp8_fast_accum=True)
+    e_ours_fast = rel_err(_run(m, kw), truth)
+    print(f"fast accumulation: per-row FP8 recipe {e_recipe_fast:.3e}, fused FP8 {e_ours_fast:.3e}")
+    assert not r.runtime, r.runtime
+    assert e_ours_fast <= 1.1 * e_recipe_fast
+    fdo.unpatch(m)
 
 
 @pytest.mark.gpu

@@ -245,6 +245,37 @@ def test_provider_modifiers_are_patch_options():
         _configs.parse_providers("stock,patched-eager+fast", "t")
 
 
+def test_fp8_accumulation_modifiers():
+    """+fastaccum (patched, with +fp8) and the recipe's two accumulations (stock only: +fp8recipe is
+    torchao's fast accumulation, +fp8recipeslow without)."""
+    assert _configs.split_modifiers("patched-eager+fp8+fastaccum") == (
+        "patched-eager", {"precision": "fp8", "fp8_fast_accum": True})
+    assert _configs.split_modifiers("stock-compile+fp8recipe") == ("stock-compile", {"fp8_recipe": True})
+    assert _configs.split_modifiers("stock-compile+fp8recipeslow") == (
+        "stock-compile", {"fp8_recipe": True, "fp8_recipe_fast_accum": False})
+    with pytest.raises(ValueError, match="patched providers only"):
+        _configs.split_modifiers("stock-eager+fp8+fastaccum")
+    with pytest.raises(ValueError, match=r"\+fastaccum .*needs \+fp8"):
+        _configs.split_modifiers("patched-eager+fastaccum")
+    with pytest.raises(ValueError, match="stock providers only"):
+        _configs.split_modifiers("patched-eager+fp8recipeslow")
+    with pytest.raises(ValueError, match="stock providers only"):
+        _configs.parse_providers("stock,patched-compile+fp8+fp8recipeslow", "t")
+
+
+@pytest.mark.parametrize("mod,fast", [("fp8recipe", True), ("fp8recipeslow", False)])
+def test_apply_installs_the_recipe_with_its_accumulation(mod, fast):
+    from fused_dit_ops.bench import fp8_recipe
+    m = build_qwen_image_transformer("tiny", num_layers=1, num_attention_heads=3)
+    base, opts = _configs.split_modifiers(f"stock+{mod}")
+    info = _configs.apply(m, base, **opts)
+    lins = getattr(m, fp8_recipe.ATTR)
+    assert lins and all(x._fp8_recipe_fast_accum is fast for x in lins)
+    assert f"use_fast_accum={fast}" in info["fp8_recipe"]
+    _configs.reset(m, base)
+    assert not hasattr(m, fp8_recipe.ATTR) and not any(hasattr(x, "_fp8_recipe_fast_accum") for x in lins)
+
+
 def test_energy_probe_without_nvml_or_cuda_is_none(monkeypatch):
     monkeypatch.setattr(harness, "_nvml_handle", lambda: None)
     assert harness.energy_per_call(lambda: None) is None

@@ -102,15 +102,19 @@ MODIFIERS = {
     "nodual": {"dual_launch": False},  # one launch per stream for each norm op
     "nolookahead": {"lookahead": False},  # each block does its own norm1 + modulation
     "fp8": {"precision": "fp8"},  # the block Linears as FP8 e4m3 GEMMs (integrations/fp8.py)
+    # with +fp8: those GEMMs with fast accumulation (torch._scaled_mm's use_fast_accum)
+    "fastaccum": {"fp8_fast_accum": True},
     # stock providers only: the baseline FP8 recipe (torchao's per-row dynamic scheme in plain PyTorch,
-    # bench/fp8_recipe.py) on the block Linears, e.g. stock-compile+fp8recipe
+    # bench/fp8_recipe.py) on the block Linears, e.g. stock-compile+fp8recipe; with fast accumulation,
+    # torchao's default (fp8recipeslow: use_fast_accum=False)
     "fp8recipe": {"fp8_recipe": True},
+    "fp8recipeslow": {"fp8_recipe": True, "fp8_recipe_fast_accum": False},
     # Wan: per-token timesteps (TI2V-5B) projected per token and modulated per token in torch, instead of
     # collapsed to two parameter sets + an index (diffusers_wan.set_timestep_collapse)
     "nocollapse": {"timestep_collapse": False},
     "fp8attn": {"attention_precision": "fp8"},  # the joint attention on e4m3 q/k/v (integrations/fp8_attention.py)
 }
-STOCK_MODIFIERS = ("fp8recipe",)
+STOCK_MODIFIERS = ("fp8recipe", "fp8recipeslow")
 # options of MODIFIERS set after patch() rather than passed to it
 _AFTER_PATCH = ("timestep_collapse",)
 
@@ -133,6 +137,9 @@ def split_modifiers(provider: str) -> tuple[str, dict]:
     if patched and any(m in STOCK_MODIFIERS for m in mods):
         raise ValueError(f"provider {provider!r}: {', '.join('+' + m for m in STOCK_MODIFIERS)} "
                          "applies to stock providers only")
+    if "fastaccum" in mods and "fp8" not in mods:
+        raise ValueError(f"provider {provider!r}: +fastaccum (fp8_fast_accum) applies to the FP8 GEMMs and needs "
+                         "+fp8")
     return base, kwargs
 
 
@@ -152,9 +159,12 @@ def apply(model, name: str, *, fullgraph: bool = True, reuse_mod: bool = False, 
     ``fused_dit_ops.integrations.engine.patch_ab`` (see :data:`MODIFIERS`)."""
     name = normalize(name)
     info: dict = {"config": name}
-    if patch_kwargs.pop("fp8_recipe", False):
+    recipe = patch_kwargs.pop("fp8_recipe", False)
+    recipe_fast = patch_kwargs.pop("fp8_recipe_fast_accum", True)
+    if recipe:
         from . import fp8_recipe
-        info["fp8_recipe"] = f"{len(fp8_recipe.install(model))} Linears"
+        info["fp8_recipe"] = (f"{len(fp8_recipe.install(model, fast_accum=recipe_fast))} Linears, "
+                              f"use_fast_accum={recipe_fast}")
     if is_patched(name):
         patch, unpatch = _patch_api()
         after = {k: patch_kwargs.pop(k) for k in _AFTER_PATCH if k in patch_kwargs}

@@ -5,7 +5,11 @@ PyTorch so that it needs no torchao: each Linear of the transformer blocks (all 
 Linears) gets its weight quantised once, per output channel (``amax / 448``, e4m3), and at every call
 quantises its input per token (``amax / 448``, divide, cast) before ``torch._scaled_mm`` with the two
 row-wise scales. The activation quantisation is separate torch ops; under ``torch.compile`` inductor
-fuses it as far as it can, which is the torchao setting ("per-row, compiled").
+fuses it as far as it can, which is the torchao setting ("per-row, compiled"). torchao's default is
+fast accumulation (``torch._scaled_mm(..., use_fast_accum=True)``: on Hopper the tensor-core partial
+sums are not promoted to fp32 at intervals along K), and :func:`install` defaults to it too;
+``install(..., fast_accum=False)`` gives the fp32-promoted accumulation that ``patch(precision="fp8")``
+uses unless ``fp8_fast_accum=True``.
 
 :func:`install` sets instance ``forward`` s on the Linears and returns a handle; :func:`remove`
 undoes it exactly (the bf16 weights are never touched).
@@ -49,7 +53,7 @@ def _forward(self, x):
         xq = torch.nn.functional.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(E4M3)
         xs = torch.nn.functional.pad(xs, (0, 0, 0, pad), value=1.0)
     y = torch._scaled_mm(xq, self._fp8_recipe_w.t(), scale_a=xs, scale_b=self._fp8_recipe_s.t(),
-                         bias=self.bias, out_dtype=x.dtype)
+                         bias=self.bias, out_dtype=x.dtype, use_fast_accum=self._fp8_recipe_fast_accum)
     if pad:
         y = y[:m]
     return y.view(*lead, -1)
@@ -61,10 +65,11 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), s
 
 
-def install(model: torch.nn.Module, blocks=None, linears=None) -> list[torch.nn.Linear]:
+def install(model: torch.nn.Module, blocks=None, linears=None, fast_accum: bool = True) -> list[torch.nn.Linear]:
     """Put the recipe on the Linears of ``blocks`` (default: every block list of the model:
     ``transformer_blocks``, ``single_transformer_blocks``, ``blocks``), or on exactly ``linears``.
-    Returns the Linears."""
+    ``fast_accum``: ``torch._scaled_mm``'s ``use_fast_accum`` (torchao's default, True). Returns the
+    Linears."""
     if getattr(model, ATTR, None):
         raise RuntimeError("the FP8 recipe is already installed on this model")
     if linears is not None:
@@ -77,6 +82,7 @@ def install(model: torch.nn.Module, blocks=None, linears=None) -> list[torch.nn.
     for lin in lins:
         w, s = quantize_weight(lin.weight.detach())
         lin._fp8_recipe_w, lin._fp8_recipe_s = w, s
+        lin._fp8_recipe_fast_accum = bool(fast_accum)
         lin.forward = types.MethodType(_forward, lin)
     setattr(model, ATTR, lins)
     return lins
@@ -86,6 +92,6 @@ def remove(model: torch.nn.Module) -> None:
     """Undo :func:`install` (no-op when it is not installed)."""
     for lin in getattr(model, ATTR, None) or []:
         del lin.forward
-        del lin._fp8_recipe_w, lin._fp8_recipe_s
+        del lin._fp8_recipe_w, lin._fp8_recipe_s, lin._fp8_recipe_fast_accum
     if hasattr(model, ATTR):
         delattr(model, ATTR)

@@ -15,6 +15,10 @@ produces them, in the same pass:
 
 Modulation GEMVs, embeddings and the final projection stay in the model dtype.
 
+``fp8_fast_accum=True`` (kept as ``Fp8State.fast_accum``) passes ``fast_accum=True`` to every FP8 GEMM
+here and in ``fp8_kinds``: ``torch._scaled_mm(use_fast_accum=True)`` on CUDA; the CPU reference
+accumulates in fp32 either way.
+
 Weights are quantised once at patch time (per output channel, ``amax / 448``) into non-persistent
 buffers of the block (``_fused_dit_fp8_*``: not in ``state_dict``; they follow ``model.to(device)``).
 On CUDA the original bf16 weights of those Linears move to pinned CPU memory while patched (unless
@@ -50,8 +54,9 @@ _GEMMS = ("qkv", "out", "fc1", "fc2")
 class Fp8State:
     """What precision="fp8" added to a patched model."""
 
-    def __init__(self, offload: bool):
+    def __init__(self, offload: bool, fast_accum: bool = False):
         self.offload = offload
+        self.fast_accum = fast_accum  # fp8_fast_accum: every FP8 GEMM with torch._scaled_mm's use_fast_accum
         # id(block) -> (links, records): links (parent, key, child) from the block down to every
         # quantised Linear; records (Linear, weight, its version, bias, its version)
         self.blocks: dict = {}
@@ -177,9 +182,9 @@ def _should_offload(dev, keep_bf16) -> bool:
 
 
 @torch.no_grad()
-def patch_blocks(st, blocks, report, dev, dtype, keep_bf16, others=None):
+def patch_blocks(st, blocks, report, dev, dtype, keep_bf16, others=None, fast_accum=False):
     """Quantise the weights of the patchable double-stream blocks (and of ``others``: {kind: blocks}
-    of the other kinds, see ``fp8_kinds``); record and report."""
+    of the other kinds, see ``fp8_kinds``); record and report. ``fast_accum``: the GEMMs' flag."""
     others = {k: v for k, v in (others or {}).items() if v}
     why = model_reason(st, dev, dtype)
     if why is None:
@@ -192,7 +197,7 @@ def patch_blocks(st, blocks, report, dev, dtype, keep_bf16, others=None):
         return
     fam = st.family
     offload = _should_offload(dev, keep_bf16)
-    f8 = Fp8State(offload)
+    f8 = Fp8State(offload, fast_accum)
     skipped = {}
     for block in blocks:
         per = {s.name: _paths(block, fam, s) for s in fam.streams}
@@ -228,6 +233,9 @@ def patch_blocks(st, blocks, report, dev, dtype, keep_bf16, others=None):
         fp8_kinds.patch_blocks(st, f8, others, report)
     if not f8.blocks:
         return
+    if fast_accum:
+        report.swapped.append("FP8 GEMMs with fast accumulation (fp8_fast_accum: torch._scaled_mm's "
+                              "use_fast_accum on CUDA; the CPU reference accumulates in fp32)")
     if offload:
         nbytes = 0
         for block in [*blocks, *(x for v in others.values() for x in v)]:
@@ -299,10 +307,11 @@ def _attention(block, st, attn, iq, isc, tq, tsc, tables, dtype):
     img_tab, txt_tab = (tables[Lt:], tables[:Lt]) if fam.rope_joint else tables
     hd = attn.inner_dim // attn.heads
     norms = [getattr(attn, n) for n in (stx.q_norm, stx.k_norm, si.q_norm, si.k_norm)]
+    fa = st.fp8.fast_accum
     buf = _eager.joint_fp8_linear_unchecked(
         tq, tsc, iq, isc, _buf(block, f"{stx.name}_qkv_w"), _buf(block, f"{stx.name}_qkv_s"),
         _buf(block, f"{stx.name}_qkv_b"), _buf(block, f"{si.name}_qkv_w"), _buf(block, f"{si.name}_qkv_s"),
-        _buf(block, f"{si.name}_qkv_b"), dtype)
+        _buf(block, f"{si.name}_qkv_b"), dtype, fast_accum=fa)
     c = [0]
     for p in (si.q, si.k, si.v):
         c.append(c[-1] + E.get(attn, p).out_features)
@@ -326,26 +335,26 @@ def _attention(block, st, attn, iq, isc, tq, tsc, tables, dtype):
         t8, i8 = _eager.quantize_fp8(out[:, :Lt]), _eager.quantize_fp8(out[:, Lt:])
     img_o, txt_o = _stream_out(attn, si), _stream_out(attn, stx)
     img_out = _eager.fp8_linear_unchecked(*i8, _buf(block, f"{si.name}_out_w"), _buf(block, f"{si.name}_out_s"),
-                                          img_o.bias, dtype)
+                                          img_o.bias, dtype, fast_accum=fa)
     txt_out = _eager.fp8_linear_unchecked(*t8, _buf(block, f"{stx.name}_out_w"), _buf(block, f"{stx.name}_out_s"),
-                                          txt_o.bias, dtype)
+                                          txt_o.bias, dtype, fast_accum=fa)
     return img_out, txt_out
 
 
-def _mlp(block, s, q, qs, dtype):
+def _mlp(block, s, q, qs, dtype, fa):
     ff = getattr(block, s.mlp)
     if "linear_in" in ff._modules:  # SwiGLU: the activation and the quantisation of fc2's input in one pass
         h = _eager.fp8_linear_unchecked(q, qs, _buf(block, f"{s.name}_fc1_w"), _buf(block, f"{s.name}_fc1_s"),
-                                        ff.linear_in.bias, dtype)
+                                        ff.linear_in.bias, dtype, fast_accum=fa)
         hq, hs = _eager.quantize_fp8_cat(None, h, "swiglu")
         return _eager.fp8_linear_unchecked(hq, hs, _buf(block, f"{s.name}_fc2_w"), _buf(block, f"{s.name}_fc2_s"),
-                                           ff.linear_out.bias, dtype)
+                                           ff.linear_out.bias, dtype, fast_accum=fa)
     mods = E.children(ff.net)
     h = _eager.fp8_linear_unchecked(q, qs, _buf(block, f"{s.name}_fc1_w"), _buf(block, f"{s.name}_fc1_s"), None,
-                                    dtype)
+                                    dtype, fast_accum=fa)
     hq, hs = _eager.quantize_fp8(h, mods[0].proj.bias, "gelu_tanh")
     return _eager.fp8_linear_unchecked(hq, hs, _buf(block, f"{s.name}_fc2_w"), _buf(block, f"{s.name}_fc2_s"),
-                                       mods[2].bias, dtype)
+                                       mods[2].bias, dtype, fast_accum=fa)
 
 
 def _as_fp8(outs):
@@ -388,7 +397,8 @@ def run_block(block, st, h, e, temb, rot, index):
     h, iq, isc, e, tq, tsc = _eager.dual_gate_residual_norm_scale_shift_fp8(
         h, img_attn, i[2], i[3], i[4], index, E.get(block, si.norm2).eps,
         e, txt_attn, t[2], t[3], t[4], None, E.get(block, stx.norm2).eps)
-    img_y, txt_y = _mlp(block, si, iq, isc, dtype), _mlp(block, stx, tq, tsc, dtype)
+    fa = st.fp8.fast_accum
+    img_y, txt_y = _mlp(block, si, iq, isc, dtype, fa), _mlp(block, stx, tq, tsc, dtype, fa)
     nxt = None
     if not compiling and st.lookahead and dtype != torch.float16:
         nxt = DS._lookahead_target(st, block, h)

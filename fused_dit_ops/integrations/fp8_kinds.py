@@ -3,7 +3,8 @@
 The same principles as the double-stream blocks (:mod:`.fp8`): the block Linears below run as
 ``fused_dit.fp8_linear`` (``torch._scaled_mm`` with row-wise scales on CUDA), each input quantised by
 the op that produces it, weights quantised per output channel at patch time into non-persistent
-buffers (``_fused_dit_fp8_*``), bf16 weights offloaded to pinned CPU memory on CUDA while patched.
+buffers (``_fused_dit_fp8_*``), bf16 weights offloaded to pinned CPU memory on CUDA while patched;
+every GEMM takes ``fast_accum`` from the state (``fp8_fast_accum``).
 
 Single-stream blocks (Flux.1, FLUX.2; ``single_stream.py``), two GEMMs per block:
 
@@ -171,14 +172,15 @@ def run_single(block, st, x, Lt, temb, rot):
     attn = getattr(block, fam.attn)
     D = attn.inner_dim
     hd = D // attn.heads
+    fa = st.fp8.fast_accum
     y = _eager.fp8_linear_unchecked(xq, xs, _buf(block, "single_qkvm_w"), _buf(block, "single_qkvm_s"),
-                                    _buf(block, "single_qkvm_b"), dtype)
+                                    _buf(block, "single_qkvm_b"), dtype, fast_accum=fa)
     q, k, v = (y[..., j * D:(j + 1) * D].unflatten(-1, (-1, hd)) for j in range(3))
     o = SS.attend(st, attn, q, k, v, Lt, tables)
     # [attention | act(MLP)]: one row per token over both, the activation on the MLP columns
     oq, osc = _eager.quantize_fp8_cat(o, y[..., 3 * D:], sg.mlp_act)
     out = _eager.fp8_linear_unchecked(oq, osc, _buf(block, "single_out_w"), _buf(block, "single_out_s"),
-                                      E.get(block, sg.out).bias, dtype)
+                                      E.get(block, sg.out).bias, dtype, fast_accum=fa)
     nxt = None
     if not compiling and st.lookahead and dtype != torch.float16 and fam.norm == "layer":
         nxt = SS._lookahead_target(st, block, x)
@@ -210,8 +212,9 @@ def self_cross_usable(block, st, x) -> bool:
             and ready(block, st, x, SELF_CROSS_KEY))
 
 
-def _proj(block, name, q, s, bias, dtype):
-    return _eager.fp8_linear_unchecked(q, s, _buf(block, f"{name}_w"), _buf(block, f"{name}_s"), bias, dtype)
+def _proj(block, st, name, q, s, bias, dtype):
+    return _eager.fp8_linear_unchecked(q, s, _buf(block, f"{name}_w"), _buf(block, f"{name}_s"), bias, dtype,
+                                       fast_accum=st.fp8.fast_accum)
 
 
 def _out_linear(attn, sc):
@@ -236,12 +239,12 @@ def run_self_cross(block, st, x, ctx, temb, rot, index):
     # self-attention
     a1 = E.get(block, sc.self_attn)
     C, H = a1.inner_dim, a1.heads
-    qkv = _proj(block, "self_qkv", xq, xs, _buf(block, "self_qkv_b"), dtype)
+    qkv = _proj(block, st, "self_qkv", xq, xs, _buf(block, "self_qkv_b"), dtype)
     q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
     q, k = SC._qk_norm(st, a1, sc, q, k, tables, "self-attention")
     o = SC._attend(st, a1, q.unflatten(-1, (H, -1)), k.unflatten(-1, (H, -1)), v.unflatten(-1, (H, -1)),
                    parallel=True).flatten(2, 3).to(dtype)
-    a = _proj(block, "self_out", *_eager.quantize_fp8(o), _out_linear(a1, sc).bias, dtype)
+    a = _proj(block, st, "self_out", *_eager.quantize_fp8(o), _out_linear(a1, sc).bias, dtype)
     # gated residual + norm2, quantised for the cross-attention q
     if type(n2) is torch.nn.Identity:
         x = _eager.gate_residual(x, a, g1, index)
@@ -256,7 +259,7 @@ def run_self_cross(block, st, x, ctx, temb, rot, index):
     if add_k is not None:
         n_img = ctx.shape[1] - sc.text_len
         img, ctx = ctx[:, :n_img], ctx[:, n_img:]
-    q = _proj(block, "cross_q", xq2, xs2, E.get(a2, sc.q).bias, dtype)
+    q = _proj(block, st, "cross_q", xq2, xs2, E.get(a2, sc.q).bias, dtype)
     k = E.call_linear(E.get(a2, sc.k), ctx)
     v = E.call_linear(E.get(a2, sc.v), ctx)
     q, k = SC._qk_norm(st, a2, sc, q, k, None, "cross-attention")
@@ -266,14 +269,14 @@ def run_self_cross(block, st, x, ctx, temb, rot, index):
         ki = E.get(a2, sc.added_k_norm)(E.call_linear(add_k, img))
         vi = E.call_linear(E.get(a2, sc.added_v), img)
         o = o + SC._attend(st, a2, q4, ki.unflatten(-1, (Hc, -1)), vi.unflatten(-1, (Hc, -1))).flatten(2, 3).to(dtype)
-    a = _proj(block, "cross_out", *_eager.quantize_fp8(o), _out_linear(a2, sc).bias, dtype)
+    a = _proj(block, st, "cross_out", *_eager.quantize_fp8(o), _out_linear(a2, sc).bias, dtype)
     # plain residual + norm3 + modulation, quantised for fc1
     x, xq3, xs3 = _eager.gate_residual_norm_scale_shift_fp8(x, a, SC._ones_gate(x, sh2.shape[0]), sh2, sc2, index,
                                                             n3.eps)
     fc1 = E.children(E.get(block, sc.mlp).net)[0].proj
-    h = _proj(block, "fc1", xq3, xs3, None, dtype)
+    h = _proj(block, st, "fc1", xq3, xs3, None, dtype)
     hq, hs = _eager.quantize_fp8(h, fc1.bias, "gelu_tanh")
-    y = _proj(block, "fc2", hq, hs, E.children(E.get(block, sc.mlp).net)[2].bias, dtype)
+    y = _proj(block, st, "fc2", hq, hs, E.children(E.get(block, sc.mlp).net)[2].bias, dtype)
     nxt = SC._lookahead_target(st, block, x) if not compiling and st.lookahead else None
     if nxt is not None and not self_cross_usable(nxt, st, x):
         nxt = None

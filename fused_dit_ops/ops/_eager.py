@@ -288,19 +288,20 @@ def gate_residual_layer_norm_fp8(residual, update, gate, index=None, weight=None
     return k8.gate_residual_layer_norm_fp8(residual, update, gate, index, weight, bias, eps)
 
 
-def fp8_linear_unchecked(x, x_scale, weight, weight_scale, bias, out_dtype, activation="none"):
+def fp8_linear_unchecked(x, x_scale, weight, weight_scale, bias, out_dtype, activation="none", fast_accum=False):
     """``fp8_linear`` on activations the caller's quantising op just wrote and weights it quantised at
     patch time: unchecked on the fast path."""
     if not fast(x):
-        return _L8(x, x_scale, weight, weight_scale, bias, out_dtype, activation)
-    return _f8().fp8_linear_unchecked(x, x_scale, weight, weight_scale, bias, out_dtype, activation)
+        return _L8(x, x_scale, weight, weight_scale, bias, out_dtype, activation, fast_accum)
+    return _f8().fp8_linear_unchecked(x, x_scale, weight, weight_scale, bias, out_dtype, activation, fast_accum)
 
 
-def joint_fp8_linear_unchecked(txt, txt_scale, img, img_scale, wt, wst, bt, wi, wsi, bi, out_dtype):
+def joint_fp8_linear_unchecked(txt, txt_scale, img, img_scale, wt, wst, bt, wi, wsi, bi, out_dtype, fast_accum=False):
     """``joint_fp8_linear`` on the caller's own buffers: unchecked on the fast path."""
     if not fast(txt):
-        return _JL8(txt, txt_scale, img, img_scale, wt, wst, bt, wi, wsi, bi, out_dtype)
-    return _f8().joint_fp8_linear_unchecked(txt, txt_scale, img, img_scale, wt, wst, bt, wi, wsi, bi, out_dtype)
+        return _JL8(txt, txt_scale, img, img_scale, wt, wst, bt, wi, wsi, bi, out_dtype, fast_accum)
+    return _f8().joint_fp8_linear_unchecked(txt, txt_scale, img, img_scale, wt, wst, bt, wi, wsi, bi, out_dtype,
+                                            fast_accum)
 
 
 # --- FP8 attention: the quantising QK norm + RoPE (checked) and FA3 on its outputs -------------------

@@ -10,7 +10,7 @@ channel; ``value ~= q * scale``. Semantics: :mod:`fused_dit_ops.reference` (``*_
 - ``gate_residual_norm_scale_shift_fp8`` / ``dual_...``: the residual stream (activation dtype) and
   the quantised modulated LayerNorm of it;
 - ``quantize_fp8(x, bias, activation)``: per-row quantisation of x [..., K] (+ bias, GELU-tanh);
-- ``fp8_linear(x, x_scale, weight, weight_scale, bias, out_dtype, activation)``: the FP8 GEMM;
+- ``fp8_linear(x, x_scale, weight, weight_scale, bias, out_dtype, activation, fast_accum)``: the FP8 GEMM;
 - ``joint_fp8_linear``: the two streams' projections (e.g. q|k|v) into one joint [B, Lt + Li, N] buffer.
 - ``quantize_fp8_cat(a, b, activation_b)``: per-row quantisation of [a | act(b)] without the cat (a
   single-stream block's [attention | GELU-tanh or SwiGLU of the MLP] output-projection input);
@@ -20,6 +20,10 @@ channel; ``value ~= q * scale``. Semantics: :mod:`fused_dit_ops.reference` (``*_
 CUDA: Triton kernels (quantisation in the kernel that computes the row) and ``torch._scaled_mm``
 with row-wise scales (needs compute capability 8.9+; out_dtype bfloat16). CPU: the reference.
 C, K and N must be multiples of 16 (``torch._scaled_mm``).
+
+``fast_accum`` (the two GEMM ops, default False) is ``torch._scaled_mm``'s ``use_fast_accum`` on
+CUDA: on Hopper the tensor-core partial sums are then not promoted to fp32 at intervals along K
+(faster, less accurate). The CPU reference accumulates in fp32 either way and ignores it.
 """
 from __future__ import annotations
 
@@ -65,6 +69,13 @@ def _check_fp8_device(op, name, t):
 def _check_activation_name(op, activation):
     if activation not in ACTIVATIONS:
         fail(op, f"'activation' must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _check_fast_accum(op, fast_accum):
+    # through torch.ops the implementations get a bool already (the dispatcher casts an int or a float
+    # and refuses a str with its own error): the Python wrappers run this check before dispatch
+    if not isinstance(fast_accum, bool):
+        fail(op, f"'fast_accum' must be a bool (True or False), got {type(fast_accum).__name__} {fast_accum!r}")
 
 
 def _check_rows(op, name, t):
@@ -215,7 +226,7 @@ def _check_bias(op, name, b, N, out_dtype, ref_name, ref_t):
         fail(op, f"'{name}' has dtype {_dt(b.dtype)} but 'out_dtype' is {_dt(out_dtype)}; they must match")
 
 
-def _check_fp8_linear(x, x_scale, weight, weight_scale, bias, out_dtype, activation):
+def _check_fp8_linear(x, x_scale, weight, weight_scale, bias, out_dtype, activation, fast_accum=False):
     op = "fp8_linear"
     check_one_device(op, ("x", x), ("x_scale", x_scale), ("weight", weight), ("weight_scale", weight_scale),
                      ("bias", bias))
@@ -227,11 +238,12 @@ def _check_fp8_linear(x, x_scale, weight, weight_scale, bias, out_dtype, activat
     _check_out_dtype(op, out_dtype, x.device)
     _check_bias(op, "bias", bias, N, out_dtype, "x", x)
     _check_activation_name(op, activation)
+    _check_fast_accum(op, fast_accum)
     return N
 
 
 def _check_joint_fp8_linear(txt, txt_scale, img, img_scale, txt_weight, txt_weight_scale, txt_bias,
-                            img_weight, img_weight_scale, img_bias, out_dtype):
+                            img_weight, img_weight_scale, img_bias, out_dtype, fast_accum=False):
     op = "joint_fp8_linear"
     check_one_device(op, ("txt", txt), ("txt_scale", txt_scale), ("img", img), ("img_scale", img_scale),
                      ("txt_weight", txt_weight), ("txt_weight_scale", txt_weight_scale), ("txt_bias", txt_bias),
@@ -251,14 +263,16 @@ def _check_joint_fp8_linear(txt, txt_scale, img, img_scale, txt_weight, txt_weig
     _check_out_dtype(op, out_dtype, txt.device)
     _check_bias(op, "txt_bias", txt_bias, N, out_dtype, "txt", txt)
     _check_bias(op, "img_bias", img_bias, N, out_dtype, "img", img)
+    _check_fast_accum(op, fast_accum)
     return B, Lt, img.shape[1], N
 
 
 # --- CUDA ---------------------------------------------------------------------------------------------
 
-def _scaled_mm_into(x2, xs, w, ws, bias, out_dtype, out=None):
+def _scaled_mm_into(x2, xs, w, ws, bias, out_dtype, out=None, fast_accum=False):
     """x2 [M, K] e4m3 (row-major), xs [M] fp32, w [N, K] e4m3 (row-major), ws [N] fp32 ->
-    [M, N] in out_dtype: torch._scaled_mm with row-wise scales (bias in its epilogue).
+    [M, N] in out_dtype: torch._scaled_mm with row-wise scales (bias in its epilogue) and
+    ``use_fast_accum=fast_accum``.
 
     cuBLAS's FP8 GEMM takes only sizes divisible by 16 (CUBLAS_STATUS_NOT_SUPPORTED otherwise). K
     and N are checked; a token count M that is not (a text length of 225, an odd image size) is
@@ -278,7 +292,8 @@ def _scaled_mm_into(x2, xs, w, ws, bias, out_dtype, out=None):
         x2, xs = xp, sp
     elif xs.data_ptr() % 16:  # (the padded copy above is a new, aligned allocation)
         xs = xs.clone()
-    kw = dict(scale_a=xs.view(-1, 1), scale_b=ws.view(1, -1), bias=bias, out_dtype=out_dtype)
+    kw = dict(scale_a=xs.view(-1, 1), scale_b=ws.view(1, -1), bias=bias, out_dtype=out_dtype,
+              use_fast_accum=fast_accum)
     if not pad:
         if out is None:
             return torch._scaled_mm(x2, w.t(), **kw)
@@ -289,7 +304,8 @@ def _scaled_mm_into(x2, xs, w, ws, bias, out_dtype, out=None):
     return out.copy_(y)
 
 
-def fp8_linear_unchecked(x, x_scale, weight, weight_scale, bias=None, out_dtype=torch.bfloat16, activation="none"):
+def fp8_linear_unchecked(x, x_scale, weight, weight_scale, bias=None, out_dtype=torch.bfloat16, activation="none",
+                         fast_accum=False):
     """The CUDA implementation without the checks (for callers that built the inputs themselves)."""
     K, N = x.shape[-1], weight.shape[0]
     lead = x.shape[:-1]
@@ -298,14 +314,15 @@ def fp8_linear_unchecked(x, x_scale, weight, weight_scale, bias=None, out_dtype=
         if bias is not None:
             out += bias
         return out
-    y = _scaled_mm_into(x.view(-1, K), x_scale.reshape(-1), weight, weight_scale, bias, out_dtype)
+    y = _scaled_mm_into(x.view(-1, K), x_scale.reshape(-1), weight, weight_scale, bias, out_dtype,
+                        fast_accum=fast_accum)
     if activation == "gelu_tanh":
         y = torch.nn.functional.gelu(y, approximate="tanh")
     return y.view(*lead, N)
 
 
 def joint_fp8_linear_unchecked(txt, txt_scale, img, img_scale, txt_weight, txt_weight_scale, txt_bias,
-                               img_weight, img_weight_scale, img_bias, out_dtype=torch.bfloat16):
+                               img_weight, img_weight_scale, img_bias, out_dtype=torch.bfloat16, fast_accum=False):
     B, Lt, _ = txt.shape
     Li, N = img.shape[1], txt_weight.shape[0]
     out = torch.empty((B, Lt + Li, N), dtype=out_dtype, device=txt.device)
@@ -313,7 +330,7 @@ def joint_fp8_linear_unchecked(txt, txt_scale, img, img_scale, txt_weight, txt_w
         for x, s, w, ws, b, r0, r1 in ((txt, txt_scale, txt_weight, txt_weight_scale, txt_bias, 0, Lt),
                                        (img, img_scale, img_weight, img_weight_scale, img_bias, Lt, Lt + Li)):
             if r1 > r0 and N:
-                _scaled_mm_into(x[i], s[i], w, ws, b, out_dtype, out=out[i, r0:r1])
+                _scaled_mm_into(x[i], s[i], w, ws, b, out_dtype, out=out[i, r0:r1], fast_accum=fast_accum)
     return out
 
 
@@ -360,21 +377,21 @@ def _quantize_fp8_cuda(x, bias=None, activation="none"):
 
 
 @torch.library.impl(f"{_NS}::fp8_linear", "CUDA")
-def _fp8_linear_cuda(x, x_scale, weight, weight_scale, bias, out_dtype, activation="none"):
-    _check_fp8_linear(x, x_scale, weight, weight_scale, bias, out_dtype, activation)
+def _fp8_linear_cuda(x, x_scale, weight, weight_scale, bias, out_dtype, activation="none", fast_accum=False):
+    _check_fp8_linear(x, x_scale, weight, weight_scale, bias, out_dtype, activation, fast_accum)
     with torch.no_grad():
-        out = fp8_linear_unchecked(x, x_scale, weight, weight_scale, bias, out_dtype, activation)
+        out = fp8_linear_unchecked(x, x_scale, weight, weight_scale, bias, out_dtype, activation, fast_accum)
     return _grad("fp8_linear", out, x, x_scale, weight, weight_scale, bias)
 
 
 @torch.library.impl(f"{_NS}::joint_fp8_linear", "CUDA")
 def _joint_fp8_linear_cuda(txt, txt_scale, img, img_scale, txt_weight, txt_weight_scale, txt_bias,
-                           img_weight, img_weight_scale, img_bias, out_dtype):
+                           img_weight, img_weight_scale, img_bias, out_dtype, fast_accum=False):
     args = (txt, txt_scale, img, img_scale, txt_weight, txt_weight_scale, txt_bias, img_weight,
             img_weight_scale, img_bias)
-    _check_joint_fp8_linear(*args, out_dtype)
+    _check_joint_fp8_linear(*args, out_dtype, fast_accum)
     with torch.no_grad():  # _scaled_mm(out=) refuses inputs that require grad while grad is enabled
-        out = joint_fp8_linear_unchecked(*args, out_dtype)
+        out = joint_fp8_linear_unchecked(*args, out_dtype, fast_accum)
     return _grad("joint_fp8_linear", out, *args)
 
 
@@ -431,18 +448,19 @@ def _quantize_fp8_cpu(x, bias=None, activation="none"):
 
 
 @torch.library.impl(f"{_NS}::fp8_linear", "CPU")
-def _fp8_linear_cpu(x, x_scale, weight, weight_scale, bias, out_dtype, activation="none"):
-    _check_fp8_linear(x, x_scale, weight, weight_scale, bias, out_dtype, activation)
+def _fp8_linear_cpu(x, x_scale, weight, weight_scale, bias, out_dtype, activation="none", fast_accum=False):
+    # the reference accumulates in fp32 whatever fast_accum says (checked, then ignored)
+    _check_fp8_linear(x, x_scale, weight, weight_scale, bias, out_dtype, activation, fast_accum)
     out = ref.fp8_linear(x, x_scale, weight, weight_scale, bias, out_dtype, activation)
     return _grad("fp8_linear", out, x, x_scale, weight, weight_scale, bias)
 
 
 @torch.library.impl(f"{_NS}::joint_fp8_linear", "CPU")
 def _joint_fp8_linear_cpu(txt, txt_scale, img, img_scale, txt_weight, txt_weight_scale, txt_bias,
-                          img_weight, img_weight_scale, img_bias, out_dtype):
+                          img_weight, img_weight_scale, img_bias, out_dtype, fast_accum=False):
     args = (txt, txt_scale, img, img_scale, txt_weight, txt_weight_scale, txt_bias, img_weight,
             img_weight_scale, img_bias)
-    _check_joint_fp8_linear(*args, out_dtype)
+    _check_joint_fp8_linear(*args, out_dtype, fast_accum)  # fast_accum ignored: fp32 accumulation
     return _grad("joint_fp8_linear", ref.joint_fp8_linear(*args, out_dtype), *args)
 
 
@@ -514,17 +532,17 @@ def _quantize_fp8_fake(x, bias=None, activation="none"):
 
 
 @torch.library.register_fake(f"{_NS}::fp8_linear")
-def _fp8_linear_fake(x, x_scale, weight, weight_scale, bias, out_dtype, activation="none"):
-    N = _check_fp8_linear(x, x_scale, weight, weight_scale, bias, out_dtype, activation)
+def _fp8_linear_fake(x, x_scale, weight, weight_scale, bias, out_dtype, activation="none", fast_accum=False):
+    N = _check_fp8_linear(x, x_scale, weight, weight_scale, bias, out_dtype, activation, fast_accum)
     refuse_grad("fp8_linear", TRACING, ("bias", bias))
     return torch.empty((*x.shape[:-1], N), dtype=out_dtype, device=x.device)
 
 
 @torch.library.register_fake(f"{_NS}::joint_fp8_linear")
 def _joint_fp8_linear_fake(txt, txt_scale, img, img_scale, txt_weight, txt_weight_scale, txt_bias,
-                           img_weight, img_weight_scale, img_bias, out_dtype):
+                           img_weight, img_weight_scale, img_bias, out_dtype, fast_accum=False):
     B, Lt, Li, N = _check_joint_fp8_linear(txt, txt_scale, img, img_scale, txt_weight, txt_weight_scale, txt_bias,
-                                           img_weight, img_weight_scale, img_bias, out_dtype)
+                                           img_weight, img_weight_scale, img_bias, out_dtype, fast_accum)
     refuse_grad("joint_fp8_linear", TRACING, ("txt_bias", txt_bias), ("img_bias", img_bias))
     return torch.empty((B, Lt + Li, N), dtype=out_dtype, device=txt.device)
 
@@ -580,19 +598,26 @@ def quantize_fp8(x, bias=None, activation="none"):
     return torch.ops.fused_dit.quantize_fp8.default(x, bias, activation)
 
 
-def fp8_linear(x, x_scale, weight, weight_scale, bias=None, out_dtype=torch.bfloat16, activation="none"):
+def fp8_linear(x, x_scale, weight, weight_scale, bias=None, out_dtype=torch.bfloat16, activation="none",
+               fast_accum=False):
     """act((x * x_scale) @ (weight * weight_scale).T + bias) in ``out_dtype``: x [..., K] e4m3 with
     x_scale fp32 [...]; weight [N, K] e4m3 with weight_scale fp32 [N] (see :func:`quantize_weight`);
-    bias [N] in out_dtype or None. CUDA: ``torch._scaled_mm`` with row-wise scales (bfloat16 output)."""
-    return torch.ops.fused_dit.fp8_linear.default(x, x_scale, weight, weight_scale, bias, out_dtype, activation)
+    bias [N] in out_dtype or None. CUDA: ``torch._scaled_mm`` with row-wise scales (bfloat16 output)
+    and ``use_fast_accum=fast_accum``; the CPU reference accumulates in fp32 and ignores ``fast_accum``."""
+    _check_fast_accum("fp8_linear", fast_accum)
+    return torch.ops.fused_dit.fp8_linear.default(x, x_scale, weight, weight_scale, bias, out_dtype, activation,
+                                                 fast_accum)
 
 
 def joint_fp8_linear(txt, txt_scale, img, img_scale, txt_weight, txt_weight_scale, txt_bias, img_weight,
-                     img_weight_scale, img_bias, out_dtype=torch.bfloat16):
+                     img_weight_scale, img_bias, out_dtype=torch.bfloat16, fast_accum=False):
     """[B, Lt + Li, N]: the text stream's FP8 projection in rows [0, Lt), the image stream's (its own
-    weight) in rows [Lt, Lt + Li) of one new buffer (on CUDA each GEMM writes its rows in place)."""
+    weight) in rows [Lt, Lt + Li) of one new buffer (on CUDA each GEMM writes its rows in place);
+    ``fast_accum`` as in :func:`fp8_linear`."""
+    _check_fast_accum("joint_fp8_linear", fast_accum)
     return torch.ops.fused_dit.joint_fp8_linear.default(txt, txt_scale, img, img_scale, txt_weight, txt_weight_scale,
-                                                       txt_bias, img_weight, img_weight_scale, img_bias, out_dtype)
+                                                       txt_bias, img_weight, img_weight_scale, img_bias, out_dtype,
+                                                       fast_accum)
 
 
 def quantize_fp8_cat(a, b, activation_b="none"):
