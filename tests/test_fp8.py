@@ -536,60 +536,70 @@ def test_patch_fp8_tiny_qwen_accuracy_and_unpatch():
 
 
 def test_patch_fp8_fast_accum(monkeypatch):
-    """``fp8_fast_accum=True``: every FP8 GEMM of the blocks gets ``fast_accum=True``; on the CPU (the
-    reference accumulates in fp32) the output is the same as without it; unpatch restores exactly.
-    Without precision="fp8", or not a bool, it is refused before anything is patched."""
+    """``fp8_fast_accum``: by default (None) with precision="fp8" every FP8 GEMM of the blocks gets
+    ``fast_accum=True``; ``fp8_fast_accum=False`` gives every one ``fast_accum=False``; on the CPU (the
+    reference accumulates in fp32) the output is the same either way; unpatch restores exactly. Without
+    precision="fp8", or not a bool / None, it is refused before anything is patched."""
     from fused_dit_ops.integrations.engine import is_patched
     m = _tiny()
     kw = _inputs(m)
     stock = _run(m, kw)
     sd = {k: v.clone() for k, v in m.state_dict().items()}
     calls = spy_fp8_gemms(monkeypatch)
-    fdo.patch(m, precision="fp8")
+    # per block: q|k|v (joint), two output projections, fc1 and fc2 of both streams
+    expect = [("joint_fp8_linear_unchecked",)] * 3 + [("fp8_linear_unchecked",)] * 18
+    r = fdo.patch(m, precision="fp8", fp8_fast_accum=False)
+    assert r.options["fp8_fast_accum"] is False and m.__dict__["_fused_dit_state"].fp8.fast_accum is False
+    assert not any("fast accumulation" in s for s in r.swapped), r
+    calls.clear()  # (patch's probe ran the blocks once)
     slow = _run(m, kw)
-    assert calls and {fa for _, fa in calls} == {False}
-    r = fdo.patch(m, precision="fp8", fp8_fast_accum=True)
+    assert sorted(calls) == sorted((n, False) for (n,) in expect)
+    r = fdo.patch(m, precision="fp8")
     assert r.options["fp8_fast_accum"] is True and m.__dict__["_fused_dit_state"].fp8.fast_accum is True
     assert any("fast accumulation" in s for s in r.swapped), r
     calls.clear()
     fast = _run(m, kw)
-    # per block: q|k|v (joint), two output projections, fc1 and fc2 of both streams
-    assert sorted(calls) == sorted([("joint_fp8_linear_unchecked", True)] * 3 + [("fp8_linear_unchecked", True)] * 18)
+    assert sorted(calls) == sorted((n, True) for (n,) in expect)
     assert torch.equal(fast, slow) and not r.runtime, r.runtime
     assert fdo.unpatch(m)
     assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
     assert torch.equal(_run(m, kw), stock)
-    for kw_bad, match in (({}, r"fp8_fast_accum=True .*needs precision='fp8', got precision='bf16'"),
-                          ({"attention_precision": "fp8"}, "needs precision='fp8'"),
-                          ({"precision": "fp8", "fp8_fast_accum": 1}, "fp8_fast_accum must be True or False, got 1")):
+    assert "fp8_fast_accum" not in fdo.patch(m).options  # bf16: no FP8 GEMMs, no option
+    fdo.unpatch(m)
+    for kw_bad, match in (({"fp8_fast_accum": True}, r"fp8_fast_accum=True .*needs precision='fp8', got precision='bf16'"),
+                          ({"fp8_fast_accum": False}, r"fp8_fast_accum=False .*needs precision='fp8'"),
+                          ({"fp8_fast_accum": True, "attention_precision": "fp8"}, "needs precision='fp8'"),
+                          ({"precision": "fp8", "fp8_fast_accum": 1},
+                           "fp8_fast_accum must be True, False or None, got 1")):
         with pytest.raises(ValueError, match=match):
-            fdo.patch(m, **{"fp8_fast_accum": True, **kw_bad})
+            fdo.patch(m, **kw_bad)
         assert not is_patched(m)
 
 
-def test_bench_block_fp8_fast_accum_rows(tmp_path):
-    """``bench block --precision fp8 --fp8-fast-accum`` (tiny, CPU): the FP8 GEMMs with and without fast
-    accumulation, and the recipe with (torchao's default) and without, in one run, each with its options."""
+def test_bench_block_fp8_slow_accum_rows(tmp_path):
+    """``bench block --precision fp8 --fp8-slow-accum`` (tiny, CPU): the FP8 GEMMs with (patch's default)
+    and without fast accumulation, and the recipe with (torchao's default) and without, in one run, each
+    with its options."""
     import json
     from fused_dit_ops.bench import block
     rc = block.main(["--device", "cpu", "--tiny", "--providers", "stock-compile,patched-eager", "--precision", "fp8",
-                     "--fp8-fast-accum", "--rep-ms", "5", "--energy-s", "0", "--out", str(tmp_path)])
+                     "--fp8-slow-accum", "--rep-ms", "5", "--energy-s", "0", "--out", str(tmp_path)])
     assert rc == 0
     (path,) = tmp_path.glob("block-tiny-*.json")
     rows = {r["provider"]: r for r in json.loads(path.read_text())["rows"]}
-    assert set(rows) == {"stock-compile", "patched-eager", "patched-eager+fp8", "patched-eager+fp8+fastaccum",
+    assert set(rows) == {"stock-compile", "patched-eager", "patched-eager+fp8", "patched-eager+fp8+slowaccum",
                          "stock-compile+fp8recipe", "stock-compile+fp8recipeslow"}
-    assert rows["patched-eager+fp8+fastaccum"]["patch_options"] == {"precision": "fp8", "fp8_fast_accum": True}
+    assert rows["patched-eager+fp8+slowaccum"]["patch_options"] == {"precision": "fp8", "fp8_fast_accum": False}
     assert rows["stock-compile+fp8recipeslow"]["patch_options"] == {"fp8_recipe": True,
                                                                     "fp8_recipe_fast_accum": False}
     for r in rows.values():
         assert "error" not in r, r
-    assert rows["patched-eager+fp8+fastaccum"]["fp8"] == "fp8"
+    assert rows["patched-eager+fp8+slowaccum"]["fp8"] == "fp8"
     # the CPU reference ignores the flag
-    assert rows["patched-eager+fp8+fastaccum"]["max_rel_diff_vs_stock"] == rows["patched-eager+fp8"][
+    assert rows["patched-eager+fp8+slowaccum"]["max_rel_diff_vs_stock"] == rows["patched-eager+fp8"][
         "max_rel_diff_vs_stock"]
-    with pytest.raises(SystemExit):  # --fp8-fast-accum needs --precision fp8
-        block.main(["--device", "cpu", "--tiny", "--providers", "patched-eager", "--fp8-fast-accum", "--out",
+    with pytest.raises(SystemExit):  # --fp8-slow-accum needs --precision fp8
+        block.main(["--device", "cpu", "--tiny", "--providers", "patched-eager", "--fp8-slow-accum", "--out",
                     str(tmp_path)])
 
 
@@ -927,11 +937,11 @@ def test_gpu_qwen_edit_block_fp8_vs_recipe(layers, outliers):
     del m32
     kw = make_qwen_inputs(m, img_tokens=(1024, 1024), txt_len=208, seed=1)
     bf16 = _run(m, kw)
-    fp8_recipe.install(m, fast_accum=False)  # the accumulation patch(precision="fp8") uses by default
+    fp8_recipe.install(m, fast_accum=False)  # fp32-promoted accumulation on both sides first
     recipe = _run(m, kw)
     fp8_recipe.remove(m)
     sd = {k: v.clone() for k, v in m.state_dict().items()}
-    r = fdo.patch(m, precision="fp8")
+    r = fdo.patch(m, precision="fp8", fp8_fast_accum=False)
     assert any("FP8 e4m3 GEMMs" in s for s in r.swapped), r
     assert any("kept on the CPU" in s for s in r.swapped), r
     assert m.transformer_blocks[0].img_mlp.net[2].weight.device.type == "cpu"
@@ -951,11 +961,11 @@ def test_gpu_qwen_edit_block_fp8_vs_recipe(layers, outliers):
     # the weights are bit-exact (above); the stock forward again (cuBLAS may pick another kernel for the
     # new allocations, hence not bitwise)
     assert rel_err(_run(m, kw), bf16) < 5e-3
-    # fast accumulation on both sides: the recipe with torchao's default, ours with fp8_fast_accum=True
+    # fast accumulation on both sides: the recipe and patch with their defaults (torchao's)
     fp8_recipe.install(m)
     e_recipe_fast = rel_err(_run(m, kw), truth)
     fp8_recipe.remove(m)
-    r = fdo.patch(m, precision="fp8", fp8_fast_accum=True)
+    r = fdo.patch(m, precision="fp8")
     e_ours_fast = rel_err(_run(m, kw), truth)
     print(f"fast accumulation: per-row FP8 recipe {e_recipe_fast:.3e}, fused FP8 {e_ours_fast:.3e}")
     assert not r.runtime, r.runtime

@@ -306,18 +306,20 @@ def test_patch_fp8_tiny_accuracy_vs_recipe_and_unpatch(case):
 
 @pytest.mark.parametrize("case", ["flux", "flux2", "wan-i2v"])
 def test_patch_fp8_fast_accum_every_gemm(monkeypatch, case):
-    """``fp8_fast_accum=True`` reaches every FP8 GEMM of the single-stream and self + cross attention
-    blocks (and FLUX.2's SwiGLU double blocks); the CPU reference ignores it (same output); unpatch
-    restores exactly."""
+    """``fp8_fast_accum`` (True by default with precision="fp8", or False) reaches every FP8 GEMM of the
+    single-stream and self + cross attention blocks (and FLUX.2's SwiGLU double blocks); the CPU
+    reference ignores it (same output); unpatch restores exactly."""
     family, build, _, _ = CASES[case]
     m = build()
     kw = _inputs(family, m)
     stock = _run(m, kw)
     sd = {k: v.clone() for k, v in m.state_dict().items()}
-    fdo.patch(m, precision="fp8")
-    slow = _run(m, kw)
     calls = spy_fp8_gemms(monkeypatch)
-    r = fdo.patch(m, precision="fp8", fp8_fast_accum=True)
+    fdo.patch(m, precision="fp8", fp8_fast_accum=False)
+    calls.clear()  # (patch's probe ran the blocks once)
+    slow = _run(m, kw)
+    slow_calls = list(calls)
+    r = fdo.patch(m, precision="fp8")
     calls.clear()
     fast = _run(m, kw)
     blocks = {k: len(getattr(m, a, [])) for k, a in (("double", "transformer_blocks"),
@@ -325,6 +327,7 @@ def test_patch_fp8_fast_accum_every_gemm(monkeypatch, case):
     # double: joint q|k|v + 6 per block; single: q|k|v|MLP + output; Wan: 6 (text / image K/V stay bf16)
     n = blocks["double"] * 7 + blocks["single"] * 2 + blocks["wan"] * 6
     assert len(calls) == n and all(fa is True for _, fa in calls), calls
+    assert len(slow_calls) == n and all(fa is False for _, fa in slow_calls), slow_calls
     assert torch.equal(fast, slow) and not r.runtime, r.runtime
     assert fdo.unpatch(m)
     assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
@@ -539,11 +542,11 @@ def test_gpu_real_dims_block_fp8_vs_recipe(family):
         del m32
     kw = _inputs(family, m, **tok)
     bf16 = _run(m, kw)
-    fp8_recipe.install(m, linears=linears(m), fast_accum=False)  # patch(precision="fp8")'s accumulation
+    fp8_recipe.install(m, linears=linears(m), fast_accum=False)  # fp32-promoted accumulation on both sides first
     recipe = _run(m, kw)
     fp8_recipe.remove(m)
     sd = {k: v.clone() for k, v in m.state_dict().items()}
-    r = fdo.patch(m, precision="fp8")
+    r = fdo.patch(m, precision="fp8", fp8_fast_accum=False)
     assert any("FP8 e4m3 GEMMs" in s for s in r.swapped) and any("kept on the CPU" in s for s in r.swapped), r
     assert not any(k.startswith("fp8") for k in r.stock), r
     ours = _run(m, kw)
@@ -554,11 +557,11 @@ def test_gpu_real_dims_block_fp8_vs_recipe(family):
     assert e_ours <= 1.1 * e_recipe
     fdo.unpatch(m)
     assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
-    # fast accumulation on both sides: the recipe with torchao's default, ours with fp8_fast_accum=True
+    # fast accumulation on both sides: the recipe and patch with their defaults (torchao's)
     fp8_recipe.install(m, linears=linears(m))
     e_recipe_fast = rel_err(_run(m, kw), truth)
     fp8_recipe.remove(m)
-    r = fdo.patch(m, precision="fp8", fp8_fast_accum=True)
+    r = fdo.patch(m, precision="fp8")
     e_ours_fast = rel_err(_run(m, kw), truth)
     print(f"fast accumulation: per-row FP8 recipe {e_recipe_fast:.3e}, fused FP8 {e_ours_fast:.3e}")
     assert not r.runtime, r.runtime

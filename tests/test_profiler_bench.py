@@ -246,17 +246,17 @@ def test_provider_modifiers_are_patch_options():
 
 
 def test_fp8_accumulation_modifiers():
-    """+fastaccum (patched, with +fp8) and the recipe's two accumulations (stock only: +fp8recipe is
+    """+slowaccum (patched, with +fp8: patch's default is fast accumulation) and the recipe's two accumulations (stock only: +fp8recipe is
     torchao's fast accumulation, +fp8recipeslow without)."""
-    assert _configs.split_modifiers("patched-eager+fp8+fastaccum") == (
-        "patched-eager", {"precision": "fp8", "fp8_fast_accum": True})
+    assert _configs.split_modifiers("patched-eager+fp8+slowaccum") == (
+        "patched-eager", {"precision": "fp8", "fp8_fast_accum": False})
     assert _configs.split_modifiers("stock-compile+fp8recipe") == ("stock-compile", {"fp8_recipe": True})
     assert _configs.split_modifiers("stock-compile+fp8recipeslow") == (
         "stock-compile", {"fp8_recipe": True, "fp8_recipe_fast_accum": False})
     with pytest.raises(ValueError, match="patched providers only"):
-        _configs.split_modifiers("stock-eager+fp8+fastaccum")
-    with pytest.raises(ValueError, match=r"\+fastaccum .*needs \+fp8"):
-        _configs.split_modifiers("patched-eager+fastaccum")
+        _configs.split_modifiers("stock-eager+fp8+slowaccum")
+    with pytest.raises(ValueError, match=r"\+slowaccum .*needs \+fp8"):
+        _configs.split_modifiers("patched-eager+slowaccum")
     with pytest.raises(ValueError, match="stock providers only"):
         _configs.split_modifiers("patched-eager+fp8recipeslow")
     with pytest.raises(ValueError, match="stock providers only"):

@@ -102,8 +102,8 @@ MODIFIERS = {
     "nodual": {"dual_launch": False},  # one launch per stream for each norm op
     "nolookahead": {"lookahead": False},  # each block does its own norm1 + modulation
     "fp8": {"precision": "fp8"},  # the block Linears as FP8 e4m3 GEMMs (integrations/fp8.py)
-    # with +fp8: those GEMMs with fast accumulation (torch._scaled_mm's use_fast_accum)
-    "fastaccum": {"fp8_fast_accum": True},
+    # with +fp8: those GEMMs without fast accumulation (patch's default is torch._scaled_mm's use_fast_accum)
+    "slowaccum": {"fp8_fast_accum": False},
     # stock providers only: the baseline FP8 recipe (torchao's per-row dynamic scheme in plain PyTorch,
     # bench/fp8_recipe.py) on the block Linears, e.g. stock-compile+fp8recipe; with fast accumulation,
     # torchao's default (fp8recipeslow: use_fast_accum=False)
@@ -137,9 +137,9 @@ def split_modifiers(provider: str) -> tuple[str, dict]:
     if patched and any(m in STOCK_MODIFIERS for m in mods):
         raise ValueError(f"provider {provider!r}: {', '.join('+' + m for m in STOCK_MODIFIERS)} "
                          "applies to stock providers only")
-    if "fastaccum" in mods and "fp8" not in mods:
-        raise ValueError(f"provider {provider!r}: +fastaccum (fp8_fast_accum) applies to the FP8 GEMMs and needs "
-                         "+fp8")
+    if "slowaccum" in mods and "fp8" not in mods:
+        raise ValueError(f"provider {provider!r}: +slowaccum (fp8_fast_accum=False) applies to the FP8 GEMMs and "
+                         "needs +fp8")
     return base, kwargs
 
 

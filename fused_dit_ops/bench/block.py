@@ -15,9 +15,10 @@ on them alone. Providers:
 adds ``+fp8attn`` (the joint attention on e4m3 q/k/v through FlashAttention-3), so that
 ``--providers patched-eager --precision fp8 --fp8-attention`` times ``patched-eager``,
 ``patched-eager+fp8``, ``patched-eager+fp8attn`` and ``patched-eager+fp8+fp8attn`` in one run.
-``--fp8-fast-accum`` (with ``--precision fp8``) adds each ``+fp8`` provider with ``+fastaccum`` (the FP8
-GEMMs with ``torch._scaled_mm``'s fast accumulation) and, next to ``stock-compile+fp8recipe`` (the
-recipe with fast accumulation, torchao's default), ``stock-compile+fp8recipeslow`` (without).
+``--fp8-slow-accum`` (with ``--precision fp8``) adds each ``+fp8`` provider with ``+slowaccum`` (the FP8
+GEMMs without ``torch._scaled_mm``'s fast accumulation, which ``patch`` uses by default) and, next to
+``stock-compile+fp8recipe`` (the recipe with fast accumulation, torchao's default),
+``stock-compile+fp8recipeslow`` (without).
 
 Reported: median ms (``triton.testing.do_bench``, L2 flushed), speedup over stock eager,
 ``host_ms`` (CPU time per call while the GPU is busy: where it is close to ``ms`` the call is bound
@@ -271,11 +272,11 @@ def main(argv=None) -> int:
                          "attention on e4m3 q/k/v, patch(attention_precision='fp8'); FlashAttention-3 on CUDA) and, "
                          "with --precision fp8, as '<provider>+fp8+fp8attn': one run shows bf16, FP8 GEMMs and FP8 "
                          "GEMMs + FP8 attention")
-    ap.add_argument("--fp8-fast-accum", action="store_true",
-                    help="with --precision fp8: also run every '+fp8' patched provider as '<provider>+fastaccum' "
-                         "(the FP8 GEMMs with torch._scaled_mm's fast accumulation, patch(fp8_fast_accum=True)) "
-                         "and, next to stock-compile+fp8recipe (fast accumulation, torchao's default), "
-                         "stock-compile+fp8recipeslow (without)")
+    ap.add_argument("--fp8-slow-accum", action="store_true",
+                    help="with --precision fp8: also run every '+fp8' patched provider as '<provider>+slowaccum' "
+                         "(the FP8 GEMMs without torch._scaled_mm's fast accumulation, patch(fp8_fast_accum=False); "
+                         "the default is fast accumulation) and, next to stock-compile+fp8recipe (fast "
+                         "accumulation, torchao's default), stock-compile+fp8recipeslow (without)")
     ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
     args = ap.parse_args(argv)
     device = _configs.resolve_device(args.device, args.tiny, "bench block")
@@ -293,12 +294,12 @@ def main(argv=None) -> int:
                                  and "+fp8" not in p and p + "+fp8" not in providers]
         if "stock-compile" in providers and "stock-compile+fp8recipe" not in providers:
             providers.append("stock-compile+fp8recipe")  # the baseline FP8 recipe, compiled
-    if args.fp8_fast_accum:
+    if args.fp8_slow_accum:
         if args.precision != "fp8":
-            ap.error("--fp8-fast-accum needs --precision fp8 (it adds '+fastaccum' to the '+fp8' providers)")
+            ap.error("--fp8-slow-accum needs --precision fp8 (it adds '+slowaccum' to the '+fp8' providers)")
         fp8 = [p for p in providers if _configs.is_patched(_configs.normalize(p.partition("+")[0]))
-               and "fp8" in p.split("+")[1:] and "fastaccum" not in p.split("+")[1:]]
-        providers = providers + [p + "+fastaccum" for p in fp8 if p + "+fastaccum" not in providers]
+               and "fp8" in p.split("+")[1:] and "slowaccum" not in p.split("+")[1:]]
+        providers = providers + [p + "+slowaccum" for p in fp8 if p + "+slowaccum" not in providers]
         if "stock-compile+fp8recipe" in providers and "stock-compile+fp8recipeslow" not in providers:
             providers.append("stock-compile+fp8recipeslow")  # the recipe without fast accumulation
     if args.fp8_attention:

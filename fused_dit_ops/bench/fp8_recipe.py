@@ -8,8 +8,8 @@ row-wise scales. The activation quantisation is separate torch ops; under ``torc
 fuses it as far as it can, which is the torchao setting ("per-row, compiled"). torchao's default is
 fast accumulation (``torch._scaled_mm(..., use_fast_accum=True)``: on Hopper the tensor-core partial
 sums are not promoted to fp32 at intervals along K), and :func:`install` defaults to it too;
-``install(..., fast_accum=False)`` gives the fp32-promoted accumulation that ``patch(precision="fp8")``
-uses unless ``fp8_fast_accum=True``.
+``install(..., fast_accum=False)`` gives the fp32-promoted accumulation that ``patch(precision="fp8",
+fp8_fast_accum=False)`` uses (``patch``'s default is fast accumulation, as torchao's).
 
 :func:`install` sets instance ``forward`` s on the Linears and returns a handle; :func:`remove`
 undoes it exactly (the bf16 weights are never touched).

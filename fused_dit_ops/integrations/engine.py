@@ -870,7 +870,7 @@ def is_patched(model_or_pipeline) -> bool:
 def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, verify: bool = False,
           reuse_mod: bool = True, probe: bool = True, precision: str = "bf16",
           keep_bf16_weights: bool = False, attention_precision: str = "bf16",
-          fp8_fast_accum: bool = False) -> PatchReport:
+          fp8_fast_accum: bool | None = None) -> PatchReport:
     """Put every block of a supported diffusers transformer (or ``pipeline.transformer``) on fused
     ops, in place, per instance. Returns a :class:`PatchReport`. Patching twice re-patches.
 
@@ -891,16 +891,17 @@ def patch(model_or_pipeline, ops="all", attention_backend: str | None = None, ve
     "fp8": the double-stream blocks' joint attention on e4m3 q, k, v (FlashAttention-3's FP8 forward on
     CUDA, sm90, bfloat16 model; the CPU runs the reference; see
     ``fused_dit_ops.integrations.fp8_attention``), with either ``precision``. ``fp8_fast_accum`` (with
-    ``precision="fp8"`` only): the FP8 GEMMs with fast accumulation (``torch._scaled_mm``'s
-    ``use_fast_accum``, torchao's default: on Hopper the tensor-core partial sums are not promoted to
-    fp32 at intervals; faster, less accurate); the CPU reference ignores it. :func:`unpatch` undoes it."""
+    ``precision="fp8"`` only; None: True with ``precision="fp8"``): the FP8 GEMMs with fast accumulation
+    (``torch._scaled_mm``'s ``use_fast_accum``, torchao's default: on Hopper the tensor-core partial sums
+    are not promoted to fp32 at intervals; faster, slightly less accurate); False: promoted partial
+    sums. The CPU reference accumulates in fp32 either way. :func:`unpatch` undoes it."""
     return patch_ab(model_or_pipeline, ops=ops, attention_backend=attention_backend, verify=verify,
                     reuse_mod=reuse_mod, probe=probe, precision=precision, keep_bf16_weights=keep_bf16_weights,
                     attention_precision=attention_precision, fp8_fast_accum=fp8_fast_accum)
 
 
 def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False, reuse_mod=True, probe=True,
-             precision="bf16", keep_bf16_weights=False, attention_precision="bf16", fp8_fast_accum=False,
+             precision="bf16", keep_bf16_weights=False, attention_precision="bf16", fp8_fast_accum=None,
              **switches) -> PatchReport:
     """:func:`patch` plus the benchmarks' A/B switches (not public API): ``pack_qkv`` (one q/k/v
     GEMM per stream over packed weights), ``pack_mod`` (one modulation GEMV per block),
@@ -911,11 +912,13 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
         raise ValueError(f"precision must be 'bf16' or 'fp8', got {precision!r}")
     if attention_precision not in ("bf16", "fp8"):
         raise ValueError(f"attention_precision must be 'bf16' or 'fp8', got {attention_precision!r}")
-    if not isinstance(fp8_fast_accum, bool):
-        raise ValueError(f"fp8_fast_accum must be True or False, got {fp8_fast_accum!r}")
-    if fp8_fast_accum and precision != "fp8":
-        raise ValueError(f"fp8_fast_accum=True applies to the FP8 GEMMs and needs precision='fp8', got "
+    if fp8_fast_accum is not None and not isinstance(fp8_fast_accum, bool):
+        raise ValueError(f"fp8_fast_accum must be True, False or None, got {fp8_fast_accum!r}")
+    if fp8_fast_accum is not None and precision != "fp8":
+        raise ValueError(f"fp8_fast_accum={fp8_fast_accum} applies to the FP8 GEMMs and needs precision='fp8', got "
                          f"precision={precision!r}")
+    if fp8_fast_accum is None:
+        fp8_fast_accum = precision == "fp8"  # measured: same accuracy as torchao's per-row recipe, faster
     bad = set(switches) - set(SWITCHES)
     if bad:
         raise TypeError(f"unknown patch options {sorted(bad)}")
@@ -941,7 +944,7 @@ def patch_ab(model_or_pipeline, ops="all", attention_backend=None, verify=False,
                                       **({"precision": precision} if precision != "bf16" else {}),
                                       **({"attention_precision": attention_precision}
                                          if attention_precision != "bf16" else {}),
-                                      **({"fp8_fast_accum": True} if fp8_fast_accum else {}),
+                                      **({"fp8_fast_accum": fp8_fast_accum} if precision == "fp8" else {}),
                                       **{k: v for k, v in sw.items() if v != SWITCHES[k]}))
     if p.dtype not in DTYPES:
         report.stock["model"] = f"dtype {p.dtype} not supported (fp32, bf16, fp16)"

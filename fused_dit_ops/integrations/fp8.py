@@ -15,9 +15,9 @@ produces them, in the same pass:
 
 Modulation GEMVs, embeddings and the final projection stay in the model dtype.
 
-``fp8_fast_accum=True`` (kept as ``Fp8State.fast_accum``) passes ``fast_accum=True`` to every FP8 GEMM
-here and in ``fp8_kinds``: ``torch._scaled_mm(use_fast_accum=True)`` on CUDA; the CPU reference
-accumulates in fp32 either way.
+``patch``'s ``fp8_fast_accum`` (True by default with ``precision="fp8"``; kept as ``Fp8State.fast_accum``)
+is the ``fast_accum`` of every FP8 GEMM here and in ``fp8_kinds``: ``torch._scaled_mm(use_fast_accum=...)``
+on CUDA; the CPU reference accumulates in fp32 either way.
 
 Weights are quantised once at patch time (per output channel, ``amax / 448``) into non-persistent
 buffers of the block (``_fused_dit_fp8_*``: not in ``state_dict``; they follow ``model.to(device)``).
@@ -234,8 +234,8 @@ def patch_blocks(st, blocks, report, dev, dtype, keep_bf16, others=None, fast_ac
     if not f8.blocks:
         return
     if fast_accum:
-        report.swapped.append("FP8 GEMMs with fast accumulation (fp8_fast_accum: torch._scaled_mm's "
-                              "use_fast_accum on CUDA; the CPU reference accumulates in fp32)")
+        report.swapped.append("FP8 GEMMs with fast accumulation (fp8_fast_accum=True, the default: "
+                              "torch._scaled_mm's use_fast_accum on CUDA; the CPU reference accumulates in fp32)")
     if offload:
         nbytes = 0
         for block in [*blocks, *(x for v in others.values() for x in v)]:
