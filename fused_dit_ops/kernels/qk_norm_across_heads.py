@@ -2,8 +2,8 @@
 [C] row of a token, C = heads x head_dim), then RoPE per head, q and k in one launch.
 
 Grid: (Lq + Lk token rows, B). A program owns one token row of q (rows < Lq) or of k: it loads the
-row as its rotation pairs (interleaved: (2i, 2i+1) of each head; half-split: (i, i + R/2), dims past
-the rotary width R paired as they come), reduces the mean square over the whole row in fp32,
+row as its rotation pairs (interleaved: the row contiguously, split into (2i, 2i+1) in registers;
+half-split: (i, i + R/2) of each head, dims past the rotary width R paired as they come), reduces the mean square over the whole row in fp32,
 multiplies by rsqrt(ms + eps) and the weight (both fp32, in that order), rounds once to the
 activation dtype (what ``torch.nn.RMSNorm`` returns), then rotates the first R dims of each head
 with the token's table row in fp32 and rounds once on store. Without a table it only normalises.
@@ -27,25 +27,35 @@ from .modulation import _device_guard
 def _norm_rope_row(x_ptr, w_ptr, o_ptr, tab_ptr, b, l, L, stride_xb, stride_xl, stride_tab, C, eps,
                    HALF_D: tl.constexpr, HALF_R: tl.constexpr, BLOCK_P: tl.constexpr,
                    HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
-    j = tl.arange(0, BLOCK_P)  # pair index over the row (C / 2 pairs)
-    pm = j < C // 2
-    h = j // HALF_D
-    i = j % HALF_D
+    ty = o_ptr.dtype.element_ty
+    row = x_ptr + b * stride_xb + l.to(tl.int64) * stride_xl
+    orow = o_ptr + (b * L + l).to(tl.int64) * C
     if INTERLEAVED:
-        off1 = h * (2 * HALF_D) + 2 * i
-        off2 = off1 + 1
+        # the row loaded and stored contiguously (vector accesses), split into its (2i, 2i + 1) pairs in
+        # registers: a load of every other element would be a scalar access per value
+        c = tl.arange(0, 2 * BLOCK_P)
+        cm = c < C
+        x = tl.load(row + c, mask=cm, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, (BLOCK_P, 2)))
+        w1, w2 = tl.split(tl.reshape(w, (BLOCK_P, 2)))
+        j = tl.arange(0, BLOCK_P)  # pair index over the row (C / 2 pairs)
+        pm = j < C // 2
+        i = j % HALF_D
     else:
+        j = tl.arange(0, BLOCK_P)  # pair index over the row (C / 2 pairs)
+        pm = j < C // 2
+        h = j // HALF_D
+        i = j % HALF_D
         rot = i < HALF_R
         off1 = h * (2 * HALF_D) + tl.where(rot, i, 2 * HALF_R + 2 * (i - HALF_R))
         off2 = tl.where(rot, off1 + HALF_R, off1 + 1)
-    row = x_ptr + b * stride_xb + l.to(tl.int64) * stride_xl
-    x1 = tl.load(row + off1, mask=pm, other=0.0).to(tl.float32)
-    x2 = tl.load(row + off2, mask=pm, other=0.0).to(tl.float32)
+        x1 = tl.load(row + off1, mask=pm, other=0.0).to(tl.float32)
+        x2 = tl.load(row + off2, mask=pm, other=0.0).to(tl.float32)
+        w1 = tl.load(w_ptr + off1, mask=pm, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + off2, mask=pm, other=0.0).to(tl.float32)
     ms = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / C
     r = tl.rsqrt(ms + eps)
-    w1 = tl.load(w_ptr + off1, mask=pm, other=0.0).to(tl.float32)
-    w2 = tl.load(w_ptr + off2, mask=pm, other=0.0).to(tl.float32)
-    ty = o_ptr.dtype.element_ty
     n1 = ((x1 * r) * w1).to(ty).to(tl.float32)  # the norm's own rounding, as torch.nn.RMSNorm returns it
     n2 = ((x2 * r) * w2).to(ty).to(tl.float32)
     if HAS_ROPE:
@@ -58,9 +68,11 @@ def _norm_rope_row(x_ptr, w_ptr, o_ptr, tab_ptr, b, l, L, stride_xb, stride_xl, 
     else:
         y1 = n1
         y2 = n2
-    orow = o_ptr + (b * L + l).to(tl.int64) * C
-    tl.store(orow + off1, y1.to(ty), mask=pm)
-    tl.store(orow + off2, y2.to(ty), mask=pm)
+    if INTERLEAVED:
+        tl.store(orow + c, tl.reshape(tl.join(y1, y2), (2 * BLOCK_P,)).to(ty), mask=cm)
+    else:
+        tl.store(orow + off1, y1.to(ty), mask=pm)
+        tl.store(orow + off2, y2.to(ty), mask=pm)
 
 
 @triton.jit
@@ -95,6 +107,6 @@ def qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos_sin=None, heads=1, e
         launch(_qk_norm_rope_across_heads_kernel, (Lq + Lk, B),
                (q, k, q_weight, k_weight, qo, ko, tab, Lq, Lk, C, float(eps),
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), tab.stride(0) if cos_sin is not None else 0),
-               (D // 2, R // 2, block_p, cos_sin is not None, bool(interleaved)),
+               (D // 2, R // 2, block_p, cos_sin is not None, bool(interleaved) or cos_sin is None),  # no table: no pairs
                {"num_warps": 8 if block_p >= 2048 else 4})
     return qo, ko
