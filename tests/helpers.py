@@ -131,6 +131,35 @@ def spy_fp8_gemms(monkeypatch) -> list:
     return calls
 
 
+def fp8_fast_accum_errors(model, kw, truth, run, linears=None) -> tuple[float, float]:
+    """(recipe error, fused FP8 error) against ``truth`` with fast accumulation on both sides: the
+    per-row recipe (on ``linears``, default every block Linear) and ``patch(precision="fp8")`` with
+    their defaults (torchao's). Prints both; leaves ``model`` unpatched."""
+    import fused_dit_ops as fdo
+    from fused_dit_ops.bench import fp8_recipe
+    fp8_recipe.install(model, linears=linears)
+    e_recipe = rel_err(run(model, kw), truth)
+    fp8_recipe.remove(model)
+    r = fdo.patch(model, precision="fp8")
+    e_ours = rel_err(run(model, kw), truth)
+    print(f"fast accumulation: per-row FP8 recipe {e_recipe:.3e}, fused FP8 {e_ours:.3e}")
+    assert not r.runtime, r.runtime
+    fdo.unpatch(model)
+    return e_recipe, e_ours
+
+
+def tiny_bench_block_rows(tmp_path, providers: str, *flags) -> dict:
+    """``bench block --device cpu --tiny --precision fp8 FLAGS`` on ``providers``: its JSON rows by
+    provider (the run must succeed)."""
+    import json
+    from fused_dit_ops.bench import block
+    rc = block.main(["--device", "cpu", "--tiny", "--providers", providers, "--precision", "fp8", *flags,
+                     "--rep-ms", "5", "--energy-s", "0", "--out", str(tmp_path)])
+    assert rc == 0
+    (path,) = tmp_path.glob("block-tiny-*.json")
+    return {r["provider"]: r for r in json.loads(path.read_text())["rows"]}
+
+
 def run_no_grad(model, kw):
     """A diffusers transformer's first output, under torch.no_grad() (as pipelines call it)."""
     with torch.no_grad():

@@ -11,8 +11,8 @@ import fused_dit_ops as fdo
 from fused_dit_ops import reference as ref
 from fused_dit_ops.ops import fp8 as F8
 from fused_dit_ops.bench import fp8_recipe
-from helpers import (cuda_fp8, expect_input_error, native_diffusers_backend, needs_fp8_gpu, randn, rel_err,
-                     run_blocks_compiled, run_no_grad, spy_fp8_gemms, tiny_fp8_qwen,
+from helpers import (cuda_fp8, expect_input_error, fp8_fast_accum_errors, native_diffusers_backend, needs_fp8_gpu,
+                     randn, rel_err, run_blocks_compiled, run_no_grad, spy_fp8_gemms, tiny_bench_block_rows, tiny_fp8_qwen,
                      tiny_fp8_qwen_inputs)  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
@@ -580,13 +580,8 @@ def test_bench_block_fp8_slow_accum_rows(tmp_path):
     """``bench block --precision fp8 --fp8-slow-accum`` (tiny, CPU): the FP8 GEMMs with (patch's default)
     and without fast accumulation, and the recipe with (torchao's default) and without, in one run, each
     with its options."""
-    import json
     from fused_dit_ops.bench import block
-    rc = block.main(["--device", "cpu", "--tiny", "--providers", "stock-compile,patched-eager", "--precision", "fp8",
-                     "--fp8-slow-accum", "--rep-ms", "5", "--energy-s", "0", "--out", str(tmp_path)])
-    assert rc == 0
-    (path,) = tmp_path.glob("block-tiny-*.json")
-    rows = {r["provider"]: r for r in json.loads(path.read_text())["rows"]}
+    rows = tiny_bench_block_rows(tmp_path, "stock-compile,patched-eager", "--fp8-slow-accum")
     assert set(rows) == {"stock-compile", "patched-eager", "patched-eager+fp8", "patched-eager+fp8+slowaccum",
                          "stock-compile+fp8recipe", "stock-compile+fp8recipeslow"}
     assert rows["patched-eager+fp8+slowaccum"]["patch_options"] == {"precision": "fp8", "fp8_fast_accum": False}
@@ -961,13 +956,5 @@ def test_gpu_qwen_edit_block_fp8_vs_recipe(layers, outliers):
     # the weights are bit-exact (above); the stock forward again (cuBLAS may pick another kernel for the
     # new allocations, hence not bitwise)
     assert rel_err(_run(m, kw), bf16) < 5e-3
-    # fast accumulation on both sides: the recipe and patch with their defaults (torchao's)
-    fp8_recipe.install(m)
-    e_recipe_fast = rel_err(_run(m, kw), truth)
-    fp8_recipe.remove(m)
-    r = fdo.patch(m, precision="fp8")
-    e_ours_fast = rel_err(_run(m, kw), truth)
-    print(f"fast accumulation: per-row FP8 recipe {e_recipe_fast:.3e}, fused FP8 {e_ours_fast:.3e}")
-    assert not r.runtime, r.runtime
+    e_recipe_fast, e_ours_fast = fp8_fast_accum_errors(m, kw, truth, _run)
     assert e_ours_fast <= 1.1 * e_recipe_fast
-    fdo.unpatch(m)

@@ -12,7 +12,7 @@ from fused_dit_ops import attention_dispatch as dispatch
 from fused_dit_ops import reference as ref
 from fused_dit_ops.ops import attention_fp8 as A8
 from helpers import (expect_input_error, native_diffusers_backend, randn, rel_err, run_blocks_compiled,
-                     run_no_grad, tiny_fp8_qwen, tiny_fp8_qwen_inputs)  # noqa: F401
+                     run_no_grad, tiny_bench_block_rows, tiny_fp8_qwen, tiny_fp8_qwen_inputs)  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
 
@@ -623,13 +623,7 @@ def test_context_parallel_calls_keep_the_model_dtype_attention():
 def test_bench_block_fp8_attention_rows(tmp_path):
     """``bench block --precision fp8 --fp8-attention`` (tiny, CPU): bf16 patched, FP8 GEMMs, FP8 attention
     and both, in one run, each with its patch options."""
-    import json
-    from fused_dit_ops.bench import block
-    rc = block.main(["--device", "cpu", "--tiny", "--providers", "stock-eager,patched-eager", "--precision", "fp8",
-                     "--fp8-attention", "--rep-ms", "5", "--energy-s", "0", "--out", str(tmp_path)])
-    assert rc == 0
-    (path,) = tmp_path.glob("block-tiny-*.json")
-    rows = {r["provider"]: r for r in json.loads(path.read_text())["rows"]}
+    rows = tiny_bench_block_rows(tmp_path, "stock-eager,patched-eager", "--fp8-attention")
     assert set(rows) == {"stock-eager", "patched-eager", "patched-eager+fp8", "patched-eager+fp8attn",
                          "patched-eager+fp8+fp8attn"}
     assert rows["patched-eager+fp8+fp8attn"]["patch_options"] == {"precision": "fp8", "attention_precision": "fp8"}

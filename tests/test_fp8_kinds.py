@@ -16,8 +16,8 @@ import fused_dit_ops as fdo
 from fused_dit_ops import reference as ref
 from fused_dit_ops.bench import fp8_recipe
 from fused_dit_ops.ops import fp8 as F8
-from helpers import (expect_input_error, native_diffusers_backend, needs_fp8_gpu, randn, rel_err,
-                     run_blocks_compiled, run_no_grad, spy_fp8_gemms)  # noqa: F401
+from helpers import (expect_input_error, fp8_fast_accum_errors, native_diffusers_backend, needs_fp8_gpu, randn,
+                     rel_err, run_blocks_compiled, run_no_grad, spy_fp8_gemms)  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("native_diffusers_backend")
 
@@ -557,16 +557,8 @@ def test_gpu_real_dims_block_fp8_vs_recipe(family):
     assert e_ours <= 1.1 * e_recipe
     fdo.unpatch(m)
     assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
-    # fast accumulation on both sides: the recipe and patch with their defaults (torchao's)
-    fp8_recipe.install(m, linears=linears(m))
-    e_recipe_fast = rel_err(_run(m, kw), truth)
-    fp8_recipe.remove(m)
-    r = fdo.patch(m, precision="fp8")
-    e_ours_fast = rel_err(_run(m, kw), truth)
-    print(f"fast accumulation: per-row FP8 recipe {e_recipe_fast:.3e}, fused FP8 {e_ours_fast:.3e}")
-    assert not r.runtime, r.runtime
+    e_recipe_fast, e_ours_fast = fp8_fast_accum_errors(m, kw, truth, _run, linears(m))
     assert e_ours_fast <= 1.1 * e_recipe_fast
-    fdo.unpatch(m)
 
 
 @pytest.mark.gpu
