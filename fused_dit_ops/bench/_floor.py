@@ -102,6 +102,16 @@ def pick(spec: str, known, what: str) -> list[str]:
     return names
 
 
+def add_run_args(ap, providers) -> None:
+    """The options every op-vs-floor bench takes: --providers, --rounds, --device, --tiny, --out."""
+    ap.add_argument("--providers", default=",".join(providers), help="comma list from: eager, compile, fused")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timing rounds per provider, interleaved; the median is reported (default 3)")
+    ap.add_argument("--device", default=None, help="cuda (default) or cpu with --tiny")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run (CPU ok), not a measurement")
+    ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
+
+
 def main(fam: Family, name: str, shapes, ops, names, rounds: int, device, tiny: bool, shapes_extra: dict,
          out_dir) -> int:
     """Measure, print the table and the worst fused row, write ``name``'s JSON."""

@@ -260,12 +260,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help=f"comma list from: {', '.join(SHAPES)} (default: both; --tiny: "
                                                    f"{', '.join(TINY)})")
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma list from: {', '.join(OPS)} (default: all)")
-    ap.add_argument("--providers", default=",".join(PROVIDERS), help="comma list from: eager, compile, fused")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="timing rounds per provider, interleaved; the median is reported (default 3)")
-    ap.add_argument("--device", default=None, help="cuda (default) or cpu with --tiny")
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run (CPU ok), not a measurement")
-    ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
+    _floor.add_run_args(ap, PROVIDERS)
     args = ap.parse_args(argv)
     device = resolve_device(args.device, args.tiny, "bench flux-ops")
     if device is None:

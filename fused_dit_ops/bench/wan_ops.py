@@ -322,16 +322,11 @@ def main(argv=None) -> int:
                          f"--tiny: {','.join(TINY)})")
     ap.add_argument("--ops", default=None, help=f"comma list from: {', '.join(OPS)} (default: all; "
                                                 "--per-token: the modulation ops)")
-    ap.add_argument("--providers", default=",".join(PROVIDERS), help="comma list from: eager, compile, fused")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="timing rounds per provider, interleaved; the median is reported (default 3)")
     ap.add_argument("--per-token", action="store_true",
                     help="Wan2.2 TI2V's per-token timestep (use with --shapes wan-ti2v5b): the modulation ops "
                          "with two fp32 parameter sets + the per-token index (fused) against the stock per-token "
                          "[B, L, C] fp32 parameters (eager, compile); rows 'SHAPE+index'")
-    ap.add_argument("--device", default=None, help="cuda (default) or cpu with --tiny")
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run (CPU ok), not a measurement")
-    ap.add_argument("--out", default=None, help="JSON directory (default bench/results)")
+    _floor.add_run_args(ap, PROVIDERS)
     args = ap.parse_args(argv)
     device = resolve_device(args.device, args.tiny, "bench wan-ops")
     if device is None:
