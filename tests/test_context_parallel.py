@@ -350,9 +350,13 @@ def test_fp8_with_tensor_parallelism_stays_stock_with_the_reason():
 
 def test_bench_parallel_degree1_cpu_smoke():
     from fused_dit_ops.bench.parallel import degree1_overhead
-    r = degree1_overhead(family="flux", config="tiny", layers=None, img_tokens=None, iters=2, device="cpu")
+    r = degree1_overhead(family="flux", config="tiny", layers=None, img_tokens=None, iters=2, device="cpu",
+                         rounds=2)
     assert r["rel_err"] == 0 and r["ms_as_shipped"] > 0 and r["ms_without_cp_checks"] > 0, r
+    assert r["rounds"] == 2 and r["ratio"] == pytest.approx(r["ms_as_shipped"] / r["ms_without_cp_checks"]), r
     assert not r["runtime"], r
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        degree1_overhead(family="flux", config="tiny", layers=None, img_tokens=None, device="cpu", rounds=0)
 
 
 @pytest.mark.gpu

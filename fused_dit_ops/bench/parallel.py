@@ -87,31 +87,40 @@ def _build(family, config, layers, tokens, device, dtype):
 
 
 def degree1_overhead(family="flux", config=None, layers=2, img_tokens=(4096,), iters=20, device="cuda",
-                     dtype=None) -> dict:
+                     dtype=None, rounds=3) -> dict:
     """The patched model without parallelism, as shipped vs with its context-parallel checks taken out
     (``engine._note_cp`` and ``engine.cp_attention`` replaced by no-ops): what supporting parallelism
-    costs a single-GPU run. diffusers has no degree-1 context parallelism to run instead
-    (``ContextParallelConfig`` refuses ring_degree == ulysses_degree == 1 and its dispatcher has no
-    branch for it)."""
+    costs a single-GPU run. The two alternate over ``rounds`` rounds; ``ratio`` is the ratio of their
+    medians. diffusers has no degree-1 context parallelism to run instead (``ContextParallelConfig``
+    refuses ring_degree == ulysses_degree == 1 and its dispatcher has no branch for it)."""
     from ..integrations import engine
     import fused_dit_ops as fdo
+    if rounds < 1:
+        raise ValueError(f"degree1_overhead: rounds must be >= 1, got {rounds}")
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     m, kw = _build(family, config or DEFAULT_CONFIG[family], layers, img_tokens, device, dtype)
     report = fdo.patch(m)
-    out = _forward(m, kw)
-    ms_plain = _time_ms(lambda: _forward(m, kw), device, iters)
     saved = engine._note_cp, engine.cp_attention
 
     def no_note(st, model):
         st.cp = False
-    engine._note_cp, engine.cp_attention = no_note, lambda *a, **k: None
-    try:
-        ref = _forward(m, kw)
-        ms_without = _time_ms(lambda: _forward(m, kw), device, iters)
-    finally:
-        engine._note_cp, engine.cp_attention = saved
-    return dict(family=family, device=str(device), dtype=str(dtype).replace("torch.", ""),
+
+    def without_cp(fn):
+        engine._note_cp, engine.cp_attention = no_note, lambda *a, **k: None
+        try:
+            return fn()
+        finally:
+            engine._note_cp, engine.cp_attention = saved
+
+    out = _forward(m, kw)
+    ref = without_cp(lambda: _forward(m, kw))
+    shipped, without = [], []
+    for _ in range(rounds):
+        shipped.append(_time_ms(lambda: _forward(m, kw), device, iters))
+        without.append(without_cp(lambda: _time_ms(lambda: _forward(m, kw), device, iters)))
+    ms_plain, ms_without = statistics.median(shipped), statistics.median(without)
+    return dict(family=family, device=str(device), dtype=str(dtype).replace("torch.", ""), rounds=rounds,
                 ms_as_shipped=ms_plain, ms_without_cp_checks=ms_without, ratio=ms_plain / ms_without,
                 rel_err=_rel(out, ref), runtime=dict(report.runtime), swapped=list(report.swapped))
 
@@ -173,6 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--ring", type=int, default=1)
     p.add_argument("--backend", default=None, help="diffusers attention backend (set_attention_backend)")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="--degree1: rounds, the two providers alternating "
+                                                         "(ratio of medians)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", default=None)
@@ -184,7 +195,8 @@ def main(argv=None) -> int:
             harness.require_cuda()
         if tokens is None and not a.tiny:
             tokens = (4096,) if a.model != "wan" else None
-        r = degree1_overhead(a.model, config, None if a.tiny else a.layers, tokens, a.iters, a.device)
+        r = degree1_overhead(a.model, config, None if a.tiny else a.layers, tokens, a.iters, a.device,
+                             rounds=a.rounds)
         name = "parallel-degree1"
     else:
         harness.require_cuda()
