@@ -333,6 +333,27 @@ def test_qk_triton_interpreted(dtype, rope, Lk, heads, D, wdtype):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("heads,D,split", [(5, 8, None), (5, 16, None), (11, 8, None), (3, 16, True),
+                                           (5, 8, False)])
+@pytest.mark.parametrize("rope", [True, False])
+def test_qk_triton_interpreted_two_segments(heads, D, split, rope):
+    """Rows held as two power-of-two segments (C 40 = 32 + 8, 80 = 64 + 16, 88 = 64 + 24 masked;
+    forced at C 48 = 32 + 16), as C 5120 = 4096 + 1024 is on the GPU, and forced off at C 40."""
+    from fused_dit_ops.kernels import qk_norm_across_heads as kq
+    C = heads * D
+    auto = kq.segments(C)
+    assert (auto is not None) == (C in (40, 80, 88)), (C, auto)
+    assert kq.segments(5120) == (4096, 1024, False) and kq.segments(3072) is None and kq.segments(1536) is None
+    args = _qk_case(torch.bfloat16, Lk=11, heads=heads, D=D, rope=rope)
+    qo, ko = kq.qk_norm_rope_across_heads(*args, split=split)
+    wq, wk = ref.qk_norm_rope_across_heads(*f64(args))
+    check(qo, wq, torch.bfloat16, interpret=True)
+    check(ko, wk, torch.bfloat16, interpret=True)
+    one_q, one_k = kq.qk_norm_rope_across_heads(*args, split=False)  # the one-tile kernel
+    assert max_ulp_err(qo, one_q) <= 1 and max_ulp_err(ko, one_k) <= 1
+
+
+@pytest.mark.interpret
 def test_qk_triton_interpreted_half_split():
     from fused_dit_ops.kernels import qk_norm_across_heads as kq
     C, D = 48, 16
@@ -345,6 +366,19 @@ def test_qk_triton_interpreted_half_split():
 
 
 # --- GPU ----------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rope", [True, False])
+def test_gpu_qk_two_segments_match_one_tile(rope):
+    """C 5120 (Wan 14B): the two-segment row (the default there) against the one-tile kernel."""
+    from fused_dit_ops.kernels import qk_norm_across_heads as kq
+    args = _qk_case(torch.bfloat16, B=2, L=777, Lk=512, heads=40, D=128, rope=rope, device="cuda")
+    assert kq.segments(5120) == (4096, 1024, False)
+    two = kq.qk_norm_rope_across_heads(*args)
+    one = kq.qk_norm_rope_across_heads(*args, split=False)
+    for a, b in zip(two, one):  # the mean square summed in another order: an ulp of the norm at most
+        assert (max_ulp_err_rowwise(a, b, 128) <= 2) if rope else (max_ulp_err(a, b) <= 1)
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads", [40, 12, 24])

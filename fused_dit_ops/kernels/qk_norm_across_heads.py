@@ -8,6 +8,12 @@ multiplies by rsqrt(ms + eps) and the weight (both fp32, in that order), rounds 
 activation dtype (what ``torch.nn.RMSNorm`` returns), then rotates the first R dims of each head
 with the token's table row in fp32 and rounds once on store. Without a table it only normalises.
 
+A row whose power-of-two register tile would leave more than a quarter of its lanes masked (C 5120:
+an 8192-lane tile) is held as two power-of-two segments instead, the largest power of two <= C and
+the rest (5120 = 4096 + 1024), interleaved or without a table: no masked lanes, fewer registers per
+thread (sm_90, 8 warps: 48 against 70) and more rows resident per SM. Same arithmetic; the mean
+square's fp32 sum is added in another order, which can move an output by one ulp.
+
 Layout contract (checked by the op layer): q [B, Lq, C] and k [B, Lk, C] with a contiguous last dim
 and free batch/token strides (column views of a packed q|k|v projection); weights [C] contiguous;
 table fp32 [P, R] (cos of R/2 frequencies, then sin) with a contiguous last dim, row l for token l.
@@ -76,6 +82,97 @@ def _norm_rope_row(x_ptr, w_ptr, o_ptr, tab_ptr, b, l, L, stride_xb, stride_xl, 
 
 
 @triton.jit
+def _load_segment(row, w_ptr, base, C, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    """Columns [base, base + BLOCK) of the row and of the weight, fp32, split into (2i, 2i + 1) pairs."""
+    c = base + tl.arange(0, BLOCK)
+    if MASKED:
+        cm = c < C
+        x = tl.load(row + c, mask=cm, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(row + c).to(tl.float32)
+        w = tl.load(w_ptr + c).to(tl.float32)
+    x1, x2 = tl.split(tl.reshape(x, (BLOCK // 2, 2)))
+    w1, w2 = tl.split(tl.reshape(w, (BLOCK // 2, 2)))
+    return x1, x2, w1, w2
+
+
+@triton.jit
+def _norm_rope_store_segment(x1, x2, w1, w2, r, orow, trow, base, C,
+                             HALF_D: tl.constexpr, HALF_R: tl.constexpr, BLOCK: tl.constexpr,
+                             MASKED: tl.constexpr, HAS_ROPE: tl.constexpr):
+    ty = orow.dtype.element_ty
+    n1 = ((x1 * r) * w1).to(ty).to(tl.float32)  # the norm's own rounding, as torch.nn.RMSNorm returns it
+    n2 = ((x2 * r) * w2).to(ty).to(tl.float32)
+    if HAS_ROPE:
+        j = base // 2 + tl.arange(0, BLOCK // 2)  # pair index over the row
+        i = j % HALF_D
+        rm = i < HALF_R
+        if MASKED:
+            rm = rm & (j < C // 2)
+        cos = tl.load(trow + i, mask=rm, other=1.0)
+        sin = tl.load(trow + HALF_R + i, mask=rm, other=0.0)
+        y1 = n1 * cos - n2 * sin
+        y2 = n1 * sin + n2 * cos
+    else:
+        y1 = n1
+        y2 = n2
+    c = base + tl.arange(0, BLOCK)
+    y = tl.reshape(tl.join(y1, y2), (BLOCK,)).to(ty)
+    if MASKED:
+        tl.store(orow + c, y, mask=c < C)
+    else:
+        tl.store(orow + c, y)
+
+
+@triton.jit
+def _norm_rope_row_segments(x_ptr, w_ptr, o_ptr, tab_ptr, b, l, L, stride_xb, stride_xl, stride_tab, C, eps,
+                            HALF_D: tl.constexpr, HALF_R: tl.constexpr, BLOCK_A: tl.constexpr,
+                            BLOCK_B: tl.constexpr, MASK_B: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """The interleaved row as two segments: [0, BLOCK_A) unmasked, [BLOCK_A, C) in BLOCK_B lanes."""
+    row = x_ptr + b * stride_xb + l.to(tl.int64) * stride_xl
+    orow = o_ptr + (b * L + l).to(tl.int64) * C
+    trow = tab_ptr + l.to(tl.int64) * stride_tab
+    xa1, xa2, wa1, wa2 = _load_segment(row, w_ptr, 0, C, BLOCK_A, False)
+    ss = tl.sum(xa1 * xa1, axis=0) + tl.sum(xa2 * xa2, axis=0)
+    xb1, xb2, wb1, wb2 = _load_segment(row, w_ptr, BLOCK_A, C, BLOCK_B, MASK_B)
+    ss += tl.sum(xb1 * xb1, axis=0) + tl.sum(xb2 * xb2, axis=0)
+    r = tl.rsqrt(ss / C + eps)
+    _norm_rope_store_segment(xa1, xa2, wa1, wa2, r, orow, trow, 0, C, HALF_D, HALF_R, BLOCK_A, False, HAS_ROPE)
+    _norm_rope_store_segment(xb1, xb2, wb1, wb2, r, orow, trow, BLOCK_A, C, HALF_D, HALF_R, BLOCK_B, MASK_B,
+                             HAS_ROPE)
+
+
+@triton.jit
+def _qk_norm_rope_across_heads_segments_kernel(
+    q_ptr, k_ptr, wq_ptr, wk_ptr, qo_ptr, ko_ptr, tab_ptr,
+    Lq, Lk, C, eps, s_qb, s_ql, s_kb, s_kl, s_tab,
+    HALF_D: tl.constexpr, HALF_R: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    MASK_B: tl.constexpr, HAS_ROPE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if pid < Lq:
+        _norm_rope_row_segments(q_ptr, wq_ptr, qo_ptr, tab_ptr, b, pid, Lq, s_qb, s_ql, s_tab, C, eps,
+                                HALF_D, HALF_R, BLOCK_A, BLOCK_B, MASK_B, HAS_ROPE)
+    else:
+        _norm_rope_row_segments(k_ptr, wk_ptr, ko_ptr, tab_ptr, b, pid - Lq, Lk, s_kb, s_kl, s_tab, C, eps,
+                                HALF_D, HALF_R, BLOCK_A, BLOCK_B, MASK_B, HAS_ROPE)
+
+
+def segments(C: int):
+    """(BLOCK_A, BLOCK_B, MASK_B) of the two-segment row, or None where one power-of-two tile masks at
+    most a quarter of its lanes (C 1536, 3072: one tile)."""
+    tile = next_power_of_2(C)
+    if C % 2 or 4 * (tile - C) <= tile:
+        return None
+    a = tile // 2  # the largest power of two <= C (C is not one)
+    rest = C - a
+    b = next_power_of_2(rest)
+    return a, b, b != rest
+
+
+@triton.jit
 def _qk_norm_rope_across_heads_kernel(
     q_ptr, k_ptr, wq_ptr, wk_ptr, qo_ptr, ko_ptr, tab_ptr,
     Lq, Lk, C, eps, s_qb, s_ql, s_kb, s_kl, s_tab,
@@ -92,7 +189,10 @@ def _qk_norm_rope_across_heads_kernel(
                        HALF_D, HALF_R, BLOCK_P, HAS_ROPE, INTERLEAVED)
 
 
-def qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos_sin=None, heads=1, eps=1e-6, interleaved=True):
+def qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos_sin=None, heads=1, eps=1e-6, interleaved=True,
+                              split=None):
+    """``split``: None picks the two-segment row where it applies (see :func:`segments`); True / False
+    force it on (interleaved or no table only) / off, for tests and A/B timing."""
     B, Lq, C = q.shape
     Lk = k.shape[1]
     qo = torch.empty((B, Lq, C), dtype=q.dtype, device=q.device)
@@ -103,10 +203,31 @@ def qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos_sin=None, heads=1, e
     R = cos_sin.shape[1] if cos_sin is not None else D
     block_p = next_power_of_2(C // 2)
     tab = cos_sin if cos_sin is not None else q
+    pairs = bool(interleaved) or cos_sin is None  # no table: no pairs
+    seg = segments(C) if split is None else (_forced_segments(C) if split else None)
+    if seg and pairs:
+        block_a, block_b, mask_b = seg
+        with _device_guard(q):
+            launch(_qk_norm_rope_across_heads_segments_kernel, (Lq + Lk, B),
+                   (q, k, q_weight, k_weight, qo, ko, tab, Lq, Lk, C, float(eps),
+                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), tab.stride(0) if cos_sin is not None else 0),
+                   (D // 2, R // 2, block_a, block_b, mask_b, cos_sin is not None),
+                   {"num_warps": 8 if block_a >= 2048 else 4})
+        return qo, ko
     with _device_guard(q):
         launch(_qk_norm_rope_across_heads_kernel, (Lq + Lk, B),
                (q, k, q_weight, k_weight, qo, ko, tab, Lq, Lk, C, float(eps),
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), tab.stride(0) if cos_sin is not None else 0),
-               (D // 2, R // 2, block_p, cos_sin is not None, bool(interleaved) or cos_sin is None),  # no table: no pairs
+               (D // 2, R // 2, block_p, cos_sin is not None, pairs),
                {"num_warps": 8 if block_p >= 2048 else 4})
     return qo, ko
+
+
+def _forced_segments(C: int):
+    """The two segments for any even C that is not a power of two (``split=True``), else False."""
+    tile = next_power_of_2(C)
+    if C < 4 or C % 2 or tile == C:
+        return False
+    a = tile // 2
+    b = next_power_of_2(C - a)
+    return a, max(b, 2), b != C - a
