@@ -30,6 +30,19 @@ from .modulation import _device_guard
 
 
 @triton.jit
+def _norm_rotate(x1, x2, w1, w2, r, trow, i, rm, ty, HALF_R: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """The normalised pairs (rounded once to the activation dtype, as torch.nn.RMSNorm returns them),
+    rotated in fp32 by the table row's cos / sin of pair i where rm (the identity elsewhere)."""
+    n1 = ((x1 * r) * w1).to(ty).to(tl.float32)
+    n2 = ((x2 * r) * w2).to(ty).to(tl.float32)
+    if HAS_ROPE:
+        cos = tl.load(trow + i, mask=rm, other=1.0)
+        sin = tl.load(trow + HALF_R + i, mask=rm, other=0.0)
+        return n1 * cos - n2 * sin, n1 * sin + n2 * cos
+    return n1, n2
+
+
+@triton.jit
 def _norm_rope_row(x_ptr, w_ptr, o_ptr, tab_ptr, b, l, L, stride_xb, stride_xl, stride_tab, C, eps,
                    HALF_D: tl.constexpr, HALF_R: tl.constexpr, BLOCK_P: tl.constexpr,
                    HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
@@ -62,18 +75,8 @@ def _norm_rope_row(x_ptr, w_ptr, o_ptr, tab_ptr, b, l, L, stride_xb, stride_xl, 
         w2 = tl.load(w_ptr + off2, mask=pm, other=0.0).to(tl.float32)
     ms = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / C
     r = tl.rsqrt(ms + eps)
-    n1 = ((x1 * r) * w1).to(ty).to(tl.float32)  # the norm's own rounding, as torch.nn.RMSNorm returns it
-    n2 = ((x2 * r) * w2).to(ty).to(tl.float32)
-    if HAS_ROPE:
-        rm = pm & (i < HALF_R)
-        trow = tab_ptr + l.to(tl.int64) * stride_tab
-        cos = tl.load(trow + i, mask=rm, other=1.0)
-        sin = tl.load(trow + HALF_R + i, mask=rm, other=0.0)
-        y1 = n1 * cos - n2 * sin
-        y2 = n1 * sin + n2 * cos
-    else:
-        y1 = n1
-        y2 = n2
+    trow = tab_ptr + l.to(tl.int64) * stride_tab
+    y1, y2 = _norm_rotate(x1, x2, w1, w2, r, trow, i, pm & (i < HALF_R), ty, HALF_R, HAS_ROPE)
     if INTERLEAVED:
         tl.store(orow + c, tl.reshape(tl.join(y1, y2), (2 * BLOCK_P,)).to(ty), mask=cm)
     else:
@@ -102,21 +105,12 @@ def _norm_rope_store_segment(x1, x2, w1, w2, r, orow, trow, base, C,
                              HALF_D: tl.constexpr, HALF_R: tl.constexpr, BLOCK: tl.constexpr,
                              MASKED: tl.constexpr, HAS_ROPE: tl.constexpr):
     ty = orow.dtype.element_ty
-    n1 = ((x1 * r) * w1).to(ty).to(tl.float32)  # the norm's own rounding, as torch.nn.RMSNorm returns it
-    n2 = ((x2 * r) * w2).to(ty).to(tl.float32)
-    if HAS_ROPE:
-        j = base // 2 + tl.arange(0, BLOCK // 2)  # pair index over the row
-        i = j % HALF_D
-        rm = i < HALF_R
-        if MASKED:
-            rm = rm & (j < C // 2)
-        cos = tl.load(trow + i, mask=rm, other=1.0)
-        sin = tl.load(trow + HALF_R + i, mask=rm, other=0.0)
-        y1 = n1 * cos - n2 * sin
-        y2 = n1 * sin + n2 * cos
-    else:
-        y1 = n1
-        y2 = n2
+    j = base // 2 + tl.arange(0, BLOCK // 2)  # pair index over the row
+    i = j % HALF_D
+    rm = i < HALF_R
+    if MASKED:
+        rm = rm & (j < C // 2)
+    y1, y2 = _norm_rotate(x1, x2, w1, w2, r, trow, i, rm, ty, HALF_R, HAS_ROPE)
     c = base + tl.arange(0, BLOCK)
     y = tl.reshape(tl.join(y1, y2), (BLOCK,)).to(ty)
     if MASKED:
