@@ -154,16 +154,21 @@ def _qk_norm_rope_across_heads_segments_kernel(
                                 HALF_D, HALF_R, BLOCK_A, BLOCK_B, MASK_B, HAS_ROPE)
 
 
-def segments(C: int):
-    """(BLOCK_A, BLOCK_B, MASK_B) of the two-segment row, or None where one power-of-two tile masks at
-    most a quarter of its lanes (C 1536, 3072: one tile)."""
+def _two_segments(C: int):
+    """(BLOCK_A, BLOCK_B, MASK_B) of an even C that is not a power of two: BLOCK_A the largest power
+    of two below C, BLOCK_B the rest's power-of-two tile (masked unless the rest is one); else None."""
     tile = next_power_of_2(C)
-    if C % 2 or 4 * (tile - C) <= tile:
+    if C % 2 or tile == C:
         return None
-    a = tile // 2  # the largest power of two <= C (C is not one)
-    rest = C - a
-    b = next_power_of_2(rest)
-    return a, b, b != rest
+    a = tile // 2
+    b = next_power_of_2(C - a)
+    return a, b, b != C - a
+
+
+def segments(C: int):
+    """The two-segment row the launcher picks, or None where one power-of-two tile masks at most a
+    quarter of its lanes (C 1536, 3072: one tile)."""
+    return _two_segments(C) if 4 * (next_power_of_2(C) - C) > next_power_of_2(C) else None
 
 
 @triton.jit
@@ -195,33 +200,17 @@ def qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos_sin=None, heads=1, e
         return qo, ko
     D = C // heads
     R = cos_sin.shape[1] if cos_sin is not None else D
-    block_p = next_power_of_2(C // 2)
     tab = cos_sin if cos_sin is not None else q
     pairs = bool(interleaved) or cos_sin is None  # no table: no pairs
-    seg = segments(C) if split is None else (_forced_segments(C) if split else None)
-    if seg and pairs:
-        block_a, block_b, mask_b = seg
-        with _device_guard(q):
-            launch(_qk_norm_rope_across_heads_segments_kernel, (Lq + Lk, B),
-                   (q, k, q_weight, k_weight, qo, ko, tab, Lq, Lk, C, float(eps),
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), tab.stride(0) if cos_sin is not None else 0),
-                   (D // 2, R // 2, block_a, block_b, mask_b, cos_sin is not None),
-                   {"num_warps": 8 if block_a >= 2048 else 4})
-        return qo, ko
+    seg = (segments(C) if split is None else _two_segments(C) if split else None) if pairs else None
+    if seg:
+        fn, cx, lanes = _qk_norm_rope_across_heads_segments_kernel, (D // 2, R // 2, *seg, cos_sin is not None), seg[0]
+    else:
+        lanes = next_power_of_2(C // 2)
+        fn, cx = _qk_norm_rope_across_heads_kernel, (D // 2, R // 2, lanes, cos_sin is not None, pairs)
     with _device_guard(q):
-        launch(_qk_norm_rope_across_heads_kernel, (Lq + Lk, B),
+        launch(fn, (Lq + Lk, B),
                (q, k, q_weight, k_weight, qo, ko, tab, Lq, Lk, C, float(eps),
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), tab.stride(0) if cos_sin is not None else 0),
-               (D // 2, R // 2, block_p, cos_sin is not None, pairs),
-               {"num_warps": 8 if block_p >= 2048 else 4})
+               cx, {"num_warps": 8 if lanes >= 2048 else 4})
     return qo, ko
-
-
-def _forced_segments(C: int):
-    """The two segments for any even C that is not a power of two (``split=True``), else False."""
-    tile = next_power_of_2(C)
-    if C < 4 or C % 2 or tile == C:
-        return False
-    a = tile // 2
-    b = next_power_of_2(C - a)
-    return a, max(b, 2), b != C - a
