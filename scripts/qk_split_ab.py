@@ -4,6 +4,9 @@ where one tile would mask more than a quarter of its lanes, C 5120 = 4096 + 1024
 and token counts, bf16, q and k as column views of a packed q|k|v projection, interleaved RoPE.
 GPU time by CUDA-graph replay over rotating inputs larger than L2, the two alternating over
 ``--rounds`` rounds; ratio of medians, and the outputs' largest elementwise relative difference.
+``pct_floor_*``: 100 x (bytes moved / the copy bandwidth measured in the run) / time, as ``bench
+wan-ops`` reports it. Each layout is also timed at 16 warps (``*_w16``; the launcher's default
+is 8 at these widths).
 
     python scripts/qk_split_ab.py [--rounds 3] [--json out.json]
 """
@@ -27,6 +30,7 @@ def main():
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     harness.require_cuda()
+    bw = harness.device_copy_bandwidth_bytes_per_s("cuda")
     rows = []
     for name, L, heads in SHAPES:
         C, D = heads * 128, 128
@@ -38,20 +42,28 @@ def main():
             w = (1 + 0.3 * torch.randn(C, device="cuda")).bfloat16()
             return q[..., :C], q[..., C:2 * C], w, w, tab
 
-        times = {False: [], True: []}
+        variants = [(split, warps) for warps in (None, 16) for split in (False, True)]
+        times = {v: [] for v in variants}
         for _ in range(a.rounds):
-            for split in (False, True):
-                times[split].append(harness.time_graph_us(
-                    make, lambda q, k, wq, wk, tab, s=split: kq.qk_norm_rope_across_heads(
-                        q, k, wq, wk, tab, heads, 1e-6, True, split=s)))
+            for v in variants:
+                times[v].append(harness.time_graph_us(
+                    make, lambda q, k, wq, wk, tab, v=v: kq.qk_norm_rope_across_heads(
+                        q, k, wq, wk, tab, heads, 1e-6, True, split=v[0], num_warps=v[1])))
         args = make()
         one = kq.qk_norm_rope_across_heads(*args, heads, 1e-6, True, split=False)
         two = kq.qk_norm_rope_across_heads(*args, heads, 1e-6, True, split=True)
         diff = max(((x.float() - y.float()).abs() / y.float().abs().clamp_min(1e-30)).max().item()
                    for x, y in zip(one, two))
-        t1, t2 = statistics.median(times[False]), statistics.median(times[True])
-        rows.append(dict(shape=name, L=L, C=C, default_split=kq.segments(C) is not None, us_one_tile=t1,
-                         us_two_segments=t2, ratio=t2 / t1, max_rel_diff=diff))
+        med = {v: statistics.median(t) for v, t in times.items()}
+        base = med[(False, None)]
+        floor_us = (4 * L * C * 2 + L * D * 4) / bw * 1e6  # read q, k; write q, k; the fp32 cos|sin table
+        rows.append(dict(shape=name, L=L, C=C, default_split=kq.segments(C) is not None,
+                         us_one_tile=base, us_two_segments=med[(True, None)],
+                         us_one_tile_w16=med[(False, 16)], us_two_segments_w16=med[(True, 16)],
+                         ratio=med[(True, None)] / base, ratio_w16=med[(True, 16)] / base,
+                         **{f"pct_floor_{'two' if v[0] else 'one'}{'_w16' if v[1] else ''}": 100 * floor_us / t
+                            for v, t in med.items()},
+                         max_rel_diff=diff))
     print(harness.format_table(rows, list(rows[0])))
     if a.json:
         with open(a.json, "w") as f:

@@ -189,9 +189,10 @@ def _qk_norm_rope_across_heads_kernel(
 
 
 def qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos_sin=None, heads=1, eps=1e-6, interleaved=True,
-                              split=None):
+                              split=None, num_warps=None):
     """``split``: None picks the two-segment row where it applies (see :func:`segments`); True / False
-    force it on (interleaved or no table only) / off, for tests and A/B timing."""
+    force it on (interleaved or no table only) / off, for tests and A/B timing. ``num_warps``: None
+    picks 8 for rows of 2048 lanes or more, else 4 (A/B timing may force another)."""
     B, Lq, C = q.shape
     Lk = k.shape[1]
     qo = torch.empty((B, Lq, C), dtype=q.dtype, device=q.device)
@@ -212,5 +213,5 @@ def qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos_sin=None, heads=1, e
         launch(fn, (Lq + Lk, B),
                (q, k, q_weight, k_weight, qo, ko, tab, Lq, Lk, C, float(eps),
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), tab.stride(0) if cos_sin is not None else 0),
-               cx, {"num_warps": 8 if lanes >= 2048 else 4})
+               cx, {"num_warps": num_warps or (8 if lanes >= 2048 else 4)})
     return qo, ko
