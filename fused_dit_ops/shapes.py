@@ -48,6 +48,10 @@ STREAMS: dict[str, StreamShape] = {s.name: s for s in [
     StreamShape("wan14b-720p", 1, 75600, 5120),
     StreamShape("wan1.3b", 1, 32760, 1536),
     StreamShape("wan-ti2v5b", 1, 27280, 3072),
+    # Wan's widths at the other token count (bench wan-ops: every width at 32760 and 75600 tokens)
+    StreamShape("wan1.3b-720p", 1, 75600, 1536),
+    StreamShape("wan-ti2v5b-L32760", 1, 32760, 3072),
+    StreamShape("wan-ti2v5b-L75600", 1, 75600, 3072),
     StreamShape("odd-L", 1, 4099, 3072, n_ref=1901),
 ]}
 
