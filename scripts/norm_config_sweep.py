@@ -10,7 +10,6 @@ difference from the default configuration's.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 
@@ -33,12 +32,7 @@ def configs(C: int) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
-    harness.require_cuda()
-    bw = harness.device_copy_bandwidth_bytes_per_s("cuda")
+    a, bw = harness.kernel_script_args(__doc__)
     rows = []
     for name, L, C in SHAPES:
         def make():

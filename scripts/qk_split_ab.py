@@ -13,7 +13,6 @@ is 8 at these widths).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 
@@ -26,12 +25,7 @@ SHAPES = [("wan14b", 32760, 40), ("wan14b-720p", 75600, 40), ("wan-ti2v5b", 2728
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
-    harness.require_cuda()
-    bw = harness.device_copy_bandwidth_bytes_per_s("cuda")
+    a, bw = harness.kernel_script_args(__doc__)
     rows = []
     for name, L, heads in SHAPES:
         C, D = heads * 128, 128

@@ -28,6 +28,18 @@ def require_cuda() -> None:
         raise SystemExit("this benchmark needs a CUDA GPU (torch.cuda.is_available() is False)")
 
 
+def kernel_script_args(doc: str | None = None):
+    """The arguments of a kernel A/B script (``--rounds``, ``--json``), after :func:`require_cuda`:
+    (args, the copy bandwidth in bytes per second, for the floor)."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    require_cuda()
+    return args, device_copy_bandwidth_bytes_per_s("cuda")
+
+
 def time_us(fn: Callable[[], object], *, warmup_ms: int = 25, rep_ms: int = 200) -> float:
     """Median time of fn() in microseconds (fn is called once before timing: JIT warm-up)."""
     import triton.testing
