@@ -15,7 +15,7 @@ import statistics
 
 import torch
 
-from fused_dit_ops.bench import harness
+from fused_dit_ops.bench import harness, wan_ops
 from fused_dit_ops.kernels import modulation as km
 
 SHAPES = [("wan14b", 32760, 5120), ("wan14b-720p", 75600, 5120), ("flux2-joint", 4608, 6144)]
@@ -49,7 +49,7 @@ def main():
                                                                             config=cfg)))
         args = make()
         ref = km.norm_scale_shift(*args, None, None, None, 1e-6).float()
-        floor_us = 2 * L * C * 2 / bw * 1e6
+        floor_us = wan_ops.bytes_moved("norm_scale_shift", wan_ops.Shape(name, 1, L, C, C // 128, 0)) / bw * 1e6
         for k, cfg in cfgs.items():
             out = km.norm_scale_shift(*args, None, None, None, 1e-6, config=cfg).float()
             us = statistics.median(times[k])

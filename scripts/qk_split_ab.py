@@ -18,7 +18,7 @@ import statistics
 
 import torch
 
-from fused_dit_ops.bench import harness
+from fused_dit_ops.bench import harness, wan_ops
 from fused_dit_ops.kernels import qk_norm_across_heads as kq
 
 SHAPES = [("wan14b", 32760, 40), ("wan14b-720p", 75600, 40), ("wan-ti2v5b", 27280, 24), ("wan1.3b", 32760, 12)]
@@ -54,7 +54,7 @@ def main():
                    for x, y in zip(one, two))
         med = {v: statistics.median(t) for v, t in times.items()}
         base = med[(False, None)]
-        floor_us = (4 * L * C * 2 + L * D * 4) / bw * 1e6  # read q, k; write q, k; the fp32 cos|sin table
+        floor_us = wan_ops.bytes_moved("qk_norm_rope_across_heads", wan_ops.Shape(name, 1, L, C, heads, 0)) / bw * 1e6
         rows.append(dict(shape=name, L=L, C=C, default_split=kq.segments(C) is not None,
                          us_one_tile=base, us_two_segments=med[(True, None)],
                          us_one_tile_w16=med[(False, 16)], us_two_segments_w16=med[(True, 16)],

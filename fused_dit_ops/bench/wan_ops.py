@@ -4,7 +4,8 @@ bandwidth floor.
 Rows per (shape, op, provider), at Wan's widths (``fused_dit_ops.shapes.STREAMS``: wan1.3b C 1536,
 wan-ti2v5b C 3072, wan14b and wan14b-720p C 5120; head_dim 128; ``--shapes`` also takes
 wan1.3b-720p, wan-ti2v5b-L32760 and wan-ti2v5b-L75600: C 1536 and 3072 at the other token
-counts), bf16 activations, one timestep per batch row. The ops, with the arguments the Wan integration (``integrations/self_cross.py``) passes:
+counts), bf16 activations, one timestep per batch row. The ops, with the arguments the Wan
+integration (``integrations/self_cross.py``) passes:
 
 - ``norm_scale_shift``: norm1 + modulation; fp32 shift/scale are column views of the [B, 6, C] fp32
   sum ``scale_shift_table + temb.float()``;
