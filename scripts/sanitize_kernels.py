@@ -69,6 +69,11 @@ def main():
     tab = torch.randn(L, D, device=dev)
     nw, nb = torch.randn(C, device=dev), torch.randn(C, device=dev)
     idx = (torch.arange(L, device=dev) > 30).int().repeat(B, 1)
+    Cs = 5128
+    xs = torch.randn(B, L, 2 * Cs, device=dev, dtype=dt)[..., Cs:]
+    es = torch.randn(2 * B, 6, Cs, device=dev)
+    s_sh, s_sc, s_w = es[:, 0], es[:, 1], torch.randn(Cs, device=dev, dtype=dt)
+    f5 = torch.randn(2 * B, 6, Hq * D, device=dev)
     runs = {
         "norm_scale_shift fp32 params": lambda: fdo.norm_scale_shift(x, f_sh, f_sc, idx),
         "gate_residual fp32 gate": lambda: fdo.gate_residual(x, u, f_g, idx),
@@ -77,6 +82,11 @@ def main():
         "qk_norm_rope_across_heads": lambda: fdo.qk_norm_rope_across_heads(q5, k5, wq, wk, tab, Hq),
         "qk_norm_rope_across_heads no table": lambda: fdo.qk_norm_rope_across_heads(q5, kt, wq, wk, None, Hq),
         "gate_residual_layer_norm": lambda: fdo.gate_residual_layer_norm(x, u, f_g, idx, nw, nb),
+        # rows held as two segments: C 5128 = 4096 + 1032 (the rest masked in 2048 lanes), 640 = 512 + 128
+        "norm_scale_shift two segments, masked rest": lambda: fdo.norm_scale_shift(xs, s_sh, s_sc, idx),
+        "norm_scale_shift two segments, rms affine": lambda: fdo.norm_scale_shift(xs, s_sh, s_sc, idx, s_w, None,
+                                                                                  1e-6, "rms"),
+        "norm_scale_shift two segments, strided": lambda: fdo.norm_scale_shift(q5, f5[:, 0], f5[:, 1], idx),
     }
     for name, fn in runs.items():
         fn()

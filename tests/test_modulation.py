@@ -7,7 +7,7 @@ import torch
 import fused_dit_ops as fdo
 from fused_dit_ops import reference as ref
 from fused_dit_ops.shapes import STREAMS
-from helpers import max_ulp_err, poison_, randn, rel_err
+from helpers import max_ulp_err, max_ulp_err_rowwise, poison_, randn, rel_err
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 OPS = ["scale_shift_gate", "norm_scale_shift", "gate_residual_norm_scale_shift", "gate_residual"]
@@ -280,6 +280,28 @@ def test_triton_norm_row_loops(config, op, index):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("C", [40, 80, 88, 33])
+@pytest.mark.parametrize("index", [True, False])
+@pytest.mark.parametrize("norm,affine", [("layer", False), ("layer", True), ("rms", True)])
+def test_triton_norm_two_segments(C, index, norm, affine):
+    """norm_scale_shift rows held as two power-of-two segments (C 40 = 32 + 8, 80 = 64 + 16; masked
+    rests: 88 = 64 + 24 in 32 lanes, 33 = 32 + 1), as C 5120 = 4096 + 1024 is on the GPU: against the
+    oracle, and within last places of the one-tile kernel (the row's sums are added in another order)."""
+    from fused_dit_ops.kernels import _launch, modulation as k
+    assert _launch.row_segments(5120) == (4096, 1024, False)
+    assert all(_launch.row_segments(c) is None for c in (1536, 3072, 6144))
+    assert _launch.row_segments(C) is not None
+    for dtype in (torch.float32, torch.bfloat16):
+        args = make_inputs("norm_scale_shift", 2, 19, C, dtype=dtype, layout="chunk", index=index, affine=affine,
+                           norm=norm)
+        two = k.norm_scale_shift(*args)
+        assert_close("norm_scale_shift", (two,), (oracle("norm_scale_shift", args),), dtype, interpret=True)
+        one = k.norm_scale_shift(*args, split=False)  # (1 + scale) n + shift cancels: last places at the row's max
+        assert max_ulp_err_rowwise(two, one, C) <= (1 if dtype == torch.bfloat16 else 4), dtype
+    assert torch.equal(k.norm_scale_shift(*args, split=True), two)
+
+
+@pytest.mark.interpret
 def test_triton_rms_affine_interpreted():
     from fused_dit_ops.kernels import modulation as k
     args = make_inputs("norm_scale_shift", 1, 13, 40, dtype=torch.float32, affine=True, norm="rms")
@@ -303,6 +325,17 @@ def test_gpu_real_shapes(op, shape, dtype):
     torch.cuda.synchronize()
     cpu_args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
     assert_close(op, tuple(o.cpu() for o in outs), as_tuple(oracle(op, cpu_args)), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", [True, False])
+def test_gpu_norm_two_segments_match_one_tile(index):
+    """C 5120 (Wan 14B): the two-segment row (the default there) against the one-tile kernel."""
+    from fused_dit_ops.kernels import _launch, modulation as k
+    assert _launch.row_segments(5120) == (4096, 1024, False)
+    args = make_inputs("norm_scale_shift", 2, 1031, 5120, dtype=torch.bfloat16, device="cuda", index=index)
+    two, one = k.norm_scale_shift(*args), k.norm_scale_shift(*args, split=False)
+    assert torch.isfinite(two).all() and max_ulp_err_rowwise(two, one, 5120) <= 1
 
 
 @pytest.mark.gpu

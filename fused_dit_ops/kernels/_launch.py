@@ -39,6 +39,24 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def two_segments(C: int):
+    """(BLOCK_A, BLOCK_B, MASK_B): a row of C lanes that is not a power of two held as two
+    power-of-two register segments, BLOCK_A the largest power of two below C and BLOCK_B the rest's
+    tile (masked unless the rest is a power of two); None where C is a power of two."""
+    tile = next_power_of_2(C)
+    if C < 2 or tile == C:
+        return None
+    a = tile // 2
+    b = next_power_of_2(C - a)
+    return a, b, b != C - a
+
+
+def row_segments(C: int):
+    """The two-segment row the whole-row kernels pick by default: where one power-of-two tile would
+    mask more than a quarter of its lanes (C 5120 = 4096 + 1024; C 1536, 3072 and 6144: one tile)."""
+    return two_segments(C) if 4 * (next_power_of_2(C) - C) > next_power_of_2(C) else None
+
+
 _MAX_ENTRIES = 512  # per kernel; exact int values (L, strides) make a handful per model shape
 _ENABLED = os.environ.get("FUSED_DIT_FAST_LAUNCH", "1") != "0" and _knobs is not None
 
@@ -150,4 +168,5 @@ def clear_cache() -> None:
     stats.update(fast=0, slow=0)
 
 
-__all__ = ["launch", "enabled", "set_enabled", "clear_cache", "stats", "cdiv", "next_power_of_2"]
+__all__ = ["launch", "enabled", "set_enabled", "clear_cache", "stats", "cdiv", "next_power_of_2", "two_segments",
+           "row_segments"]

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, launch, next_power_of_2
+from ._launch import cdiv, launch, next_power_of_2, row_segments, two_segments
 
 
 @triton.jit
@@ -258,6 +258,71 @@ def _norm_scale_shift_kernel(
 
 
 @triton.jit
+def _segment(ptr, c, C, MASKED: tl.constexpr, STREAMED: tl.constexpr = False):
+    """ptr[c] as fp32 (lanes c >= C read as 0 where MASKED); STREAMED: read once (evict_first)."""
+    if MASKED:
+        if STREAMED:
+            return tl.load(ptr + c, mask=c < C, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        return tl.load(ptr + c, mask=c < C, other=0.0).to(tl.float32)
+    if STREAMED:
+        return tl.load(ptr + c, eviction_policy="evict_first").to(tl.float32)
+    return tl.load(ptr + c).to(tl.float32)
+
+
+@triton.jit
+def _modulate_store_segment(n, c, C, w_ptr, bias_ptr, scale_row, shift_row, y_row,
+                            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MASKED: tl.constexpr,
+                            STREAM: tl.constexpr):
+    """y = (n [* w] [+ bias]) * (1 + scale) + shift over one segment's columns c, rounded once on store."""
+    if HAS_WEIGHT:
+        n = n * _segment(w_ptr, c, C, MASKED)
+    if HAS_BIAS:
+        n = n + _segment(bias_ptr, c, C, MASKED)
+    y = n * (1.0 + _segment(scale_row, c, C, MASKED)) + _segment(shift_row, c, C, MASKED)
+    _store(y_row + c, y.to(y_row.dtype.element_ty), c < C if MASKED else None, STREAM)
+
+
+@triton.jit
+def _norm_scale_shift_segments_kernel(
+    x_ptr, shift_ptr, scale_ptr, idx_ptr, w_ptr, bias_ptr, y_ptr,
+    L, C, B, eps,
+    stride_xb, stride_xl, stride_shift, stride_scale, stride_ib, stride_il,
+    HAS_INDEX: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, MASK_B: tl.constexpr, STREAM_STORES: tl.constexpr,
+):
+    """norm_scale_shift of one token row (grid (L, B)) held as two power-of-two segments,
+    [0, BLOCK_A) unmasked and [BLOCK_A, C) in BLOCK_B lanes (see ``row_segments``): no masked lanes
+    at C 5120 = 4096 + 1024, where one tile would be 8192 lanes. Same arithmetic as the one-tile
+    kernel; the row's fp32 sums are added in another order (an output may move by one ulp)."""
+    l = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    row = x_ptr + b * stride_xb + l.to(tl.int64) * stride_xl
+    ca = tl.arange(0, BLOCK_A)
+    cb = BLOCK_A + tl.arange(0, BLOCK_B)
+    xa = _segment(row, ca, C, False, True)
+    xb = _segment(row, cb, C, MASK_B, True)
+    if IS_RMS:
+        r = tl.rsqrt((tl.sum(xa * xa, axis=0) + tl.sum(xb * xb, axis=0)) / C + eps)
+        na, nb = xa * r, xb * r
+    else:
+        mean = (tl.sum(xa, axis=0) + tl.sum(xb, axis=0)) / C
+        da = xa - mean
+        db = tl.where(cb < C, xb - mean, 0.0) if MASK_B else xb - mean
+        r = tl.rsqrt((tl.sum(da * da, axis=0) + tl.sum(db * db, axis=0)) / C + eps)
+        na, nb = da * r, db * r
+    prow = b
+    if HAS_INDEX:
+        prow += tl.where(tl.load(idx_ptr + b * stride_ib + l * stride_il) != 0, B, 0).to(tl.int64)
+    scale_row = scale_ptr + prow * stride_scale
+    shift_row = shift_ptr + prow * stride_shift
+    y_row = y_ptr + (b * L + l).to(tl.int64) * C
+    _modulate_store_segment(na, ca, C, w_ptr, bias_ptr, scale_row, shift_row, y_row, HAS_WEIGHT, HAS_BIAS,
+                            False, STREAM_STORES)
+    _modulate_store_segment(nb, cb, C, w_ptr, bias_ptr, scale_row, shift_row, y_row, HAS_WEIGHT, HAS_BIAS,
+                            MASK_B, STREAM_STORES)
+
+
+@triton.jit
 def _dual_norm_scale_shift_kernel(
     xa_ptr, sha_ptr, sca_ptr, ia_ptr, ya_ptr, La, eps_a, s_xab, s_xal, s_sha, s_sca, s_iab, s_ial,
     xb_ptr, shb_ptr, scb_ptr, ib_ptr, yb_ptr, Lb, eps_b, s_xbb, s_xbl, s_shb, s_scb, s_ibb, s_ibl,
@@ -451,20 +516,28 @@ def scale_shift_gate(x, shift, scale, gate, index=None, config=None):
 
 
 def norm_scale_shift(x, shift, scale, index=None, weight=None, bias=None, eps=1e-6, norm="layer",
-                     config=None):
+                     config=None, split=None):
+    """``split``: None holds a row as two power-of-two segments where ``row_segments`` picks that
+    (C 5120) and no ``config`` is given, else one tile (an explicit ``config`` describes the one-tile
+    kernel); True / False force it on / off (tests and A/B timing). The two-segment kernel takes only
+    ``STREAM_STORES`` and ``num_warps`` from ``config``."""
     B, L, C = x.shape
     y = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    bm, bc, iters, extra, kw = _split(config or _norm_config(C), norm=True)
+    cfg = config or _norm_config(C)
+    seg = (row_segments(C) if config is None else None) if split is None else two_segments(C) if split else None
     idx, sib, sil = _index_args(index, x)
-    grid = (cdiv(L, bm * iters), B)
+    args = (x, shift, scale, idx, x if weight is None else weight, x if bias is None else bias, y,
+            L, C, B, float(eps), x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), sib, sil)
+    flags = (index is not None, weight is not None, bias is not None, norm == "rms")
     with _device_guard(x):
-        launch(_norm_scale_shift_kernel, grid,
-               (x, shift, scale, idx, x if weight is None else weight, x if bias is None else bias, y,
-                L, C, B, float(eps), x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), sib, sil),
-               (index is not None, weight is not None, bias is not None, norm == "rms", bm, bc, iters, *extra),
-               kw)
+        if seg:
+            launch(_norm_scale_shift_segments_kernel, (L, B), args,
+                   (*flags, *seg, cfg.get("STREAM_STORES", True)), {"num_warps": cfg.get("num_warps", 8)})
+        else:
+            bm, bc, iters, extra, kw = _split(cfg, norm=True)
+            launch(_norm_scale_shift_kernel, (cdiv(L, bm * iters), B), args, (*flags, bm, bc, iters, *extra), kw)
     return y
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch, next_power_of_2
+from ._launch import launch, next_power_of_2, row_segments, two_segments
 from .modulation import _device_guard
 
 
@@ -155,20 +155,13 @@ def _qk_norm_rope_across_heads_segments_kernel(
 
 
 def _two_segments(C: int):
-    """(BLOCK_A, BLOCK_B, MASK_B) of an even C that is not a power of two: BLOCK_A the largest power
-    of two below C, BLOCK_B the rest's power-of-two tile (masked unless the rest is one); else None."""
-    tile = next_power_of_2(C)
-    if C % 2 or tile == C:
-        return None
-    a = tile // 2
-    b = next_power_of_2(C - a)
-    return a, b, b != C - a
+    """(BLOCK_A, BLOCK_B, MASK_B) of an even C that is not a power of two (see ``two_segments``)."""
+    return None if C % 2 else two_segments(C)
 
 
 def segments(C: int):
-    """The two-segment row the launcher picks, or None where one power-of-two tile masks at most a
-    quarter of its lanes (C 1536, 3072: one tile)."""
-    return _two_segments(C) if 4 * (next_power_of_2(C) - C) > next_power_of_2(C) else None
+    """The two-segment row the launcher picks (``row_segments``; rows are rotation pairs: C even)."""
+    return None if C % 2 else row_segments(C)
 
 
 @triton.jit
