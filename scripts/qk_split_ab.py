@@ -1,7 +1,7 @@
 """A/B of ``qk_norm_rope_across_heads``'s two row layouts (CUDA): one power-of-two register tile
 (``split=False``) against the row held as two power-of-two segments (``split=True``; the default
-where one tile would mask more than a quarter of its lanes, C 5120 = 4096 + 1024), at Wan's widths
-and token counts, bf16, q and k as column views of a packed q|k|v projection, interleaved RoPE.
+where ``row_segments`` picks it: C 5120 = 4096 + 1024 and 6144 = 4096 + 2048), at Wan's widths and
+token counts and at C 6144 (48 heads), bf16, q and k as column views of a packed q|k|v projection, interleaved RoPE.
 GPU time by CUDA-graph replay over rotating inputs larger than L2, the two alternating over
 ``--rounds`` rounds; ratio of medians, and the two outputs' largest difference relative to the
 largest value of its head's row (``max_head_rel_diff``).
@@ -21,7 +21,8 @@ import torch
 from fused_dit_ops.bench import harness, wan_ops
 from fused_dit_ops.kernels import qk_norm_across_heads as kq
 
-SHAPES = [("wan14b", 32760, 40), ("wan14b-720p", 75600, 40), ("wan-ti2v5b", 27280, 24), ("wan1.3b", 32760, 12)]
+SHAPES = [("wan14b", 32760, 40), ("wan14b-720p", 75600, 40), ("wan-ti2v5b", 27280, 24), ("wan1.3b", 32760, 12),
+          ("c6144", 32760, 48)]
 
 
 def main():
