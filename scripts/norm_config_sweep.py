@@ -1,7 +1,7 @@
 """Row layouts and launch configurations of the ``norm_scale_shift`` kernel (CUDA): one power-of-two
 register tile (the one-tile kernel at its launcher configuration, and with 16 warps) against the row
 held as two power-of-two segments (``split=True``: 4096 + 1024 at C 5120, the launcher's default
-there; 4096 + 2048 at C 6144; 2048 + 1024 at C 3072; 1024 + 512 at C 1536) at 4, 8 and 16 warps,
+there and at C 6144 as 4096 + 2048; 2048 + 1024 at C 3072; 1024 + 512 at C 1536) at 4, 8 and 16 warps,
 at Wan's and FLUX.2's widths and token counts, bf16 activations, fp32 shift / scale as column
 views of Wan's [B, 6, C] modulation, no affine.
 GPU time by CUDA-graph replay over rotating inputs larger than L2, the variants alternating over
@@ -54,7 +54,7 @@ def main():
         args = make()
         ref = km.norm_scale_shift(*args, None, None, None, 1e-6, split=False).float()
         floor_us = wan_ops.bytes_moved("norm_scale_shift", wan_ops.Shape(name, 1, L, C, C // 128, 0)) / bw * 1e6
-        default = "two_segments_w8" if row_segments(C) else "one_tile"
+        default = "two_segments_w8" if row_segments(C, km.NORM_SEGMENTS_MIN_TILE) else "one_tile"
         for k, (cfg, split) in vs.items():
             out = km.norm_scale_shift(*args, None, None, None, 1e-6, config=cfg, split=split).float()
             us = statistics.median(times[k])

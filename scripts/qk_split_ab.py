@@ -1,7 +1,7 @@
 """A/B of ``qk_norm_rope_across_heads``'s two row layouts (CUDA): one power-of-two register tile
 (``split=False``) against the row held as two power-of-two segments (``split=True``; the default
-where ``row_segments`` picks it: C 5120 = 4096 + 1024 and 6144 = 4096 + 2048), at Wan's widths and
-token counts and at C 6144 (48 heads), bf16, q and k as column views of a packed q|k|v projection, interleaved RoPE.
+where ``row_segments`` picks it: C 5120 = 4096 + 1024), at Wan's widths and token counts and at
+C 6144 (48 heads, 4096 + 2048), bf16, q and k as column views of a packed q|k|v projection, interleaved RoPE.
 GPU time by CUDA-graph replay over rotating inputs larger than L2, the two alternating over
 ``--rounds`` rounds; ratio of medians, and the two outputs' largest difference relative to the
 largest value of its head's row (``max_head_rel_diff``).

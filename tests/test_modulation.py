@@ -288,9 +288,10 @@ def test_triton_norm_two_segments(C, index, norm, affine):
     rests: 88 = 64 + 24 in 32 lanes, 33 = 32 + 1), as C 5120 = 4096 + 1024 is on the GPU: against the
     oracle, and within last places of the one-tile kernel (the row's sums are added in another order)."""
     from fused_dit_ops.kernels import _launch, modulation as k
-    assert _launch.row_segments(5120) == (4096, 1024, False) and _launch.row_segments(6144) == (4096, 2048, False)
-    assert all(_launch.row_segments(c) is None for c in (1536, 3072, 4096, 8192))
-    assert _launch.row_segments(C) is not None
+    seg = lambda c: _launch.row_segments(c, k.NORM_SEGMENTS_MIN_TILE)  # noqa: E731
+    assert seg(5120) == (4096, 1024, False) and seg(6144) == (4096, 2048, False)
+    assert all(seg(c) is None for c in (1536, 3072, 4096, 8192)) and _launch.row_segments(6144) is None
+    assert seg(C) is not None
     for dtype in (torch.float32, torch.bfloat16):
         args = make_inputs("norm_scale_shift", 2, 19, C, dtype=dtype, layout="chunk", index=index, affine=affine,
                            norm=norm)
@@ -333,7 +334,7 @@ def test_gpu_real_shapes(op, shape, dtype):
 def test_gpu_norm_two_segments_match_one_tile(index, C):
     """C 5120 (Wan 14B), 6144 (FLUX.2): the two-segment row (the default there) against the one-tile kernel."""
     from fused_dit_ops.kernels import _launch, modulation as k
-    assert _launch.row_segments(C) is not None
+    assert _launch.row_segments(C, k.NORM_SEGMENTS_MIN_TILE) is not None
     args = make_inputs("norm_scale_shift", 2, 1031, C, dtype=torch.bfloat16, device="cuda", index=index)
     two, one = k.norm_scale_shift(*args), k.norm_scale_shift(*args, split=False)
     assert torch.isfinite(two).all() and max_ulp_err_rowwise(two, one, C) <= 1

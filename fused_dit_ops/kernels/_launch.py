@@ -51,15 +51,17 @@ def two_segments(C: int):
     return a, b, b != C - a
 
 
-def row_segments(C: int):
-    """The two-segment row the whole-row kernels pick by default: where one power-of-two tile would
-    mask more than a quarter of its lanes, or would be 8192 lanes or more (C 5120 = 4096 + 1024,
-    6144 = 4096 + 2048; C 1536 and 3072: one tile). H100, bf16 (docs/performance.md): at C 5120 the
-    two-segment row takes 0.86x the time of one tile in ``norm_scale_shift`` and 0.91x in
-    ``qk_norm_rope_across_heads``, at C 6144 0.93x in ``norm_scale_shift``; at C 3072 and 1536 one
-    tile is as fast or faster in both."""
+def row_segments(C: int, min_tile: int | None = None):
+    """The two-segment row a whole-row kernel picks by default: where one power-of-two tile would
+    mask more than a quarter of its lanes (C 5120 = 4096 + 1024; C 1536, 3072, 6144: one tile), or,
+    with ``min_tile``, would be that many lanes or more. H100, bf16 (docs/performance.md): at C 5120
+    the two-segment row takes 0.86x the time of one tile in ``norm_scale_shift`` and 0.91x in
+    ``qk_norm_rope_across_heads``; at C 6144 0.93x in ``norm_scale_shift`` (which passes
+    ``min_tile=8192``) but 1.04x in ``qk_norm_rope_across_heads``; at C 3072 and 1536 one tile is
+    as fast or faster in both."""
     tile = next_power_of_2(C)
-    return two_segments(C) if 4 * (tile - C) > tile or tile >= 8192 else None
+    wide = min_tile is not None and tile >= min_tile
+    return two_segments(C) if 4 * (tile - C) > tile or wide else None
 
 
 _MAX_ENTRIES = 512  # per kernel; exact int values (L, strides) make a handful per model shape

@@ -8,8 +8,8 @@ multiplies by rsqrt(ms + eps) and the weight (both fp32, in that order), rounds 
 activation dtype (what ``torch.nn.RMSNorm`` returns), then rotates the first R dims of each head
 with the token's table row in fp32 and rounds once on store. Without a table it only normalises.
 
-A row whose power-of-two register tile would leave more than a quarter of its lanes masked or be
-8192 lanes or more (``row_segments``: C 5120, 6144) is held as two power-of-two segments instead, the
+A row whose power-of-two register tile would leave more than a quarter of its lanes masked
+(``row_segments``: C 5120; at C 6144 one tile is faster) is held as two power-of-two segments instead, the
 largest power of two < C and the rest (5120 = 4096 + 1024), interleaved or without a table: no masked lanes, fewer registers per
 thread (sm_90, 8 warps: 48 against 70) and more rows resident per SM. Same arithmetic; the mean
 square's fp32 sum is added in another order, which can move an output by one ulp.
