@@ -292,7 +292,7 @@ def _norm_scale_shift_segments_kernel(
 ):
     """norm_scale_shift of one token row (grid (L, B)) held as two power-of-two segments,
     [0, BLOCK_A) unmasked and [BLOCK_A, C) in BLOCK_B lanes (see ``row_segments``): no masked lanes
-    at C 5120 = 4096 + 1024, where one tile would be 8192 lanes. Same arithmetic as the one-tile
+    at C 5120 = 4096 + 1024 or 6144 = 4096 + 2048, where one tile would be 8192 lanes. Same arithmetic as the one-tile
     kernel; the row's fp32 sums are added in another order (an output may move by one ulp)."""
     l = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -523,7 +523,7 @@ def scale_shift_gate(x, shift, scale, gate, index=None, config=None):
 def norm_scale_shift(x, shift, scale, index=None, weight=None, bias=None, eps=1e-6, norm="layer",
                      config=None, split=None):
     """``split``: None holds a row as two power-of-two segments where ``row_segments`` picks that
-    (C 5120) and no ``config`` is given, else one tile (an explicit ``config`` describes the one-tile
+    with ``NORM_SEGMENTS_MIN_TILE`` (C 5120, 6144) and no ``config`` is given, else one tile (an explicit ``config`` describes the one-tile
     kernel); True / False force it on / off (tests and A/B timing). The two-segment kernel takes only
     ``STREAM_STORES`` and ``num_warps`` from ``config``."""
     B, L, C = x.shape

@@ -9,10 +9,11 @@ activation dtype (what ``torch.nn.RMSNorm`` returns), then rotates the first R d
 with the token's table row in fp32 and rounds once on store. Without a table it only normalises.
 
 A row whose power-of-two register tile would leave more than a quarter of its lanes masked
-(``row_segments``: C 5120; at C 6144 one tile is faster) is held as two power-of-two segments instead, the
-largest power of two < C and the rest (5120 = 4096 + 1024), interleaved or without a table: no masked lanes, fewer registers per
-thread (sm_90, 8 warps: 48 against 70) and more rows resident per SM. Same arithmetic; the mean
-square's fp32 sum is added in another order, which can move an output by one ulp.
+(``row_segments``: C 5120; at C 6144 one tile is faster) is held as two power-of-two segments
+instead, the largest power of two < C and the rest (5120 = 4096 + 1024), interleaved or without a
+table: no masked lanes, fewer registers per thread (sm_90, 8 warps: 48 against 70) and more rows
+resident per SM. Same arithmetic; the mean square's fp32 sum is added in another order, which can
+move an output by one ulp.
 
 Layout contract (checked by the op layer): q [B, Lq, C] and k [B, Lk, C] with a contiguous last dim
 and free batch/token strides (column views of a packed q|k|v projection); weights [C] contiguous;
