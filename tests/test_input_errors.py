@@ -173,7 +173,8 @@ def test_rope_forced_backend_on_cpu_tensors_says_so(backend, monkeypatch):
     monkeypatch.setenv("FUSED_DIT_ROPE_BACKEND", backend)
     expect_input_error(lambda: fdo.rope(q, k, cache),
                        f"backend '{backend}' (from $FUSED_DIT_ROPE_BACKEND) cannot serve cpu tensors")
-    fdo.rope(q, k, cache, backend="auto")  # the argument beats the environment
+    ref = fdo.rope(q, k, cache, backend="auto")  # the argument beats the environment
+    assert ref[0].shape == q.shape and ref[1].shape == k.shape
 
 
 def test_rope_unknown_env_backend_is_an_error(monkeypatch):
@@ -183,13 +184,16 @@ def test_rope_unknown_env_backend_is_an_error(monkeypatch):
                        "backend 'cuda-graph' (from $FUSED_DIT_ROPE_BACKEND) must be one of")
     for ok in ("auto", ""):
         monkeypatch.setenv("FUSED_DIT_ROPE_BACKEND", ok)
-        fdo.rope(q, k, cache)
+        qo, ko = fdo.rope(q, k, cache)
+        assert qo.shape == q.shape and ko.shape == k.shape
 
 
 def test_rope_auto_on_cpu_and_meta_shapes(monkeypatch):
     monkeypatch.setenv("FUSED_DIT_ROPE_BACKEND", "triton")
-    q = randn(1, 4, H, D, ).to("meta")
-    fdo.rope(q, q.clone(), randn(4, D).to("meta"))  # meta: shapes only, any backend passes
+    q = randn(1, 4, H, D).to("meta")
+    qo, ko = fdo.rope(q, q.clone(), randn(4, D).to("meta"))  # meta: shapes only, any backend passes
+    assert qo.device.type == ko.device.type == "meta"
+    assert qo.shape == ko.shape == q.shape and qo.dtype == q.dtype
 
 
 # --- errors raised while tracing ------------------------------------------------------------------
